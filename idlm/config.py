@@ -1,0 +1,28 @@
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """How the engine is built. None/auto fields are resolved when the engine starts."""
+
+    model: str | None = None  # HF folder, .gguf file, or None for the embedded default
+    dtype: str = "auto"  # float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"  # cuda when available
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048  # prefill tokens per step; longer prompts are chunked
+    kv_cache_tokens: int | None = None
+    block_size: int = 16
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    seed: int | None = None  # seeds the per-request seeds of requests that bring none
+    progress: bool = True
+
+    def validate(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.kv_cache_tokens is not None and (not isinstance(self.kv_cache_tokens, int)
+                                                 or self.kv_cache_tokens < self.block_size):
+            raise ValueError(f"kv_cache_tokens must be an integer >= block_size ({self.block_size}), "
+                             f"got {self.kv_cache_tokens!r}")

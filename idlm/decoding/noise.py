@@ -1,0 +1,35 @@
+"""Counter-based random numbers: every draw is a pure function of (seed, position, stream).
+
+A request's draws therefore do not depend on its batch mates, on preemption and recomputation, or
+on the device, and they need no generator state on the host (so they run inside CUDA graphs)."""
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+# Odd multipliers below 2**31 keep every product of a 32-bit value inside int64 (no overflow).
+MULTIPLIERS = (0x7FEB352D, 0x2C1B3C6D, 0x297A2D39)
+
+
+class Stream:
+    TARGET = 1  # tokens sampled from the clean distribution: AR, bonus, correction
+    DRAFT = 2  # drafts sampled from the MASK distribution
+    ACCEPT = 3  # acceptance tests of drafts
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    x = x & MASK32
+    for m in MULTIPLIERS:
+        x = x ^ (x >> 16)
+        x = (x * m) & MASK32
+    return x ^ (x >> 15)
+
+
+def uniform(seeds: torch.Tensor, positions: torch.Tensor, stream: int) -> torch.Tensor:
+    """Float64 uniforms in (0, 1), one per (seed, position) pair, for the given stream."""
+    seeds, positions = seeds.long(), positions.long()
+    key = mix32(mix32(seeds) ^ (seeds >> 32))
+    key = mix32(key ^ mix32(positions + (stream << 24)))
+    hi = mix32(key ^ 0x5BD1E995)
+    lo = mix32(key ^ 0x1B873593)
+    bits = (hi << 21) ^ (lo >> 11)  # 53 random bits
+    return (bits.double() + 0.5) / float(1 << 53)

@@ -1,0 +1,171 @@
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from idlm.config import EngineConfig
+from idlm.engine.block_manager import BlockManager
+from idlm.engine.runner import ModelRunner
+from idlm.engine.sampling_params import SamplingParams
+from idlm.engine.scheduler import Scheduler
+from idlm.engine.sequence import Sequence
+from idlm.engine.tokenizer import IncrementalDetokenizer, generation_eos_ids, load_tokenizer
+from idlm.models.loader import load_model, parse_dtype, resolve_model_folder
+
+CPU_KV_BYTES = 1 << 30
+CPU_KV_TOKENS = 16384
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finished: bool = False
+    finish_reason: str | None = None
+    new_text: str = ""  # released by the step that produced this output
+    stats: dict[str, int | float] = field(default_factory=dict)
+
+
+class LLMEngine:
+    """Owns the model, the KV pool, the scheduler and the runner; `step()` advances every running
+    request by one forward. The server and the offline `LLM` both drive it."""
+
+    def __init__(self, config: EngineConfig):
+        config.validate()
+        self.config = config
+        self.folder = resolve_model_folder(config.model)
+        device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if self.device.type == "cuda" else "float32")
+        self.model = load_model(self.folder, parse_dtype(dtype), self.device, progress=config.progress)
+        self.model_config = self.model.cfg
+        self.tokenizer = load_tokenizer(self.folder)
+        self.eos_ids = set(self.model_config.eos_token_ids) | generation_eos_ids(self.folder)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        kv_tokens = config.kv_cache_tokens or self._default_kv_tokens()
+        num_blocks = kv_tokens // config.block_size
+        self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
+                                 self.model_config.max_position_embeddings, num_blocks * config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.model_config.mask_token_id)
+        self.seed_source = random.Random(config.seed)
+        self.seqs: dict[int, Sequence] = {}
+        self.detokenizers: dict[int, IncrementalDetokenizer] = {}
+        self.total_forwards = 0
+
+    def _default_kv_tokens(self) -> int:
+        cfg = self.model_config
+        elem = next(self.model.parameters()).element_size()
+        per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * elem
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(free * 0.85) // per_token
+        return max(self.config.block_size, min(CPU_KV_TOKENS, CPU_KV_BYTES // per_token))
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{self.folder} has no tokenizer; pass prompts as lists of token ids")
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        else:
+            ids = list(prompt)
+            vocab = self.model_config.vocab_size
+            if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+                raise ValueError(f"token ids must be integers in [0, {vocab})")
+        if not ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens but the context holds {self.max_model_len} "
+                             f"(prompt + output); shorten the prompt")
+        return ids
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"{self.folder} has no chat template; use plain prompts")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                     for m in messages):
+            raise ValueError("a chat is a list of {'role': ..., 'content': ...} messages")
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenize(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams) -> int:
+        params.validate()
+        ids = self.tokenize(prompt)
+        seed = params.seed if params.seed is not None else self.seed_source.getrandbits(63)
+        seq = Sequence(ids, params, seed)
+        self.seqs[seq.seq_id] = seq
+        self.detokenizers[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, params.stop)
+        self.scheduler.add(seq)
+        return seq.seq_id
+
+    def abort(self, request_id: int) -> None:
+        seq = self.seqs.pop(request_id, None)
+        if seq is not None and not seq.is_finished:
+            self.scheduler.finish(seq, "abort")
+        self.detokenizers.pop(request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """One forward; returns an output for every request that advanced (finished ones last time)."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        sample_rows = [seq.num_computed + n == len(seq) for seq, n in zip(batch.seqs, batch.num_new_tokens)]
+        tokens = iter(self.runner.run(batch.seqs, batch.num_new_tokens, sample_rows))
+        self.total_forwards += 1
+        outputs = []
+        for seq, n, sampled in zip(batch.seqs, batch.num_new_tokens, sample_rows):
+            seq.num_computed += n
+            seq.stats.forwards += 1
+            if sampled:
+                self._append(seq, [next(tokens)])
+            if not seq.is_finished:
+                self.block_manager.commit(seq)
+            if sampled:
+                outputs.append(self._output(seq))
+        return outputs
+
+    def _append(self, seq: Sequence, new_tokens: list[int]) -> None:
+        params = seq.params
+        reason = None
+        for token in new_tokens:
+            seq.token_ids.append(token)
+            if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
+                reason = "stop"
+            elif seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
+                reason = "length"
+            if reason:
+                break
+        detok = self.detokenizers[seq.seq_id]
+        detok.feed(seq.output_token_ids, final=reason is not None)
+        if detok.stopped:
+            reason = "stop"
+        if reason:
+            self.scheduler.finish(seq, reason)
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        detok = self.detokenizers[seq.seq_id]
+        new_text = detok.release(final=seq.is_finished)
+        out = RequestOutput(
+            request_id=seq.seq_id,
+            prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
+            token_ids=seq.output_token_ids,
+            text=detok.text if seq.is_finished else detok.text[:detok.emitted],
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason,
+            new_text=new_text,
+            stats={"forwards": seq.stats.forwards, "tokens": seq.num_output_tokens,
+                   "preemptions": seq.stats.preemptions},
+        )
+        if seq.is_finished:
+            self.seqs.pop(seq.seq_id, None)
+            self.detokenizers.pop(seq.seq_id, None)
+        return out

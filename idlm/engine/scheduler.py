@@ -1,0 +1,98 @@
+from collections import deque
+from dataclasses import dataclass
+
+from idlm.config import EngineConfig
+from idlm.engine.block_manager import BlockManager
+from idlm.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    seqs: list[Sequence]
+    num_new_tokens: list[int]  # tokens each sequence feeds from token_ids[num_computed:]
+    is_prefill: bool
+
+
+class Scheduler:
+    """Continuous batching: prefill admission under a token budget (long prompts chunked), else
+    one decode step for every running sequence; recompute preemption when blocks run out."""
+
+    def __init__(self, config: EngineConfig, block_manager: BlockManager):
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch | None:
+        return self._schedule_prefill() or self._schedule_decode()
+
+    def _schedule_prefill(self) -> ScheduledBatch | None:
+        bm = self.block_manager
+        seqs, counts = [], []
+        budget = self.max_num_batched_tokens
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.block_table:
+                bm.match_prefix(seq)
+            room = (len(seq.block_table) + bm.num_free) * bm.block_size - seq.num_computed
+            remaining = len(seq) - seq.num_computed
+            n = min(remaining, budget, room)
+            if n <= 0:
+                break
+            bm.reserve(seq, seq.num_computed + n)
+            seqs.append(seq)
+            counts.append(n)
+            budget -= n
+            if n < remaining:
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+        return ScheduledBatch(seqs, counts, is_prefill=True) if seqs else None
+
+    def _schedule_decode(self) -> ScheduledBatch | None:
+        bm = self.block_manager
+        seqs, counts = [], []
+        for seq in list(self.running):
+            if seq.status != SequenceStatus.RUNNING:
+                continue
+            n = len(seq) - seq.num_computed
+            while not bm.can_reserve(seq, seq.num_computed + n):
+                victim = self._pick_victim(seq)
+                self.preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status == SequenceStatus.RUNNING:
+                bm.reserve(seq, seq.num_computed + n)
+                seqs.append(seq)
+                counts.append(n)
+        return ScheduledBatch(seqs, counts, is_prefill=False) if seqs else None
+
+    def _pick_victim(self, needy: Sequence) -> Sequence:
+        """Blocks held by a half-prefilled waiting sequence go first, then the newest runner."""
+        if self.waiting and self.waiting[0].block_table:
+            return self.waiting[0]
+        return self.running[-1] if self.running[-1] is not needy else needy
+
+    def preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.stats.preemptions += 1
+        if seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            seq.status = SequenceStatus.WAITING
+            self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.finish(reason)

@@ -1,0 +1,79 @@
+"""Attention backends in plain PyTorch: the CPU implementation and the oracle for GPU kernels."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+class DenseAttention:
+    """Attention over the tokens of the forward itself, q/k/v shaped [batch, length, heads, dim].
+
+    `mask` is a boolean [batch, length, length] (True = may attend); None means causal.
+    """
+
+    def __init__(self, mask: torch.Tensor | None = None):
+        self.mask = None if mask is None else mask[:, None]
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=self.mask, is_causal=self.mask is None, enable_gqa=q.shape[1] != k.shape[1]
+        )
+        return out.transpose(1, 2)
+
+
+@dataclass
+class PagedBatch:
+    """Where a forward's tokens live in the paged KV cache.
+
+    Tokens are flattened over sequences: sequence b owns rows query_start[b]:query_start[b+1],
+    which sit at the last query_lens[b] positions of its context_lens[b] cached positions.
+    """
+
+    slot_mapping: torch.Tensor  # [tokens] cache slot each new token's KV is written to
+    query_start: list[int]  # [batch + 1]
+    context_lens: torch.Tensor  # [batch] cached length after this forward's writes
+    block_tables: torch.Tensor  # [batch, max_blocks], -1 padded
+
+
+class PagedAttention:
+    """Writes the new tokens' KV into the paged cache, then lets each query attend to every cached
+    position of its own sequence at or before its own position (causal over the whole context)."""
+
+    def __init__(self, kv_cache: torch.Tensor, batch: PagedBatch):
+        # kv_cache: [2, layers, blocks, block_size, kv_heads, head_dim]
+        self.kv_cache = kv_cache
+        self.batch = batch
+        block_size = kv_cache.shape[3]
+        device = kv_cache.device
+        starts = batch.query_start
+        query_lens = torch.tensor([b - a for a, b in zip(starts, starts[1:])], device=device)
+        max_ctx = int(batch.context_lens.max())
+        max_q = int(query_lens.max())
+        key_pos = torch.arange(max_ctx, device=device)
+        tables = batch.block_tables.clamp(min=0).long()
+        block_index = (key_pos // block_size).clamp(max=tables.shape[1] - 1).expand(len(query_lens), -1)
+        block_of_key = tables.gather(1, block_index)
+        self.key_slots = block_of_key * block_size + key_pos % block_size  # [batch, max_ctx]
+        row = torch.arange(max_q, device=device)
+        self.query_valid = row[None] < query_lens[:, None]  # [batch, max_q]
+        query_pos = batch.context_lens[:, None] - query_lens[:, None] + row[None]
+        query_pos = torch.where(self.query_valid, query_pos, torch.zeros_like(query_pos))
+        self.mask = (key_pos[None, None] <= query_pos[..., None])[:, None]  # [batch, 1, max_q, max_ctx]
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_cache, v_cache = self.kv_cache[0, layer], self.kv_cache[1, layer]
+        heads, head_dim = k_cache.shape[-2:]
+        slots = self.batch.slot_mapping
+        written = slots >= 0
+        k_cache.view(-1, heads, head_dim)[slots[written]] = k[written]
+        v_cache.view(-1, heads, head_dim)[slots[written]] = v[written]
+        keys = k_cache.view(-1, heads, head_dim)[self.key_slots].transpose(1, 2)
+        values = v_cache.view(-1, heads, head_dim)[self.key_slots].transpose(1, 2)
+        padded_q = q.new_zeros(*self.query_valid.shape, *q.shape[1:])
+        padded_q[self.query_valid] = q
+        out = F.scaled_dot_product_attention(
+            padded_q.transpose(1, 2), keys, values, attn_mask=self.mask, enable_gqa=q.shape[1] != heads
+        )
+        return out.transpose(1, 2)[self.query_valid]

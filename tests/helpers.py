@@ -1,0 +1,67 @@
+"""Tiny random models and a word-level tokenizer, built inside the tests (nothing downloaded)."""
+
+import json
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+WORDS = ("the a cat dog sat on mat and ran to park big small red blue one two three four five "
+         "six seven eight nine ten is was he she it we they hello world yes no why how what "
+         "water fire tree sun moon star day night good bad up down").split()
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant{% endif %}"
+)
+SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=512)
+
+
+def make_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + ["[UNK]"] + WORDS)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", bos_token="<|endoftext|>",
+                                  unk_token="[UNK]", pad_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": SPECIALS[1:]})
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(folder)
+    return tok
+
+
+def vocab_size() -> int:
+    return len(SPECIALS) + 1 + len(WORDS)
+
+
+def hf_config(kind: str, **overrides):
+    common = dict(SHAPE, vocab_size=vocab_size(), bos_token_id=0, eos_token_id=2, pad_token_id=0)
+    common.update(overrides)
+    if kind == "llama":
+        return transformers.LlamaConfig(**common, rope_theta=10000.0)
+    if kind == "qwen2":
+        return transformers.Qwen2Config(**common, rope_theta=10000.0)
+    if kind in ("qwen3", "sdar"):
+        return transformers.Qwen3Config(**common, head_dim=16, rope_theta=10000.0)
+    raise ValueError(kind)
+
+
+def make_model(folder: Path, kind: str, seed: int = 0, **overrides) -> transformers.PreTrainedModel:
+    """A random model saved as an HF folder with a tokenizer; `sdar` packages the Qwen3 one like
+    the I-DLM release (model_type sdar, block_size, mask_token_id)."""
+    torch.manual_seed(seed)
+    cfg = hf_config(kind, **overrides)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3 if p.ndim > 1 else 0.1).add_(1.0 if p.ndim == 1 else 0.0)
+    model.save_pretrained(folder, safe_serialization=True)
+    make_tokenizer(folder)
+    if kind == "sdar":
+        raw = json.loads((folder / "config.json").read_text())
+        raw.update(model_type="sdar", architectures=["SDARForCausalLM"], block_size=3,
+                   mask_token_id=SPECIALS.index("<|mask|>"))
+        (folder / "config.json").write_text(json.dumps(raw, indent=2))
+    return model.eval()
