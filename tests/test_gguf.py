@@ -148,3 +148,21 @@ def test_unsupported_architecture(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="'qwen2'.*only 'llama'"):
         gguf_to_hf_folder(path, tmp_path / "out")
     assert list(tmp_path.iterdir()) == [path]
+
+
+CHATS = ["What is the capital of France?", "Write a haiku about rain.", "How do I reverse a list in Python?",
+         "Name three primary colours.", "Why is the sky blue?"]
+
+
+def test_greedy_chat_matches_transformers_generate(folder: Path, reference_model: torch.nn.Module) -> None:
+    from idlm import LLM, SamplingParams
+
+    llm = LLM(str(folder), progress=False, kv_cache_tokens=4096)
+    convs = [[{"role": "user", "content": c}] for c in CHATS]
+    outs = llm.chat(convs, SamplingParams(temperature=0, max_tokens=24))
+    for out in outs:
+        ids = torch.tensor([out.prompt_token_ids])
+        expected = reference_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
+                                            do_sample=False, pad_token_id=2)[0, ids.shape[1]:].tolist()
+        assert out.token_ids == expected
+    assert "Paris" in outs[0].text

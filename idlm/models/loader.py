@@ -66,25 +66,24 @@ def load_weights(model: CausalLM, files: list[Path], progress: bool) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
     expected = set(model.hf_state_dict())
     seen = set()
-    bar = tqdm(desc="loading weights", total=len(expected), disable=not progress, unit="tensor")
-    for file in files:
-        if not file.is_file():
-            raise ValueError(f"weight file {file} is missing; the checkpoint is incomplete")
-        try:
-            with safe_open(file, framework="pt") as f:
-                for name in f.keys():
-                    if name.endswith(IGNORED_SUFFIXES):
-                        continue
-                    if name not in expected:
-                        if name == "lm_head.weight" and model.cfg.tie_word_embeddings:
+    with tqdm(desc="loading weights", total=len(expected), disable=not progress, unit="tensor") as bar:
+        for file in files:
+            if not file.is_file():
+                raise ValueError(f"weight file {file} is missing; the checkpoint is incomplete")
+            try:
+                with safe_open(file, framework="pt") as f:
+                    for name in f.keys():
+                        if name.endswith(IGNORED_SUFFIXES):
                             continue
-                        raise ValueError(f"{file}: unexpected tensor {name!r}; the weights do not fit config.json")
-                    _copy_into(model, params, name, f.get_tensor(name))
-                    seen.add(name)
-                    bar.update()
-        except SafetensorError as e:
-            raise ValueError(f"{file} is not a readable safetensors file ({e}); re-download it") from e
-    bar.close()
+                        if name not in expected:
+                            if name == "lm_head.weight" and model.cfg.tie_word_embeddings:
+                                continue
+                            raise ValueError(f"{file}: unexpected tensor {name!r}; the weights do not fit config.json")
+                        _copy_into(model, params, name, f.get_tensor(name))
+                        seen.add(name)
+                        bar.update()
+            except SafetensorError as e:
+                raise ValueError(f"{file} is not a readable safetensors file ({e}); re-download it") from e
     missing = expected - seen
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[0]!r}")
