@@ -54,7 +54,8 @@ def test_chunked_prefill_equals_whole_prefill(llama_dir, llm):
     prompts = random_prompts(3, seed=6, lo=60, hi=90)
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     chunked = LLM(str(llama_dir), progress=False, kv_cache_tokens=4096, max_num_batched_tokens=16)
-    assert [o.token_ids for o in chunked.generate(prompts, params)] == [o.token_ids for o in llm.generate(prompts, params)]
+    expected = [o.token_ids for o in llm.generate(prompts, params)]
+    assert [o.token_ids for o in chunked.generate(prompts, params)] == expected
 
 
 def test_all_blocks_free_after_500_requests(llama_dir):
