@@ -55,6 +55,7 @@ class Result:
     prompt_tokens: int
     new_tokens: int
     times_s: list[float] = field(default_factory=list)
+    cpu_util: list[float] = field(default_factory=list)  # process CPU seconds / wall seconds per run
 
     @property
     def generated(self) -> int:
@@ -124,10 +125,12 @@ def hf_generator(model: torch.nn.Module, new_tokens: int, pad_id: int) -> Genera
     return generate
 
 
-def timed(generate: Generate, prompts: Prompts) -> tuple[float, Prompts]:
-    start = time.perf_counter()
-    outputs = generate(prompts)
-    return time.perf_counter() - start, outputs
+def timed(generate: Generate, prompts: Prompts) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process / wall seconds) of one generate call."""
+    cpu, start = time.process_time(), time.perf_counter()
+    generate(prompts)
+    wall = time.perf_counter() - start
+    return wall, (time.process_time() - cpu) / wall
 
 
 def agreement(ours: Prompts, theirs: Prompts) -> tuple[float, float]:
@@ -149,8 +152,9 @@ def bench_batch(engines: dict[str, Generate], prompts: Prompts, args: argparse.N
         assert all(len(o) == args.new_tokens for o in outputs[name]), f"{name} did not generate {args.new_tokens}"
     for _ in range(args.repeats):
         for name, gen in engines.items():
-            seconds, _ = timed(gen, prompts)
+            seconds, util = timed(gen, prompts)
             results[name].times_s.append(seconds)
+            results[name].cpu_util.append(util)
     exact, prefix = agreement(outputs["idlm"], outputs["transformers"])
     return {"results": results, "exact": exact, "prefix": prefix}
 
@@ -167,6 +171,17 @@ def table_row(row: dict) -> str:
             f"| {ours.best_tok_s:.1f} | {ours.median_tok_s:.1f} | {hf.best_tok_s:.1f} | {hf.median_tok_s:.1f} "
             f"| {ours.best_tok_s / hf.best_tok_s:.2f}x | {ours.median_tok_s / hf.median_tok_s:.2f}x "
             f"| {row['exact']:.0%} | {row['prefix']:.1%} |")
+
+
+def contention_note(row: dict, threads: int) -> str | None:
+    """A warning when this process did not get its threads' worth of CPU (others were running)."""
+    worst = min(u for res in row["results"].values() for u in res.cpu_util)
+    spread = max(max(r.times_s) / min(r.times_s) for r in row["results"].values())
+    if worst < 0.8 * threads or spread > 1.3:
+        return (f"  warning: batch {row['results']['idlm'].batch_size}: lowest CPU/wall {worst:.2f} with "
+                f"{threads} threads, slowest/fastest run {spread:.2f}x, load {os.getloadavg()[0]:.1f}: "
+                f"the machine was shared; trust best-of over median")
+    return None
 
 
 def environment(threads: int) -> dict:
@@ -205,6 +220,8 @@ def main() -> None:
     for bs in batch_sizes:
         rows.append(bench_batch(engines, build_prompts(tokenizer, bs, args.prompt_tokens), args))
         print(table_row(rows[-1]), flush=True)
+    for note in filter(None, (contention_note(row, args.threads) for row in rows)):
+        print(note)
     if args.json:
         args.json.write_text(json.dumps(to_json(rows, args), indent=2))
         print(f"wrote {args.json}")

@@ -16,6 +16,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int | None = None  # seeds the per-request seeds of requests that bring none
     progress: bool = True
+    adapter: str | None = None  # gated-LoRA (R-ISD) adapter folder
+    mode: str | None = None  # default decoding mode: risd with an adapter, isd for I-DLM checkpoints, else ar
+    stride: int = 4  # default N
+    proposal: str = "sample"
 
     def validate(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):

@@ -65,3 +65,56 @@ def make_model(folder: Path, kind: str, seed: int = 0, **overrides) -> transform
                    mask_token_id=SPECIALS.index("<|mask|>"))
         (folder / "config.json").write_text(json.dumps(raw, indent=2))
     return model.eval()
+
+
+def make_small_idlm(folder: Path, spread: float = 0.25, vocab: int = 12, seed: int = 0,
+                    rig: str | None = None) -> Path:
+    """A vocabulary-`vocab` Qwen3 packaged as an I-DLM (MASK = last id), token ids only.
+
+    Embeddings are one shared vector plus `spread` noise, so MASK rows guess the clean rows'
+    distributions well enough for drafts to be accepted often, but not always.
+    rig="always": every row predicts the same distribution (every draft matches at greedy);
+    rig="never": each row predicts a fixed function of its own token, and no clean token
+    predicts what the MASK rows guess (no draft ever matches at greedy)."""
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=8, vocab_size=vocab, max_position_embeddings=256,
+                                   bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3 if p.ndim > 1 else 0.1).add_(1.0 if p.ndim == 1 else 0.0)
+        emb = model.model.embed_tokens.weight
+        emb.copy_(emb[0:1] + spread * torch.randn_like(emb))
+        if rig:
+            for layer in model.model.layers:
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
+        if rig == "always":
+            emb.copy_(emb[0:1].expand_as(emb))
+        elif rig == "never":
+            normed = model.model.norm(emb)
+            model.lm_head.weight.copy_(10 * normed.roll(1, dims=0))  # row t predicts t + 1 (mod vocab)
+    model.save_pretrained(folder)
+    raw = json.loads((folder / "config.json").read_text())
+    raw.update(model_type="sdar", architectures=["SDARForCausalLM"], mask_token_id=vocab - 1, block_size=3)
+    (folder / "config.json").write_text(json.dumps(raw, indent=2))
+    return folder
+
+
+def make_random_adapter(model_folder: Path, out: Path, rank: int = 4, scale: float = 0.2, seed: int = 0,
+                        mask_token_id: int | None = None) -> Path:
+    """A random, non-zero gated-LoRA adapter for the model in model_folder."""
+    from idlm.models.loader import load_model
+    from idlm.models.lora import AdapterConfig, attach_lora, save_adapter
+
+    model = load_model(model_folder, torch.float32, "cpu", progress=False)
+    acfg = AdapterConfig(rank=rank, alpha=2.0 * rank, mask_token_id=mask_token_id)
+    attach_lora(model, acfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "_lora." in name:
+                p.copy_(scale * torch.randn(p.shape, generator=gen))
+    save_adapter(model, out, acfg)
+    return out

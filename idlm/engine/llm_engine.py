@@ -1,3 +1,4 @@
+import dataclasses
 import random
 from dataclasses import dataclass, field
 
@@ -5,15 +6,19 @@ import torch
 
 from idlm.config import EngineConfig
 from idlm.engine.block_manager import BlockManager
-from idlm.engine.runner import ModelRunner
+from idlm.engine.runner import ModelRunner, RoundOutcome
 from idlm.engine.sampling_params import SamplingParams
 from idlm.engine.scheduler import Scheduler
-from idlm.engine.sequence import Sequence
+from idlm.engine.sequence import Sequence, TokenSource
+from idlm.engine.stats import EngineStats, request_stats
 from idlm.engine.tokenizer import IncrementalDetokenizer, generation_eos_ids, load_tokenizer
 from idlm.models.loader import load_model, parse_dtype, resolve_model_folder
+from idlm.models.lora import load_adapter
 
 CPU_KV_BYTES = 1 << 30
 CPU_KV_TOKENS = 16384
+MAX_LOOKAHEAD = 32  # positions a round may write past the pending token (2 * 15 + 1 at N = 16)
+MASK_TOKEN_NAMES = ("<|MASK|>", "<|mask|>", "<mask>", "[MASK]")
 
 
 @dataclass
@@ -25,7 +30,8 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None
     new_text: str = ""  # released by the step that produced this output
-    stats: dict[str, int | float] = field(default_factory=dict)
+    new_token_sources: list[int] = field(default_factory=list)  # TokenSource of this step's tokens
+    stats: dict = field(default_factory=dict)
 
 
 class LLMEngine:
@@ -44,20 +50,57 @@ class LLMEngine:
         self.model = load_model(self.folder, parse_dtype(dtype), self.device, progress=config.progress)
         self.model_config = self.model.cfg
         self.tokenizer = load_tokenizer(self.folder)
+        self.adapter = load_adapter(self.model, config.adapter) if config.adapter else None
+        self.mask_ids = {"isd": self._find_mask_token(), "risd": None}
+        self.mask_ids["risd"] = self._risd_mask_token()
+        default_mode = config.mode or ("risd" if self.adapter else "isd" if self.mask_ids["isd"] is not None else "ar")
+        self.defaults = dict(mode=default_mode, stride=config.stride, proposal=config.proposal)
+        SamplingParams(**self.defaults)  # validates the engine defaults
         self.eos_ids = set(self.model_config.eos_token_ids) | generation_eos_ids(self.folder)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         kv_tokens = config.kv_cache_tokens or self._default_kv_tokens()
         num_blocks = kv_tokens // config.block_size
+        pool_len = num_blocks * config.block_size - MAX_LOOKAHEAD
+        if pool_len < 1:
+            raise ValueError(f"kv_cache_tokens={kv_tokens} is too small; give at least {MAX_LOOKAHEAD + 64}")
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
-                                 self.model_config.max_position_embeddings, num_blocks * config.block_size)
+                                 self.model_config.max_position_embeddings, pool_len)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.model_config.mask_token_id)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.mask_ids,
+                                  banned_token=self.mask_ids["isd"])
+        self.stats = EngineStats()
         self.seed_source = random.Random(config.seed)
         self.seqs: dict[int, Sequence] = {}
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
-        self.total_forwards = 0
+
+    def _find_mask_token(self) -> int | None:
+        if self.model_config.mask_token_id is not None:
+            return self.model_config.mask_token_id
+        if self.tokenizer is None:
+            return None
+        vocab = self.tokenizer.get_vocab()
+        return next((vocab[name] for name in MASK_TOKEN_NAMES if name in vocab), None)
+
+    def _risd_mask_token(self) -> int:
+        """The MASK id of R-ISD rows: the adapter's, else the model's, else any id (a risd request
+        without adapter is still exact: its MASK rows then only make poor drafts)."""
+        if self.adapter is not None and self.adapter.mask_token_id is not None:
+            return self.adapter.mask_token_id
+        if self.mask_ids["isd"] is not None:
+            return self.mask_ids["isd"]
+        return self.tokenizer.eos_token_id if self.tokenizer is not None and self.tokenizer.eos_token_id else 0
+
+    def resolve(self, params: SamplingParams) -> SamplingParams:
+        """params with the engine defaults filled in, checked against this model."""
+        params.validate()
+        filled = {k: v for k, v in self.defaults.items() if getattr(params, k) is None}
+        params = dataclasses.replace(params, **filled)
+        if params.mode == "isd" and self.mask_ids["isd"] is None:
+            raise ValueError(f"mode isd needs an I-DLM checkpoint with a MASK token (mask_token_id in config.json); "
+                             f"{self.folder} has none: use mode ar, or mode risd with an adapter")
+        return params
 
     def _default_kv_tokens(self) -> int:
         cfg = self.model_config
@@ -95,7 +138,7 @@ class LLMEngine:
         return self.tokenize(self.tokenizer.encode(text, add_special_tokens=False))
 
     def add_request(self, prompt: str | list[int], params: SamplingParams) -> int:
-        params.validate()
+        params = self.resolve(params)
         ids = self.tokenize(prompt)
         seed = params.seed if params.seed is not None else self.seed_source.getrandbits(63)
         seq = Sequence(ids, params, seed)
@@ -118,20 +161,40 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        sample_rows = [seq.num_computed + n == len(seq) for seq, n in zip(batch.seqs, batch.num_new_tokens)]
-        tokens = iter(self.runner.run(batch.seqs, batch.num_new_tokens, sample_rows))
-        self.total_forwards += 1
+        outcomes = self.runner.run(batch.seqs, batch.num_new_tokens)
+        self.stats.forwards += 1
         outputs = []
-        for seq, n, sampled in zip(batch.seqs, batch.num_new_tokens, sample_rows):
-            seq.num_computed += n
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             seq.stats.forwards += 1
-            if sampled:
-                self._append(seq, [next(tokens)])
-            if not seq.is_finished:
+            if i not in outcomes:
+                seq.num_computed += n
                 self.block_manager.commit(seq)
-            if sampled:
-                outputs.append(self._output(seq))
+                continue
+            first_new = seq.num_output_tokens
+            self._apply_round(seq, outcomes[i])
+            outputs.append(self._output(seq, first_new))
         return outputs
+
+    def _apply_round(self, seq: Sequence, r: RoundOutcome) -> None:
+        tokens = seq.drafts[:r.accepted] + [r.final_token]
+        sources = [TokenSource.DRAFT] * r.accepted + [
+            TokenSource.CORRECTION if r.accepted < r.num_drafts else TokenSource.TARGET]
+        seq.token_sources.extend(sources)
+        seq.token_q.extend(r.drafts_q[:r.accepted] + [r.final_p])
+        if seq.num_new_drafts:
+            if r.num_drafts:
+                seq.stats.verify_rounds += 1
+                seq.stats.drafts.record(r.num_drafts, r.accepted)
+                self.stats.drafts.record(r.num_drafts, r.accepted)
+            else:
+                seq.stats.cold_rounds += 1
+        computed = len(seq) + r.accepted
+        seq.drafts, seq.draft_q, seq.draft_hidden = r.new_drafts, r.new_draft_q, r.new_draft_hidden
+        self._append(seq, tokens)
+        del seq.token_sources[seq.num_output_tokens:], seq.token_q[seq.num_output_tokens:]
+        if not seq.is_finished:
+            seq.num_computed = computed
+            self.block_manager.commit(seq)
 
     def _append(self, seq: Sequence, new_tokens: list[int]) -> None:
         params = seq.params
@@ -151,7 +214,7 @@ class LLMEngine:
         if reason:
             self.scheduler.finish(seq, reason)
 
-    def _output(self, seq: Sequence) -> RequestOutput:
+    def _output(self, seq: Sequence, first_new: int) -> RequestOutput:
         detok = self.detokenizers[seq.seq_id]
         new_text = detok.release(final=seq.is_finished)
         out = RequestOutput(
@@ -162,10 +225,11 @@ class LLMEngine:
             finished=seq.is_finished,
             finish_reason=seq.finish_reason,
             new_text=new_text,
-            stats={"forwards": seq.stats.forwards, "tokens": seq.num_output_tokens,
-                   "preemptions": seq.stats.preemptions},
+            new_token_sources=seq.token_sources[first_new:seq.num_output_tokens],
+            stats=request_stats(seq),
         )
         if seq.is_finished:
+            self.stats.record_finished(seq)
             self.seqs.pop(seq.seq_id, None)
             self.detokenizers.pop(seq.seq_id, None)
         return out

@@ -1,61 +1,150 @@
+from dataclasses import dataclass
+
 import torch
 
-from idlm.decoding.noise import Stream
-from idlm.decoding.sampling import SamplingTensors, sample
+from idlm.decoding.rounds import PROPOSALS, RoundBatch, run_round
+from idlm.decoding.sampling import SamplingTensors, token_probs
 from idlm.engine.sequence import Sequence
 from idlm.kernels.attention import PagedAttention, PagedBatch
 from idlm.models.transformer import CausalLM
 
 
-class ModelRunner:
-    """Turns a scheduled batch into tensors, runs the model over the paged KV cache, and samples.
-    One device-to-host copy per step: the sampled tokens."""
+@dataclass(slots=True)
+class RoundOutcome:
+    """What one round decided for one sequence, on the host, plus the new drafts' device state."""
 
-    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, banned_token: int | None = None):
+    num_drafts: int  # drafts that were under test
+    accepted: int
+    final_token: int
+    final_p: float
+    drafts_q: list[float]  # q_j(d_j) of the drafts under test
+    new_drafts: list[int]
+    new_draft_q: torch.Tensor | None
+    new_draft_hidden: torch.Tensor | None
+
+
+class ModelRunner:
+    """Turns a scheduled batch into tensors, runs the model over the paged KV cache, and runs the
+    decoding round. One device-to-host copy per step: the round's decisions."""
+
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, mask_ids: dict[str, int | None],
+                 banned_token: int | None = None):
         cfg = model.cfg
         self.model = model
         self.device = model.lm_head.weight.device
         self.block_size = block_size
+        self.mask_ids = mask_ids
         self.banned_token = banned_token
         param = next(model.parameters())
         self.kv_cache = torch.zeros(2, cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
                                     dtype=param.dtype, device=self.device)
 
-    def prepare(self, seqs: list[Sequence], num_new: list[int]) -> tuple[torch.Tensor, torch.Tensor, PagedBatch]:
-        ids, positions, slots, starts = [], [], [], [0]
+    def feed(self, seq: Sequence, n: int) -> tuple[list[int], bool]:
+        """Tokens seq feeds this step, and whether this is its final chunk (a decoding round)."""
+        start = seq.num_computed
+        tokens = seq.token_ids[start:start + n]
+        final = start + n == len(seq)
+        if final and seq.num_new_drafts:
+            tokens = tokens + seq.drafts + [self.mask_ids[seq.params.mode]] * seq.num_new_drafts
+        return tokens, final
+
+    def prepare(self, seqs: list[Sequence], feeds: list[list[int]]):
+        ids, positions, slots, gate, starts = [], [], [], [], [0]
         bs = self.block_size
-        for seq, n in zip(seqs, num_new, strict=True):
+        for seq, tokens in zip(seqs, feeds):
             start = seq.num_computed
-            ids.extend(seq.token_ids[start:start + n])
-            pos = range(start, start + n)
+            ids.extend(tokens)
+            pos = range(start, start + len(tokens))
             positions.extend(pos)
             slots.extend(seq.block_table[p // bs] * bs + p % bs for p in pos)
-            starts.append(starts[-1] + n)
+            starts.append(starts[-1] + len(tokens))
+            first_mask = len(seq) - start + len(seq.drafts)  # the K MASKs come last in a final chunk
+            lora_on = seq.params.mode == "risd" and len(tokens) > first_mask
+            gate.extend(lora_on and i >= first_mask for i in range(len(tokens)))
         width = max(len(seq.block_table) for seq in seqs)
         tables = [seq.block_table + [-1] * (width - len(seq.block_table)) for seq in seqs]
         dev = self.device
         batch = PagedBatch(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             query_start=starts,
-            context_lens=torch.tensor([s.num_computed + n for s, n in zip(seqs, num_new)], device=dev),
+            context_lens=torch.tensor([s.num_computed + len(f) for s, f in zip(seqs, feeds)], device=dev),
             block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
         )
-        return torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), batch
+        lora_gate = torch.tensor(gate, dtype=torch.float32, device=dev) if any(gate) else None
+        return torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), batch, lora_gate
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], num_new: list[int], sample_rows: list[bool]) -> list[int]:
-        """Feeds token_ids[num_computed:num_computed + n] of each sequence; returns a token for
-        each sequence whose sample_rows entry is set (its last fed position predicts it)."""
-        input_ids, positions, batch = self.prepare(seqs, num_new)
-        hidden = self.model(input_ids, positions, PagedAttention(self.kv_cache, batch))
-        picked = [i for i, flag in enumerate(sample_rows) if flag]
-        if not picked:
-            return []
-        last_rows = torch.tensor([batch.query_start[i + 1] - 1 for i in picked], device=self.device)
-        logits = self.model.logits(hidden[last_rows])
-        params = [seqs[i].params for i in picked]
-        st = SamplingTensors.build([(p.temperature, p.top_k, p.top_p, seqs[i].seed)
-                                    for p, i in zip(params, picked)], self.device)
-        new_positions = torch.tensor([seqs[i].num_computed + num_new[i] for i in picked], device=self.device)
-        tokens = sample(logits, st, new_positions, Stream.TARGET, self.banned_token)
-        return tokens.tolist()
+    def run(self, seqs: list[Sequence], num_new: list[int]) -> dict[int, RoundOutcome]:
+        """Feeds token_ids[num_computed:num_computed + n] of each sequence (plus, on its final
+        chunk, its drafts and MASKs); returns the round outcome of each final-chunk sequence, by
+        batch index."""
+        fed = [self.feed(seq, n) for seq, n in zip(seqs, num_new)]
+        feeds = [tokens for tokens, _ in fed]
+        input_ids, positions, batch, lora_gate = self.prepare(seqs, feeds)
+        hidden = self.model(input_ids, positions, PagedAttention(self.kv_cache, batch), lora_gate)
+        finals = [i for i, (_, final) in enumerate(fed) if final]
+        if not finals:
+            return {}
+        return self._decide([seqs[i] for i in finals], [batch.query_start[i + 1] for i in finals], finals, hidden)
+
+    def _decide(self, seqs: list[Sequence], ends: list[int], index: list[int], hidden: torch.Tensor):
+        dev = self.device
+        num_d = [len(s.drafts) for s in seqs]
+        num_k = [s.num_new_drafts for s in seqs]
+        dmax, kmax = max(num_d), max(num_k)
+        # rows whose logits we need: from each pending row to the end of its feed, then the
+        # stored hidden rows of the drafts under test (their proposal distributions)
+        rows, row_seq, stored, stored_seq = [], [], [], []
+        for b, (seq, end, d, k) in enumerate(zip(seqs, ends, num_d, num_k)):
+            rows.extend(range(end - 1 - d - k, end))
+            row_seq.extend([b] * (1 + d + k))
+            if d:
+                stored.append(seq.draft_hidden)
+                stored_seq.extend([b] * d)
+        picked = hidden[torch.tensor(rows, device=dev)]
+        logits = self.model.logits(torch.cat([picked] + stored) if stored else picked)
+        params = [(s.params.temperature, s.params.top_k, s.params.top_p, s.seed) for s in seqs]
+        st = SamplingTensors.build([params[b] for b in row_seq + stored_seq], dev)
+        probs = token_probs(logits, st, self.banned_token)
+        probs = torch.cat([probs, probs.new_zeros(1, probs.shape[1])])  # a zero row for padding
+        pad = probs.shape[0] - 1
+
+        target_idx, new_idx, draft_idx = [], [], []
+        offset, stored_offset = 0, len(rows)
+        for d, k in zip(num_d, num_k):
+            target_idx.append([offset + j for j in range(d + 1)] + [pad] * (dmax - d))
+            new_idx.append([offset + d + 1 + j for j in range(k)] + [pad] * (kmax - k))
+            draft_idx.append([stored_offset + j for j in range(d)] + [pad] * (dmax - d))
+            offset += 1 + d + k
+            stored_offset += d
+        as_index = lambda idx: torch.tensor(idx, dtype=torch.long, device=dev).view(len(seqs), -1)  # noqa: E731
+        rb = RoundBatch(
+            target_probs=probs[as_index(target_idx)],
+            draft_probs=probs[as_index(draft_idx)],
+            drafts=as_index([s.drafts + [0] * (dmax - len(s.drafts)) for s in seqs]),
+            draft_q=torch.stack([torch.cat([s.draft_q, s.draft_q.new_ones(dmax - d)]) if d
+                                 else torch.ones(dmax, device=dev) for s, d in zip(seqs, num_d)]).float(),
+            num_drafts=torch.tensor(num_d, device=dev),
+            new_draft_probs=probs[as_index(new_idx)],
+            num_new=torch.tensor(num_k, device=dev),
+            proposal=torch.tensor([PROPOSALS.index(s.params.proposal) for s in seqs], device=dev),
+            seeds=torch.tensor([s.seed for s in seqs], dtype=torch.long, device=dev),
+            positions=torch.tensor([len(s) - 1 for s in seqs], device=dev),
+            verify_alpha=torch.tensor([float(s.params.verify_alpha) for s in seqs], device=dev),
+            spec_verify=torch.tensor([s.params.spec_verify for s in seqs], device=dev),
+        )
+        result = run_round(rb)
+        packed = torch.cat([result.accepted[:, None].double(), result.final_token[:, None].double(),
+                            result.final_p[:, None].double(), rb.draft_q.double(),
+                            result.new_drafts.double()], dim=1).tolist()
+        outcomes = {}
+        for b, (d, k, row) in enumerate(zip(num_d, num_k, packed)):
+            accepted = int(row[0])
+            keep = accepted == d and k > 0
+            outcomes[index[b]] = RoundOutcome(
+                num_drafts=d, accepted=accepted, final_token=int(row[1]), final_p=row[2], drafts_q=row[3:3 + d],
+                new_drafts=[int(t) for t in row[3 + dmax:3 + dmax + k]] if keep else [],
+                new_draft_q=result.new_draft_q[b, :k] if keep else None,
+                new_draft_hidden=picked[torch.tensor(new_idx[b][:k], device=dev)] if keep else None,
+            )
+        return outcomes

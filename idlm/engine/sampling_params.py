@@ -1,5 +1,9 @@
 from dataclasses import dataclass, field
 
+from idlm.decoding.rounds import PROPOSALS
+
+MODES = ("ar", "isd", "risd")
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -16,6 +20,11 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    mode: str | None = None
+    stride: int | None = None
+    proposal: str | None = None
+    verify_alpha: float = 1.0
+    spec_verify: bool = True
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -35,9 +44,23 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.mode is not None and self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.stride is not None and (not isinstance(self.stride, int) or not 2 <= self.stride <= 16):
+            raise ValueError(f"stride must be an integer from 2 to 16, got {self.stride!r}")
+        if self.proposal is not None and self.proposal not in PROPOSALS:
+            raise ValueError(f"unknown proposal {self.proposal!r}; choose one of {', '.join(PROPOSALS)}")
+        if not isinstance(self.verify_alpha, int | float) or self.verify_alpha <= 0:
+            raise ValueError(f"verify_alpha must be > 0 (1 = exact), got {self.verify_alpha!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def lossy(self) -> bool:
+        """True when the settings give up the AR distribution (only possible at temperature > 0)."""
+        relaxed = self.proposal == "argmax" or self.verify_alpha != 1 or not self.spec_verify
+        return self.mode in ("isd", "risd") and relaxed and not self.greedy

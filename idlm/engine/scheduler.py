@@ -9,7 +9,7 @@ from idlm.engine.sequence import Sequence, SequenceStatus
 @dataclass(slots=True)
 class ScheduledBatch:
     seqs: list[Sequence]
-    num_new_tokens: list[int]  # tokens each sequence feeds from token_ids[num_computed:]
+    num_new_tokens: list[int]  # committed tokens each sequence feeds from token_ids[num_computed:]
     is_prefill: bool
 
 
@@ -44,9 +44,11 @@ class Scheduler:
             room = (len(seq.block_table) + bm.num_free) * bm.block_size - seq.num_computed
             remaining = len(seq) - seq.num_computed
             n = min(remaining, budget, room)
+            if n == remaining and n + seq.num_lookahead > room:
+                n = remaining - 1  # the final chunk needs room for its drafts and MASKs too
             if n <= 0:
                 break
-            bm.reserve(seq, seq.num_computed + n)
+            bm.reserve(seq, seq.num_computed + n + (seq.num_lookahead if n == remaining else 0))
             seqs.append(seq)
             counts.append(n)
             budget -= n
@@ -64,13 +66,13 @@ class Scheduler:
             if seq.status != SequenceStatus.RUNNING:
                 continue
             n = len(seq) - seq.num_computed
-            while not bm.can_reserve(seq, seq.num_computed + n):
+            while not bm.can_reserve(seq, seq.num_computed + n + seq.num_lookahead):
                 victim = self._pick_victim(seq)
                 self.preempt(victim)
                 if victim is seq:
                     break
             if seq.status == SequenceStatus.RUNNING:
-                bm.reserve(seq, seq.num_computed + n)
+                bm.reserve(seq, seq.num_computed + n + seq.num_lookahead)
                 seqs.append(seq)
                 counts.append(n)
         return ScheduledBatch(seqs, counts, is_prefill=False) if seqs else None

@@ -1,6 +1,8 @@
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum, auto
 from itertools import count
+
+import torch
 
 from idlm.engine.sampling_params import SamplingParams
 
@@ -11,10 +13,45 @@ class SequenceStatus(Enum):
     FINISHED = auto()
 
 
+class TokenSource:
+    TARGET = 0  # drawn from the clean distribution: AR, prefill, bonus
+    DRAFT = 1  # an accepted draft
+    CORRECTION = 2  # drawn from the residual after a rejected draft
+
+
+@dataclass(slots=True)
+class DraftCounts:
+    """Per draft position j = 1..K: rounds that fed a draft there, rounds whose scan reached it
+    (all earlier drafts accepted), and rounds that accepted it."""
+
+    proposed: list[int] = field(default_factory=list)
+    reached: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+
+    def record(self, num_drafts: int, num_accepted: int) -> None:
+        for counts in (self.proposed, self.reached, self.accepted):
+            counts.extend([0] * (num_drafts - len(counts)))
+        for j in range(num_drafts):
+            self.proposed[j] += 1
+            self.reached[j] += j <= num_accepted
+            self.accepted[j] += j < num_accepted
+
+    def acceptance(self) -> list[float]:
+        """P(draft j accepted | the scan reached it)."""
+        return [a / r if r else 0.0 for a, r in zip(self.accepted, self.reached)]
+
+    def as_dict(self) -> dict[str, list]:
+        return {"proposed": list(self.proposed), "reached": list(self.reached), "accepted": list(self.accepted),
+                "acceptance": self.acceptance()}
+
+
 @dataclass(slots=True)
 class SequenceStats:
     forwards: int = 0
     preemptions: int = 0
+    cold_rounds: int = 0
+    verify_rounds: int = 0
+    drafts: DraftCounts = field(default_factory=DraftCounts)
 
 
 class Sequence:
@@ -35,6 +72,22 @@ class Sequence:
         self.seed = seed
         self.finish_reason: str | None = None
         self.stats = SequenceStats()
+        self.token_sources: list[int] = []  # TokenSource of each output token
+        self.token_q: list[float] = []  # probability each output token was proposed or drawn with
+        # ISD drafts for the positions after the pending token; they outlive preemption
+        self.drafts: list[int] = []
+        self.draft_q: torch.Tensor | None = None  # [D] q_j(d_j) at proposal time
+        self.draft_hidden: torch.Tensor | None = None  # [D, hidden] rows whose logits give q_j
+
+    @property
+    def num_new_drafts(self) -> int:
+        """K: drafts a round proposes (0 for AR)."""
+        return 0 if self.params.mode == "ar" else self.params.stride - 1
+
+    @property
+    def num_lookahead(self) -> int:
+        """Tokens fed after the pending one: the drafts under test, then K MASKs."""
+        return len(self.drafts) + self.num_new_drafts
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -11,10 +11,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from idlm.models.config import ModelConfig
+from idlm.models.lora import GatedLoRA
 
 
 class AttentionBackend(Protocol):
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+
+
+def project(linear: nn.Linear, lora: GatedLoRA | None, x: torch.Tensor, gate: torch.Tensor | None):
+    out = linear(x)
+    if lora is None or gate is None:
+        return out
+    return out + lora(x, gate)
 
 
 class RMSNorm(nn.Module):
@@ -62,10 +70,14 @@ class SelfAttention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        self.qkv_lora: GatedLoRA | None = None
+        self.o_lora: GatedLoRA | None = None
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionBackend):
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionBackend,
+                gate: torch.Tensor | None):
         lead = x.shape[:-1]
-        q, k, v = self.qkv_proj(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        qkv = project(self.qkv_proj, self.qkv_lora, x, gate)
+        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         q = q.view(*lead, self.num_heads, self.head_dim)
         k = k.view(*lead, self.num_kv_heads, self.head_dim)
         v = v.view(*lead, self.num_kv_heads, self.head_dim)
@@ -73,7 +85,7 @@ class SelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         out = attn(self.layer, q, k, v)
-        return self.o_proj(out.reshape(*lead, self.q_size))
+        return project(self.o_proj, self.o_lora, out.reshape(*lead, self.q_size), gate)
 
 
 class MLP(nn.Module):
@@ -81,10 +93,12 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_up_lora: GatedLoRA | None = None
+        self.down_lora: GatedLoRA | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        act, up = project(self.gate_up_proj, self.gate_up_lora, x, gate).chunk(2, dim=-1)
+        return project(self.down_proj, self.down_lora, F.silu(act) * up, gate)
 
 
 class DecoderLayer(nn.Module):
@@ -95,9 +109,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, attn):
-        x = x + self.self_attn(self.input_layernorm(x), rope, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, rope, attn, gate):
+        x = x + self.self_attn(self.input_layernorm(x), rope, attn, gate)
+        return x + self.mlp(self.post_attention_layernorm(x), gate)
 
 
 class Backbone(nn.Module):
@@ -124,14 +138,29 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # An adapter may bring its own MASK row, possibly for an id past the vocabulary.
+        self.mask_embedding: nn.Parameter | None = None
+        self.mask_embedding_id: int | None = None
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
-        """Final-norm hidden states; `logits()` turns the rows you need into logits."""
-        x = self.model.embed_tokens(input_ids)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend,
+                lora_gate: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states; `logits()` turns the rows you need into logits.
+
+        lora_gate (same shape as input_ids, 0/1) switches the gated LoRA on per token; None
+        means off everywhere, which is exactly the base model."""
+        x = self.embed(input_ids)
         rope = self.rotary(positions)
+        gate = None if lora_gate is None else lora_gate.to(x.dtype)
         for layer in self.model.layers:
-            x = layer(x, rope, attn)
+            x = layer(x, rope, attn, gate)
         return self.model.norm(x)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.mask_embedding is None:
+            return self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(input_ids.clamp(max=self.cfg.vocab_size - 1))
+        is_mask = (input_ids == self.mask_embedding_id)[..., None]
+        return torch.where(is_mask, self.mask_embedding.to(x.dtype), x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
@@ -149,6 +178,8 @@ class CausalLM(nn.Module):
         for name, _ in sorted(self.packed.items(), key=lambda kv: kv[1]):
             parts[self.packed[name][0]].append(name)
         for name, tensor in self.state_dict().items():
+            if "_lora." in name or name == "mask_embedding":
+                continue
             fused = next((f for f in parts if f".{f}." in name), None)
             if fused is None:
                 out[name] = tensor

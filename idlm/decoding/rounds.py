@@ -1,0 +1,102 @@
+"""One decoding round for a batch of requests, as batched tensor code (DESIGN.md section 4).
+
+Every request fed [pending, d_1..d_D, MASK x K] at positions P..P+D+K, with D = 0 for a cold
+round (and for prefill, and for AR, where K = 0 too). Output row i predicts position P+i+1, so:
+- p_j = dist(row j-1) is the target for draft j (j = 1..D) and p_{D+1} for the token after them;
+- drafts are scanned left to right, d_j accepted with probability min(1, p_j(d_j) / q_j(d_j));
+- at the first rejection a correction is drawn from normalise(max(0, p_j - q_j)); if all D are
+  accepted a bonus is drawn from p_{D+1}; both are the same formula with q = 0 for the bonus;
+- only when all drafts were accepted, K new drafts are drawn from rows D+1..D+K.
+AR is the degenerate case D = K = 0. Randomness is keyed by (seed, position, stream), so the
+result of a request never depends on its batch mates.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from idlm.decoding.noise import Stream, uniform
+from idlm.decoding.sampling import draw
+
+PROPOSALS = ("sample", "argmax", "argmax_exact")
+SAMPLE, ARGMAX, ARGMAX_EXACT = range(3)
+
+
+@dataclass
+class RoundBatch:
+    """Padded per-request inputs of a round; B requests, V vocabulary entries."""
+
+    target_probs: torch.Tensor  # [B, Dmax+1, V] p_1..p_{D+1}
+    draft_probs: torch.Tensor  # [B, Dmax, V] q_1..q_D the drafts were proposed from (argmax_exact: ignored)
+    drafts: torch.Tensor  # [B, Dmax] long
+    draft_q: torch.Tensor  # [B, Dmax] q_j(d_j) at proposal time
+    num_drafts: torch.Tensor  # [B] long, D
+    new_draft_probs: torch.Tensor  # [B, Kmax, V] q'_1..q'_K
+    num_new: torch.Tensor  # [B] long, K
+    proposal: torch.Tensor  # [B] long, index into PROPOSALS
+    seeds: torch.Tensor  # [B] long
+    positions: torch.Tensor  # [B] long, P = position of the pending token
+    verify_alpha: torch.Tensor  # [B] float; 1 is exact, other values are a lossy relaxation
+    spec_verify: torch.Tensor  # [B] bool; False accepts a draft only if it is the argmax of p (lossy)
+
+
+@dataclass
+class RoundResult:
+    accepted: torch.Tensor  # [B] leading drafts accepted
+    final_token: torch.Tensor  # [B] correction or bonus, the new pending token
+    final_p: torch.Tensor  # [B] probability of the final token under p (for introspection stats)
+    new_drafts: torch.Tensor  # [B, Kmax] (meaningful where accepted == num_drafts, up to num_new)
+    new_draft_q: torch.Tensor  # [B, Kmax] probability each new draft was proposed with
+
+
+def run_round(rb: RoundBatch) -> RoundResult:
+    batch, dmax = rb.drafts.shape
+    device = rb.drafts.device
+    j = torch.arange(dmax, device=device)
+    accepted = _scan(rb, j)
+
+    rows = torch.arange(batch, device=device)
+    p_final = rb.target_probs[rows, accepted]
+    rejected = accepted < rb.num_drafts
+    if dmax:
+        at = accepted.clamp(max=dmax - 1)
+        q_rejected = rb.draft_probs[rows, at]
+        one_hot = torch.zeros_like(q_rejected).scatter_(1, rb.drafts[rows, at][:, None], 1.0)
+        q_rejected = torch.where((rb.proposal == ARGMAX_EXACT)[:, None], one_hot, q_rejected)
+        use_q = (rejected & rb.spec_verify)[:, None]
+        residual = torch.where(use_q, (p_final - q_rejected).clamp(min=0), p_final)
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_final)
+    else:
+        residual = p_final
+    final_pos = rb.positions + accepted + 1
+    final_token = draw(residual, uniform(rb.seeds, final_pos, Stream.TARGET))
+    final_p = p_final.gather(1, final_token[:, None]).squeeze(1)
+
+    kmax = rb.new_draft_probs.shape[1]
+    k = torch.arange(kmax, device=device)
+    draft_pos = (final_pos[:, None] + 1 + k[None]).reshape(-1)
+    flat = rb.new_draft_probs.reshape(batch * kmax, rb.target_probs.shape[-1])
+    seeds = rb.seeds[:, None].expand(batch, kmax).reshape(-1)
+    sampled = draw(flat, uniform(seeds, draft_pos, Stream.DRAFT)).view(batch, kmax)
+    greedy = rb.new_draft_probs.argmax(-1)
+    new_drafts = torch.where((rb.proposal == SAMPLE)[:, None], sampled, greedy)
+    new_q = rb.new_draft_probs.gather(2, new_drafts[..., None]).squeeze(2)
+    new_q = torch.where((rb.proposal == ARGMAX_EXACT)[:, None], torch.ones_like(new_q), new_q)
+    return RoundResult(accepted, final_token, final_p, new_drafts, new_q)
+
+
+def _scan(rb: RoundBatch, j: torch.Tensor) -> torch.Tensor:
+    """Number of leading drafts accepted per request."""
+    batch, dmax = rb.drafts.shape
+    if dmax == 0:
+        return torch.zeros(batch, dtype=torch.long, device=rb.drafts.device)
+    p = rb.target_probs[:, :dmax]
+    p_of_draft = p.gather(2, rb.drafts[..., None]).squeeze(2)
+    draft_pos = rb.positions[:, None] + 1 + j[None]
+    u = uniform(rb.seeds[:, None].expand(batch, dmax).reshape(-1), draft_pos.reshape(-1), Stream.ACCEPT)
+    u = u.view(batch, dmax).to(p.dtype)
+    # u < p / (alpha q), written without a division so q = 0 cannot produce nan
+    ratio_test = u * rb.verify_alpha[:, None] * rb.draft_q < p_of_draft
+    argmax_test = rb.drafts == p.argmax(-1)
+    ok = torch.where(rb.spec_verify[:, None], ratio_test, argmax_test) & (j[None] < rb.num_drafts[:, None])
+    return ok.long().cumprod(dim=1).sum(dim=1)

@@ -1,0 +1,38 @@
+from dataclasses import dataclass, field
+
+from idlm.engine.sequence import DraftCounts, Sequence
+
+
+def request_stats(seq: Sequence) -> dict:
+    st = seq.stats
+    tokens = seq.num_output_tokens
+    return {
+        "forwards": st.forwards,
+        "tokens": tokens,
+        "tokens_per_forward": tokens / st.forwards if st.forwards else 0.0,
+        "preemptions": st.preemptions,
+        "cold_rounds": st.cold_rounds,
+        "verify_rounds": st.verify_rounds,
+        "drafts": st.drafts.as_dict(),
+    }
+
+
+@dataclass
+class EngineStats:
+    """Engine-wide counters since start."""
+
+    forwards: int = 0
+    requests: int = 0
+    tokens: int = 0
+    request_forwards: int = 0
+    drafts: DraftCounts = field(default_factory=DraftCounts)
+
+    def record_finished(self, seq: Sequence) -> None:
+        self.requests += 1
+        self.tokens += seq.num_output_tokens
+        self.request_forwards += seq.stats.forwards
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Per request: output tokens over the forwards that request took part in."""
+        return self.tokens / self.request_forwards if self.request_forwards else 0.0

@@ -1,0 +1,184 @@
+"""Gated LoRA (R-ISD): low-rank deltas that act only on gated rows (the MASK rows).
+
+Rows with gate 0 compute exactly the base model, so the clean stream, and with it everything
+the user receives, is the base model's. Adapters are stored in PEFT layout
+(adapter_config.json + adapter_model.safetensors) with our keys under "idlm" in the config and
+the optional trained MASK embedding row in mask_embedding.safetensors.
+"""
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+if TYPE_CHECKING:
+    from idlm.models.transformer import CausalLM
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# our (possibly fused) projection -> (attribute holding its LoRA, HF sub-projections in shard order)
+FUSED = {
+    "self_attn.qkv_proj": ("self_attn.qkv_lora", ("q_proj", "k_proj", "v_proj")),
+    "self_attn.o_proj": ("self_attn.o_lora", ("o_proj",)),
+    "mlp.gate_up_proj": ("mlp.gate_up_lora", ("gate_proj", "up_proj")),
+    "mlp.down_proj": ("mlp.down_lora", ("down_proj",)),
+}
+PEFT_PREFIX = "base_model.model."
+
+
+class GatedLoRA(nn.Module):
+    """delta(x) = gate * scaling * B_s(A_s x), shard by shard of a fused projection."""
+
+    def __init__(self, in_features: int, out_sizes: list[int], rank: int, scaling: float):
+        super().__init__()
+        self.rank, self.scaling = rank, scaling
+        self.lora_A = nn.Parameter(torch.zeros(len(out_sizes) * rank, in_features))
+        self.lora_B = nn.ParameterList(nn.Parameter(torch.zeros(size, rank)) for size in out_sizes)
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        low = F.linear(x, self.lora_A).split(self.rank, dim=-1)
+        delta = torch.cat([F.linear(h, b) for h, b in zip(low, self.lora_B)], dim=-1)
+        return delta * (gate * self.scaling)[..., None]
+
+
+@dataclass
+class AdapterConfig:
+    rank: int = 16
+    alpha: float = 32.0
+    target_modules: list[str] = field(default_factory=lambda: list(TARGETS))
+    mask_token_id: int | None = None
+    stride: int = 4
+    gate: str = "mask_rows"
+    base_shape: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+def base_shape(model: "CausalLM") -> dict[str, int]:
+    cfg = model.cfg
+    return {"hidden_size": cfg.hidden_size, "num_layers": cfg.num_layers, "num_heads": cfg.num_heads,
+            "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+            "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size}
+
+
+def attach_lora(model: "CausalLM", acfg: AdapterConfig) -> None:
+    """Adds zero-initialised gated LoRA modules (B = 0, so the model is unchanged)."""
+    unknown = set(acfg.target_modules) - set(TARGETS)
+    if unknown:
+        raise ValueError(f"unknown LoRA target modules {sorted(unknown)}; choose from {', '.join(TARGETS)}")
+    param = next(model.parameters())
+    for layer in model.model.layers:
+        for proj_path, (lora_path, parts) in FUSED.items():
+            if not set(parts) & set(acfg.target_modules):
+                continue
+            linear = layer.get_submodule(proj_path)
+            sizes = model.shard_sizes(proj_path.split(".")[1]) if len(parts) > 1 else [linear.out_features]
+            lora = GatedLoRA(linear.in_features, sizes, acfg.rank, acfg.scaling).to(param.device, param.dtype)
+            owner, _, attr = lora_path.rpartition(".")
+            setattr(layer.get_submodule(owner), attr, lora)
+
+
+def lora_modules(model: "CausalLM"):
+    """(layer index, HF projection name, shard index, GatedLoRA) for every attached shard."""
+    for i, layer in enumerate(model.model.layers):
+        for lora_path, parts in FUSED.values():
+            owner, attr = lora_path.split(".")
+            lora = getattr(getattr(layer, owner), attr)
+            if lora is not None:
+                for shard, name in enumerate(parts):
+                    yield i, f"{owner}.{name}", shard, lora
+
+
+def peft_state_dict(model: "CausalLM", acfg: AdapterConfig) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, name, shard, lora in lora_modules(model):
+        if name.split(".")[1] not in acfg.target_modules:
+            continue
+        key = f"{PEFT_PREFIX}model.layers.{i}.{name}"
+        r = lora.rank
+        out[f"{key}.lora_A.weight"] = lora.lora_A[shard * r:(shard + 1) * r].detach().contiguous()
+        out[f"{key}.lora_B.weight"] = lora.lora_B[shard].detach().contiguous()
+    return out
+
+
+def save_adapter(model: "CausalLM", folder: Path, acfg: AdapterConfig, base_name: str = "") -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    acfg.base_shape = base_shape(model)
+    peft_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
+        "r": acfg.rank, "lora_alpha": acfg.alpha, "target_modules": acfg.target_modules,
+        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "idlm": asdict(acfg),
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
+    tensors = {k: v.float() for k, v in peft_state_dict(model, acfg).items()}
+    save_file(tensors, folder / "adapter_model.safetensors")
+    if model.mask_embedding is not None:
+        save_file({"mask_embedding": model.mask_embedding.detach().float().contiguous()},
+                  folder / "mask_embedding.safetensors")
+
+
+def read_adapter_config(folder: Path) -> AdapterConfig:
+    path = Path(folder) / "adapter_config.json"
+    if not path.is_file():
+        raise ValueError(f"adapter {folder} has no adapter_config.json; pass a folder saved by idlm or PEFT")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from e
+    ours = raw.get("idlm", {})
+    targets = raw.get("target_modules") or list(TARGETS)
+    if isinstance(targets, str):
+        targets = [t for t in TARGETS if t in targets]
+    return AdapterConfig(rank=raw.get("r", 16), alpha=raw.get("lora_alpha", raw.get("r", 16)),
+                         target_modules=list(targets), mask_token_id=ours.get("mask_token_id"),
+                         stride=ours.get("stride", 4), gate=ours.get("gate", "mask_rows"),
+                         base_shape=ours.get("base_shape", {}))
+
+
+def load_adapter(model: "CausalLM", folder: Path) -> AdapterConfig:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"adapter path {str(folder)!r} is not a folder; pass an adapter folder")
+    acfg = read_adapter_config(folder)
+    mine = base_shape(model)
+    clash = {k: (v, mine[k]) for k, v in acfg.base_shape.items() if k in mine and mine[k] != v}
+    if clash:
+        detail = ", ".join(f"{k} {a} vs {b}" for k, (a, b) in clash.items())
+        raise ValueError(f"adapter {folder} was trained for a different base model ({detail}: adapter vs model)")
+    try:
+        tensors = load_file(folder / "adapter_model.safetensors")
+    except (SafetensorError, FileNotFoundError, OSError) as e:
+        raise ValueError(f"cannot read {folder / 'adapter_model.safetensors'} ({e})") from e
+    attach_lora(model, acfg)
+    expected = peft_state_dict(model, acfg)
+    for key, target in expected.items():
+        if key not in tensors:
+            raise ValueError(f"adapter {folder} lacks tensor {key!r}")
+        if tensors[key].shape != target.shape:
+            raise ValueError(f"adapter tensor {key!r} has shape {tuple(tensors[key].shape)}, this base model "
+                             f"needs {tuple(target.shape)}: the adapter was trained for a different base")
+    with torch.no_grad():
+        for i, name, shard, lora in lora_modules(model):
+            key = f"{PEFT_PREFIX}model.layers.{i}.{name}"
+            if key + ".lora_A.weight" not in expected:
+                continue
+            r = lora.rank
+            lora.lora_A[shard * r:(shard + 1) * r].copy_(tensors[key + ".lora_A.weight"])
+            lora.lora_B[shard].copy_(tensors[key + ".lora_B.weight"])
+    extra = folder / "mask_embedding.safetensors"
+    if extra.is_file():
+        row = load_file(extra)["mask_embedding"]
+        if row.shape != (model.cfg.hidden_size,):
+            raise ValueError(f"{extra} holds a row of shape {tuple(row.shape)}, expected ({model.cfg.hidden_size},)")
+        param = next(model.parameters())
+        model.mask_embedding = nn.Parameter(row.to(param.device, param.dtype), requires_grad=False)
+        model.mask_embedding_id = acfg.mask_token_id
+    return acfg

@@ -1,0 +1,158 @@
+"""ISD and R-ISD: exact against AR (greedy token for token, sampled in distribution)."""
+
+import itertools
+
+import pytest
+import torch
+from helpers import make_random_adapter, make_small_idlm, vocab_size
+
+from idlm import LLM, SamplingParams
+from idlm.decoding.sampling import SamplingTensors, token_probs
+from idlm.kernels.attention import DenseAttention
+
+
+def prompts_for(n: int, vocab: int, seed: int, lo: int = 1, hi: int = 30) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, vocab - 1, (int(k),), generator=gen).tolist()
+            for k in torch.randint(lo, hi, (n,), generator=gen)]
+
+
+@pytest.fixture(scope="module")
+def idlm_dir(tmp_path_factory):
+    return make_small_idlm(tmp_path_factory.mktemp("idlm"), spread=0.25, vocab=12)
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, idlm_dir):
+    return make_random_adapter(idlm_dir, tmp_path_factory.mktemp("adapter"))
+
+
+@pytest.fixture(scope="module")
+def llm(idlm_dir, adapter_dir):
+    return LLM(str(idlm_dir), adapter=str(adapter_dir), progress=False, kv_cache_tokens=8192, max_num_seqs=512)
+
+
+# ---------------------------------------------------------------- greedy: token for token
+
+
+@pytest.mark.parametrize("stride", [2, 3, 4, 8])
+def test_greedy_isd_and_risd_equal_ar(llm, stride):
+    prompts = prompts_for(50, 12, seed=stride)
+    greedy = dict(temperature=0, max_tokens=40, ignore_eos=True)
+    ar = [o.token_ids for o in llm.generate(prompts, SamplingParams(mode="ar", **greedy))]
+    for mode in ("isd", "risd"):
+        batched = llm.generate(prompts, SamplingParams(mode=mode, stride=stride, **greedy))
+        assert [o.token_ids for o in batched] == ar
+        assert sum(o.stats["drafts"]["accepted"][0] for o in batched) > 0  # drafts really were accepted
+    alone = [llm.generate([p], SamplingParams(mode="isd", stride=stride, **greedy))[0].token_ids for p in prompts[:7]]
+    assert alone == ar[:7]
+
+
+def test_greedy_mixed_batch_and_preemption(idlm_dir, adapter_dir, llm):
+    prompts = prompts_for(56, 12, seed=9, lo=10, hi=40)
+    greedy = dict(temperature=0, max_tokens=48, ignore_eos=True)
+    ar = [o.token_ids for o in llm.generate(prompts, SamplingParams(mode="ar", **greedy))]
+    mixed = [SamplingParams(mode=mode, stride=stride, **greedy)
+             for mode, stride in itertools.islice(itertools.cycle(
+                 itertools.product(("ar", "isd", "risd"), (2, 3, 4, 8))), len(prompts))]
+    assert [o.token_ids for o in llm.generate(prompts, mixed)] == ar
+    tight = LLM(str(idlm_dir), adapter=str(adapter_dir), progress=False, kv_cache_tokens=320, block_size=8,
+                max_num_seqs=16)
+    outs = tight.generate(prompts[:14], mixed[:14])
+    assert sum(o.stats["preemptions"] for o in outs) > 0
+    assert [o.token_ids for o in outs] == ar[:14]
+    bm = tight.engine.block_manager
+    assert bm.num_free == len(bm.blocks)
+
+
+def test_risd_greedy_on_base_model_equals_base_ar(model_dirs, tmp_path):
+    folder, _ = model_dirs["llama"]  # a plain AR model: no MASK token of its own
+    adapter = make_random_adapter(folder, tmp_path / "a", mask_token_id=3)
+    llm = LLM(str(folder), adapter=str(adapter), progress=False, kv_cache_tokens=4096)
+    assert llm.engine.defaults["mode"] == "risd"
+    prompts = prompts_for(8, vocab_size(), seed=2)
+    ar = [o.token_ids for o in llm.generate(prompts, SamplingParams(mode="ar", temperature=0, max_tokens=30,
+                                                                    ignore_eos=True))]
+    risd = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    assert [o.token_ids for o in risd] == ar
+    plain = LLM(str(folder), progress=False, kv_cache_tokens=4096)  # risd without adapter: base weights, lossless
+    assert [o.token_ids for o in plain.generate(prompts, SamplingParams(mode="risd", temperature=0, max_tokens=30,
+                                                                        ignore_eos=True))] == ar
+
+
+# ---------------------------------------------------------------- sampled: in distribution
+
+N_SAMPLES = 20000
+PROMPT = [2, 3, 4, 5]
+
+
+def exact_first_three(llm, temperature, top_k, top_p) -> torch.Tensor:
+    """P(x1 x2 x3 | PROMPT) under AR sampling with the request's transform, indexed by the
+    base-V number x1 x2 x3."""
+    model, vocab = llm.engine.model, llm.engine.model_config.vocab_size
+    seqs = torch.tensor([PROMPT + list(c) for c in itertools.product(range(vocab), repeat=3)])
+    with torch.no_grad():
+        logits = model.logits(model(seqs, torch.arange(seqs.shape[1]).expand_as(seqs), DenseAttention()))
+    st = SamplingTensors.build([(temperature, top_k, top_p, 0)] * len(seqs), torch.device("cpu"))
+    total = torch.ones(len(seqs), dtype=torch.float64)
+    for i in range(3):
+        probs = token_probs(logits[:, len(PROMPT) - 1 + i], st, llm.engine.mask_ids["isd"]).double()
+        total *= probs.gather(1, seqs[:, len(PROMPT) + i, None]).squeeze(1)
+    return total
+
+
+def pooled_chi_square(counts: torch.Tensor, expected: torch.Tensor) -> tuple[float, int, float]:
+    """Chi-square statistic, degrees of freedom and p-value, pooling the rarest cells until every
+    bin expects at least 5 samples."""
+    obs, exp, o_acc, e_acc = [], [], 0.0, 0.0
+    for i in torch.argsort(expected).tolist():
+        o_acc, e_acc = o_acc + counts[i].item(), e_acc + expected[i].item()
+        if e_acc >= 5:
+            obs.append(o_acc)
+            exp.append(e_acc)
+            o_acc = e_acc = 0.0
+    obs[-1] += o_acc
+    exp[-1] += e_acc
+    o, e = torch.tensor(obs, dtype=torch.float64), torch.tensor(exp, dtype=torch.float64)
+    stat = float(((o - e) ** 2 / e).sum())
+    dof = len(obs) - 1
+    return stat, dof, float(torch.special.gammaincc(torch.tensor(dof / 2.0), torch.tensor(stat / 2.0)))
+
+
+def sampled_fit(llm, mode, stride, temperature, top_k=0, top_p=1.0, proposal="sample"):
+    exact = exact_first_three(llm, temperature, top_k, top_p)
+    params = [SamplingParams(mode=mode, stride=stride, proposal=proposal, temperature=temperature, top_k=top_k,
+                             top_p=top_p, seed=i, max_tokens=3, ignore_eos=True) for i in range(N_SAMPLES)]
+    outs = llm.generate([PROMPT] * N_SAMPLES, params)
+    vocab = llm.engine.model_config.vocab_size
+    index = torch.tensor([(o.token_ids[0] * vocab + o.token_ids[1]) * vocab + o.token_ids[2] for o in outs])
+    counts = torch.bincount(index, minlength=vocab ** 3).double()
+    tv = 0.5 * float((counts / N_SAMPLES - exact).abs().sum())
+    # E[TV] <= 1/2 sum_i sqrt(p_i / n); TV moves by at most 1/n per sample, so by McDiarmid it
+    # exceeds its mean by 0.015 with probability <= exp(-2 n 0.015^2) = 1e-4 at n = 20000.
+    bound = 0.5 * float((exact / N_SAMPLES).sqrt().sum()) + 0.015
+    accepted = sum(o.stats["drafts"]["accepted"][0] for o in outs if o.stats["drafts"]["accepted"])
+    return tv, bound, pooled_chi_square(counts, exact * N_SAMPLES), accepted
+
+
+@pytest.mark.parametrize("mode, stride, temperature, top_k, top_p", [
+    ("isd", 4, 1.0, 0, 1.0),
+    ("isd", 2, 0.7, 6, 0.9),
+    ("risd", 3, 1.0, 0, 1.0),
+    ("risd", 2, 0.7, 6, 0.9),
+])
+def test_sampled_output_has_the_ar_distribution(llm, mode, stride, temperature, top_k, top_p):
+    tv, bound, (stat, dof, p_value), accepted = sampled_fit(llm, mode, stride, temperature, top_k, top_p)
+    assert accepted > N_SAMPLES // 10  # the verify path really ran
+    assert tv < bound, f"TV {tv:.4f} >= bound {bound:.4f}"
+    assert p_value > 1e-3, f"chi-square {stat:.1f} on {dof} dof, p = {p_value:.2g}"
+
+
+def test_argmax_proposal_fails_the_same_test(llm):
+    tv, bound, (stat, dof, p_value), _ = sampled_fit(llm, "isd", 4, 1.0, proposal="argmax")
+    assert tv > 3 * bound and p_value < 1e-9
+
+
+def test_argmax_exact_proposal_keeps_the_distribution(llm):
+    tv, bound, (_, _, p_value), _ = sampled_fit(llm, "isd", 3, 1.0, proposal="argmax_exact")
+    assert tv < bound and p_value > 1e-3
