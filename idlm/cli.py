@@ -15,16 +15,29 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weight and KV dtype (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--kv-cache-tokens", type=int, default=None, help="size of the paged KV pool in tokens")
+    p.add_argument("--adapter", default=None, help="gated-LoRA (R-ISD) adapter folder for the model")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1 = off)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0 = off)")
-    p.add_argument("--seed", type=int, default=None, help="seed: the same seed gives the same output")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not included in output")
-    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+    # None means "not given": the decoding config, then CLI_DEFAULTS, then SamplingParams decide
+    p.add_argument("--max-tokens", type=int, help="most tokens to generate (default 256)")
+    p.add_argument("--temperature", type=float, help="0 = greedy (default 0)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1] (default 1 = off)")
+    p.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (default 0 = off)")
+    p.add_argument("--seed", type=int, help="seed: the same seed gives the same output")
+    p.add_argument("--stop", action="append", help="stop string (repeatable); not included in output")
+    p.add_argument("--ignore-eos", action="store_true", default=None,
+                   help="keep generating past the end-of-sequence token")
+    p.add_argument("--mode", choices=["ar", "isd", "risd"], default=None,
+                   help="ar: one token per forward; isd: the I-DLM decoder; risd: ISD with the gated LoRA "
+                        "(default: risd with --adapter, isd for I-DLM checkpoints, else ar)")
+    p.add_argument("--stride", type=int, default=None, help="N: a round proposes N-1 drafts (2-16, default 4)")
+    p.add_argument("--proposal", choices=["sample", "argmax", "argmax_exact"], default=None,
+                   help="how drafts are proposed: sample (exact, default), argmax (the reference's way, lossy "
+                        "at temperature > 0), argmax_exact (argmax drafts verified against a one-hot proposal)")
+    p.add_argument("--decoding-config", default=None,
+                   help="YAML in the reference's vocabulary (gen_block_size, temperature, top_k, top_p, "
+                        "use_spec_verify, verify_alpha, conditional_lora); command-line flags override it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Generate a continuation of PROMPT and stream it to the terminal.")
     gen.add_argument("prompt", help="the prompt text")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
-    gen.add_argument("--stats", action="store_true", help="print forwards, tokens and tokens/s afterwards")
+    gen.add_argument("--prompt-ids", default=None,
+                     help="comma-separated token ids to use instead of the prompt text (for models without a "
+                          "tokenizer)")
+    gen.add_argument("--stats", action="store_true",
+                     help="print forwards, tokens, tokens/forward, rounds, draft acceptance and tokens/s afterwards")
     add_engine_args(gen)
     add_sampling_args(gen)
 
@@ -50,11 +67,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "seed", "max_tokens", "stop", "ignore_eos", "mode", "stride",
+                  "proposal")
+
+
+CLI_DEFAULTS = {"temperature": 0.0}
+
+
 def sampling_params(args):
+    """Flags given on the command line override the decoding config, which overrides defaults."""
+    from idlm.engine.decoding_config import load_decoding_config
     from idlm.engine.sampling_params import SamplingParams
 
-    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                          max_tokens=args.max_tokens, stop=args.stop, ignore_eos=args.ignore_eos)
+    fields = dict(CLI_DEFAULTS)
+    if args.decoding_config:
+        fields.update(load_decoding_config(args.decoding_config))
+    fields.update({name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None})
+    return SamplingParams(**fields)
 
 
 def build_engine(args):
@@ -62,7 +91,7 @@ def build_engine(args):
     from idlm.engine.llm_engine import LLMEngine
 
     return LLMEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
-                                  kv_cache_tokens=args.kv_cache_tokens))
+                                  kv_cache_tokens=args.kv_cache_tokens, adapter=args.adapter))
 
 
 def stream(engine, prompt_ids: list[int], params) -> tuple[str, dict]:
@@ -78,17 +107,40 @@ def stream(engine, prompt_ids: list[int], params) -> tuple[str, dict]:
                 return out.text, out.stats
 
 
+def prompt_ids(engine, args) -> list[int]:
+    if args.prompt_ids:
+        try:
+            return engine.tokenize([int(t) for t in args.prompt_ids.split(",")])
+        except ValueError as e:
+            raise ValueError(f"--prompt-ids must be comma-separated token ids ({e})") from e
+    if args.chat:
+        return engine.chat_prompt([{"role": "user", "content": args.prompt}])
+    return engine.tokenize(args.prompt)
+
+
+def format_stats(stats: dict, params, elapsed: float) -> str:
+    tokens, forwards = stats["tokens"], stats["forwards"]
+    lines = [f"[stats] mode={params.mode} stride={params.stride} proposal={params.proposal}"
+             f"{' (lossy)' if params.lossy else ''} tokens={tokens} forwards={forwards} "
+             f"tokens/forward={stats['tokens_per_forward']:.2f} time={elapsed:.2f}s tokens/s={tokens / elapsed:.1f}"]
+    if params.mode != "ar":
+        drafts = stats["drafts"]
+        lines.append(f"[stats] rounds: cold={stats['cold_rounds']} verify={stats['verify_rounds']}; drafts "
+                     f"proposed={sum(drafts['proposed'])} accepted={sum(drafts['accepted'])}; acceptance by position="
+                     + " ".join(f"{a:.2f}" for a in drafts["acceptance"]))
+    return "\n".join(lines)
+
+
 def run_generate(args) -> None:
     params = sampling_params(args)
     engine = build_engine(args)
-    ids = engine.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else engine.tokenize(args.prompt)
+    ids = prompt_ids(engine, args)
+    params = engine.resolve(params)
     start = time.perf_counter()
     _, stats = stream(engine, ids, params)
     elapsed = time.perf_counter() - start
     if args.stats:
-        tokens, forwards = stats["tokens"], stats["forwards"]
-        print(f"[stats] tokens={tokens} forwards={forwards} tokens/forward={tokens / forwards:.2f} "
-              f"time={elapsed:.2f}s tokens/s={tokens / elapsed:.1f}", file=sys.stderr)
+        print(format_stats(stats, params, elapsed), file=sys.stderr)
 
 
 def run_chat(args) -> None:

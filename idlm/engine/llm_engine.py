@@ -18,7 +18,7 @@ from idlm.models.lora import load_adapter
 CPU_KV_BYTES = 1 << 30
 CPU_KV_TOKENS = 16384
 MAX_LOOKAHEAD = 32  # positions a round may write past the pending token (2 * 15 + 1 at N = 16)
-MASK_TOKEN_NAMES = ("<|MASK|>", "<|mask|>", "<mask>", "[MASK]")
+MASK_TOKEN_NAMES = ("<|MASK|>",)  # the I-DLM release's name for it
 
 
 @dataclass
@@ -31,6 +31,8 @@ class RequestOutput:
     finish_reason: str | None = None
     new_text: str = ""  # released by the step that produced this output
     new_token_sources: list[int] = field(default_factory=list)  # TokenSource of this step's tokens
+    token_sources: list[int] = field(default_factory=list)  # TokenSource of every output token
+    token_q: list[float] = field(default_factory=list)  # probability each was proposed (drafts) or drawn with
     stats: dict = field(default_factory=dict)
 
 
@@ -225,7 +227,9 @@ class LLMEngine:
             finished=seq.is_finished,
             finish_reason=seq.finish_reason,
             new_text=new_text,
-            new_token_sources=seq.token_sources[first_new:seq.num_output_tokens],
+            new_token_sources=seq.token_sources[first_new:],
+            token_sources=list(seq.token_sources),
+            token_q=list(seq.token_q),
             stats=request_stats(seq),
         )
         if seq.is_finished:
