@@ -18,7 +18,7 @@ class EngineConfig:
     progress: bool = True
     adapter: str | None = None  # gated-LoRA (R-ISD) adapter folder
     mode: str | None = None  # default decoding mode: risd with an adapter, isd for I-DLM checkpoints, else ar
-    stride: int = 4  # default N
+    stride: int | None = None  # default N: an I-DLM checkpoint's training block + 1, else 4
     proposal: str = "sample"
 
     def validate(self) -> None:

@@ -56,7 +56,9 @@ class LLMEngine:
         self.mask_ids = {"isd": self._find_mask_token(), "risd": None}
         self.mask_ids["risd"] = self._risd_mask_token()
         default_mode = config.mode or ("risd" if self.adapter else "isd" if self.mask_ids["isd"] is not None else "ar")
-        self.defaults = dict(mode=default_mode, stride=config.stride, proposal=config.proposal)
+        trained_stride = (self.model_config.train_block_size or 3) + 1
+        self.defaults = dict(mode=default_mode, stride=config.stride or min(16, max(2, trained_stride)),
+                             proposal=config.proposal)
         SamplingParams(**self.defaults)  # validates the engine defaults
         self.eos_ids = set(self.model_config.eos_token_ids) | generation_eos_ids(self.folder)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:

@@ -64,11 +64,14 @@ class ModelRunner:
         width = max(len(seq.block_table) for seq in seqs)
         tables = [seq.block_table + [-1] * (width - len(seq.block_table)) for seq in seqs]
         dev = self.device
+        context_lens = [s.num_computed + len(f) for s, f in zip(seqs, feeds)]
         batch = PagedBatch(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             query_start=starts,
-            context_lens=torch.tensor([s.num_computed + len(f) for s, f in zip(seqs, feeds)], device=dev),
+            context_lens=torch.tensor(context_lens, device=dev),
             block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            max_context_len=max(context_lens),
+            max_query_len=max(len(f) for f in feeds),
         )
         lora_gate = torch.tensor(gate, dtype=torch.float32, device=dev) if any(gate) else None
         return torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), batch, lora_gate

@@ -35,6 +35,8 @@ class PagedBatch:
     query_start: list[int]  # [batch + 1]
     context_lens: torch.Tensor  # [batch] cached length after this forward's writes
     block_tables: torch.Tensor  # [batch, max_blocks], -1 padded
+    max_context_len: int  # host copies of the maxima, so building the batch never syncs the device
+    max_query_len: int
 
 
 class PagedAttention:
@@ -49,8 +51,7 @@ class PagedAttention:
         device = kv_cache.device
         starts = batch.query_start
         query_lens = torch.tensor([b - a for a, b in zip(starts, starts[1:])], device=device)
-        max_ctx = int(batch.context_lens.max())
-        max_q = int(query_lens.max())
+        max_ctx, max_q = batch.max_context_len, batch.max_query_len
         key_pos = torch.arange(max_ctx, device=device)
         tables = batch.block_tables.clamp(min=0).long()
         block_index = (key_pos // block_size).clamp(max=tables.shape[1] - 1).expand(len(query_lens), -1)
