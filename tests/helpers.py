@@ -1,6 +1,7 @@
 """Tiny random models and a word-level tokenizer, built inside the tests (nothing downloaded)."""
 
 import json
+import random
 from pathlib import Path
 
 import torch
@@ -118,3 +119,18 @@ def make_random_adapter(model_folder: Path, out: Path, rank: int = 4, scale: flo
                 p.copy_(scale * torch.randn(p.shape, generator=gen))
     save_adapter(model, out, acfg)
     return out
+
+
+NUMBERS = "one two three four five six seven eight nine ten".split()
+
+
+def counting_data(path: Path, n: int, seed: int = 0, prompt_len: int = 3, completion_len: int = 12) -> Path:
+    """A learnable synthetic language: count on cyclically from where the prompt stops."""
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for _ in range(n):
+            start = rng.randrange(len(NUMBERS))
+            words = [NUMBERS[(start + i) % len(NUMBERS)] for i in range(prompt_len + completion_len)]
+            f.write(json.dumps({"prompt": " ".join(words[:prompt_len]),
+                                "completion": " " + " ".join(words[prompt_len:])}) + "\n")
+    return path

@@ -78,3 +78,21 @@ class PagedAttention:
             padded_q.transpose(1, 2), keys, values, attn_mask=self.mask, enable_gqa=q.shape[1] != heads
         )
         return out.transpose(1, 2)[self.query_valid]
+
+
+class FlexAttention:
+    """FlexAttention over the forward's own tokens with a block mask (training on GPU)."""
+
+    _compiled = None
+
+    def __init__(self, block_mask):
+        self.block_mask = block_mask
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if FlexAttention._compiled is None:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            FlexAttention._compiled = torch.compile(flex_attention, dynamic=False)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        out = FlexAttention._compiled(q, k, v, block_mask=self.block_mask, enable_gqa=q.shape[1] != k.shape[1])
+        return out.transpose(1, 2)

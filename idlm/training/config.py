@@ -1,0 +1,148 @@
+"""Training configuration: a YAML file whose keys are the fields below, plus --key value overrides."""
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class Stage:
+    """One step of the stride curriculum: train at stride N for `steps` optimizer steps (or
+    `epochs` passes over the data) with clean-loss weight `clean_weight` (a number or "auto")."""
+
+    stride: int
+    steps: int | None = None
+    epochs: float | None = None
+    clean_weight: float | str = 0.2
+
+    def validate(self) -> None:
+        if not isinstance(self.stride, int) or not 2 <= self.stride <= 16:
+            raise ValueError(f"stage stride must be an integer from 2 to 16, got {self.stride!r}")
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("each stage needs exactly one of 'steps' or 'epochs'")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise ValueError(f"stage steps must be a positive integer, got {self.steps!r}")
+        if self.epochs is not None and (not isinstance(self.epochs, int | float) or self.epochs <= 0):
+            raise ValueError(f"stage epochs must be > 0, got {self.epochs!r}")
+        if self.clean_weight != "auto" and not (isinstance(self.clean_weight, int | float) and self.clean_weight >= 0):
+            raise ValueError(f"clean_weight must be a number >= 0 or 'auto', got {self.clean_weight!r}")
+
+
+@dataclass
+class TrainConfig:
+    data: list[str]
+    output_dir: str
+    model: str | None = None  # HF folder or .gguf; None = the embedded default model
+    mode: str = "full"  # full: I-DLM conversion; lora: gated LoRA for R-ISD (base frozen)
+    stages: list[Stage] = field(default_factory=lambda: [Stage(2, steps=100), Stage(3, steps=100, clean_weight="auto"),
+                                                         Stage(4, steps=100, clean_weight="auto")])
+    mask_token: str = "<|MASK|>"  # added to the tokenizer (and embedding) when absent
+    mask_token_id: int | None = None  # reuse this existing id as MASK instead
+    max_len: int = 1024
+    packing: bool = True
+    micro_batch_size: int = 4  # rows per forward
+    grad_accum: int = 1
+    lr: float = 1e-5
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                               "up_proj", "down_proj"])
+    device: str = "auto"
+    precision: str = "auto"  # bf16 autocast on CUDA, fp32 on CPU; or "fp32" / "bf16"
+    attention: str = "auto"  # flex on CUDA, dense on CPU
+    seed: int = 0
+    save_every: int = 0  # steps between checkpoints; 0 = final only
+    save_dtype: str = "float32"
+    resume: bool = True  # continue from the newest checkpoint in output_dir if there is one
+    progress: bool = True
+
+    def validate(self) -> None:
+        if not self.data:
+            raise ValueError("'data' must list at least one JSONL file")
+        if self.mode not in ("full", "lora"):
+            raise ValueError(f"mode must be 'full' or 'lora', got {self.mode!r}")
+        if not self.stages:
+            raise ValueError("'stages' must list at least one stage")
+        for stage in self.stages:
+            stage.validate()
+        for name in ("max_len", "micro_batch_size", "grad_accum", "lora_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.lr, int | float) or self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.attention not in ("auto", "flex", "dense"):
+            raise ValueError(f"attention must be auto, flex or dense, got {self.attention!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+
+
+FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+FLOAT_FIELDS = {"lr", "warmup_ratio", "min_lr_ratio", "weight_decay", "grad_clip", "lora_alpha"}
+
+
+def build_config(raw: dict[str, Any], source: str) -> TrainConfig:
+    unknown = sorted(set(raw) - FIELDS)
+    if unknown:
+        raise ValueError(f"{source}: unknown config key {unknown[0]!r}; known keys: {', '.join(sorted(FIELDS))}")
+    missing = [k for k in ("data", "output_dir") if k not in raw]
+    if missing:
+        raise ValueError(f"{source}: missing required key {missing[0]!r}")
+    raw = dict(raw)
+    if isinstance(raw["data"], str):
+        raw["data"] = [raw["data"]]
+    if "stages" in raw:
+        if not isinstance(raw["stages"], list):
+            raise ValueError(f"{source}: 'stages' must be a list of {{stride, steps|epochs, clean_weight}}")
+        stage_keys = {f.name for f in dataclasses.fields(Stage)}
+        stages = []
+        for i, s in enumerate(raw["stages"]):
+            if not isinstance(s, dict):
+                raise ValueError(f"{source}: stage {i} must be a mapping")
+            bad = sorted(set(s) - stage_keys)
+            if bad:
+                raise ValueError(f"{source}: stage {i}: unknown key {bad[0]!r}; known: {', '.join(sorted(stage_keys))}")
+            if "stride" not in s:
+                raise ValueError(f"{source}: stage {i} needs a 'stride'")
+            stages.append(Stage(**s))
+        raw["stages"] = stages
+    for name in FLOAT_FIELDS & set(raw):
+        # YAML 1.1 reads 1e-5 (no dot) as a string
+        try:
+            raw[name] = float(raw[name])
+        except (TypeError, ValueError):
+            raise ValueError(f"{source}: {name} must be a number, got {raw[name]!r}") from None
+    if "adam_betas" in raw:
+        raw["adam_betas"] = tuple(float(b) for b in raw["adam_betas"])
+    config = TrainConfig(**raw)
+    config.validate()
+    return config
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """YAML file plus `--key value` overrides (values parsed as YAML: `--lr 3e-4`, `--packing false`)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ValueError(f"cannot read training config {path} ({e.strerror or e})") from e
+    except yaml.YAMLError as e:
+        raise ValueError(f"training config {path} is not valid YAML ({e})") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"training config {path} must be a mapping of keys to values")
+    overrides = list(overrides or [])
+    while overrides:
+        flag = overrides.pop(0)
+        if not flag.startswith("--") or not overrides:
+            raise ValueError(f"overrides must be '--key value' pairs, got {flag!r}")
+        key = flag[2:].replace("-", "_")
+        raw[key] = yaml.safe_load(overrides.pop(0))
+    return build_config(raw, str(path))

@@ -1,0 +1,165 @@
+"""The introspective-consistency objective (DESIGN.md section 3).
+
+A row holds one or more samples. The model runs on [x_t | x_0]: x_0 is the clean row, x_t the same
+row with every response token replaced by MASK; both halves share position ids, which restart at
+each sample. With B = N - 1 MASKs per block, block(i) = position(i) // B. Query q may attend to key
+k (same sample, both real tokens) iff
+  - both in x_t, same block, k <= q;
+  - q in x_t, k in x_0, block(k) < block(q);
+  - both in x_0, k <= q.
+The output at position i predicts the token at i + 1 in both halves.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+LOSS_CHUNK_ROWS = 1024
+
+
+@dataclass
+class PackedBatch:
+    """[rows, L] tensors for the clean half; the model input is twice as long."""
+
+    input_ids: torch.Tensor  # x_0, long
+    response: torch.Tensor  # bool: token is a response token
+    sample_ids: torch.Tensor  # long: which sample of the row a token belongs to; -1 = padding
+    positions: torch.Tensor  # long: position inside its sample
+
+    def to(self, device) -> "PackedBatch":
+        return PackedBatch(*(t.to(device) for t in (self.input_ids, self.response, self.sample_ids, self.positions)))
+
+
+@dataclass
+class DoubledBatch:
+    """The [x_t | x_0] model input, [rows, 2L]."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    sample_ids: torch.Tensor
+    noisy: torch.Tensor  # bool: position is in the x_t half
+    is_mask: torch.Tensor  # bool: position holds a MASK (x_t response tokens)
+
+
+def double(batch: PackedBatch, mask_token_id: int) -> DoubledBatch:
+    x_t = torch.where(batch.response, torch.full_like(batch.input_ids, mask_token_id), batch.input_ids)
+    half = torch.zeros_like(batch.response)
+    return DoubledBatch(
+        input_ids=torch.cat([x_t, batch.input_ids], dim=1),
+        positions=torch.cat([batch.positions, batch.positions], dim=1),
+        sample_ids=torch.cat([batch.sample_ids, batch.sample_ids], dim=1),
+        noisy=torch.cat([~half, half], dim=1),
+        is_mask=torch.cat([batch.response, half], dim=1),
+    )
+
+
+def allowed(noisy_q, noisy_k, pos_q, pos_k, sample_q, sample_k, block_size: int):
+    """The three rules, elementwise over broadcast query/key metadata (used densely and by
+    FlexAttention's mask_mod)."""
+    same_sample = (sample_q == sample_k) & (sample_q >= 0)
+    causal = pos_k <= pos_q
+    block_q, block_k = pos_q // block_size, pos_k // block_size
+    noisy_noisy = noisy_q & noisy_k & (block_q == block_k) & causal
+    noisy_clean = noisy_q & ~noisy_k & (block_k < block_q)
+    clean_clean = ~noisy_q & ~noisy_k & causal
+    return same_sample & (noisy_noisy | noisy_clean | clean_clean)
+
+
+def dense_mask(db: DoubledBatch, block_size: int) -> torch.Tensor:
+    """Boolean [rows, 2L, 2L]. Padding rows may attend to themselves so no softmax row is empty."""
+    q = lambda t: t[:, :, None]  # noqa: E731
+    k = lambda t: t[:, None, :]  # noqa: E731
+    mask = allowed(q(db.noisy), k(db.noisy), q(db.positions), k(db.positions), q(db.sample_ids), k(db.sample_ids),
+                   block_size)
+    padding = db.sample_ids < 0
+    eye = torch.eye(mask.shape[-1], dtype=torch.bool, device=mask.device)
+    return mask | (eye & padding[:, :, None])
+
+
+def flex_block_mask(db: DoubledBatch, block_size: int):
+    """The same rules as a FlexAttention block mask (no dense [2L, 2L] tensor)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    noisy, pos, sample = db.noisy, db.positions, db.sample_ids
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        rule = allowed(noisy[b, q_idx], noisy[b, kv_idx], pos[b, q_idx], pos[b, kv_idx], sample[b, q_idx],
+                       sample[b, kv_idx], block_size)
+        return rule | ((q_idx == kv_idx) & (sample[b, q_idx] < 0))
+
+    rows, length = db.input_ids.shape
+    return create_block_mask(mask_mod, rows, None, length, length, device=db.input_ids.device), mask_mod
+
+
+@dataclass
+class LossTargets:
+    """Rows of the doubled batch that carry a loss, and the tokens they must predict."""
+
+    noisy_rows: torch.Tensor  # flat indices into [rows * 2L]
+    noisy_targets: torch.Tensor
+    clean_rows: torch.Tensor
+    clean_targets: torch.Tensor
+    num_response: int  # response tokens in this batch (the CE_noisy denominator)
+
+
+def loss_targets(batch: PackedBatch) -> LossTargets:
+    """Output i predicts token i + 1 of the same sample. CE_noisy: x_t MASK positions whose next
+    token is a response token; CE_clean: x_0 positions whose next token is a response token."""
+    rows, length = batch.input_ids.shape
+    next_response = torch.zeros_like(batch.response)
+    same = batch.sample_ids[:, 1:] == batch.sample_ids[:, :-1]
+    next_response[:, :-1] = batch.response[:, 1:] & same & (batch.sample_ids[:, :-1] >= 0)
+    next_token = torch.zeros_like(batch.input_ids)
+    next_token[:, :-1] = batch.input_ids[:, 1:]
+    row_base = torch.arange(rows, device=batch.input_ids.device)[:, None] * 2 * length
+    col = torch.arange(length, device=batch.input_ids.device)[None]
+    noisy_sel = next_response & batch.response
+    clean_sel = next_response
+    return LossTargets(
+        noisy_rows=(row_base + col)[noisy_sel], noisy_targets=next_token[noisy_sel],
+        clean_rows=(row_base + length + col)[clean_sel], clean_targets=next_token[clean_sel],
+        num_response=int(batch.response.sum()),
+    )
+
+
+def summed_ce(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of cross-entropies, chunked and recomputed in backward, so full-vocabulary logits
+    exist for at most LOSS_CHUNK_ROWS rows at a time."""
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], LOSS_CHUNK_ROWS):
+        h, t = hidden[start:start + LOSS_CHUNK_ROWS], targets[start:start + LOSS_CHUNK_ROWS]
+        total = total + checkpoint(_chunk_ce, h, t, lm_head, use_reentrant=False)
+    return total
+
+
+def _chunk_ce(h: torch.Tensor, t: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
+    return F.cross_entropy(lm_head(h).float(), t, reduction="sum")
+
+
+@dataclass
+class Losses:
+    loss: torch.Tensor  # what backward() is called on
+    ce_noisy: float
+    ce_clean: float
+    weight: float
+
+
+def combine(noisy_sum: torch.Tensor, clean_sum: torch.Tensor | None, num_response: int, num_clean: int,
+            clean_weight: float | str, denominator: int) -> Losses:
+    """L = CE_noisy + w * CE_clean. CE_noisy is summed over its positions and divided by the
+    number of response tokens; CE_clean is a mean. With w = "auto", w = sg(CE_noisy) / sg(CE_clean).
+
+    `denominator` is the response-token count of the whole optimizer step (all micro-batches, all
+    ranks), so accumulation and data parallelism leave the gradient unchanged; the returned loss is
+    this micro-batch's share of the step loss."""
+    ce_noisy = noisy_sum / max(num_response, 1)
+    if clean_sum is None or num_clean == 0:
+        share = noisy_sum / max(denominator, 1)
+        return Losses(share, float(ce_noisy.detach()), float("nan"), 0.0)
+    ce_clean = clean_sum / num_clean
+    weight = float(ce_noisy.detach() / ce_clean.detach().clamp(min=1e-8)) if clean_weight == "auto" else clean_weight
+    scale = num_response / max(denominator, 1)
+    share = (ce_noisy + weight * ce_clean) * scale
+    return Losses(share, float(ce_noisy.detach()), float(ce_clean.detach()), weight)

@@ -1,0 +1,327 @@
+"""The training loop: introspective-consistency conversion (full) or gated LoRA (R-ISD).
+
+One process, or several under `torchrun` (DDP over gloo on CPU, NCCL on GPU). Every optimizer
+step consumes `micro_batch_size * grad_accum * world_size` rows; rank r takes micro-batches
+r*grad_accum ... of that list, and every micro-batch loss is scaled by the step's total response
+tokens, so the step's gradient is the same whatever the world size and accumulation.
+"""
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from torch import nn
+from tqdm import tqdm
+
+from idlm.engine.tokenizer import load_tokenizer
+from idlm.kernels.attention import DenseAttention, FlexAttention
+from idlm.models.loader import load_model, resolve_model_folder
+from idlm.models.lora import AdapterConfig, attach_lora, save_adapter
+from idlm.training.config import TrainConfig
+from idlm.training.data import RowOrder, collate, load_examples, make_rows
+from idlm.training.objective import DoubledBatch, combine, dense_mask, double, flex_block_mask, loss_targets, summed_ce
+
+STATE_FILE = "trainer_state.pt"
+DONE_MARKER = "COMPLETE"
+
+
+class Objective(nn.Module):
+    """Model + loss in one forward, so DDP sees every parameter used in its forward."""
+
+    def __init__(self, model: nn.Module, lora: bool):
+        super().__init__()
+        self.model, self.lora = model, lora
+
+    def forward(self, db: DoubledBatch, attn, noisy_rows, noisy_targets, clean_rows, clean_targets):
+        gate = db.is_mask.float() if self.lora else None
+        hidden = self.model(db.input_ids, db.positions, attn, gate).flatten(0, 1)
+        noisy = summed_ce(hidden[noisy_rows], self.model.lm_head, noisy_targets)
+        clean = None if self.lora else summed_ce(hidden[clean_rows], self.model.lm_head, clean_targets)
+        return noisy, clean
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        cfg.validate()
+        self.cfg = cfg
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo")
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device(f"cuda:{local}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+        self.flex = cfg.attention == "flex" or (cfg.attention == "auto" and cuda)
+        self.out = Path(cfg.output_dir)
+        self.is_main = self.rank == 0
+
+        self.folder = resolve_model_folder(cfg.model)
+        self.tokenizer = load_tokenizer(self.folder)
+        if self.tokenizer is None:
+            raise ValueError(f"{self.folder} has no tokenizer; training reads text and needs one")
+        self.model = load_model(self.folder, torch.float32, self.device, progress=cfg.progress and self.is_main)
+        self.mask_id = self._setup_mask_token()
+        self.adapter_cfg = None
+        if cfg.mode == "lora":
+            self.adapter_cfg = AdapterConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                                             target_modules=list(cfg.lora_targets), mask_token_id=self.mask_id,
+                                             stride=cfg.stages[-1].stride)
+            self._setup_lora()
+        else:
+            self.model.requires_grad_(True)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        torch.manual_seed(cfg.seed)
+        self.objective = Objective(self.model, lora=cfg.mode == "lora")
+        self.ddp = nn.parallel.DistributedDataParallel(self.objective) if self.world > 1 else self.objective
+
+        self.examples, self.report = load_examples(cfg.data, self.tokenizer, cfg.max_len)
+        self.rows = make_rows(self.examples, cfg.max_len, cfg.packing)
+        self.order = RowOrder(len(self.rows), cfg.seed)
+        self.rows_per_step = cfg.micro_batch_size * cfg.grad_accum * self.world
+        self.stage_ends = self._stage_ends()
+        self.total_steps = self.stage_ends[-1]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.lr, betas=cfg.adam_betas,
+                                           weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.step = 0
+
+    # ------------------------------------------------------------------ setup
+
+    def _setup_mask_token(self) -> int:
+        """The MASK id: given, found in the tokenizer, or a new special token (new embedding row)."""
+        cfg, tok = self.cfg, self.tokenizer
+        if cfg.mask_token_id is not None:
+            if not 0 <= cfg.mask_token_id < self.model.cfg.vocab_size:
+                raise ValueError(f"mask_token_id {cfg.mask_token_id} is outside the vocabulary "
+                                 f"(0..{self.model.cfg.vocab_size - 1})")
+            return cfg.mask_token_id
+        if cfg.mask_token in tok.get_vocab():
+            return tok.convert_tokens_to_ids(cfg.mask_token)
+        tok.add_special_tokens({"additional_special_tokens": [cfg.mask_token]}, replace_extra_special_tokens=False)
+        mask_id = tok.convert_tokens_to_ids(cfg.mask_token)
+        if mask_id >= self.model.cfg.vocab_size and cfg.mode == "full":
+            self._grow_vocabulary(mask_id + 1)
+        return mask_id
+
+    def _grow_vocabulary(self, size: int) -> None:
+        model, cfg = self.model, self.model.cfg
+        old = model.model.embed_tokens.weight.data
+        emb = nn.Embedding(size, cfg.hidden_size, device=old.device)
+        emb.weight.data[:cfg.vocab_size] = old
+        emb.weight.data[cfg.vocab_size:] = old.mean(0)
+        model.model.embed_tokens = emb
+        if cfg.tie_word_embeddings:
+            model.lm_head = nn.Linear(cfg.hidden_size, size, bias=False, device=old.device)
+            model.lm_head.weight = emb.weight
+        else:
+            head = nn.Linear(cfg.hidden_size, size, bias=False, device=old.device)
+            head.weight.data.zero_()  # the MASK is never a target, nor ever sampled
+            head.weight.data[:cfg.vocab_size] = model.lm_head.weight.data
+            model.lm_head = head
+        cfg.vocab_size = size
+
+    def _setup_lora(self) -> None:
+        model = self.model
+        model.requires_grad_(False)
+        attach_lora(model, self.adapter_cfg)
+        torch.manual_seed(self.cfg.seed)
+        for name, p in model.named_parameters():
+            if name.endswith("lora_A"):
+                nn.init.kaiming_uniform_(p, a=math.sqrt(5))  # PEFT's init; B stays 0
+        emb = model.model.embed_tokens.weight
+        init = emb[self.mask_id] if self.mask_id < model.cfg.vocab_size else emb.mean(0)
+        model.mask_embedding = nn.Parameter(init.detach().clone())
+        model.mask_embedding_id = self.mask_id
+        for name, p in model.named_parameters():
+            p.requires_grad_("_lora." in name or name == "mask_embedding")
+
+    def _stage_ends(self) -> list[int]:
+        ends, total = [], 0
+        for stage in self.cfg.stages:
+            steps = stage.steps or max(1, math.ceil(stage.epochs * len(self.rows) / self.rows_per_step))
+            total += steps
+            ends.append(total)
+        return ends
+
+    def _lr_factor(self, step: int) -> float:
+        warmup = max(1, int(self.cfg.warmup_ratio * self.total_steps))
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, self.total_steps - warmup)
+        floor = self.cfg.min_lr_ratio
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def stage_at(self, step: int):
+        return next(s for s, end in zip(self.cfg.stages, self.stage_ends) if step < end)
+
+    # ------------------------------------------------------------------ loop
+
+    def train(self) -> Path:
+        cfg = self.cfg
+        if cfg.resume:
+            self._resume()
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            print(f"training data: {self.report.summary()}; {len(self.rows)} rows, {self.total_steps} steps of "
+                  f"{self.rows_per_step} rows", flush=True)
+        log = (self.out / "log.jsonl").open("a") if self.is_main else None
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train ({cfg.mode})", unit="step",
+                   disable=not (cfg.progress and self.is_main))
+        while self.step < self.total_steps:
+            record = self._train_step()
+            if log is not None:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            bar.set_postfix(loss=f"{record['loss']:.4f}", N=record["stride"], tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update()
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                self.save(self.out / "checkpoints" / f"step-{self.step:07d}")
+        bar.close()
+        final = self.out / "final"
+        self.save(final)
+        if self.is_main:
+            log.close()
+            plot_loss_curve(self.out / "log.jsonl", self.out / "loss.png")
+        return final
+
+    def _train_step(self) -> dict:
+        cfg = self.cfg
+        stage = self.stage_at(self.step)
+        block = stage.stride - 1
+        start = time.perf_counter()
+        rows = [self.rows[i] for i in self.order.take(self.step * self.rows_per_step, self.rows_per_step)]
+        denominator = sum(sum(sum(ex.response) for ex in row) for row in rows)
+        mine = rows[self.rank * cfg.micro_batch_size * cfg.grad_accum:][:cfg.micro_batch_size * cfg.grad_accum]
+        totals = torch.zeros(4, dtype=torch.float64)  # loss, ce_noisy * n, ce_clean * n, tokens
+        for m in range(cfg.grad_accum):
+            micro = mine[m * cfg.micro_batch_size:(m + 1) * cfg.micro_batch_size]
+            batch = collate(micro, self.tokenizer.pad_token_id or 0).to(self.device)
+            db = double(batch, self.mask_id)
+            attn = FlexAttention(flex_block_mask(db, block)[0]) if self.flex else DenseAttention(dense_mask(db, block))
+            targets = loss_targets(batch)
+            last = m == cfg.grad_accum - 1
+            sync = self.ddp.no_sync() if (self.world > 1 and not last) else nullcontext()
+            with sync, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                noisy_sum, clean_sum = self.ddp(db, attn, targets.noisy_rows, targets.noisy_targets,
+                                                targets.clean_rows, targets.clean_targets)
+                losses = combine(noisy_sum, clean_sum, targets.num_response, len(targets.clean_targets),
+                                 stage.clean_weight, denominator)
+                (losses.loss * self.world).backward()
+            n = targets.num_response
+            totals += torch.tensor([float(losses.loss), losses.ce_noisy * n, losses.ce_clean * n,
+                                    2 * int((batch.sample_ids >= 0).sum())], dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(totals)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        elapsed = time.perf_counter() - start
+        return {"step": self.step, "stride": stage.stride, "loss": totals[0].item(),
+                "ce_noisy": totals[1].item() / denominator,
+                "ce_clean": None if cfg.mode == "lora" else totals[2].item() / denominator,
+                "lr": lr, "grad_norm": float(grad_norm), "tokens": int(totals[3]),
+                "tokens_per_s": totals[3].item() / elapsed / self.world}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, folder: Path) -> None:
+        """An HF folder (full) or a PEFT adapter (lora) that idlm loads, plus the exact trainer
+        state for resuming. Written to a temporary folder and renamed, so a kill never leaves a
+        half-written checkpoint."""
+        if self.world > 1:
+            dist.barrier()
+        if self.is_main:
+            tmp = folder.with_name(folder.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            stride = self.stage_at(max(0, self.step - 1)).stride
+            if self.cfg.mode == "lora":
+                self.adapter_cfg.stride = stride
+                save_adapter(self.model, tmp, self.adapter_cfg, base_name=str(self.folder))
+            else:
+                self._save_hf_folder(tmp, stride)
+            torch.save(self._state(), tmp / STATE_FILE)
+            (tmp / DONE_MARKER).write_text(str(self.step))
+            shutil.rmtree(folder, ignore_errors=True)
+            tmp.rename(folder)
+        if self.world > 1:
+            dist.barrier()
+
+    def _save_hf_folder(self, folder: Path, stride: int) -> None:
+        raw = json.loads((self.folder / "config.json").read_text())
+        raw.update(mask_token_id=self.mask_id, block_size=stride - 1, vocab_size=self.model.cfg.vocab_size,
+                   torch_dtype=self.cfg.save_dtype)
+        (folder / "config.json").write_text(json.dumps(raw, indent=2))
+        dtype = getattr(torch, self.cfg.save_dtype)
+        weights = {k: v.detach().to(dtype).contiguous().cpu() for k, v in self.model.hf_state_dict().items()}
+        save_file(weights, folder / "model.safetensors")
+        self.tokenizer.save_pretrained(folder)
+        generation = self.folder / "generation_config.json"
+        if generation.is_file():
+            shutil.copy(generation, folder / generation.name)
+
+    def _state(self) -> dict:
+        return {
+            "step": self.step,
+            "model": {k: v for k, v in self.model.state_dict().items() if self.cfg.mode == "full" or "_lora." in k
+                      or k == "mask_embedding"},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        }
+
+    def _resume(self) -> None:
+        checkpoints = sorted((self.out / "checkpoints").glob("step-*")) if (self.out / "checkpoints").is_dir() else []
+        complete = [c for c in checkpoints if (c / DONE_MARKER).is_file()]
+        if not complete:
+            return
+        state = torch.load(complete[-1] / STATE_FILE, map_location=self.device, weights_only=False)
+        missing, _ = self.model.load_state_dict(state["model"], strict=False)
+        if self.cfg.mode == "full" and missing:
+            raise ValueError(f"checkpoint {complete[-1]} does not match this model (missing {missing[0]})")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        random.setstate(state["rng"]["python"])
+        self.step = state["step"]
+        if self.is_main:
+            print(f"resuming from {complete[-1]} at step {self.step}", flush=True)
+
+
+def plot_loss_curve(log_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in records]
+    ax.plot(steps, [r["loss"] for r in records], label="loss")
+    ax.plot(steps, [r["ce_noisy"] for r in records], label="CE noisy", alpha=0.7)
+    if records and records[0]["ce_clean"] is not None:
+        ax.plot(steps, [r["ce_clean"] for r in records], label="CE clean", alpha=0.7)
+    for r0, r1 in zip(records, records[1:]):
+        if r1["stride"] != r0["stride"]:
+            ax.axvline(r1["step"], color="grey", linestyle=":")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.set_title("introspective-consistency training")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)

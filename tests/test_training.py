@@ -1,0 +1,307 @@
+"""Introspective-consistency training: the mask, the losses, gated LoRA, resume, learning signal."""
+
+import json
+import random
+
+import pytest
+import torch
+from helpers import counting_data, make_model, make_tokenizer
+
+from idlm import LLM, SamplingParams
+from idlm.kernels.attention import DenseAttention
+from idlm.models.loader import load_model
+from idlm.training.config import build_config, load_train_config
+from idlm.training.data import Example, collate, load_examples, make_rows
+from idlm.training.objective import allowed, combine, dense_mask, double, flex_block_mask, loss_targets, summed_ce
+from idlm.training.trainer import Trainer
+
+# ---------------------------------------------------------------- the attention mask
+
+
+def brute_force_mask(rows: list[list[Example]], length: int, block: int) -> torch.Tensor:
+    """The three rules written out position by position, on the [x_t | x_0] layout."""
+    out = torch.zeros(len(rows), 2 * length, 2 * length, dtype=torch.bool)
+    for r, row in enumerate(rows):
+        meta = []  # (sample, position) per token of the clean half, None for padding
+        for s, ex in enumerate(row):
+            meta += [(s, p) for p in range(len(ex.input_ids))]
+        meta += [None] * (length - len(meta))
+        for q in range(2 * length):
+            for k in range(2 * length):
+                mq, mk = meta[q % length], meta[k % length]
+                if mq is None:
+                    out[r, q, k] = q == k
+                    continue
+                if mk is None or mq[0] != mk[0]:
+                    continue
+                (_, pq), (_, pk) = mq, mk
+                q_noisy, k_noisy = q < length, k < length
+                if q_noisy and k_noisy:
+                    out[r, q, k] = pq // block == pk // block and pk <= pq
+                elif q_noisy:
+                    out[r, q, k] = pk // block < pq // block
+                elif not k_noisy:
+                    out[r, q, k] = pk <= pq
+    return out
+
+
+def random_rows(rng: random.Random, packed: bool) -> list[list[Example]]:
+    rows = []
+    for _ in range(3):
+        row = []
+        for _ in range(rng.randint(1, 3) if packed else 1):
+            n = rng.randint(1, 9)
+            split = rng.randint(0, n - 1)
+            row.append(Example(list(range(5, 5 + n)), [i >= split for i in range(n)]))
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 4])
+@pytest.mark.parametrize("packed", [False, True])
+def test_mask_equals_brute_force(block, packed):
+    from torch.nn.attention.flex_attention import create_mask
+
+    rng = random.Random(block * 10 + packed)
+    for _ in range(4):
+        rows = random_rows(rng, packed)
+        batch = collate(rows, pad_id=0)
+        db = double(batch, mask_token_id=3)
+        expected = brute_force_mask(rows, batch.input_ids.shape[1], block)
+        assert torch.equal(dense_mask(db, block), expected)
+        _, mask_mod = flex_block_mask(db, block)
+        rows_n, length = db.input_ids.shape
+        flex = create_mask(mask_mod, rows_n, 1, length, length, device="cpu")[:, 0]
+        assert torch.equal(flex, expected)
+
+
+def test_block_one_mask_sees_only_itself_and_the_clean_prefix():
+    q = torch.tensor(True), torch.tensor(5), torch.tensor(0)
+    for k_noisy, k_pos, expect in [(True, 5, True), (True, 4, False), (False, 4, True), (False, 5, False)]:
+        got = allowed(q[0], torch.tensor(k_noisy), q[1], torch.tensor(k_pos), q[2], torch.tensor(0), 1)
+        assert bool(got) == expect
+
+
+# ---------------------------------------------------------------- the losses
+
+
+def test_loss_targets_never_use_prompt_tokens():
+    ex = Example([10, 11, 12, 13, 14, 15], [False, False, False, True, True, True])
+    t = loss_targets(collate([[ex]], pad_id=0))
+    length = 6
+    # noisy: MASK positions 3, 4 predict response tokens 14, 15 (position 2 is prompt, not MASK)
+    assert t.noisy_rows.tolist() == [3, 4] and t.noisy_targets.tolist() == [14, 15]
+    # clean: positions 2, 3, 4 of x_0 predict the response tokens 13, 14, 15
+    assert t.clean_rows.tolist() == [length + 2, length + 3, length + 4]
+    assert t.clean_targets.tolist() == [13, 14, 15]
+    assert t.num_response == 3
+    packed = collate([[ex, Example([20, 21], [False, True])]], pad_id=0)
+    tp = loss_targets(packed)
+    assert 21 in tp.clean_targets.tolist() and 20 not in tp.noisy_targets.tolist() + tp.clean_targets.tolist()
+    assert 15 in tp.noisy_targets.tolist() and len(tp.noisy_targets) == 2  # nothing crosses into sample 2
+
+
+def test_loss_values_by_hand():
+    """Two MASK positions with known logits, clean weight 0.2: L = CE_noisy + 0.2 * CE_clean."""
+    head = torch.nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(3, 2))
+    hidden = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])  # uniform, then favours token 0
+    targets = torch.tensor([1, 0, 2])
+    sums = summed_ce(hidden, head, targets)
+    logz = torch.log(torch.tensor(2.0 + torch.e))
+    expected = 2 * torch.log(torch.tensor(3.0)) + (logz - 1)
+    torch.testing.assert_close(sums, expected)
+    noisy, clean = torch.tensor(3.0), torch.tensor(1.5)
+    losses = combine(noisy, clean, num_response=3, num_clean=3, clean_weight=0.2, denominator=3)
+    torch.testing.assert_close(losses.loss, torch.tensor(1.0 + 0.2 * 0.5))
+    half = combine(noisy, clean, num_response=3, num_clean=3, clean_weight=0.2, denominator=6)
+    torch.testing.assert_close(half.loss, torch.tensor(1.1 / 2))  # this micro-batch holds half the step
+
+
+def test_auto_balance_gradient():
+    torch.manual_seed(0)
+    w = torch.randn(4, requires_grad=True)
+    noisy_sum, clean_sum = (w ** 2).sum() * 3, (w.exp()).sum()
+    losses = combine(noisy_sum, clean_sum, num_response=2, num_clean=4, clean_weight="auto", denominator=2)
+    (grad_auto,) = torch.autograd.grad(losses.loss, w, retain_graph=True)
+    ce_noisy, ce_clean = noisy_sum / 2, clean_sum / 4
+    weight = float(ce_noisy / ce_clean)
+    (g_noisy,) = torch.autograd.grad(ce_noisy, w, retain_graph=True)
+    (g_clean,) = torch.autograd.grad(ce_clean, w)
+    torch.testing.assert_close(grad_auto, g_noisy + weight * g_clean)
+    assert losses.weight == pytest.approx(weight)
+    torch.testing.assert_close(losses.loss, 2 * ce_noisy)
+
+
+# ---------------------------------------------------------------- data and config
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def test_data_formats_and_truncation(tmp_path, tokenizer):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in [
+        {"messages": [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "yes no"}]},
+        {"prompt": "the cat", "completion": " sat on the mat"},
+        {"text": "one two three four five six seven eight nine ten one two"},
+    ]) + "\n")
+    examples, report = load_examples([path], tokenizer, max_len=10)
+    chat, pc, text = examples
+    words = lambda ids: tokenizer.convert_ids_to_tokens(ids)  # noqa: E731
+    assert [t for t, r in zip(words(chat.input_ids), chat.response) if r] == ["yes", "no", "<|im_end|>"]
+    assert [t for t, r in zip(words(pc.input_ids), pc.response) if r] == ["sat", "on", "the", "mat", "<|im_end|>"]
+    assert all(text.response) and len(text.input_ids) == 10
+    assert report.truncated == 1 and report.tokens_cut == 2
+    rows = make_rows(examples, max_len=20, packing=True)
+    assert [len(r) for r in rows] == [2, 1]
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ('{"text": "hi"}\n{"text": \n', ":2: "),
+    ('{"text": "hi"}\n[1, 2]\n', ":2: each line must be a JSON object"),
+    ('{"prompt": "a"}\n', ":1: 'prompt' and 'completion' must both be strings"),
+    ('{"messages": [{"role": "user", "content": "x"}]}\n', ":1: a chat example needs at least one assistant"),
+    ('{"title": "x"}\n', ":1: expected a 'messages'"),
+    ("\n\n", "holds no usable example"),
+])
+def test_bad_data_is_reported_with_file_and_line(tmp_path, tokenizer, content, fragment):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace("[", r"\[")) as info:
+        load_examples([path], tokenizer, max_len=16)
+    if ":" in fragment:
+        assert str(path) in str(info.value)
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown config key 'learning_rate'"):
+        build_config({"data": ["x"], "output_dir": "o", "learning_rate": 1}, "cfg.yaml")
+    with pytest.raises(ValueError, match="missing required key 'data'"):
+        build_config({"output_dir": "o"}, "cfg.yaml")
+    with pytest.raises(ValueError, match="stage 0: unknown key 'n'"):
+        build_config({"data": ["x"], "output_dir": "o", "stages": [{"n": 2}]}, "cfg.yaml")
+    path = tmp_path / "c.yaml"
+    path.write_text("data: [a.jsonl]\noutput_dir: out\nlr: 1e-5\n")
+    cfg = load_train_config(path, ["--lr", "3e-4", "--packing", "false", "--micro-batch-size", "2"])
+    assert cfg.lr == 3e-4 and cfg.packing is False and cfg.micro_batch_size == 2
+    with pytest.raises(ValueError, match="unknown config key 'bogus'"):
+        load_train_config(path, ["--bogus", "1"])
+
+
+# ---------------------------------------------------------------- training runs
+
+
+def tiny_setup(tmp_path, n=64, **overrides):
+    base = tmp_path / "base"
+    if not base.exists():
+        make_model(base, "llama")
+    data = counting_data(tmp_path / "data.jsonl", n)
+    raw = {"model": str(base), "data": [str(data)], "output_dir": str(tmp_path / "out"), "max_len": 32,
+           "micro_batch_size": 4, "lr": 3e-3, "packing": False, "progress": False,
+           "stages": [{"stride": 2, "steps": 4}, {"stride": 3, "steps": 4, "clean_weight": "auto"}]}
+    raw.update(overrides)
+    return build_config(raw, "test")
+
+
+def test_gated_lora_training_keeps_the_base_model(tmp_path):
+    cfg = tiny_setup(tmp_path, mode="lora")
+    trainer = Trainer(cfg)
+    before = {k: v.clone() for k, v in trainer.model.hf_state_dict().items()}
+    final = trainer.train()
+    after = trainer.model.hf_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert any(p.abs().sum() > 0 for n, p in trainer.model.named_parameters() if n.endswith("lora_B.0"))
+    assert (final / "adapter_model.safetensors").is_file() and (final / "mask_embedding.safetensors").is_file()
+    base = load_model(tmp_path / "base", torch.float32, "cpu", progress=False)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        clean = trainer.model(ids, torch.arange(4)[None], DenseAttention(), lora_gate=torch.zeros(1, 4))
+        assert torch.equal(clean, base(ids, torch.arange(4)[None], DenseAttention()))
+    llm = LLM(str(tmp_path / "base"), adapter=str(final), progress=False, kv_cache_tokens=1024)
+    greedy = dict(temperature=0, max_tokens=12, ignore_eos=True)
+    assert (llm.generate([[5, 6, 7]], SamplingParams(mode="risd", **greedy))[0].token_ids
+            == llm.generate([[5, 6, 7]], SamplingParams(mode="ar", **greedy))[0].token_ids)
+    log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 8 and [r["stride"] for r in log] == [2] * 4 + [3] * 4
+    assert (tmp_path / "out" / "loss.png").stat().st_size > 1000
+
+
+def test_full_checkpoint_loads_as_idlm(tmp_path):
+    final = Trainer(tiny_setup(tmp_path)).train()
+    raw = json.loads((final / "config.json").read_text())
+    assert raw["block_size"] == 2 and raw["vocab_size"] == raw["mask_token_id"] + 1
+    llm = LLM(str(final), progress=False, kv_cache_tokens=1024)
+    assert llm.engine.defaults["mode"] == "isd" and llm.engine.defaults["stride"] == 3
+    assert llm.tokenizer.convert_ids_to_tokens(raw["mask_token_id"]) == "<|MASK|>"
+    out = llm.generate(["three four five"], SamplingParams(temperature=0, max_tokens=6))[0]
+    assert out.finish_reason in ("stop", "length")
+
+
+def final_weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    straight = Trainer(tiny_setup(tmp_path / "a", save_every=2)).train()
+    cfg_path = tmp_path / "b.yaml"
+    tiny = tiny_setup(tmp_path / "b", save_every=2)
+    raw = {"model": tiny.model, "data": tiny.data, "output_dir": tiny.output_dir, "max_len": 32,
+           "micro_batch_size": 4, "lr": 3e-3, "packing": False, "progress": False, "save_every": 2,
+           "stages": [{"stride": 2, "steps": 4}, {"stride": 3, "steps": 4, "clean_weight": "auto"}]}
+    cfg_path.write_text(json.dumps(raw))
+    script = ("import sys, time, torch; torch.set_num_threads(1)\n"
+              "import idlm.training.trainer as t\n"
+              "orig = t.Trainer._train_step\n"
+              "def slow(self):\n    time.sleep(0.3)\n    return orig(self)\n"
+              "t.Trainer._train_step = slow\n"
+              "from idlm.training.config import load_train_config\n"
+              f"t.Trainer(load_train_config({str(cfg_path)!r})).train()\n")
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    checkpoint = tmp_path / "b" / "out" / "checkpoints" / "step-0000004"
+    deadline = time.time() + 120
+    while not (checkpoint / "COMPLETE").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert (checkpoint / "COMPLETE").exists() and not (tmp_path / "b" / "out" / "final").exists()
+    resumed = Trainer(load_train_config(cfg_path)).train()
+    a, b = final_weights(straight), final_weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "out" / "log.jsonl").read_text().splitlines()]
+    assert steps[-1] == 8 and 5 in steps
+
+
+def test_conversion_raises_isd_acceptance(tmp_path):
+    """Counting language, 150 CPU steps (N = 2 then 4): greedy ISD acceptance from ~0 to ~1."""
+    cfg = tiny_setup(tmp_path, n=200, stages=[{"stride": 2, "steps": 50},
+                                              {"stride": 4, "steps": 100, "clean_weight": "auto"}],
+                     micro_batch_size=8)
+    final = Trainer(cfg).train()
+    prompts = ["three four five", "eight nine ten", "one two three", "six seven eight"]
+    params = SamplingParams(mode="isd", stride=4, temperature=0, max_tokens=12, ignore_eos=True)
+
+    def acceptance(llm):
+        outs = llm.generate(prompts, params)
+        proposed = sum(sum(o.stats["drafts"]["reached"]) for o in outs)
+        return sum(sum(o.stats["drafts"]["accepted"]) for o in outs) / proposed
+
+    untrained = LLM(str(tmp_path / "base"), progress=False, kv_cache_tokens=1024)
+    before = acceptance(untrained) if untrained.engine.mask_ids["isd"] is not None else 0.0
+    trained = LLM(str(final), progress=False, kv_cache_tokens=1024)
+    after = acceptance(trained)
+    # measured: before 0.0 (the base has no MASK token; risd on it accepts nothing), after 1.0
+    base_risd = untrained.generate(prompts, SamplingParams(mode="risd", stride=4, temperature=0, max_tokens=12,
+                                                           ignore_eos=True))
+    before = max(before, sum(sum(o.stats["drafts"]["accepted"]) for o in base_risd)
+                 / max(1, sum(sum(o.stats["drafts"]["reached"]) for o in base_risd)))
+    assert before < 0.2 and after > 0.9
