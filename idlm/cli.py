@@ -64,6 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="system message")
     add_engine_args(chat)
     add_sampling_args(chat)
+
+    train = sub.add_parser("train", help="convert an AR model to an I-DLM, or train a gated-LoRA (R-ISD) adapter",
+                           description="Train from a YAML config; any config key can be overridden with "
+                                       "--key value (e.g. --lr 3e-4 --mode lora). Under torchrun it runs DDP.")
+    train.add_argument("config", help="training config YAML (see configs/ for examples)")
+
+    distill = sub.add_parser("distill", help="make on-policy training data: the model answers prompts",
+                             description="The model answers every prompt through the engine; writes chat JSONL "
+                                         "that `idlm train` reads.")
+    distill.add_argument("prompts", help="text file (one prompt per line) or JSONL with prompt / messages")
+    distill.add_argument("output", help="chat JSONL to write")
+    distill.add_argument("--samples-per-prompt", type=int, default=1, help="answers per prompt (default 1)")
+    add_engine_args(distill)
+    add_sampling_args(distill)
+    add_serve_parser(sub)
     return parser
 
 
@@ -171,15 +186,88 @@ def run_chat(args) -> None:
         history.append({"role": "assistant", "content": text})
 
 
+def run_train(args, overrides: list[str]) -> None:
+    from idlm.training.config import load_train_config
+    from idlm.training.trainer import Trainer
+
+    final = Trainer(load_train_config(args.config, overrides)).train()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"final checkpoint: {final}")
+
+
+def run_distill(args) -> None:
+    from pathlib import Path
+
+    from idlm.engine.llm import LLM
+    from idlm.training.distill import distill
+
+    if args.samples_per_prompt < 1:
+        raise ValueError("--samples-per-prompt must be >= 1")
+    params = sampling_params(args)
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, kv_cache_tokens=args.kv_cache_tokens,
+              adapter=args.adapter)
+    written = distill(llm, Path(args.prompts), Path(args.output), params, args.samples_per_prompt)
+    print(f"wrote {written} examples to {args.output}")
+
+
+def add_serve_parser(sub) -> None:
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a playground page",
+                           description="Serve MODEL over an OpenAI-compatible API (/v1/completions, "
+                                       "/v1/chat/completions, /v1/models), with /health, /metrics and a "
+                                       "playground at /. Ctrl-C or SIGTERM shuts it down.")
+    serve.add_argument("model_path", nargs="?", metavar="MODEL", default=None,
+                       help="Hugging Face model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    add_engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 = any free)")
+    serve.add_argument("--mode", choices=["ar", "isd", "risd"], default=None,
+                       help="default decoding mode of requests that name none (default: risd with --adapter, isd "
+                            "for I-DLM checkpoints, else ar)")
+    serve.add_argument("--stride", type=int, default=None, help="default N of requests that name none (2-16)")
+    serve.add_argument("--proposal", choices=["sample", "argmax", "argmax_exact"], default="sample",
+                       help="default draft proposal of requests that name none (default sample, exact)")
+    serve.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together (default 64)")
+    serve.add_argument("--max-queue", type=int, default=256,
+                       help="requests that may wait for a free slot; beyond that the server answers 429 "
+                            "(default 256)")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model id of the API (default: the model folder or file name)")
+    serve.add_argument("--shutdown-timeout", type=float, default=10.0,
+                       help="seconds running requests get to finish after SIGINT/SIGTERM before they are "
+                            "cancelled (default 10)")
+
+
+def run_serve(args) -> None:
+    from idlm.config import EngineConfig
+    from idlm.engine.llm_engine import LLMEngine
+    from idlm.server.serve import serve, served_model_name
+
+    if args.model_path and args.model:
+        raise ValueError("give the model once: as MODEL or as --model")
+    model = args.model_path or args.model
+    if args.max_queue < 0:
+        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    engine = LLMEngine(EngineConfig(model=model, device=args.device, dtype=args.dtype,
+                                    kv_cache_tokens=args.kv_cache_tokens, adapter=args.adapter, mode=args.mode,
+                                    stride=args.stride, proposal=args.proposal, max_num_seqs=args.max_num_seqs))
+    serve(engine, args.served_model_name or served_model_name(model), host=args.host, port=args.port,
+          max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 2
     try:
-        {"generate": run_generate, "chat": run_chat}[args.command](args)
+        if args.command == "train":
+            run_train(args, extra)
+        else:
+            {"generate": run_generate, "chat": run_chat, "distill": run_distill, "serve": run_serve}[args.command](args)
     except ValueError as e:
         print(f"idlm: error: {e}", file=sys.stderr)
         return 1

@@ -5,6 +5,7 @@ Prompts come from a text file (one prompt per line) or JSONL ({"prompt": ...} or
 model's answer]}) that `idlm train` reads.
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -41,7 +42,11 @@ def distill(llm: LLM, prompts: Path, out: Path, params: SamplingParams, samples_
     """Writes one chat example per prompt and sample; returns how many were written (answers cut
     by max_tokens are kept: they are still the model's own text)."""
     conversations = read_prompts(prompts) * samples_per_prompt
-    outputs = llm.chat(conversations, params, use_tqdm=True)
+    if params.seed is None:
+        per_request = params
+    else:  # one seed for the run, a different draw for every request
+        per_request = [dataclasses.replace(params, seed=params.seed + i) for i in range(len(conversations))]
+    outputs = llm.chat(conversations, per_request, use_tqdm=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     written = 0
     with out.open("w", encoding="utf-8") as f:
