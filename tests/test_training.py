@@ -301,8 +301,10 @@ def test_conversion_raises_isd_acceptance(tmp_path):
     assert before < 0.2 and after > 0.9
 
 
-def test_ddp_two_processes_match_one(tmp_path):
-    """2 gloo ranks x 1 micro-batch of 4 rows == 1 process x 2 accumulated micro-batches of 4."""
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one(tmp_path, parallel):
+    """2 gloo ranks x 1 micro-batch of 4 rows == 1 process x 2 accumulated micro-batches of 4,
+    with the model replicated (DDP) or sharded (FSDP2)."""
     import socket
     import subprocess
     import sys
@@ -322,7 +324,7 @@ def test_ddp_two_processes_match_one(tmp_path):
                 "--grad_accum", "2"],
         "two": [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                 "--master-port", str(port), "-m", "idlm", "train", str(path), "--output_dir", str(tmp_path / "two"),
-                "--grad_accum", "1"],
+                "--grad_accum", "1", "--parallel", parallel],
     }
     for cmd in runs.values():
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
@@ -334,6 +336,8 @@ def test_ddp_two_processes_match_one(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
         assert a["ce_noisy"] == pytest.approx(b["ce_noisy"], rel=1e-5)
     assert logs["one"][-1]["loss"] < logs["one"][0]["loss"]
+    one, two = final_weights(tmp_path / "one" / "final"), final_weights(tmp_path / "two" / "final")
+    assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
 
 
 def test_distill_writes_chat_data(tmp_path, llama_dir, capsys):

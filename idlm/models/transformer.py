@@ -171,13 +171,14 @@ class CausalLM(nn.Module):
             return [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim]
         return [cfg.intermediate_size, cfg.intermediate_size]
 
-    def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """State dict under Hugging Face names (fused projections split again)."""
+    def hf_state_dict(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """State dict (ours, or the given one of this model) under Hugging Face names, fused
+        projections split again."""
         out = {}
         parts = {fused: [] for fused, _ in self.packed.values()}
         for name, _ in sorted(self.packed.items(), key=lambda kv: kv[1]):
             parts[self.packed[name][0]].append(name)
-        for name, tensor in self.state_dict().items():
+        for name, tensor in (self.state_dict() if state is None else state).items():
             if "_lora." in name or name == "mask_embedding":
                 continue
             fused = next((f for f in parts if f".{f}." in name), None)

@@ -58,6 +58,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"  # bf16 autocast on CUDA, fp32 on CPU; or "fp32" / "bf16"
     attention: str = "auto"  # flex on CUDA, dense on CPU
+    parallel: str = "ddp"  # with several processes: ddp (replicated) or fsdp (FSDP2, sharded)
     seed: int = 0
     save_every: int = 0  # steps between checkpoints; 0 = final only
     save_dtype: str = "float32"
@@ -81,6 +82,8 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if self.attention not in ("auto", "flex", "dense"):
             raise ValueError(f"attention must be auto, flex or dense, got {self.attention!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
 

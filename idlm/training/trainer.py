@@ -80,10 +80,17 @@ class Trainer:
             self._setup_lora()
         else:
             self.model.requires_grad_(True)
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         torch.manual_seed(cfg.seed)
         self.objective = Objective(self.model, lora=cfg.mode == "lora")
-        self.ddp = nn.parallel.DistributedDataParallel(self.objective) if self.world > 1 else self.objective
+        self.fsdp = cfg.parallel == "fsdp" and self.world > 1
+        if self.fsdp:
+            self._shard()
+            self.runner = self.objective
+        elif self.world > 1:
+            self.runner = nn.parallel.DistributedDataParallel(self.objective)
+        else:
+            self.runner = self.objective
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
         self.examples, self.report = load_examples(cfg.data, self.tokenizer, cfg.max_len)
         self.rows = make_rows(self.examples, cfg.max_len, cfg.packing)
@@ -130,6 +137,16 @@ class Trainer:
             head.weight.data[:cfg.vocab_size] = model.lm_head.weight.data
             model.lm_head = head
         cfg.vocab_size = size
+
+    def _shard(self) -> None:
+        """FSDP2: every decoder layer is its own unit, the rest (embeddings, norm, head) the root."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(self.device.type, (self.world,))
+        for layer in self.model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.objective, mesh=mesh)
 
     def _setup_lora(self) -> None:
         model = self.model
@@ -211,10 +228,12 @@ class Trainer:
             attn = FlexAttention(flex_block_mask(db, block)[0]) if self.flex else DenseAttention(dense_mask(db, block))
             targets = loss_targets(batch)
             last = m == cfg.grad_accum - 1
-            sync = self.ddp.no_sync() if (self.world > 1 and not last) else nullcontext()
+            if self.fsdp:
+                self.objective.set_requires_gradient_sync(last)
+            sync = self.runner.no_sync() if (self.world > 1 and not self.fsdp and not last) else nullcontext()
             with sync, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                noisy_sum, clean_sum = self.ddp(db, attn, targets.noisy_rows, targets.noisy_targets,
-                                                targets.clean_rows, targets.clean_targets)
+                noisy_sum, clean_sum = self.runner(db, attn, targets.noisy_rows, targets.noisy_targets,
+                                                   targets.clean_rows, targets.clean_targets)
                 losses = combine(noisy_sum, clean_sum, targets.num_response, len(targets.clean_targets),
                                  stage.clean_weight, denominator)
                 (losses.loss * self.world).backward()
@@ -242,8 +261,7 @@ class Trainer:
         """An HF folder (full) or a PEFT adapter (lora) that idlm loads, plus the exact trainer
         state for resuming. Written to a temporary folder and renamed, so a kill never leaves a
         half-written checkpoint."""
-        if self.world > 1:
-            dist.barrier()
+        state = self._state()  # every rank takes part when the model is sharded
         if self.is_main:
             tmp = folder.with_name(folder.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -253,21 +271,21 @@ class Trainer:
                 self.adapter_cfg.stride = stride
                 save_adapter(self.model, tmp, self.adapter_cfg, base_name=str(self.folder))
             else:
-                self._save_hf_folder(tmp, stride)
-            torch.save(self._state(), tmp / STATE_FILE)
+                self._save_hf_folder(tmp, stride, state["model"])
+            torch.save(state, tmp / STATE_FILE)
             (tmp / DONE_MARKER).write_text(str(self.step))
             shutil.rmtree(folder, ignore_errors=True)
             tmp.rename(folder)
         if self.world > 1:
             dist.barrier()
 
-    def _save_hf_folder(self, folder: Path, stride: int) -> None:
+    def _save_hf_folder(self, folder: Path, stride: int, full_state: dict) -> None:
         raw = json.loads((self.folder / "config.json").read_text())
         raw.update(mask_token_id=self.mask_id, block_size=stride - 1, vocab_size=self.model.cfg.vocab_size,
                    torch_dtype=self.cfg.save_dtype)
         (folder / "config.json").write_text(json.dumps(raw, indent=2))
         dtype = getattr(torch, self.cfg.save_dtype)
-        weights = {k: v.detach().to(dtype).contiguous().cpu() for k, v in self.model.hf_state_dict().items()}
+        weights = {k: v.detach().to(dtype).contiguous().cpu() for k, v in self.model.hf_state_dict(full_state).items()}
         save_file(weights, folder / "model.safetensors")
         self.tokenizer.save_pretrained(folder)
         generation = self.folder / "generation_config.json"
@@ -275,27 +293,36 @@ class Trainer:
             shutil.copy(generation, folder / generation.name)
 
     def _state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state, optim_state = get_state_dict(self.model, self.optimizer, options=options)
+        if self.cfg.mode == "lora":  # the frozen base is in the base checkpoint already
+            model_state = {k: v for k, v in model_state.items() if "_lora." in k or k == "mask_embedding"}
         return {
             "step": self.step,
-            "model": {k: v for k, v in self.model.state_dict().items() if self.cfg.mode == "full" or "_lora." in k
-                      or k == "mask_embedding"},
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optim_state,
             "scheduler": self.scheduler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
         }
 
     def _resume(self) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
         checkpoints = sorted((self.out / "checkpoints").glob("step-*")) if (self.out / "checkpoints").is_dir() else []
         complete = [c for c in checkpoints if (c / DONE_MARKER).is_file()]
         if not complete:
             return
-        state = torch.load(complete[-1] / STATE_FILE, map_location=self.device, weights_only=False)
-        missing, _ = self.model.load_state_dict(state["model"], strict=False)
-        if self.cfg.mode == "full" and missing:
-            raise ValueError(f"checkpoint {complete[-1]} does not match this model (missing {missing[0]})")
-        self.optimizer.load_state_dict(state["optimizer"])
+        state = torch.load(complete[-1] / STATE_FILE, map_location="cpu", weights_only=False)
+        options = StateDictOptions(full_state_dict=True, strict=self.cfg.mode == "full")
+        try:
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"], options=options)
+        except (RuntimeError, KeyError) as e:
+            raise ValueError(f"checkpoint {complete[-1]} does not match this model and config ({e})") from e
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"].cpu())
+        torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         self.step = state["step"]
         if self.is_main:
