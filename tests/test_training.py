@@ -216,11 +216,12 @@ def test_gated_lora_training_keeps_the_base_model(tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert any(p.abs().sum() > 0 for n, p in trainer.model.named_parameters() if n.endswith("lora_B.0"))
     assert (final / "adapter_model.safetensors").is_file() and (final / "mask_embedding.safetensors").is_file()
-    base = load_model(tmp_path / "base", torch.float32, "cpu", progress=False)
-    ids = torch.tensor([[5, 6, 7, 8]])
+    device = trainer.device
+    base = load_model(tmp_path / "base", torch.float32, device, progress=False)
+    ids, pos = torch.tensor([[5, 6, 7, 8]], device=device), torch.arange(4, device=device)[None]
     with torch.no_grad():
-        clean = trainer.model(ids, torch.arange(4)[None], DenseAttention(), lora_gate=torch.zeros(1, 4))
-        assert torch.equal(clean, base(ids, torch.arange(4)[None], DenseAttention()))
+        clean = trainer.model(ids, pos, DenseAttention(), lora_gate=torch.zeros(1, 4, device=device))
+        assert torch.equal(clean, base(ids, pos, DenseAttention()))
     llm = LLM(str(tmp_path / "base"), adapter=str(final), progress=False, kv_cache_tokens=1024)
     greedy = dict(temperature=0, max_tokens=12, ignore_eos=True)
     assert (llm.generate([[5, 6, 7]], SamplingParams(mode="risd", **greedy))[0].token_ids

@@ -238,10 +238,12 @@ class Trainer:
                                  stage.clean_weight, denominator)
                 (losses.loss * self.world).backward()
             n = targets.num_response
-            totals += torch.tensor([float(losses.loss), losses.ce_noisy * n, losses.ce_clean * n,
+            totals += torch.tensor([float(losses.loss.detach()), losses.ce_noisy * n, losses.ce_clean * n,
                                     2 * int((batch.sample_ids >= 0).sum())], dtype=torch.float64)
         if self.world > 1:
-            dist.all_reduce(totals)
+            summed = totals.to(self.device)  # NCCL reduces device tensors only
+            dist.all_reduce(summed)
+            totals = summed.cpu()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()

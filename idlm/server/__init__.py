@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: protocol models, the engine loop, metrics, routes, `idlm serve`."""

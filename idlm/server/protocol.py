@@ -1,0 +1,255 @@
+"""OpenAI request and response bodies, with idlm's extra fields, and the OpenAI error body."""
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from idlm.engine.sampling_params import SamplingParams
+
+ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
+               429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+
+
+class APIError(Exception):
+    """An error answered with the OpenAI error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": ERROR_TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
+
+def omitted_if_none(value: Any) -> bool:
+    return value is None
+
+
+class StrictModel(BaseModel):
+    # strict: "0.5" is not a temperature; forbid: a misspelt field is an error, as in the OpenAI API
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class StreamOptions(StrictModel):
+    include_usage: bool = False
+
+
+class SamplingRequest(StrictModel):
+    """Fields both routes share; the last group is idlm's own."""
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    mode: str | None = Field(default=None, description="ar, isd or risd (default: the server's)")
+    stride: int | None = Field(default=None, description="N: a round proposes N-1 drafts (2-16)")
+    proposal: str | None = Field(default=None, description="sample, argmax or argmax_exact")
+    idlm_provenance: bool = Field(default=False, description="stream chunks carry how each token was produced")
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, message) for the first OpenAI option set to something idlm does not do."""
+        if self.n not in (None, 1):
+            return "n", "n must be 1: idlm answers one choice per request; send n requests with different seeds"
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                return name, f"{name} is not supported; leave it out or set it to 0"
+        if self.logit_bias:
+            return "logit_bias", "logit_bias is not supported; leave it out"
+        return None
+
+    def sampling_params(self, max_tokens: int | None) -> SamplingParams:
+        """Raises ValueError with SamplingParams' message for out-of-range values."""
+        fields = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
+                      stop=self.stop, stop_token_ids=self.stop_token_ids, mode=self.mode, stride=self.stride,
+                      proposal=self.proposal)
+        fields = {k: v for k, v in fields.items() if v is not None}
+        # a placeholder when None: the engine loop sets it to the room left in the context
+        return SamplingParams(**fields, max_tokens=1 if max_tokens is None else max_tokens,
+                              ignore_eos=self.ignore_eos)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool | None = None
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.echo:
+            return "echo", "echo is not supported; leave it out"
+        if self.logprobs is not None:
+            return "logprobs", "logprobs is not supported; use idlm_provenance for how each token was produced"
+        if self.best_of not in (None, 1):
+            return "best_of", "best_of must be 1"
+        if self.suffix:
+            return "suffix", "suffix is not supported; leave it out"
+        return super().unsupported()
+
+    def single_prompt(self) -> str | list[int]:
+        prompt = self.prompt
+        if prompt and isinstance(prompt, list) and not isinstance(prompt[0], int):
+            if len(prompt) != 1:
+                raise APIError(400, f"prompt holds {len(prompt)} prompts; idlm takes one prompt per request",
+                               param="prompt")
+            prompt = prompt[0]
+        return prompt
+
+
+class TextPart(StrictModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(StrictModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def as_dict(self) -> dict[str, str]:
+        content = self.content or ""
+        if isinstance(content, list):
+            content = "\n".join(part.text for part in content)
+        return {"role": self.role, "content": content}
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.logprobs or self.top_logprobs:
+            return "logprobs", "logprobs is not supported; use idlm_provenance for how each token was produced"
+        return super().unsupported()
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    forwards: int = Field(description="forwards this request took part in")
+    tokens_per_forward: float
+    accepted_drafts: int
+    draft_acceptance: list[float] = Field(description="P(draft j accepted | reached), j = 1..K")
+
+
+class Provenance(BaseModel):
+    """How the tokens of a chunk were produced: 0 target or bonus, 1 accepted draft, 2 correction."""
+
+    sources: list[int]
+    tokens: list[str] | None = Field(description="each token decoded alone (None without a tokenizer)")
+    token_ids: list[int]
+    forwards: int
+    tokens_per_forward: float
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    idlm: Provenance | None = Field(default=None, exclude_if=omitted_if_none)
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    idlm: Provenance | None = Field(default=None, exclude_if=omitted_if_none)
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = Field(default=None, exclude_if=omitted_if_none)
+    content: str | None = Field(default=None, exclude_if=omitted_if_none)
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    idlm: Provenance | None = Field(default=None, exclude_if=omitted_if_none)
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "idlm"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo

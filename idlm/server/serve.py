@@ -1,0 +1,71 @@
+"""`idlm serve`: the app under uvicorn. SIGINT/SIGTERM stop new requests, give the running ones
+`shutdown_timeout` seconds to finish, cancel the rest, then stop the engine loop."""
+
+import signal
+import socket
+from pathlib import Path
+
+import uvicorn
+
+from idlm.engine.llm_engine import LLMEngine
+from idlm.models.gguf import default_gguf_path
+from idlm.server.app import create_app
+from idlm.server.async_engine import AsyncEngine
+
+
+def served_model_name(model: str | None) -> str:
+    path = Path(model) if model else default_gguf_path()
+    return path.stem if path.suffix == ".gguf" else path.resolve().name
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before uvicorn starts so a taken port is a clear error (and port 0 works)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port or --host") from e
+    return sock
+
+
+class Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, ready_message: str):
+        super().__init__(config)
+        self.ready_message = ready_message
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            print(self.ready_message, flush=True)
+
+
+def stop_on_sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def serve(engine: LLMEngine, model_name: str, host: str = "127.0.0.1", port: int = 8000, max_queue: int = 256,
+          shutdown_timeout: float = 10.0) -> None:
+    """Serves until SIGINT or SIGTERM."""
+    async_engine = AsyncEngine(engine, max_queue)
+    app = create_app(async_engine, model_name)
+    sock = listen(host, port)
+    bound_host, bound_port = sock.getsockname()[:2]
+    url = f"http://{f'[{bound_host}]' if ':' in bound_host else bound_host}:{bound_port}"
+    print(f"idlm: serving {model_name} at {url} (OpenAI API at {url}/v1, playground at {url}/, "
+          f"metrics at {url}/metrics)", flush=True)
+    config = uvicorn.Config(app, timeout_graceful_shutdown=shutdown_timeout, lifespan="on")
+    server = Server(config, ready_message=f"idlm: ready, {async_engine.capacity} requests at most in flight "
+                                          f"(max_num_seqs {engine.config.max_num_seqs} + max_queue {max_queue})")
+    # uvicorn re-raises the signal that stopped it once it is done; both then end here
+    previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sock.close()
+    print("idlm: server stopped", flush=True)
