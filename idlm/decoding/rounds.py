@@ -38,6 +38,7 @@ class RoundBatch:
     positions: torch.Tensor  # [B] long, P = position of the pending token
     verify_alpha: torch.Tensor  # [B] float; 1 is exact, other values are a lossy relaxation
     spec_verify: torch.Tensor  # [B] bool; False accepts a draft only if it is the argmax of p (lossy)
+    all_greedy: bool = False  # every distribution is one-hot, so draws are argmaxes
 
 
 @dataclass
@@ -69,7 +70,7 @@ def run_round(rb: RoundBatch) -> RoundResult:
     else:
         residual = p_final
     final_pos = rb.positions + accepted + 1
-    final_token = draw(residual, uniform(rb.seeds, final_pos, Stream.TARGET))
+    final_token = draw(residual, uniform(rb.seeds, final_pos, Stream.TARGET), rb.all_greedy)
     final_p = p_final.gather(1, final_token[:, None]).squeeze(1)
 
     kmax = rb.new_draft_probs.shape[1]
@@ -77,7 +78,7 @@ def run_round(rb: RoundBatch) -> RoundResult:
     draft_pos = (final_pos[:, None] + 1 + k[None]).reshape(-1)
     flat = rb.new_draft_probs.reshape(batch * kmax, rb.target_probs.shape[-1])
     seeds = rb.seeds[:, None].expand(batch, kmax).reshape(-1)
-    sampled = draw(flat, uniform(seeds, draft_pos, Stream.DRAFT)).view(batch, kmax)
+    sampled = draw(flat, uniform(seeds, draft_pos, Stream.DRAFT), rb.all_greedy).view(batch, kmax)
     greedy = rb.new_draft_probs.argmax(-1)
     new_drafts = torch.where((rb.proposal == SAMPLE)[:, None], sampled, greedy)
     new_q = rb.new_draft_probs.gather(2, new_drafts[..., None]).squeeze(2)

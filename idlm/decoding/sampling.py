@@ -17,6 +17,7 @@ class SamplingTensors:
     top_p: torch.Tensor  # [rows] float32
     seeds: torch.Tensor  # [rows] int64
     needs_filter: bool
+    all_greedy: bool
 
     @classmethod
     def build(cls, rows: list[tuple[float, int, float, int]], device: torch.device) -> "SamplingTensors":
@@ -28,6 +29,7 @@ class SamplingTensors:
             top_p=torch.tensor(ps, dtype=torch.float32, device=device),
             seeds=torch.tensor(seeds, dtype=torch.long, device=device),
             needs_filter=any(k > 0 or p < 1 for _, k, p, _ in rows),
+            all_greedy=all(t == 0 for t, _, _, _ in rows),
         )
 
 
@@ -37,13 +39,14 @@ def token_probs(logits: torch.Tensor, st: SamplingTensors, banned_token: int | N
     logits = logits.float()
     if banned_token is not None:
         logits[:, banned_token] = float("-inf")
+    one_hot = torch.zeros_like(logits).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    if st.all_greedy:
+        return one_hot
     greedy = st.temperature == 0
     scaled = logits / torch.where(greedy, 1.0, st.temperature)[:, None]
     if st.needs_filter:
         scaled = _top_k_top_p(scaled, st.top_k, st.top_p)
-    probs = scaled.softmax(dim=-1)
-    one_hot = torch.zeros_like(probs).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
-    return torch.where(greedy[:, None], one_hot, probs)
+    return torch.where(greedy[:, None], one_hot, scaled.softmax(dim=-1))
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -57,8 +60,11 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
-def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw of one token per row from (unnormalised) probs, given uniforms u [rows]."""
+def draw(probs: torch.Tensor, u: torch.Tensor, one_hot: bool = False) -> torch.Tensor:
+    """Inverse-CDF draw of one token per row from (unnormalised) probs, given uniforms u [rows].
+    one_hot: every row is known to be one-hot (all greedy), so the draw is its argmax."""
+    if one_hot:
+        return probs.argmax(dim=-1)
     cdf = probs.double().cumsum(dim=-1)
     threshold = u[:, None] * cdf[:, -1:]
     return (cdf < threshold).sum(dim=-1).clamp(max=probs.shape[-1] - 1)
@@ -67,4 +73,4 @@ def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def sample(logits: torch.Tensor, st: SamplingTensors, positions: torch.Tensor, stream: int,
            banned_token: int | None = None) -> torch.Tensor:
     """One token per row; positions [rows] is where each sampled token will sit in its sequence."""
-    return draw(token_probs(logits, st, banned_token), uniform(st.seeds, positions, stream))
+    return draw(token_probs(logits, st, banned_token), uniform(st.seeds, positions, stream), st.all_greedy)

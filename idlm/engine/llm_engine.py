@@ -51,6 +51,8 @@ class LLMEngine:
         dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if self.device.type == "cuda" else "float32")
         self.model = load_model(self.folder, parse_dtype(dtype), self.device, progress=config.progress)
         self.model_config = self.model.cfg
+        if self.device.type == "cpu":
+            self.model.store_head_column_major()
         self.tokenizer = load_tokenizer(self.folder)
         self.adapter = load_adapter(self.model, config.adapter) if config.adapter else None
         self.mask_ids = {"isd": self._find_mask_token(), "risd": None}

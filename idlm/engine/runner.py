@@ -135,6 +135,7 @@ class ModelRunner:
             positions=torch.tensor([len(s) - 1 for s in seqs], device=dev),
             verify_alpha=torch.tensor([float(s.params.verify_alpha) for s in seqs], device=dev),
             spec_verify=torch.tensor([s.params.spec_verify for s in seqs], device=dev),
+            all_greedy=st.all_greedy,
         )
         result = run_round(rb)
         packed = torch.cat([result.accepted[:, None].double(), result.final_token[:, None].double(),

@@ -37,6 +37,7 @@ class PagedBatch:
     block_tables: torch.Tensor  # [batch, max_blocks], -1 padded
     max_context_len: int  # host copies of the maxima, so building the batch never syncs the device
     max_query_len: int
+    all_written: bool = True  # no token has slot -1 (padding rows of a CUDA graph write nothing)
 
 
 class PagedAttention:
@@ -56,28 +57,41 @@ class PagedAttention:
         tables = batch.block_tables.clamp(min=0).long()
         block_index = (key_pos // block_size).clamp(max=tables.shape[1] - 1).expand(len(query_lens), -1)
         block_of_key = tables.gather(1, block_index)
-        self.key_slots = block_of_key * block_size + key_pos % block_size  # [batch, max_ctx]
+        self.key_slots_flat = (block_of_key * block_size + key_pos % block_size).flatten()  # [batch * max_ctx]
         row = torch.arange(max_q, device=device)
-        self.query_valid = row[None] < query_lens[:, None]  # [batch, max_q]
+        query_valid = row[None] < query_lens[:, None]  # [batch, max_q]
         query_pos = batch.context_lens[:, None] - query_lens[:, None] + row[None]
-        query_pos = torch.where(self.query_valid, query_pos, torch.zeros_like(query_pos))
+        query_pos = torch.where(query_valid, query_pos, torch.zeros_like(query_pos))
         self.mask = (key_pos[None, None] <= query_pos[..., None])[:, None]  # [batch, 1, max_q, max_ctx]
+        self.batch_size, self.max_q = len(query_lens), max_q
+        # index tensors built once per forward, so layers do no boolean indexing (no nonzero())
+        uniform = all(b - a == max_q for a, b in zip(starts, starts[1:]))
+        self.query_rows = None if uniform else query_valid.flatten().nonzero().squeeze(1)
+        written = batch.slot_mapping >= 0
+        self.write_rows = None if batch.all_written else written.nonzero().squeeze(1)
+        self.write_slots = batch.slot_mapping if batch.all_written else batch.slot_mapping[self.write_rows]
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.kv_cache[0, layer], self.kv_cache[1, layer]
         heads, head_dim = k_cache.shape[-2:]
-        slots = self.batch.slot_mapping
-        written = slots >= 0
-        k_cache.view(-1, heads, head_dim)[slots[written]] = k[written]
-        v_cache.view(-1, heads, head_dim)[slots[written]] = v[written]
-        keys = k_cache.view(-1, heads, head_dim)[self.key_slots].transpose(1, 2)
-        values = v_cache.view(-1, heads, head_dim)[self.key_slots].transpose(1, 2)
-        padded_q = q.new_zeros(*self.query_valid.shape, *q.shape[1:])
-        padded_q[self.query_valid] = q
+        flat_k, flat_v = k_cache.view(-1, heads, head_dim), v_cache.view(-1, heads, head_dim)
+        if self.write_rows is not None:
+            k, v = k.index_select(0, self.write_rows), v.index_select(0, self.write_rows)
+        flat_k.index_copy_(0, self.write_slots, k)
+        flat_v.index_copy_(0, self.write_slots, v)
+        gathered = (self.batch_size, -1, heads, head_dim)
+        keys = flat_k.index_select(0, self.key_slots_flat).view(gathered).transpose(1, 2)
+        values = flat_v.index_select(0, self.key_slots_flat).view(gathered).transpose(1, 2)
+        if self.query_rows is None:
+            padded_q = q.view(self.batch_size, self.max_q, *q.shape[1:])
+        else:
+            padded_q = q.new_zeros(self.batch_size * self.max_q, *q.shape[1:]).index_copy_(0, self.query_rows, q)
+            padded_q = padded_q.view(self.batch_size, self.max_q, *q.shape[1:])
         out = F.scaled_dot_product_attention(
             padded_q.transpose(1, 2), keys, values, attn_mask=self.mask, enable_gqa=q.shape[1] != heads
-        )
-        return out.transpose(1, 2)[self.query_valid]
+        ).transpose(1, 2)
+        out = out.reshape(self.batch_size * self.max_q, *out.shape[2:])
+        return out if self.query_rows is None else out.index_select(0, self.query_rows)
 
 
 class FlexAttention:

@@ -32,10 +32,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 class Rotary(nn.Module):
@@ -97,7 +95,14 @@ class MLP(nn.Module):
         self.down_lora: GatedLoRA | None = None
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-        act, up = project(self.gate_up_proj, self.gate_up_lora, x, gate).chunk(2, dim=-1)
+        # two GEMMs on halves of the fused weight: faster than one wide GEMM on small CPU batches
+        w, b = self.gate_up_proj.weight, self.gate_up_proj.bias
+        half = w.shape[0] // 2
+        act = F.linear(x, w[:half], None if b is None else b[:half])
+        up = F.linear(x, w[half:], None if b is None else b[half:])
+        if self.gate_up_lora is not None and gate is not None:
+            delta_act, delta_up = self.gate_up_lora(x, gate).chunk(2, dim=-1)
+            act, up = act + delta_act, up + delta_up
         return project(self.down_proj, self.down_lora, F.silu(act) * up, gate)
 
 
@@ -164,6 +169,13 @@ class CausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+    def store_head_column_major(self) -> None:
+        """CPU inference: keep the [vocab, hidden] head weight as the transpose of a contiguous
+        [hidden, vocab] tensor. Same values and names; on small batches the CPU GEMM then streams
+        the largest matrix of a decode step about 10% faster."""
+        with torch.no_grad():
+            self.lm_head.weight.data = self.lm_head.weight.data.t().contiguous().t()
 
     def shard_sizes(self, fused: str) -> list[int]:
         cfg = self.cfg
