@@ -1,4 +1,24 @@
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; ValueError with a clear message otherwise."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {path} ({e.strerror or e})") from e
+    except yaml.YAMLError as e:
+        raise ValueError(f"{what} {path} is not valid YAML ({e})") from e
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{what} {path} must be a mapping of keys to values")
+    return raw
 
 
 @dataclass(slots=True)

@@ -16,8 +16,7 @@ reference proposes argmax drafts; we keep our exact `proposal: sample` unless th
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from idlm.config import read_yaml_mapping
 from idlm.engine.sampling_params import SamplingParams
 
 RENAMES = {
@@ -31,14 +30,7 @@ KNOWN = set(RENAMES) | set(OURS) | {"block_size", "conditional_lora"}
 def load_decoding_config(path: str | Path) -> dict[str, Any]:
     """SamplingParams fields from a decoding YAML; raises ValueError naming any unknown key."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise ValueError(f"cannot read decoding config {path} ({e.strerror or e})") from e
-    except yaml.YAMLError as e:
-        raise ValueError(f"decoding config {path} is not valid YAML ({e})") from e
-    if not isinstance(raw, dict):
-        raise ValueError(f"decoding config {path} must be a mapping of keys to values")
+    raw = read_yaml_mapping(path, "decoding config")
     unknown = sorted(set(raw) - KNOWN)
     if unknown:
         raise ValueError(f"decoding config {path}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(KNOWN))}")

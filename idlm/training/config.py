@@ -7,6 +7,8 @@ from typing import Any
 
 import yaml
 
+from idlm.config import read_yaml_mapping
+
 
 @dataclass
 class Stage:
@@ -133,14 +135,7 @@ def build_config(raw: dict[str, Any], source: str) -> TrainConfig:
 def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
     """YAML file plus `--key value` overrides (values parsed as YAML: `--lr 3e-4`, `--packing false`)."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except OSError as e:
-        raise ValueError(f"cannot read training config {path} ({e.strerror or e})") from e
-    except yaml.YAMLError as e:
-        raise ValueError(f"training config {path} is not valid YAML ({e})") from e
-    if not isinstance(raw, dict):
-        raise ValueError(f"training config {path} must be a mapping of keys to values")
+    raw = read_yaml_mapping(path, "training config")
     overrides = list(overrides or [])
     while overrides:
         flag = overrides.pop(0)
