@@ -497,6 +497,10 @@ def test_playground_in_headless_chromium(server, client, tmp_path):
         pytest.skip(f"{CHROMIUM} is missing: `bash scripts/setup.sh --test` installs Debian chromium when run as "
                     f"root; without apt access the playground cannot be checked in a browser")
     message = "hello what is the moon"
+    deadline = time.monotonic() + 30  # earlier tests' streams must be gone, or the page could meet a 429
+    while server.metric("idlm_running_requests") + server.metric("idlm_queue_depth") > 0:
+        assert time.monotonic() < deadline, "the server did not go idle"
+        time.sleep(0.05)
     expected = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": message}],
                                               max_tokens=24, temperature=0)
     with Chromium(tmp_path / "profile") as browser:
@@ -518,8 +522,8 @@ def test_playground_in_headless_chromium(server, client, tmp_path):
         shot = base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"])
     (tmp_path / "playground.png").write_bytes(shot)
     assert shot.startswith(b"\x89PNG") and len(shot) > 10_000
-    assert page["errors"] == 0
-    assert page["text"] == expected.choices[0].message.content  # the coloured tokens spell the answer
+    assert page["errors"] == 0, page
+    assert page["text"] == expected.choices[0].message.content, page  # the coloured tokens spell the answer
     assert page["sources"] and set(page["sources"]) <= {"tok src-0", "tok src-1", "tok src-2"}
     assert len(page["colours"]) == len(set(page["sources"])) and "rgba(0, 0, 0, 0)" not in page["colours"]
     tokens = expected.usage.completion_tokens
