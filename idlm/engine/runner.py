@@ -5,7 +5,7 @@ import torch
 from idlm.decoding.rounds import PROPOSALS, RoundBatch, run_round
 from idlm.decoding.sampling import SamplingTensors, token_probs
 from idlm.engine.sequence import Sequence
-from idlm.kernels.attention import PagedAttention, PagedBatch
+from idlm.kernels.attention import PagedAttention, PagedBatch, TritonPagedAttention
 from idlm.models.transformer import CausalLM
 
 
@@ -35,6 +35,7 @@ class ModelRunner:
         self.block_size = block_size
         self.mask_ids = mask_ids
         self.banned_token = banned_token
+        self.use_triton = TritonPagedAttention.supports(self.device, cfg.head_dim)
         param = next(model.parameters())
         self.kv_cache = torch.zeros(2, cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
                                     dtype=param.dtype, device=self.device)
@@ -84,7 +85,8 @@ class ModelRunner:
         fed = [self.feed(seq, n) for seq, n in zip(seqs, num_new)]
         feeds = [tokens for tokens, _ in fed]
         input_ids, positions, batch, lora_gate = self.prepare(seqs, feeds)
-        hidden = self.model(input_ids, positions, PagedAttention(self.kv_cache, batch), lora_gate)
+        backend = TritonPagedAttention if self.use_triton else PagedAttention
+        hidden = self.model(input_ids, positions, backend(self.kv_cache, batch), lora_gate)
         finals = [i for i, (_, final) in enumerate(fed) if final]
         if not finals:
             return {}

@@ -40,14 +40,36 @@ class PagedBatch:
     all_written: bool = True  # no token has slot -1 (padding rows of a CUDA graph write nothing)
 
 
-class PagedAttention:
-    """Writes the new tokens' KV into the paged cache, then lets each query attend to every cached
-    position of its own sequence at or before its own position (causal over the whole context)."""
+class PagedKVWriter:
+    """Writes the new tokens' K/V into the paged cache at their slots (rows with slot -1 write
+    nothing); the attention backends below read the cache after it."""
 
     def __init__(self, kv_cache: torch.Tensor, batch: PagedBatch):
         # kv_cache: [2, layers, blocks, block_size, kv_heads, head_dim]
         self.kv_cache = kv_cache
         self.batch = batch
+        # index tensors built once per forward, so layers do no boolean indexing (no nonzero())
+        written = batch.slot_mapping >= 0
+        self.write_rows = None if batch.all_written else written.nonzero().squeeze(1)
+        self.write_slots = batch.slot_mapping if batch.all_written else batch.slot_mapping[self.write_rows]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k_cache, v_cache = self.kv_cache[0, layer], self.kv_cache[1, layer]
+        heads, head_dim = k_cache.shape[-2:]
+        flat_k, flat_v = k_cache.view(-1, heads, head_dim), v_cache.view(-1, heads, head_dim)
+        if self.write_rows is not None:
+            k, v = k.index_select(0, self.write_rows), v.index_select(0, self.write_rows)
+        flat_k.index_copy_(0, self.write_slots, k)
+        flat_v.index_copy_(0, self.write_slots, v)
+        return k_cache, v_cache
+
+
+class PagedAttention(PagedKVWriter):
+    """Each query attends to every cached position of its own sequence at or before its own
+    position (causal over the whole context), by gathering the context and running SDPA."""
+
+    def __init__(self, kv_cache: torch.Tensor, batch: PagedBatch):
+        super().__init__(kv_cache, batch)
         block_size = kv_cache.shape[3]
         device = kv_cache.device
         starts = batch.query_start
@@ -64,24 +86,15 @@ class PagedAttention:
         query_pos = torch.where(query_valid, query_pos, torch.zeros_like(query_pos))
         self.mask = (key_pos[None, None] <= query_pos[..., None])[:, None]  # [batch, 1, max_q, max_ctx]
         self.batch_size, self.max_q = len(query_lens), max_q
-        # index tensors built once per forward, so layers do no boolean indexing (no nonzero())
         uniform = all(b - a == max_q for a, b in zip(starts, starts[1:]))
         self.query_rows = None if uniform else query_valid.flatten().nonzero().squeeze(1)
-        written = batch.slot_mapping >= 0
-        self.write_rows = None if batch.all_written else written.nonzero().squeeze(1)
-        self.write_slots = batch.slot_mapping if batch.all_written else batch.slot_mapping[self.write_rows]
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        k_cache, v_cache = self.kv_cache[0, layer], self.kv_cache[1, layer]
+        k_cache, v_cache = self.write(layer, k, v)
         heads, head_dim = k_cache.shape[-2:]
-        flat_k, flat_v = k_cache.view(-1, heads, head_dim), v_cache.view(-1, heads, head_dim)
-        if self.write_rows is not None:
-            k, v = k.index_select(0, self.write_rows), v.index_select(0, self.write_rows)
-        flat_k.index_copy_(0, self.write_slots, k)
-        flat_v.index_copy_(0, self.write_slots, v)
         gathered = (self.batch_size, -1, heads, head_dim)
-        keys = flat_k.index_select(0, self.key_slots_flat).view(gathered).transpose(1, 2)
-        values = flat_v.index_select(0, self.key_slots_flat).view(gathered).transpose(1, 2)
+        keys = k_cache.view(-1, heads, head_dim).index_select(0, self.key_slots_flat).view(gathered).transpose(1, 2)
+        values = v_cache.view(-1, heads, head_dim).index_select(0, self.key_slots_flat).view(gathered).transpose(1, 2)
         if self.query_rows is None:
             padded_q = q.view(self.batch_size, self.max_q, *q.shape[1:])
         else:
@@ -92,6 +105,29 @@ class PagedAttention:
         ).transpose(1, 2)
         out = out.reshape(self.batch_size * self.max_q, *out.shape[2:])
         return out if self.query_rows is None else out.index_select(0, self.query_rows)
+
+
+class TritonPagedAttention(PagedKVWriter):
+    """The same attention with the Triton kernel of `triton_attention.py` (CUDA only)."""
+
+    @staticmethod
+    def supports(device: torch.device, head_dim: int) -> bool:
+        """The kernel's tiles need a power-of-two head dim of at least 16 (tl.dot's minimum)."""
+        return device.type == "cuda" and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+    def __init__(self, kv_cache: torch.Tensor, batch: PagedBatch):
+        super().__init__(kv_cache, batch)
+        from idlm.kernels.triton_attention import paged_attention
+
+        self.kernel = paged_attention
+        self.query_start = torch.tensor(batch.query_start, dtype=torch.int32, device=kv_cache.device)
+        self.context_lens = batch.context_lens.to(torch.int32)
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_cache, v_cache = self.write(layer, k, v)
+        b = self.batch
+        return self.kernel(q, k_cache, v_cache, b.block_tables, self.query_start, self.context_lens,
+                           b.max_query_len, b.max_context_len)
 
 
 class FlexAttention:

@@ -120,7 +120,7 @@ def choose_splits(batch: int, kv_heads: int, max_context: int, block_n: int, dev
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     query_start: torch.Tensor, context_lens: torch.Tensor, max_query_len: int, max_context_len: int,
                     scale: float | None = None, num_splits: int | None = None, block_n: int | None = None,
-                    num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                    num_warps: int = 8, num_stages: int = 3) -> torch.Tensor:
     """q [tokens, heads, dim]; caches [blocks, page, kv_heads, dim]; block_tables [batch, max_blocks]
     (int32); query_start [batch + 1] and context_lens [batch] (int32, on the device)."""
     tokens, heads, dim = q.shape
@@ -128,7 +128,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     group = heads // kv_heads
     batch = context_lens.shape[0]
     block_m = max(16, triton.next_power_of_2(max_query_len * group))
-    block_n = block_n or (64 if dim <= 64 else 32)
+    block_n = block_n or 64
     splits = num_splits or choose_splits(batch, kv_heads, max_context_len, block_n, q.device)
     out = torch.empty_like(q)
     if splits > 1:
