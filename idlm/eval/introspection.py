@@ -6,7 +6,8 @@ run one clean causal forward over prompt + output to get p_k(x_k) and report the
 min(1, p_k / q_k): over all tokens, and over draft-proposed tokens only. AR gives 1.0.
 """
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -14,6 +15,7 @@ from idlm.decoding.sampling import SamplingTensors, token_probs
 from idlm.engine.llm import LLM
 from idlm.engine.sampling_params import SamplingParams
 from idlm.engine.sequence import TokenSource
+from idlm.eval.client import per_request
 from idlm.kernels.attention import DenseAttention
 
 
@@ -24,13 +26,19 @@ class IntrospectionReport:
     tokens: int
     draft_tokens: int
     tokens_per_forward: float
+    forwards: int = 0
+    prompts: int = 0
 
 
 @torch.inference_mode()
-def introspective_acceptance(llm: LLM, prompts: list, params: SamplingParams) -> IntrospectionReport:
+def introspective_acceptance(llm: LLM, prompts: list, params: SamplingParams | list[SamplingParams],
+                             use_tqdm: bool = False) -> IntrospectionReport:
+    """prompts: text, token ids, or chat conversations (lists of messages, through the chat template).
+    A list of params (e.g. one seed per prompt) must share the sampling settings, which p uses too."""
     engine = llm.engine
-    outs = llm.generate(prompts, params)
-    resolved = engine.resolve(params)
+    ids = [engine.chat_prompt(p) if isinstance(p, list) and p and isinstance(p[0], dict) else p for p in prompts]
+    outs = llm.generate(ids, params, use_tqdm=use_tqdm)
+    resolved = engine.resolve(params if isinstance(params, SamplingParams) else params[0])
     ratios, draft_ratios, forwards = [], [], 0
     for out in outs:
         forwards += out.stats["forwards"]
@@ -57,4 +65,14 @@ def introspective_acceptance(llm: LLM, prompts: list, params: SamplingParams) ->
         alpha_draft=float(drafts.mean()) if len(drafts) else float("nan"),
         tokens=len(every), draft_tokens=len(drafts),
         tokens_per_forward=len(every) / forwards if forwards else 0.0,
+        forwards=forwards, prompts=len(outs),
     )
+
+
+def evaluate(llm: LLM, prompts: list, params: SamplingParams) -> dict[str, Any]:
+    """`idlm eval alpha`: one seed per prompt when params has a seed."""
+    resolved = llm.engine.resolve(params)
+    report = introspective_acceptance(llm, prompts, per_request(params, len(prompts)), use_tqdm=True)
+    summary = {"model": str(llm.engine.folder), "mode": resolved.mode, "stride": resolved.stride,
+               "temperature": resolved.temperature, **asdict(report)}
+    return {"task": "alpha", "summary": summary, "sampling": asdict(resolved)}
