@@ -1,7 +1,14 @@
 """Tiny random models and a word-level tokenizer, built inside the tests (nothing downloaded)."""
 
+import contextlib
 import json
+import os
 import random
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -134,3 +141,30 @@ def counting_data(path: Path, n: int, seed: int = 0, prompt_len: int = 3, comple
             f.write(json.dumps({"prompt": " ".join(words[:prompt_len]),
                                 "completion": " " + " ".join(words[prompt_len:])}) + "\n")
     return path
+
+
+@contextlib.contextmanager
+def serve_process(model_dir: Path, log: Path, *extra: str):
+    """A real `idlm serve` on a free loopback port; yields (process, base URL), stops it after."""
+    exe = Path(sys.executable).with_name("idlm")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "idlm"]
+    cmd += ["serve", str(model_dir), "--port", "0", "--device", "cpu", "--kv-cache-tokens", "4096",
+            "--shutdown-timeout", "1", *extra]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.monotonic() + 90
+        while "idlm: ready" not in log.read_text():
+            assert proc.poll() is None, f"idlm serve exited with {proc.returncode}:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"idlm serve not ready after 90 s:\n{log.read_text()}"
+            time.sleep(0.1)
+        yield proc, re.search(r"at (http://127\.0\.0\.1:\d+) ", log.read_text()).group(1)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -5,16 +5,13 @@ alpha through the CLI, on tiny models built here."""
 import json
 import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_small_idlm
+from helpers import make_small_idlm, serve_process
 
 from idlm import LLM, SamplingParams
 from idlm.cli import build_parser, eval_sampling_params, main
@@ -351,27 +348,8 @@ def test_alpha_through_the_cli(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def server_url(llama_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    exe = Path(sys.executable).with_name("idlm")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "idlm"]
-    cmd += ["serve", str(llama_dir), "--port", "0", "--device", "cpu", "--kv-cache-tokens", "4096",
-            "--shutdown-timeout", "1"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
-    try:
-        deadline = time.monotonic() + 90
-        while "idlm: ready" not in log.read_text():
-            assert proc.poll() is None, f"idlm serve exited with {proc.returncode}:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"idlm serve not ready after 90 s:\n{log.read_text()}"
-            time.sleep(0.1)
-        yield re.search(r"at (http://127\.0\.0\.1:\d+) ", log.read_text()).group(1)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with serve_process(llama_dir, log) as (_, url):
+        yield url
 
 
 @pytest.mark.parametrize("chat", [False, True])

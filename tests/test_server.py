@@ -5,13 +5,11 @@ headless Chromium, and shutdown. One server process is shared by the module; the
 import asyncio
 import base64
 import json
-import os
 import random
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -22,7 +20,7 @@ import httpx
 import openai
 import pytest
 import torch
-from helpers import WORDS, make_model
+from helpers import WORDS, make_model, serve_process
 from prometheus_client.parser import text_string_to_metric_families
 
 from idlm import LLM, SamplingParams
@@ -75,30 +73,9 @@ def model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    exe = Path(sys.executable).with_name("idlm")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "idlm"]
-    cmd += ["serve", str(model_dir), "--port", "0", "--device", "cpu", "--kv-cache-tokens", "4096",
-            "--max-num-seqs", str(MAX_NUM_SEQS), "--max-queue", str(MAX_QUEUE), "--served-model-name", MODEL,
-            "--shutdown-timeout", "1"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 90
-        while "idlm: ready" not in log.read_text():
-            assert proc.poll() is None, f"idlm serve exited with {proc.returncode}:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"idlm serve not ready after 90 s:\n{log.read_text()}"
-            time.sleep(0.1)
-        url = re.search(r"at (http://127\.0\.0\.1:\d+) ", log.read_text()).group(1)
+    with serve_process(model_dir, log, "--max-num-seqs", str(MAX_NUM_SEQS), "--max-queue", str(MAX_QUEUE),
+                       "--served-model-name", MODEL) as (proc, url):
         yield Server(url, proc, log)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -506,11 +483,11 @@ def test_playground_in_headless_chromium(server, client, tmp_path):
     with Chromium(tmp_path / "profile") as browser:
         browser.call("Page.enable")
         browser.call("Page.navigate", url=server.url + "/")
-        browser.wait_for(f"document.body.dataset.model === {json.dumps(MODEL)}")
+        browser.wait_for(f"document.body?.dataset.model === {json.dumps(MODEL)}")  # body is null until parsed
         browser.eval(f"""document.getElementById('max-tokens').value = '24';
                          document.getElementById('input').value = {json.dumps(message)};
                          document.getElementById('send').click();""")
-        browser.wait_for("document.body.dataset.state === 'done'")
+        browser.wait_for("document.body?.dataset.state === 'done'")
         page = browser.eval("""(() => {
             const spans = [...document.querySelectorAll('.msg.assistant .tok')];
             return {text: spans.map(s => s.textContent).join(''),
