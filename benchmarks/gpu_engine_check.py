@@ -1,9 +1,12 @@
-"""GPU engine check: greedy outputs of the engine on CUDA equal the CPU path's (float32), for ar,
-isd and risd, on tiny models whose head dim lets the Triton kernel run, and on SmolLM2 if present.
+"""GPU engine check: outputs of the engine on CUDA equal the CPU path's (float32), for ar, isd and
+risd, with decode steps replayed as CUDA graphs and run eagerly, on tiny models whose head dim
+lets the Triton kernel run. Greedy must match the CPU token for token; seeded sampling must match
+between graphs and eager on the GPU.
 
     python benchmarks/gpu_engine_check.py
 """
 
+import itertools
 import sys
 import tempfile
 from pathlib import Path
@@ -14,18 +17,37 @@ from helpers import make_model, make_random_adapter  # noqa: E402
 
 from idlm import LLM, SamplingParams  # noqa: E402
 
+SETUPS = {"cpu": dict(device="cpu"), "cuda-graphs": dict(device="cuda"),
+          "cuda-eager": dict(device="cuda", enforce_eager=True)}
 
-def compare(folder: Path, adapter: Path | None, prompts: list[list[int]], modes: list[str]) -> None:
+
+def run(folder: Path, adapter: Path | None, prompts, params, setup: str):
+    llm = LLM(str(folder), adapter=str(adapter) if adapter else None, dtype="float32", progress=False,
+              kv_cache_tokens=8192, max_num_seqs=64, **SETUPS[setup])
+    outs = [o.token_ids for o in llm.generate(prompts, params)]
+    graphs = llm.engine.runner.decode_graphs
+    captured = sorted(graphs.graphs) if graphs is not None and graphs.use_graphs else []
+    return outs, captured
+
+
+def compare(folder: Path, adapter: Path | None, prompts: list[list[int]], modes: list[str]) -> bool:
+    ok = True
     for mode in modes:
-        params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, mode=mode, stride=4)
-        outs = {}
-        for device in ("cpu", "cuda"):
-            llm = LLM(str(folder), adapter=str(adapter) if adapter else None, device=device, dtype="float32",
-                      progress=False, kv_cache_tokens=4096)
-            assert llm.engine.runner.use_triton == (device == "cuda")
-            outs[device] = [o.token_ids for o in llm.generate(prompts, params)]
-        same = sum(a == b for a, b in zip(outs["cpu"], outs["cuda"]))
-        print(f"{folder.name} {mode}: {same}/{len(prompts)} greedy outputs equal on cuda (triton) and cpu")
+        strides = (2, 3, 4, 8) if mode != "ar" else (4,)
+        mixed = [SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, mode=mode, stride=s)
+                 for s, _ in zip(itertools.cycle(strides), prompts)]
+        outs = {setup: run(folder, adapter, prompts, mixed, setup) for setup in SETUPS}
+        for setup in ("cuda-graphs", "cuda-eager"):
+            same = sum(a == b for a, b in zip(outs["cpu"][0], outs[setup][0]))
+            ok &= same == len(prompts)
+            print(f"{folder.name} {mode} greedy: {same}/{len(prompts)} equal on {setup} and cpu "
+                  f"(graphs captured: {len(outs[setup][1])})")
+        sampled = [SamplingParams(temperature=0.8, top_p=0.95, seed=i, max_tokens=48, ignore_eos=True, mode=mode,
+                                  stride=s) for i, s in zip(range(len(prompts)), itertools.cycle(strides))]
+        graph_out, eager_out = (run(folder, adapter, prompts, sampled, s)[0] for s in ("cuda-graphs", "cuda-eager"))
+        same = sum(a == b for a, b in zip(graph_out, eager_out))
+        print(f"{folder.name} {mode} seeded T=0.8: {same}/{len(prompts)} equal with graphs and eager")
+    return ok
 
 
 def main() -> None:
@@ -34,9 +56,11 @@ def main() -> None:
     make_model(root / "qwen3", "qwen3")
     make_model(root / "llama", "llama")
     adapter = make_random_adapter(root / "llama", root / "adapter", mask_token_id=3)
-    prompts = [[5 + i % 40, 6, 7, 8 + i % 30] * (1 + i % 5) for i in range(16)]
-    compare(root / "qwen3", None, prompts, ["ar"])
-    compare(root / "llama", adapter, prompts, ["ar", "risd"])
+    prompts = [[5 + i % 40, 6, 7, 8 + i % 30] * (1 + i % 5) for i in range(40)]
+    ok = compare(root / "qwen3", None, prompts, ["ar"])
+    ok &= compare(root / "llama", adapter, prompts, ["ar", "risd"])
+    print("ALL GREEDY EQUAL" if ok else "MISMATCH")
+    sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":

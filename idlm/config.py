@@ -40,8 +40,12 @@ class EngineConfig:
     mode: str | None = None  # default decoding mode: risd with an adapter, isd for I-DLM checkpoints, else ar
     stride: int | None = None  # default N: an I-DLM checkpoint's training block + 1, else 4
     proposal: str = "sample"
+    enforce_eager: bool = False  # CUDA: run decode steps eagerly instead of replaying CUDA graphs
+    gpu_memory_utilization: float = 0.9  # CUDA: share of the GPU memory the engine may use in all
 
     def validate(self) -> None:
+        if not (isinstance(self.gpu_memory_utilization, int | float) and 0 < self.gpu_memory_utilization <= 1):
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

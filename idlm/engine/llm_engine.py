@@ -76,6 +76,9 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.block_manager)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.mask_ids,
                                   banned_token=self.mask_ids["isd"])
+        if self.device.type == "cuda":
+            self.runner.use_padded_decode(config.max_num_seqs, self.max_model_len + MAX_LOOKAHEAD,
+                                          cuda_graphs=not config.enforce_eager and self.runner.use_triton)
         self.stats = EngineStats()
         self.seed_source = random.Random(config.seed)
         self.seqs: dict[int, Sequence] = {}
@@ -113,9 +116,38 @@ class LLMEngine:
         elem = next(self.model.parameters()).element_size()
         per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * elem
         if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return int(free * 0.85) // per_token
+            return self._free_memory_after_warmup() // per_token
         return max(self.config.block_size, min(CPU_KV_TOKENS, CPU_KV_BYTES // per_token))
+
+    @torch.inference_mode()
+    def _free_memory_after_warmup(self) -> int:
+        """Bytes the KV pool may take: the engine's share of the GPU minus what is in use, minus the
+        peak of a warm-up forward of a full prefill budget, minus the per-step buffers of a full
+        decode batch (logits and probabilities of every row at the widest stride, and the decode
+        graphs' outputs)."""
+        from idlm.kernels.attention import DenseAttention
+
+        cfg, dev = self.model_config, self.device
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+        tokens = min(self.config.max_num_batched_tokens, cfg.max_position_embeddings)
+        ids = torch.zeros(1, tokens, dtype=torch.long, device=dev)
+        hidden = self.model(ids, torch.arange(tokens, device=dev)[None], DenseAttention())
+        self.model.logits(hidden[:, -1])
+        torch.cuda.synchronize(dev)
+        activations = torch.cuda.max_memory_allocated(dev) - before
+        del hidden
+        decode_rows = self.config.max_num_seqs * 31
+        decode = decode_rows * (cfg.vocab_size * (2 + 4 + 4 + 4) + cfg.hidden_size * 2 * 4)
+        free, total = torch.cuda.mem_get_info(dev)
+        budget = free - total * (1 - self.config.gpu_memory_utilization) - activations - decode
+        if budget <= 0:
+            raise ValueError(f"no GPU memory is left for the KV cache ({free / 2**30:.1f} GiB free, "
+                             f"{(activations + decode) / 2**30:.1f} GiB needed for activations); lower "
+                             f"max_num_seqs or max_num_batched_tokens, or raise gpu_memory_utilization")
+        return int(budget)
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):

@@ -4,6 +4,7 @@ import torch
 
 from idlm.decoding.rounds import PROPOSALS, RoundBatch, run_round
 from idlm.decoding.sampling import SamplingTensors, token_probs
+from idlm.engine.decode_graphs import DecodeGraphs
 from idlm.engine.sequence import Sequence
 from idlm.kernels.attention import PagedAttention, PagedBatch, TritonPagedAttention
 from idlm.models.transformer import CausalLM
@@ -23,6 +24,9 @@ class RoundOutcome:
     new_draft_hidden: torch.Tensor | None
 
 
+MAX_DECODE_TOKENS = 31  # a verify round at N = 16 feeds 2N - 1 tokens
+
+
 class ModelRunner:
     """Turns a scheduled batch into tensors, runs the model over the paged KV cache, and runs the
     decoding round. One device-to-host copy per step: the round's decisions."""
@@ -36,9 +40,19 @@ class ModelRunner:
         self.mask_ids = mask_ids
         self.banned_token = banned_token
         self.use_triton = TritonPagedAttention.supports(self.device, cfg.head_dim)
+        self.with_lora = any("_lora" in name for name, _ in model.named_modules())
         param = next(model.parameters())
-        self.kv_cache = torch.zeros(2, cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
+        # one block past the pool: the scratch block that padded rows of decode graphs write to
+        self.scratch_block = num_blocks
+        self.kv_cache = torch.zeros(2, cfg.num_layers, num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim,
                                     dtype=param.dtype, device=self.device)
+        self.decode_graphs: DecodeGraphs | None = None
+
+    def use_padded_decode(self, max_batch: int, max_positions: int, cuda_graphs: bool) -> None:
+        """Decode steps from now on run in the padded [bucket, T] layout, replayed as CUDA graphs
+        if cuda_graphs (else eagerly: the CPU check of the layout)."""
+        self.decode_graphs = DecodeGraphs(self.model, self.kv_cache, self.scratch_block, max_batch, MAX_DECODE_TOKENS,
+                                          max_positions, self.use_triton, cuda_graphs, self.with_lora)
 
     def feed(self, seq: Sequence, n: int) -> tuple[list[int], bool]:
         """Tokens seq feeds this step, and whether this is its final chunk (a decoding round)."""
@@ -48,6 +62,13 @@ class ModelRunner:
         if final and seq.num_new_drafts:
             tokens = tokens + seq.drafts + [self.mask_ids[seq.params.mode]] * seq.num_new_drafts
         return tokens, final
+
+    @staticmethod
+    def lora_gate(seq: Sequence, num_tokens: int) -> list[bool]:
+        """Per fed token: is the gated LoRA on (the MASK rows of a risd round)?"""
+        first_mask = len(seq) - seq.num_computed + len(seq.drafts)  # the K MASKs come last in a final chunk
+        lora_on = seq.params.mode == "risd" and num_tokens > first_mask
+        return [lora_on and i >= first_mask for i in range(num_tokens)]
 
     def prepare(self, seqs: list[Sequence], feeds: list[list[int]]):
         ids, positions, slots, gate, starts = [], [], [], [], [0]
@@ -59,9 +80,7 @@ class ModelRunner:
             positions.extend(pos)
             slots.extend(seq.block_table[p // bs] * bs + p % bs for p in pos)
             starts.append(starts[-1] + len(tokens))
-            first_mask = len(seq) - start + len(seq.drafts)  # the K MASKs come last in a final chunk
-            lora_on = seq.params.mode == "risd" and len(tokens) > first_mask
-            gate.extend(lora_on and i >= first_mask for i in range(len(tokens)))
+            gate.extend(self.lora_gate(seq, len(tokens)))
         width = max(len(seq.block_table) for seq in seqs)
         tables = [seq.block_table + [-1] * (width - len(seq.block_table)) for seq in seqs]
         dev = self.device
@@ -84,6 +103,15 @@ class ModelRunner:
         batch index."""
         fed = [self.feed(seq, n) for seq, n in zip(seqs, num_new)]
         feeds = [tokens for tokens, _ in fed]
+        graphs = self.decode_graphs
+        if graphs is not None and all(n == 1 for n in num_new):  # a decode step: every feed is final
+            starts = [seq.num_computed for seq in seqs]
+            tokens = max(len(f) for f in feeds)
+            if graphs.fits(len(seqs), tokens, max(starts) + tokens):
+                hidden, logits, tokens = graphs.run(feeds, starts, [s.block_table for s in seqs],
+                                                    [self.lora_gate(s, len(f)) for s, f in zip(seqs, feeds)])
+                ends = [b * tokens + len(f) for b, f in enumerate(feeds)]
+                return self._decide(seqs, ends, list(range(len(seqs))), hidden, logits)
         input_ids, positions, batch, lora_gate = self.prepare(seqs, feeds)
         backend = TritonPagedAttention if self.use_triton else PagedAttention
         hidden = self.model(input_ids, positions, backend(self.kv_cache, batch), lora_gate)
@@ -92,7 +120,8 @@ class ModelRunner:
             return {}
         return self._decide([seqs[i] for i in finals], [batch.query_start[i + 1] for i in finals], finals, hidden)
 
-    def _decide(self, seqs: list[Sequence], ends: list[int], index: list[int], hidden: torch.Tensor):
+    def _decide(self, seqs: list[Sequence], ends: list[int], index: list[int], hidden: torch.Tensor,
+                all_logits: torch.Tensor | None = None):
         dev = self.device
         num_d = [len(s.drafts) for s in seqs]
         num_k = [s.num_new_drafts for s in seqs]
@@ -106,8 +135,14 @@ class ModelRunner:
             if d:
                 stored.append(seq.draft_hidden)
                 stored_seq.extend([b] * d)
-        picked = hidden[torch.tensor(rows, device=dev)]
-        logits = self.model.logits(torch.cat([picked] + stored) if stored else picked)
+        rows_index = torch.tensor(rows, device=dev)
+        picked = hidden[rows_index]
+        if all_logits is None:
+            logits = self.model.logits(torch.cat([picked] + stored) if stored else picked)
+        else:  # the graph computed the logits of every row
+            logits = all_logits[rows_index]
+            if stored:
+                logits = torch.cat([logits, self.model.logits(torch.cat(stored))])
         params = [(s.params.temperature, s.params.top_k, s.params.top_p, s.seed) for s in seqs]
         st = SamplingTensors.build([params[b] for b in row_seq + stored_seq], dev)
         probs = token_probs(logits, st, self.banned_token)

@@ -37,7 +37,8 @@ class PagedBatch:
     block_tables: torch.Tensor  # [batch, max_blocks], -1 padded
     max_context_len: int  # host copies of the maxima, so building the batch never syncs the device
     max_query_len: int
-    all_written: bool = True  # no token has slot -1 (padding rows of a CUDA graph write nothing)
+    all_written: bool = True  # no token has slot -1 (such rows write nothing)
+    query_start_device: torch.Tensor | None = None  # int32 copy of query_start already on the device
 
 
 class PagedKVWriter:
@@ -120,7 +121,9 @@ class TritonPagedAttention(PagedKVWriter):
         from idlm.kernels.triton_attention import paged_attention
 
         self.kernel = paged_attention
-        self.query_start = torch.tensor(batch.query_start, dtype=torch.int32, device=kv_cache.device)
+        self.query_start = batch.query_start_device
+        if self.query_start is None:
+            self.query_start = torch.tensor(batch.query_start, dtype=torch.int32, device=kv_cache.device)
         self.context_lens = batch.context_lens.to(torch.int32)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

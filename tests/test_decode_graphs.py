@@ -1,0 +1,70 @@
+"""The padded [bucket, T] decode layout that CUDA graphs replay, checked eagerly on the CPU:
+padding rows (short feeds, and extra sequences filling a bucket) must not change any output."""
+
+import itertools
+
+import pytest
+from helpers import make_random_adapter, make_small_idlm
+from test_isd import prompts_for
+
+from idlm import LLM, SamplingParams
+from idlm.engine.decode_graphs import DecodeGraphs
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    model = make_small_idlm(tmp_path_factory.mktemp("idlm"), spread=0.25, vocab=12)
+    return model, make_random_adapter(model, tmp_path_factory.mktemp("adapter"))
+
+
+def padded_llm(model, adapter, **kwargs) -> LLM:
+    llm = LLM(str(model), adapter=str(adapter), progress=False, **kwargs)
+    engine = llm.engine
+    engine.runner.use_padded_decode(engine.config.max_num_seqs, engine.max_model_len + 32, cuda_graphs=False)
+    return llm
+
+
+def mixed_params(n: int, **kw) -> list[SamplingParams]:
+    modes = itertools.cycle(itertools.product(("ar", "isd", "risd"), (2, 3, 4, 8)))
+    return [SamplingParams(mode=m, stride=s, **kw) for m, s in itertools.islice(modes, n)]
+
+
+def test_buckets_cover_every_batch_size():
+    graphs = DecodeGraphs.__new__(DecodeGraphs)
+    graphs.buckets = [b for b in (1, 2, 4, 8, 12) if b < 10] + [10]
+    assert [graphs.bucket_for(n) for n in (1, 3, 8, 9, 10, 11)] == [1, 4, 8, 10, 10, None]
+
+
+def test_padded_decode_equals_plain_decode(dirs):
+    model, adapter = dirs
+    prompts = prompts_for(30, 12, seed=3, lo=5, hi=40)
+    plain = LLM(str(model), adapter=str(adapter), progress=False, kv_cache_tokens=8192, max_num_seqs=64)
+    padded = padded_llm(model, adapter, kv_cache_tokens=8192, max_num_seqs=64)
+    steps = []
+    runner = padded.engine.runner
+    original = runner.decode_graphs.run
+    runner.decode_graphs.run = lambda *a: steps.append(len(a[0])) or original(*a)
+    greedy = mixed_params(len(prompts), temperature=0, max_tokens=40, ignore_eos=True)
+    ar = [o.token_ids for o in plain.generate(prompts, SamplingParams(mode="ar", temperature=0, max_tokens=40,
+                                                                      ignore_eos=True))]
+    assert [o.token_ids for o in padded.generate(prompts, greedy)] == ar
+    assert steps and any(n not in runner.decode_graphs.buckets for n in steps)  # buckets really were padded
+    sampled = mixed_params(len(prompts), temperature=1.0, top_k=8, seed=11, max_tokens=40, ignore_eos=True)
+    for i, p in enumerate(sampled):
+        p.seed = 100 + i
+    assert ([o.token_ids for o in padded.generate(prompts, sampled)]
+            == [o.token_ids for o in plain.generate(prompts, sampled)])
+
+
+def test_padded_decode_with_preemption_frees_every_block(dirs):
+    model, adapter = dirs
+    prompts = prompts_for(14, 12, seed=9, lo=10, hi=40)
+    greedy = dict(temperature=0, max_tokens=48, ignore_eos=True)
+    tight = padded_llm(model, adapter, kv_cache_tokens=320, block_size=8, max_num_seqs=16)
+    ar = [o.token_ids for o in tight.generate(prompts, SamplingParams(mode="ar", **greedy))]
+    outs = tight.generate(prompts, mixed_params(len(prompts), **greedy))
+    assert sum(o.stats["preemptions"] for o in outs) > 0
+    assert [o.token_ids for o in outs] == ar
+    bm = tight.engine.block_manager
+    assert bm.num_free == len(bm.blocks)
+    assert tight.engine.runner.kv_cache.shape[2] == len(bm.blocks) + 1  # the scratch block is outside the pool
