@@ -82,19 +82,20 @@ class ModelRunner:
             starts.append(starts[-1] + len(tokens))
             gate.extend(self.lora_gate(seq, len(tokens)))
         width = max(len(seq.block_table) for seq in seqs)
-        tables = [seq.block_table + [-1] * (width - len(seq.block_table)) for seq in seqs]
-        dev = self.device
+        tables = [t for seq in seqs for t in seq.block_table + [-1] * (width - len(seq.block_table))]
         context_lens = [s.num_computed + len(f) for s, f in zip(seqs, feeds)]
+        ids_t, positions_t, slots_t, context_t, tables_t, gate_t = self._to_device(
+            [ids, positions, slots, context_lens, tables, gate], torch.long)
         batch = PagedBatch(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            slot_mapping=slots_t,
             query_start=starts,
-            context_lens=torch.tensor(context_lens, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            context_lens=context_t,
+            block_tables=tables_t.view(len(seqs), width).int(),
             max_context_len=max(context_lens),
             max_query_len=max(len(f) for f in feeds),
         )
-        lora_gate = torch.tensor(gate, dtype=torch.float32, device=dev) if any(gate) else None
-        return torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), batch, lora_gate
+        lora_gate = gate_t.float() if any(gate) else None
+        return ids_t, positions_t, batch, lora_gate
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], num_new: list[int]) -> dict[int, RoundOutcome]:
@@ -122,59 +123,77 @@ class ModelRunner:
 
     def _decide(self, seqs: list[Sequence], ends: list[int], index: list[int], hidden: torch.Tensor,
                 all_logits: torch.Tensor | None = None):
-        dev = self.device
         num_d = [len(s.drafts) for s in seqs]
         num_k = [s.num_new_drafts for s in seqs]
         dmax, kmax = max(num_d), max(num_k)
-        # rows whose logits we need: from each pending row to the end of its feed, then the
-        # stored hidden rows of the drafts under test (their proposal distributions)
-        rows, row_seq, stored, stored_seq = [], [], [], []
+        # Rows whose logits we need: from each pending row to the end of its feed, then the stored
+        # hidden rows of the drafts under test (their proposal distributions). Everything the
+        # round needs from the host is gathered here and sent in one copy per dtype, so nothing
+        # below waits for the forward until the single device-to-host copy at the end.
+        rows, row_params, stored, stored_params, draft_slots = [], [], [], [], []
+        target_idx, new_idx, draft_idx, new_rows = [], [], [], []
+        num_rows = sum(1 + d + k for d, k in zip(num_d, num_k))
+        pad = num_rows + sum(num_d)  # the zero row appended after all distributions
+        offset, stored_offset = 0, num_rows
         for b, (seq, end, d, k) in enumerate(zip(seqs, ends, num_d, num_k)):
+            p = seq.params
+            sampling = (p.temperature, p.top_k, p.top_p, seq.seed)
             rows.extend(range(end - 1 - d - k, end))
-            row_seq.extend([b] * (1 + d + k))
+            row_params.extend([sampling] * (1 + d + k))
             if d:
                 stored.append(seq.draft_hidden)
-                stored_seq.extend([b] * d)
-        rows_index = torch.tensor(rows, device=dev)
-        picked = hidden[rows_index]
+                stored_params.extend([sampling] * d)
+                draft_slots.extend(range(b * dmax, b * dmax + d))
+            target_idx.extend([offset + j for j in range(d + 1)] + [pad] * (dmax - d))
+            new_idx.extend([offset + d + 1 + j for j in range(k)] + [pad] * (kmax - k))
+            new_rows.extend([offset + d + 1 + j for j in range(k)] + [0] * (kmax - k))
+            draft_idx.extend([stored_offset + j for j in range(d)] + [pad] * (dmax - d))
+            offset += 1 + d + k
+            stored_offset += d
+        row_params += stored_params
+        temps, top_ks, top_ps, row_seeds = zip(*row_params)
+        ints = [rows, target_idx, new_idx, new_rows, draft_idx, draft_slots,
+                [t for s, d in zip(seqs, num_d) for t in s.drafts + [0] * (dmax - d)], num_d, num_k,
+                [PROPOSALS.index(s.params.proposal) for s in seqs], [s.seed for s in seqs],
+                [len(s) - 1 for s in seqs], [int(s.params.spec_verify) for s in seqs], top_ks, row_seeds]
+        floats = [temps, top_ps, [float(s.params.verify_alpha) for s in seqs]]
+        (rows_t, target_t, new_t, new_rows_t, draft_t, draft_slots_t, drafts_t, num_d_t, num_k_t, proposal_t, seeds_t,
+         positions_t, spec_t, top_k_t, row_seeds_t) = self._to_device(ints, torch.long)
+        temps_t, top_p_t, alpha_t = self._to_device(floats, torch.float32)
+
+        batch, vocab = len(seqs), self.model.lm_head.weight.shape[0]
+        picked = hidden[rows_t]
         if all_logits is None:
             logits = self.model.logits(torch.cat([picked] + stored) if stored else picked)
         else:  # the graph computed the logits of every row
-            logits = all_logits[rows_index]
+            logits = all_logits[rows_t]
             if stored:
                 logits = torch.cat([logits, self.model.logits(torch.cat(stored))])
-        params = [(s.params.temperature, s.params.top_k, s.params.top_p, s.seed) for s in seqs]
-        st = SamplingTensors.build([params[b] for b in row_seq + stored_seq], dev)
+        st = SamplingTensors(temps_t, top_k_t, top_p_t, row_seeds_t,
+                             needs_filter=any(k > 0 or p < 1 for k, p in zip(top_ks, top_ps)),
+                             all_greedy=all(t == 0 for t in temps))
         probs = token_probs(logits, st, self.banned_token)
-        probs = torch.cat([probs, probs.new_zeros(1, probs.shape[1])])  # a zero row for padding
-        pad = probs.shape[0] - 1
-
-        target_idx, new_idx, draft_idx = [], [], []
-        offset, stored_offset = 0, len(rows)
-        for d, k in zip(num_d, num_k):
-            target_idx.append([offset + j for j in range(d + 1)] + [pad] * (dmax - d))
-            new_idx.append([offset + d + 1 + j for j in range(k)] + [pad] * (kmax - k))
-            draft_idx.append([stored_offset + j for j in range(d)] + [pad] * (dmax - d))
-            offset += 1 + d + k
-            stored_offset += d
-        as_index = lambda idx: torch.tensor(idx, dtype=torch.long, device=dev).view(len(seqs), -1)  # noqa: E731
+        probs = torch.cat([probs, probs.new_zeros(1, probs.shape[1])])
+        draft_q = torch.ones(batch * dmax, device=probs.device)
+        if stored:
+            draft_q[draft_slots_t] = torch.cat([s.draft_q for s in seqs if s.drafts]).float()
         rb = RoundBatch(
-            target_probs=probs[as_index(target_idx)],
-            draft_probs=probs[as_index(draft_idx)],
-            drafts=as_index([s.drafts + [0] * (dmax - len(s.drafts)) for s in seqs]),
-            draft_q=torch.stack([torch.cat([s.draft_q, s.draft_q.new_ones(dmax - d)]) if d
-                                 else torch.ones(dmax, device=dev) for s, d in zip(seqs, num_d)]).float(),
-            num_drafts=torch.tensor(num_d, device=dev),
-            new_draft_probs=probs[as_index(new_idx)],
-            num_new=torch.tensor(num_k, device=dev),
-            proposal=torch.tensor([PROPOSALS.index(s.params.proposal) for s in seqs], device=dev),
-            seeds=torch.tensor([s.seed for s in seqs], dtype=torch.long, device=dev),
-            positions=torch.tensor([len(s) - 1 for s in seqs], device=dev),
-            verify_alpha=torch.tensor([float(s.params.verify_alpha) for s in seqs], device=dev),
-            spec_verify=torch.tensor([s.params.spec_verify for s in seqs], device=dev),
+            target_probs=probs[target_t].view(batch, dmax + 1, vocab),
+            draft_probs=probs[draft_t].view(batch, dmax, vocab),
+            drafts=drafts_t.view(batch, dmax),
+            draft_q=draft_q.view(batch, dmax),
+            num_drafts=num_d_t,
+            new_draft_probs=probs[new_t].view(batch, kmax, vocab),
+            num_new=num_k_t,
+            proposal=proposal_t,
+            seeds=seeds_t,
+            positions=positions_t,
+            verify_alpha=alpha_t,
+            spec_verify=spec_t.bool(),
             all_greedy=st.all_greedy,
         )
         result = run_round(rb)
+        new_hidden = picked[new_rows_t].view(batch, kmax, hidden.shape[-1])
         packed = torch.cat([result.accepted[:, None].double(), result.final_token[:, None].double(),
                             result.final_p[:, None].double(), rb.draft_q.double(),
                             result.new_drafts.double()], dim=1).tolist()
@@ -186,6 +205,13 @@ class ModelRunner:
                 num_drafts=d, accepted=accepted, final_token=int(row[1]), final_p=row[2], drafts_q=row[3:3 + d],
                 new_drafts=[int(t) for t in row[3 + dmax:3 + dmax + k]] if keep else [],
                 new_draft_q=result.new_draft_q[b, :k] if keep else None,
-                new_draft_hidden=picked[torch.tensor(new_idx[b][:k], device=dev)] if keep else None,
+                new_draft_hidden=new_hidden[b, :k] if keep else None,
             )
         return outcomes
+
+    def _to_device(self, lists: list, dtype: torch.dtype) -> list[torch.Tensor]:
+        """The lists as device tensors, through one (pinned, asynchronous) host-to-device copy."""
+        host = torch.tensor([x for values in lists for x in values], dtype=dtype)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        return list(host.to(self.device, non_blocking=True).split([len(values) for values in lists]))
