@@ -4,6 +4,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from idlm.models.shapes import RANDOM_WEIGHTS_KEY
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "sdar")
 
 
@@ -30,6 +32,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     mask_token_id: int | None
     train_block_size: int | None
+    random_weights: bool = False  # a benchmark shape: no weights on disk (idlm.models.shapes)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
@@ -72,6 +75,7 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             mask_token_id=raw.get("mask_token_id"),
             train_block_size=raw.get("block_size"),
+            random_weights=bool(raw.get(RANDOM_WEIGHTS_KEY, False)),
         )
 
     @classmethod

@@ -54,12 +54,28 @@ def load_model(folder: Path, dtype: torch.dtype, device: str | torch.device, pro
     cfg = ModelConfig.from_folder(folder)
     with torch.device("meta"):
         model = CausalLM(cfg)
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)  # allocated once, already in the target dtype
     model.rotary.inv_freq = torch.tensor(cfg.rope_inv_freq(), dtype=torch.float32, device=device)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    load_weights(model, safetensors_files(folder), progress)
+    if cfg.random_weights:
+        init_random_weights(model)
+    else:
+        load_weights(model, safetensors_files(folder), progress)
     return model.eval().requires_grad_(False)
+
+
+def init_random_weights(model: CausalLM, std: float = 0.02, seed: int = 0) -> None:
+    """Matrices ~ N(0, std), norm weights 1, biases 0, drawn in place on the model's device."""
+    gen = torch.Generator(model.lm_head.weight.device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim > 1:
+                p.normal_(0.0, std, generator=gen)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.fill_(1.0)
 
 
 def load_weights(model: CausalLM, files: list[Path], progress: bool) -> None:

@@ -1,0 +1,41 @@
+"""The fastest a forward can possibly be: max(bytes moved / memory bandwidth, FLOPs / matmul rate)."""
+
+from dataclasses import dataclass
+
+from idlm.models.transformer import CausalLM
+
+H100_BANDWIDTH = 3.0e12  # B/s, device-to-device copy measured on the lent H100
+H100_FLOPS = 800e12  # bf16 dense matmul
+
+
+@dataclass(slots=True)
+class Roofline:
+    weight_bytes: int  # read by every forward: all weights except an untied embedding table (only rows are read)
+    matmul_params: int  # weights multiplied with every fed token: layers and the head
+    kv_bytes_per_token: int  # K and V of one token across all layers
+    attn_flops_per_pair: int  # FLOPs of QK^T and PV for one (query token, key token) pair, all layers
+    bandwidth: float = H100_BANDWIDTH
+    flops: float = H100_FLOPS
+
+    @classmethod
+    def of(cls, model: CausalLM, bandwidth: float = H100_BANDWIDTH, flops: float = H100_FLOPS) -> "Roofline":
+        cfg = model.cfg
+        embed = model.model.embed_tokens.weight
+        params = {id(p): p for p in model.parameters()}
+        if model.lm_head.weight is not embed:
+            params.pop(id(embed))
+        weight_bytes = sum(p.numel() * p.element_size() for p in params.values())
+        matmul = sum(p.numel() for p in params.values() if p.ndim > 1)
+        elem = embed.element_size()
+        return cls(weight_bytes=weight_bytes, matmul_params=matmul,
+                   kv_bytes_per_token=2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * elem,
+                   attn_flops_per_pair=4 * cfg.num_layers * cfg.num_heads * cfg.head_dim,
+                   bandwidth=bandwidth, flops=flops)
+
+    def floor(self, contexts: list[int], queries: list[int]) -> float:
+        """Seconds for one forward in which sequence i feeds queries[i] tokens and attends over
+        contexts[i] keys (its cached tokens plus the fed ones)."""
+        moved = self.weight_bytes + self.kv_bytes_per_token * sum(contexts)
+        work = 2 * self.matmul_params * sum(queries)
+        work += self.attn_flops_per_pair * sum(q * c for q, c in zip(queries, contexts))
+        return max(moved / self.bandwidth, work / self.flops)

@@ -1,0 +1,198 @@
+"""The timed loop: exactly C requests in flight on an `LLMEngine` (closed loop), every step timed."""
+
+import dataclasses
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from idlm.bench.roofline import Roofline
+from idlm.bench.workload import Request
+from idlm.engine.llm_engine import LLMEngine
+from idlm.engine.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class StepShape:
+    is_prefill: bool
+    contexts: list[int]  # keys each sequence's last fed token attends over
+    queries: list[int]  # tokens each sequence feeds
+
+
+class StepProbe:
+    """Records the shape of every batch the engine's scheduler hands out (step() does not say
+    whether it prefilled, nor how long the contexts were)."""
+
+    def __init__(self, engine: LLMEngine):
+        self.scheduler = engine.scheduler
+        self.last: StepShape | None = None
+
+    def __enter__(self) -> "StepProbe":
+        schedule = self.scheduler.schedule
+
+        def probed():
+            batch = schedule()
+            self.last = None if batch is None else self._shape(batch)
+            return batch
+
+        self.scheduler.schedule = probed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.scheduler.schedule
+
+    @staticmethod
+    def _shape(batch) -> StepShape:
+        queries = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            final = seq.num_computed + n == len(seq)
+            queries.append(n + (len(seq.drafts) + seq.num_new_drafts if final else 0))
+        contexts = [seq.num_computed + q for seq, q in zip(batch.seqs, queries)]
+        return StepShape(batch.is_prefill, contexts, queries)
+
+
+@dataclass(slots=True)
+class Trace:
+    """One request's clock: when it was added, when each output arrived and how many tokens it carried."""
+
+    max_tokens: int
+    prompt_tokens: int
+    arrival: float
+    times: list[float] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.counts)
+
+    def token_gaps(self) -> list[float]:
+        """Per output token after the first output: the gap since the previous output divided
+        by the tokens this output carried (once per token)."""
+        gaps = []
+        for prev, now, n in zip(self.times, self.times[1:], self.counts[1:]):
+            gaps += [(now - prev) / n] * n
+        return gaps
+
+    def summary(self) -> dict:
+        latency = self.times[-1] - self.arrival
+        decode = self.times[-1] - self.times[0]
+        return {"prompt_tokens": self.prompt_tokens, "output_tokens": self.tokens,
+                "ttft_s": self.times[0] - self.arrival, "latency_s": latency,
+                "tok_s": self.tokens / latency,
+                "decode_tok_s": (self.tokens - 1) / decode if decode > 0 else None}
+
+
+@dataclass(slots=True)
+class StepTiming:
+    seconds: float
+    shape: StepShape
+    floor: float
+
+
+def percentiles(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    p50, p99 = np.percentile(values, [50, 99])
+    return float(p50), float(p99)
+
+
+def _synchronizer(device: torch.device):
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def _counters(engine: LLMEngine) -> dict:
+    st = engine.stats
+    return {"tokens": st.tokens, "request_forwards": st.request_forwards, "forwards": st.forwards,
+            "reached": list(st.drafts.reached), "accepted": list(st.drafts.accepted)}
+
+
+def run_closed_loop(engine: LLMEngine, requests: list[Request], concurrency: int, params: SamplingParams,
+                    roofline: Roofline) -> dict:
+    """Runs `requests` keeping `concurrency` of them in flight: a new one is added as soon as one
+    finishes. Returns the run's figures (see idlm.bench.report.DEFINITIONS)."""
+    assert not engine.has_unfinished(), "the engine must be idle before a timed run"
+    sync = _synchronizer(engine.device)
+    waiting = deque(requests)
+    live: dict[int, Trace] = {}
+    done: list[Trace] = []
+    steps: list[StepTiming] = []
+
+    def admit() -> None:
+        req = waiting.popleft()
+        request_id = engine.add_request(req.prompt, dataclasses.replace(params, max_tokens=req.max_tokens))
+        live[request_id] = Trace(req.max_tokens, len(req.prompt), time.perf_counter())
+
+    before = _counters(engine)
+    if engine.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(engine.device)
+    with StepProbe(engine) as probe:
+        sync()
+        start = time.perf_counter()
+        while waiting and len(live) < concurrency:
+            admit()
+        while live:
+            probe.last = None
+            sync()
+            t0 = time.perf_counter()
+            outputs = engine.step()
+            sync()
+            now = time.perf_counter()
+            if probe.last is None:
+                raise RuntimeError(f"the engine scheduled nothing while {len(live)} requests were in flight")
+            steps.append(StepTiming(now - t0, probe.last, roofline.floor(probe.last.contexts, probe.last.queries)))
+            for out in outputs:
+                trace = live[out.request_id]
+                new = len(out.token_ids) - trace.tokens
+                if new:
+                    trace.times.append(now)
+                    trace.counts.append(new)
+                if out.finished:
+                    done.append(live.pop(out.request_id))
+                    if waiting:
+                        admit()
+        elapsed = time.perf_counter() - start
+    after = _counters(engine)
+    result = _figures(done, steps, elapsed, before, after)
+    result["peak_memory_bytes"] = (torch.cuda.max_memory_allocated(engine.device)
+                                   if engine.device.type == "cuda" else None)
+    return result
+
+
+def _figures(done: list[Trace], steps: list[StepTiming], elapsed: float, before: dict, after: dict) -> dict:
+    requests = [t.summary() for t in done]
+    tokens = sum(r["output_tokens"] for r in requests)
+    ttft = percentiles([r["ttft_s"] for r in requests])
+    itl = percentiles([gap for t in done for gap in t.token_gaps()])
+    decode = [s for s in steps if not s.shape.is_prefill]
+    decode_time = sum(s.seconds for s in decode)
+    delta = {k: after[k] - before[k] for k in ("tokens", "request_forwards", "forwards")}
+    reached = [a - b for a, b in zip(after["reached"], before["reached"] + [0] * len(after["reached"]))]
+    accepted = [a - b for a, b in zip(after["accepted"], before["accepted"] + [0] * len(after["accepted"]))]
+    decode_tok_s = [r["decode_tok_s"] for r in requests if r["decode_tok_s"] is not None]
+    return {
+        "num_requests": len(requests),
+        "output_tokens": tokens,
+        "elapsed_s": elapsed,
+        "output_tok_s": tokens / elapsed,
+        "per_request_tok_s": float(np.mean([r["tok_s"] for r in requests])),
+        "per_request_decode_tok_s": float(np.mean(decode_tok_s)) if decode_tok_s else None,
+        "latency_s_p50": percentiles([r["latency_s"] for r in requests])[0],
+        "ttft_s_p50": ttft[0],
+        "ttft_s_p99": ttft[1],
+        "itl_s_p50": itl[0],
+        "itl_s_p99": itl[1],
+        "tokens_per_forward": delta["tokens"] / delta["request_forwards"] if delta["request_forwards"] else None,
+        "forwards": delta["forwards"],
+        "draft_acceptance": [a / r if r else None for a, r in zip(accepted, reached)],
+        "steps": len(steps),
+        "decode_steps": len(decode),
+        "decode_step_s_mean": decode_time / len(decode) if decode else None,
+        "decode_batch_mean": float(np.mean([len(s.shape.queries) for s in decode])) if decode else None,
+        "decode_floor_s_mean": sum(s.floor for s in decode) / len(decode) if decode else None,
+        "roofline_fraction": sum(s.floor for s in decode) / decode_time if decode else None,
+        "requests": requests,
+    }

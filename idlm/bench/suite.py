@@ -1,0 +1,213 @@
+"""`idlm bench`: every (mode, concurrency) run on one engine, then the optional HF baseline."""
+
+import gc
+import platform
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+import transformers
+
+from idlm import __version__
+from idlm.bench.hf_baseline import run_hf_baseline
+from idlm.bench.report import DEFINITIONS
+from idlm.bench.roofline import H100_BANDWIDTH, H100_FLOPS, Roofline
+from idlm.bench.runner import run_closed_loop
+from idlm.bench.workload import Request, cycle, read_workload, synthetic_requests, tokenize_workload
+from idlm.config import EngineConfig
+from idlm.engine.llm_engine import MAX_LOOKAHEAD, LLMEngine
+from idlm.engine.sampling_params import MODES, SamplingParams
+from idlm.engine.tokenizer import load_tokenizer
+from idlm.models.config import ModelConfig
+from idlm.models.loader import resolve_model_folder
+from idlm.models.shapes import shape_config, shape_folder
+
+WARMUP_TOKENS = 16
+BLOCK_SIZE = 16
+
+
+@dataclass(slots=True)
+class BenchConfig:
+    model: str | None = None  # folder or .gguf; None (and no shape) = the embedded default model
+    shape: str | None = None  # a random-weight shape of idlm.models.shapes
+    workload: str | None = None  # JSONL file; None = synthetic
+    num_prompts: int | None = None  # requests per run; None = max(4 C, 16), or the file's lines (at least C)
+    prompt_len: int = 128
+    output_len: int = 256
+    concurrency: tuple[int, ...] = (1, 4, 16, 64)
+    modes: tuple[str, ...] | None = None  # None = ar, isd where the model has a MASK, risd with an adapter
+    stride: int = 4
+    temperature: float = 0.0
+    hf_baseline: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+    kv_cache_tokens: int | None = None  # None = enough for max_num_seqs requests of the longest length
+    max_num_seqs: int | None = None  # None = the largest concurrency
+    adapter: str | None = None
+    seed: int = 0
+    prefix_caching: bool = False
+    enforce_eager: bool = False  # CUDA: decode steps without CUDA graphs
+    peak_bandwidth: float = H100_BANDWIDTH
+    peak_flops: float = H100_FLOPS
+
+    def validate(self) -> None:
+        if self.model and self.shape:
+            raise ValueError("give --model (a checkpoint) or --shape (random weights), not both")
+        if self.shape:
+            shape_config(self.shape)
+        if not self.concurrency or any(not isinstance(c, int) or c < 1 for c in self.concurrency):
+            raise ValueError(f"concurrency levels must be positive integers, got {list(self.concurrency)}")
+        if self.modes is not None and (not self.modes or any(m not in MODES for m in self.modes)):
+            raise ValueError(f"modes must be some of {', '.join(MODES)}, got {list(self.modes)}")
+        for name in ("prompt_len", "output_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 2 <= self.stride <= 16:
+            raise ValueError(f"stride must be from 2 to 16, got {self.stride}")
+        if self.num_prompts is not None and self.num_prompts < max(self.concurrency):
+            raise ValueError(f"num-prompts ({self.num_prompts}) must be at least the largest concurrency "
+                             f"({max(self.concurrency)}), or C requests can never be in flight")
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
+            raise ValueError(f"max-num-seqs must be >= 1, got {self.max_num_seqs}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.peak_bandwidth <= 0 or self.peak_flops <= 0:
+            raise ValueError("peak-bandwidth and peak-flops must be > 0")
+
+    def requests_per_run(self, concurrency: int, file_lines: int) -> int:
+        if self.num_prompts is not None:
+            return self.num_prompts
+        if file_lines:
+            return max(file_lines, concurrency)
+        return max(4 * concurrency, 16)
+
+
+def kv_tokens_for(longest: int, num_seqs: int) -> int:
+    """A KV pool that holds num_seqs requests of `longest` tokens, their lookahead and a partial block."""
+    per_seq = -(-(longest + MAX_LOOKAHEAD) // BLOCK_SIZE) * BLOCK_SIZE + BLOCK_SIZE
+    return num_seqs * per_seq + MAX_LOOKAHEAD + BLOCK_SIZE
+
+
+def default_modes(engine: LLMEngine) -> tuple[str, ...]:
+    modes = ["ar"]
+    if engine.mask_ids["isd"] is not None:
+        modes.append("isd")
+    if engine.adapter is not None:
+        modes.append("risd")
+    return tuple(modes)
+
+
+def random_ids(engine: LLMEngine) -> tuple[int, set[int]]:
+    """The id range random prompts draw from, and the ids they avoid (MASK, special tokens)."""
+    vocab = engine.model_config.vocab_size
+    exclude = {t for t in engine.mask_ids.values() if t is not None}
+    if engine.tokenizer is not None:
+        vocab = min(vocab, len(engine.tokenizer))
+        exclude |= set(engine.tokenizer.all_special_ids)
+    return vocab, exclude
+
+
+def warmup_requests(requests: list[Request], vocab: int, exclude: set[int], seed: int) -> list[Request]:
+    """Fresh random prompts of the same lengths (no prefix-cache hits later) and few output tokens,
+    one more for each request, so the batch shrinks through every size from C down (a batch
+    shape met for the first time in a timed run could cost a compilation or graph capture)."""
+    fresh = synthetic_requests(len(requests), max(len(r.prompt) for r in requests), 1, vocab, seed, exclude)
+    return [Request(f.prompt[:len(r.prompt)], min(r.max_tokens, WARMUP_TOKENS + i))
+            for i, (f, r) in enumerate(zip(fresh, requests))]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def run_bench(cfg: BenchConfig, command: str = "", log: Callable[[str], None] = lambda _: None) -> dict:
+    cfg.validate()
+    items = read_workload(Path(cfg.workload)) if cfg.workload else []
+    folder = shape_folder(cfg.shape) if cfg.shape else resolve_model_folder(cfg.model)
+    counts = {c: cfg.requests_per_run(c, len(items)) for c in cfg.concurrency}
+    model_cfg = ModelConfig.from_folder(folder)
+    base: list[Request] = []
+    if items:
+        base = tokenize_workload(items, load_tokenizer(folder), model_cfg.vocab_size, cfg.output_len)
+        longest = max(len(r.prompt) + r.max_tokens for r in base)
+    else:
+        longest = cfg.prompt_len + cfg.output_len
+    if longest > model_cfg.max_position_embeddings:
+        raise ValueError(f"a request needs {longest} tokens (prompt + output) but the model's context is "
+                         f"{model_cfg.max_position_embeddings}; lower --prompt-len/--output-len")
+    max_num_seqs = cfg.max_num_seqs or max(cfg.concurrency)
+    kv_tokens = cfg.kv_cache_tokens or kv_tokens_for(longest, max_num_seqs)
+    engine = LLMEngine(EngineConfig(model=str(folder), device=cfg.device, dtype=cfg.dtype, max_num_seqs=max_num_seqs,
+                                    kv_cache_tokens=kv_tokens, block_size=BLOCK_SIZE, seed=cfg.seed,
+                                    enable_prefix_caching=cfg.prefix_caching, adapter=cfg.adapter,
+                                    enforce_eager=cfg.enforce_eager))
+    if longest > engine.max_model_len:
+        raise ValueError(f"a request needs {longest} tokens (prompt + output) but the KV pool holds "
+                         f"{engine.max_model_len}; raise --kv-cache-tokens")
+    modes = cfg.modes or default_modes(engine)
+    params = {m: engine.resolve(SamplingParams(temperature=cfg.temperature, ignore_eos=True, mode=m,
+                                               stride=cfg.stride, max_tokens=cfg.output_len)) for m in modes}
+    vocab, exclude = random_ids(engine)
+    if not items:
+        base = synthetic_requests(max(counts.values()), cfg.prompt_len, cfg.output_len, vocab, cfg.seed, exclude)
+    roofline = Roofline.of(engine.model, cfg.peak_bandwidth, cfg.peak_flops)
+    device, dtype = engine.device, next(engine.model.parameters()).dtype
+    result = _header(cfg, command, engine, folder, roofline, modes, max_num_seqs, kv_tokens, items, device, dtype)
+    for mode in modes:
+        for c in cfg.concurrency:
+            requests = cycle(base, counts[c])
+            run_closed_loop(engine, warmup_requests(requests[:c], vocab, exclude, cfg.seed + 1), c, params[mode],
+                            roofline)
+            figures = run_closed_loop(engine, requests, c, params[mode], roofline)
+            result["results"].append({"mode": mode, "concurrency": c, **figures})
+            log(f"{mode} C={c}: {figures['num_requests']} requests, {figures['output_tok_s']:.1f} tok/s, "
+                f"{figures['per_request_tok_s']:.1f} tok/s per request")
+    del engine
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if cfg.hf_baseline:
+        batches = [cycle(base, counts[c])[:c] for c in cfg.concurrency]
+        result["hf_baseline"] = run_hf_baseline(folder, dtype, device, batches, log)
+    return result
+
+
+def _header(cfg: BenchConfig, command: str, engine: LLMEngine, folder: Path, roofline: Roofline,
+            modes: tuple[str, ...], max_num_seqs: int, kv_tokens: int, items: list, device: torch.device,
+            dtype: torch.dtype) -> dict:
+    mc = engine.model_config
+    if cfg.workload:
+        workload = {"kind": "file", "file": cfg.workload, "lines": len(items),
+                    "description": f"{cfg.workload} ({len(items)} requests; {cfg.output_len} tokens where a line "
+                                   f"gives no max_tokens)"}
+    else:
+        workload = {"kind": "synthetic", "prompt_len": cfg.prompt_len, "output_len": cfg.output_len,
+                    "description": f"random token ids, prompt {cfg.prompt_len}, output {cfg.output_len} "
+                                   f"(ignore_eos), seed {cfg.seed}"}
+    return {
+        "command": command,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "idlm": __version__,
+        "model": f"{cfg.shape} (random weights)" if cfg.shape else cfg.model or "embedded default model",
+        "model_folder": str(folder),
+        "random_weights": mc.random_weights,
+        "dtype": str(dtype).removeprefix("torch."),
+        "model_info": {"model_type": mc.model_type, "layers": mc.num_layers, "hidden_size": mc.hidden_size,
+                       "num_heads": mc.num_heads, "num_kv_heads": mc.num_kv_heads, "head_dim": mc.head_dim,
+                       "vocab_size": mc.vocab_size, "parameters": sum(p.numel() for p in engine.model.parameters()),
+                       "weight_bytes_per_forward": roofline.weight_bytes,
+                       "kv_bytes_per_token": roofline.kv_bytes_per_token},
+        "workload": workload,
+        "settings": dict(asdict(cfg), modes=list(modes), concurrency=list(cfg.concurrency),
+                         max_num_seqs=max_num_seqs, kv_cache_tokens=kv_tokens),
+        "definitions": DEFINITIONS,
+        "results": [],
+        "hf_baseline": None,
+    }

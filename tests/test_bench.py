@@ -1,0 +1,149 @@
+"""`idlm bench` end to end on the tiny random shape, the random-weight loader, and bad input."""
+
+import json
+
+import pytest
+import torch
+
+from idlm.cli import build_parser, main
+from idlm.config import EngineConfig
+from idlm.engine.llm_engine import LLMEngine
+from idlm.engine.sampling_params import SamplingParams
+from idlm.models.config import ModelConfig
+from idlm.models.loader import load_model
+from idlm.models.shapes import RANDOM_WEIGHTS_KEY, shape_config, shape_folder
+from idlm.models.transformer import CausalLM
+
+TINY_RUN = ["bench", "--shape", "tiny", "--device", "cpu", "--concurrency", "1,2", "--num-prompts", "3",
+            "--prompt-len", "8", "--output-len", "5"]
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("IDLM_CACHE", str(tmp_path / "cache"))
+
+
+def no_mask_folder(tmp_path):
+    """The tiny shape without a MASK token: random weights, ar (and risd) only."""
+    folder = tmp_path / "no-mask"
+    folder.mkdir()
+    raw = shape_config("tiny")
+    del raw["mask_token_id"]
+    (folder / "config.json").write_text(json.dumps(raw))
+    return folder
+
+
+def test_bench_end_to_end(tmp_path, capsys):
+    out, plot = tmp_path / "r.json", tmp_path / "p.png"
+    assert main([*TINY_RUN, "--modes", "ar,isd", "--hf-baseline", "-o", str(out), "--plot", str(plot)]) == 0
+    table = capsys.readouterr().out
+    assert all(word in table for word in ("ar", "isd", "hf", "TTFT", "roofline"))
+    result = json.loads(out.read_text())
+    for key in ("command", "date", "device", "torch", "transformers", "model", "dtype", "model_info", "workload",
+                "settings", "definitions", "results", "hf_baseline"):
+        assert key in result
+    assert result["command"].startswith("idlm bench") and "--shape tiny" in result["command"]
+    assert result["random_weights"] and result["device"].startswith("cpu")
+    assert [(r["mode"], r["concurrency"]) for r in result["results"]] == [("ar", 1), ("ar", 2), ("isd", 1), ("isd", 2)]
+    for r in result["results"]:
+        assert r["num_requests"] == 3 and r["output_tokens"] == 15
+        assert all(q["output_tokens"] == 5 and q["prompt_tokens"] == 8 for q in r["requests"])
+        assert r["output_tok_s"] > 0 and r["per_request_tok_s"] > 0
+        assert r["tokens_per_forward"] >= 1
+        assert 0 <= r["ttft_s_p50"] <= r["ttft_s_p99"] and 0 < r["itl_s_p50"] <= r["itl_s_p99"]
+        assert r["decode_steps"] > 0 and r["decode_step_s_mean"] > 0 and r["roofline_fraction"] > 0
+        assert r["decode_batch_mean"] <= r["concurrency"]
+        assert r["peak_memory_bytes"] is None
+    assert all(r["tokens_per_forward"] == 1 for r in result["results"] if r["mode"] == "ar")
+    assert len(result["results"][2]["draft_acceptance"]) == 3  # stride 4: three draft positions
+    hf = result["hf_baseline"]
+    assert [h["batch_size"] for h in hf] == [1, 2]
+    assert all(h["output_tokens"] == 5 * h["batch_size"] and h["output_tok_s"] > 0 for h in hf)
+    assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+def test_bench_file_workload_and_default_modes(tmp_path, capsys):
+    """Token-id prompts from a file with their own max_tokens; without a MASK token only ar runs."""
+    work = tmp_path / "w.jsonl"
+    work.write_text('{"prompt_ids": [5, 6, 7], "max_tokens": 3}\n\n{"prompt": [9, 10, 11, 12, 13]}\n')
+    out = tmp_path / "r.json"
+    assert main(["bench", "--model", str(no_mask_folder(tmp_path)), "--device", "cpu", "--workload", str(work),
+                 "--concurrency", "1,2", "--output-len", "4", "-o", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["workload"]["kind"] == "file"
+    assert [(r["mode"], r["concurrency"], r["num_requests"]) for r in result["results"]] == [("ar", 1, 2),
+                                                                                            ("ar", 2, 2)]
+    for r in result["results"]:
+        assert sorted((q["prompt_tokens"], q["output_tokens"]) for q in r["requests"]) == [(3, 3), (5, 4)]
+
+
+def test_random_weight_loader(tmp_path):
+    folder = shape_folder("tiny")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json"]
+    cfg = ModelConfig.from_folder(folder)
+    assert cfg.random_weights and cfg.mask_token_id == 255
+    model = load_model(folder, torch.bfloat16, "cpu", progress=False)
+    assert model.lm_head.weight.shape == (256, 64) and len(model.model.layers) == 2
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert 0.015 < model.model.layers[0].mlp.gate_up_proj.weight.float().std() < 0.025
+    assert torch.equal(model.model.norm.weight, torch.ones(64, dtype=torch.bfloat16))
+    again = load_model(folder, torch.bfloat16, "cpu", progress=False)
+    assert torch.equal(model.lm_head.weight, again.lm_head.weight)  # seeded: the same weights every time
+    engine = LLMEngine(EngineConfig(model=str(folder), device="cpu", kv_cache_tokens=512, progress=False))
+    assert engine.tokenizer is None and engine.defaults["mode"] == "isd"
+    engine.add_request([1, 2, 3], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    while engine.has_unfinished():
+        outputs = engine.step()
+    assert len(outputs[0].token_ids) == 6
+
+
+@pytest.mark.parametrize("shape, params", [("qwen3-8b", 8_190_735_360), ("qwen3-0.6b", 596_049_920),
+                                           ("smollm2-135m", 134_515_008)])
+def test_shapes_have_the_real_models_sizes(shape, params):
+    cfg = ModelConfig.from_folder(shape_folder(shape))
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert 0 <= cfg.mask_token_id < cfg.vocab_size and shape_config(shape)[RANDOM_WEIGHTS_KEY]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--concurrency", "0"], "--concurrency must be"),
+    (["--concurrency", "1,x"], "--concurrency must be"),
+    (["--modes", "ar,fast"], "unknown mode 'fast'"),
+    (["--shape", "qwen9"], "unknown shape 'qwen9'"),
+    (["--shape", "tiny", "--model", "x"], "not both"),
+    (["--workload", "/nonexistent/w.jsonl"], "cannot read workload file"),
+    (["--num-prompts", "2", "--concurrency", "1,4"], "at least the largest concurrency"),
+    (["--stride", "1"], "stride must be"),
+    (["--output-len", "0"], "output-len must be"),
+    (["-o", "/nonexistent/r.json"], "folder does not exist"),
+    (["--shape", "tiny", "--prompt-len", "2000", "--output-len", "100"], "the model's context is 2048"),
+    (["--shape", "tiny", "--workload", "w.jsonl", "--prompt-len", "8"], "--prompt-len is for random prompts"),
+])
+def test_bad_arguments_fail_cleanly(argv, message, capsys):
+    assert main(["bench", "--device", "cpu", *argv]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("idlm: error:") and message in err and "\n" not in err
+
+
+def test_bad_workloads_fail_cleanly(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    for text, message in [('{"prompt": 3}\n', "bad.jsonl:1 needs"), ("not json\n", "bad.jsonl:1 is not JSON"),
+                          ('{"prompt": "hi", "max_tokens": 0}\n', "max_tokens"), ("\n", "holds no requests"),
+                          ('{"prompt": "text"}\n', "no tokenizer")]:
+        bad.write_text(text)
+        assert main(["bench", "--shape", "tiny", "--device", "cpu", "--workload", str(bad)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("idlm: error:") and message in err
+
+
+def test_isd_needs_a_mask_token(tmp_path, capsys):
+    assert main(["bench", "--model", str(no_mask_folder(tmp_path)), "--device", "cpu", "--modes", "isd"]) == 1
+    assert "mode isd needs" in capsys.readouterr().err
+
+
+def test_bench_help():
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["bench", "--help"])
+    assert info.value.code == 0
