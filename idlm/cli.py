@@ -15,7 +15,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weight and KV dtype (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--kv-cache-tokens", type=int, default=None, help="size of the paged KV pool in tokens")
-    p.add_argument("--adapter", default=None, help="gated-LoRA (R-ISD) adapter folder for the model")
+    p.add_argument("--adapter", default=None,
+                   help="gated-LoRA (R-ISD) adapter folder for the model (default: the shipped SmolLM2 adapter "
+                        "when --model is not given; 'none' for no adapter)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

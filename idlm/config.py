@@ -36,7 +36,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int | None = None  # seeds the per-request seeds of requests that bring none
     progress: bool = True
-    adapter: str | None = None  # gated-LoRA (R-ISD) adapter folder
+    adapter: str | None = None  # gated-LoRA (R-ISD) adapter folder; None: the shipped one for the default model; "none"
     mode: str | None = None  # default decoding mode: risd with an adapter, isd for I-DLM checkpoints, else ar
     stride: int | None = None  # default N: an I-DLM checkpoint's training block + 1, else 4
     proposal: str = "sample"

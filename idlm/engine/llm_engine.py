@@ -13,7 +13,8 @@ from idlm.engine.sequence import Sequence, TokenSource
 from idlm.engine.stats import EngineStats, request_stats
 from idlm.engine.tokenizer import IncrementalDetokenizer, generation_eos_ids, load_tokenizer
 from idlm.models.loader import load_model, parse_dtype, resolve_model_folder
-from idlm.models.lora import load_adapter
+from idlm.models.lora import DEFAULT_ADAPTER, load_adapter
+from idlm.models.transformer import compile_elementwise
 
 CPU_KV_BYTES = 1 << 30
 CPU_KV_TOKENS = 16384
@@ -53,8 +54,13 @@ class LLMEngine:
         self.model_config = self.model.cfg
         if self.device.type == "cpu":
             self.model.store_head_column_major()
+        elif not config.enforce_eager:
+            compile_elementwise()
         self.tokenizer = load_tokenizer(self.folder)
-        self.adapter = load_adapter(self.model, config.adapter) if config.adapter else None
+        adapter = config.adapter
+        if adapter is None and config.model is None:  # the embedded default: SmolLM2 + its R-ISD adapter
+            adapter = str(DEFAULT_ADAPTER)
+        self.adapter = load_adapter(self.model, adapter) if adapter and adapter != "none" else None
         self.mask_ids = {"isd": self._find_mask_token(), "risd": None}
         self.mask_ids["risd"] = self._risd_mask_token()
         default_mode = config.mode or ("risd" if self.adapter else "isd" if self.mask_ids["isd"] is not None else "ar")

@@ -1,8 +1,10 @@
 """Paged attention for several query tokens per sequence, in Triton (GPU).
 
-One program handles one (sequence, KV head, KV split). Its tile packs the sequence's query tokens
-with the query heads of that KV head's group (rows = tokens x group), so each K/V tile read from
-the paged cache serves every head that shares it. Query row i of a sequence sits at position
+One program handles one (sequence, KV head, query tile, KV split). Its tile packs the sequence's
+query tokens with the query heads of that KV head's group (rows = tokens x group), so each K/V
+tile read from the paged cache serves every head that shares it; a decode step's 1 to 31 tokens
+fit one or two query tiles, a prefill chunk is cut into many (each reads keys only up to its
+last query). Query row i of a sequence sits at position
 context_len - query_len + i and attends to cached positions <= its own (causal among the new
 tokens, full over the past). With few programs for the chip, the KV axis is split and a second
 kernel merges the partial softmaxes. The PyTorch `PagedAttention` is the oracle.
@@ -15,6 +17,7 @@ import triton
 import triton.language as tl
 
 NUM_SMS_FALLBACK = 132
+MAX_TILE_ROWS = 128  # query rows (tokens x GQA group) per program
 
 
 @triton.jit
@@ -32,12 +35,15 @@ def _paged_attention(
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
-    split = tl.program_id(2)
+    split = tl.program_id(2) % num_splits
+    q_tile = tl.program_id(2) // num_splits
     q_start = tl.load(query_start_ptr + seq)
     q_len = tl.load(query_start_ptr + seq + 1) - q_start
     ctx = tl.load(context_lens_ptr + seq)
+    if q_tile * BLOCK_M >= q_len * GROUP:
+        return
 
-    rows = tl.arange(0, BLOCK_M)
+    rows = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     token = rows // GROUP
     head = kv_head * GROUP + rows % GROUP
     row_ok = token < q_len
@@ -48,7 +54,8 @@ def _paged_attention(
 
     per_split = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
     lo = split * per_split
-    hi = tl.minimum(ctx, lo + per_split)
+    last_query = ctx - q_len + tl.minimum(q_len, ((q_tile + 1) * BLOCK_M - 1) // GROUP + 1)  # later keys are masked
+    hi = tl.minimum(tl.minimum(ctx, last_query), lo + per_split)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -127,9 +134,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     _, page, kv_heads, _ = k_cache.shape
     group = heads // kv_heads
     batch = context_lens.shape[0]
-    block_m = max(16, triton.next_power_of_2(max_query_len * group))
+    block_m = min(MAX_TILE_ROWS, max(16, triton.next_power_of_2(max_query_len * group)))
+    q_tiles = -(-max_query_len * group // block_m)
     block_n = block_n or 64
-    splits = num_splits or choose_splits(batch, kv_heads, max_context_len, block_n, q.device)
+    splits = 1 if q_tiles > 2 else num_splits or choose_splits(batch, kv_heads, max_context_len, block_n, q.device)
     out = torch.empty_like(q)
     if splits > 1:
         part_acc = torch.empty(tokens * heads * splits, dim, dtype=torch.float32, device=q.device)
@@ -137,7 +145,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     else:
         part_acc = part_ml = torch.empty(1, dtype=torch.float32, device=q.device)  # unused
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    _paged_attention[(batch, kv_heads, splits)](
+    _paged_attention[(batch, kv_heads, splits * q_tiles)](
         q, k_cache, v_cache, out, part_acc, part_ml,
         block_tables, query_start, context_lens,
         scale if scale is not None else dim ** -0.5,

@@ -20,6 +20,9 @@ from torch import nn
 if TYPE_CHECKING:
     from idlm.models.transformer import CausalLM
 
+# the shipped R-ISD adapter of the embedded default model (package data)
+DEFAULT_ADAPTER = Path(__file__).resolve().parents[1] / "adapters" / "smollm2-risd"
+
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # our (possibly fused) projection -> (attribute holding its LoRA, HF sub-projections in shard order)
 FUSED = {

