@@ -13,7 +13,7 @@ from idlm.engine.sequence import Sequence, TokenSource
 from idlm.engine.stats import EngineStats, request_stats
 from idlm.engine.tokenizer import IncrementalDetokenizer, generation_eos_ids, load_tokenizer
 from idlm.models.loader import load_model, parse_dtype, resolve_model_folder
-from idlm.models.lora import DEFAULT_ADAPTER, load_adapter
+from idlm.models.lora import DEFAULT_ADAPTER, fuse_for_inference, load_adapter
 from idlm.models.transformer import compile_elementwise
 
 CPU_KV_BYTES = 1 << 30
@@ -61,6 +61,7 @@ class LLMEngine:
         if adapter is None and config.model is None:  # the embedded default: SmolLM2 + its R-ISD adapter
             adapter = str(DEFAULT_ADAPTER)
         self.adapter = load_adapter(self.model, adapter) if adapter and adapter != "none" else None
+        fuse_for_inference(self.model)
         self.mask_ids = {"isd": self._find_mask_token(), "risd": None}
         self.mask_ids["risd"] = self._risd_mask_token()
         default_mode = config.mode or ("risd" if self.adapter else "isd" if self.mask_ids["isd"] is not None else "ar")

@@ -42,8 +42,16 @@ class GatedLoRA(nn.Module):
         self.rank, self.scaling = rank, scaling
         self.lora_A = nn.Parameter(torch.zeros(len(out_sizes) * rank, in_features))
         self.lora_B = nn.ParameterList(nn.Parameter(torch.zeros(size, rank)) for size in out_sizes)
+        self.fused_B: torch.Tensor | None = None  # inference: scaling * block-diagonal [B_1 .. B_s]
+
+    def fuse_for_inference(self) -> None:
+        """One GEMM for all shards: B_1..B_s as one scaled block-diagonal matrix (frozen weights)."""
+        with torch.no_grad():
+            self.fused_B = torch.block_diag(*self.lora_B) * self.scaling
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        if self.fused_B is not None:
+            return F.linear(F.linear(x, self.lora_A), self.fused_B) * gate[..., None]
         low = F.linear(x, self.lora_A).split(self.rank, dim=-1)
         delta = torch.cat([F.linear(h, b) for h, b in zip(low, self.lora_B)], dim=-1)
         return delta * (gate * self.scaling)[..., None]
@@ -144,6 +152,13 @@ def read_adapter_config(folder: Path) -> AdapterConfig:
                          target_modules=list(targets), mask_token_id=ours.get("mask_token_id"),
                          stride=ours.get("stride", 4), gate=ours.get("gate", "mask_rows"),
                          base_shape=ours.get("base_shape", {}))
+
+
+def fuse_for_inference(model: "CausalLM") -> None:
+    """Each attached LoRA computes with one fused B (the weights are frozen from here on)."""
+    for module in model.modules():
+        if isinstance(module, GatedLoRA):
+            module.fuse_for_inference()
 
 
 def load_adapter(model: "CausalLM", folder: Path) -> AdapterConfig:
