@@ -1,0 +1,69 @@
+"""The embedded default on this CPU: idlm (risd with the shipped adapter, and ar) against
+transformers `generate`, batch 1, greedy, on held-out chat prompts; and the time to start the
+default model a second time (GGUF conversion cached).
+
+    HF_HUB_OFFLINE=1 python benchmarks/cpu_default.py --prompts 8 --max-tokens 128 --json out.json
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from idlm import LLM, SamplingParams
+from idlm.models.loader import resolve_model_folder
+
+HELDOUT = Path(__file__).resolve().parents[1] / "configs" / "smollm2" / "prompts" / "heldout.jsonl"
+START = "import time; t = time.perf_counter(); from idlm import LLM; LLM(progress=False); print(time.perf_counter() - t)"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+    starts = [float(subprocess.run([sys.executable, "-c", START], capture_output=True, text=True, check=True)
+                    .stdout.split()[-1]) for _ in range(2)]
+    llm = LLM(progress=False)
+    engine = llm.engine
+    chats = [[{"role": "user", "content": json.loads(line)["prompt"]}]
+             for line in HELDOUT.read_text().splitlines()[:args.prompts]]
+    ids = [engine.chat_prompt(c) for c in chats]
+    results, outputs = {}, {}
+    llm.generate([ids[0]], SamplingParams(mode="ar", max_tokens=8))
+    for mode in ("risd", "ar"):
+        t = time.perf_counter()
+        outs = [llm.generate([x], SamplingParams(mode=mode, temperature=0, max_tokens=args.max_tokens))[0] for x in ids]
+        seconds = time.perf_counter() - t
+        tokens = sum(len(o.token_ids) for o in outs)
+        forwards = sum(o.stats["forwards"] for o in outs)
+        outputs[mode] = [o.token_ids for o in outs]
+        results[mode] = dict(tokens=tokens, seconds=seconds, tok_s=tokens / seconds, tpf=tokens / forwards)
+    hf = AutoModelForCausalLM.from_pretrained(str(resolve_model_folder(None)), dtype=torch.float32).eval()
+    eos = sorted(engine.eos_ids)
+    tokens, seconds = 0, 0.0
+    with torch.inference_mode():
+        hf.generate(torch.tensor([ids[0]]), max_new_tokens=8, do_sample=False)
+        for x, ref in zip(ids, outputs["ar"]):
+            t = time.perf_counter()
+            out = hf.generate(torch.tensor([x]), max_new_tokens=len(ref), min_new_tokens=len(ref), do_sample=False,
+                              eos_token_id=eos)
+            seconds += time.perf_counter() - t
+            tokens += out.shape[1] - len(x)
+    results["transformers"] = dict(tokens=tokens, seconds=seconds, tok_s=tokens / seconds)
+    report = dict(date=time.strftime("%Y-%m-%d"), threads=torch.get_num_threads(), torch=torch.__version__,
+                  second_start_s=starts[1], first_start_s=starts[0], prompts=args.prompts,
+                  max_tokens=args.max_tokens, risd_equals_ar=outputs["risd"] == outputs["ar"], results=results)
+    print(json.dumps(report, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
