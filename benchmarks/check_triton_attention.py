@@ -6,6 +6,7 @@ contexts 1-8192 including page boundaries, GQA groups 1-4, head dims 64/128, bf1
 time per call and the KV bytes it must read, as achieved bandwidth.
 
     python benchmarks/check_triton_attention.py [--json out.json] [--checks-only | --speed-only]
+    TRITON_INTERPRET=1 python benchmarks/check_triton_attention.py --device cpu --quick   # no GPU
 """
 
 import argparse
@@ -22,8 +23,11 @@ from idlm.kernels.triton_attention import paged_attention
 PAGE = 16
 
 
+DEVICE = torch.device("cuda")
+
+
 def random_case(batch, q_len, max_ctx, heads, kv_heads, dim, dtype, rng, exact_ctx=None):
-    device = torch.device("cuda")
+    device = DEVICE
     ctxs = [exact_ctx or rng.randint(q_len, max_ctx) for _ in range(batch)]
     pages_needed = [-(-c // PAGE) for c in ctxs]
     num_blocks = sum(pages_needed) + 8
@@ -61,6 +65,24 @@ def device_args(q, cache, block_tables, qs, ctxs):
 
 def run(q, cache, block_tables, qs, ctxs, splits=None):
     return paged_attention(*device_args(q, cache, block_tables, qs, ctxs), num_splits=splits)
+
+
+QUICK_CASES = [(2, 200, 700, 9, 3, 64), (1, 130, 130, 8, 2, 64), (2, 31, 300, 32, 4, 64), (1, 31, 100, 16, 2, 64),
+               (3, 7, 500, 9, 3, 64), (1, 1, 900, 8, 8, 64), (1, 257, 400, 4, 1, 64), (2, 64, 64, 6, 2, 64)]
+
+
+def quick_check(rng) -> list[dict]:
+    """A few float32 cases covering multi-tile prefill, non-power-of-two GQA groups and split-KV:
+    small enough for Triton's CPU interpreter."""
+    rows = []
+    for batch, q_len, max_ctx, heads, kv_heads, dim in QUICK_CASES:
+        case = random_case(batch, q_len, max_ctx, heads, kv_heads, dim, torch.float32, rng)
+        ref = oracle(*case)
+        for splits in (None, 3):
+            err = float((run(*case, splits=splits).float() - ref).norm() / ref.norm())
+            rows.append(dict(heads=heads, kv_heads=kv_heads, dim=dim, dtype="float32", batch=batch, q_len=q_len,
+                             max_ctx=max_ctx, splits=splits or "auto", rel_err=err, ok=err < 1e-5))
+    return rows
 
 
 def check(rng) -> list[dict]:
@@ -146,10 +168,15 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--speed-only", action="store_true")
     parser.add_argument("--checks-only", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="a few float32 cases only (implies --checks-only)")
+    parser.add_argument("--device", default="cuda",
+                        help="cuda (default), or cpu with TRITON_INTERPRET=1 (Triton's interpreter)")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     rng = random.Random(0)
     torch.manual_seed(0)
-    checks = check(rng) if not args.speed_only else []
+    checks = quick_check(rng) if args.quick else check(rng) if not args.speed_only else []
     bad = [r for r in checks if not r["ok"]]
     worst = {}
     for r in checks:
@@ -161,7 +188,7 @@ def main() -> None:
         print(f"| {dtype} | {dim} | {group} | {err:.2e} |")
     for r in bad[:10]:
         print("FAIL", r)
-    if args.checks_only:
+    if args.checks_only or args.quick:
         sys.exit(1 if bad else 0)
     TUNED.update(tune(rng))
     print("tuned:", TUNED)

@@ -19,7 +19,8 @@ from idlm import LLM, SamplingParams
 from idlm.models.loader import resolve_model_folder
 
 HELDOUT = Path(__file__).resolve().parents[1] / "configs" / "smollm2" / "prompts" / "heldout.jsonl"
-START = "import time; t = time.perf_counter(); from idlm import LLM; LLM(progress=False); print(time.perf_counter() - t)"
+START = ("import time; t = time.perf_counter(); from idlm import LLM; LLM(progress=False); "
+         "print(time.perf_counter() - t)")
 
 
 def main() -> None:
