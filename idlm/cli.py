@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("prompts", help="text file (one prompt per line) or JSONL with prompt / messages")
     distill.add_argument("output", help="chat JSONL to write")
     distill.add_argument("--samples-per-prompt", type=int, default=1, help="answers per prompt (default 1)")
+    distill.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together (default 64)")
     add_engine_args(distill)
     add_sampling_args(distill)
     add_serve_parser(sub)
@@ -209,7 +210,7 @@ def run_distill(args) -> None:
         raise ValueError("--samples-per-prompt must be >= 1")
     params = sampling_params(args)
     llm = LLM(args.model, device=args.device, dtype=args.dtype, kv_cache_tokens=args.kv_cache_tokens,
-              adapter=args.adapter)
+              adapter=args.adapter, max_num_seqs=args.max_num_seqs)
     written = distill(llm, Path(args.prompts), Path(args.output), params, args.samples_per_prompt)
     print(f"wrote {written} examples to {args.output}")
 

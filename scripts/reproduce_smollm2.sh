@@ -44,20 +44,8 @@ log "start: model=${MODEL:-embedded default} stages=$STAGES python=$PY"
 if has distill; then
   log "distill: start"
   t=$SECONDS
-  # `idlm distill` has no --max-num-seqs flag (the engine default is 64): call the same function
-  # with 256 sequences in flight.
-  "$PY" - "$MODEL" "$TRAIN_PROMPTS" "$DATA" <<'EOF' 2>&1 | tee "$OUT/distill.log"
-import sys
-from pathlib import Path
-
-from idlm import LLM, SamplingParams
-from idlm.training.distill import distill
-
-model, prompts, out = sys.argv[1] or None, Path(sys.argv[2]), Path(sys.argv[3])
-llm = LLM(model, max_num_seqs=256)
-written = distill(llm, prompts, out, SamplingParams(temperature=0, max_tokens=256))
-print(f"wrote {written} examples to {out}")
-EOF
+  "$PY" -m idlm distill "$TRAIN_PROMPTS" "$DATA" "${model_args[@]}" --mode ar --temperature 0 --max-tokens 256 \
+    --max-num-seqs 256 2>&1 | tee "$OUT/distill.log"
   gzip -c "$DATA" > "$OUT/onpolicy.jsonl.gz"
   log "distill: done in $((SECONDS - t)) s"
 fi
