@@ -50,3 +50,16 @@ def test_default_risd_equals_ar_and_drafts_are_accepted(default_llm):
 def test_no_adapter_on_request(tmp_path):
     llm = LLM(adapter="none", progress=False, kv_cache_tokens=2048)
     assert llm.engine.adapter is None and llm.engine.defaults["mode"] == "ar"
+
+
+def test_risd_stops_where_ar_stops(default_llm):
+    """A round commits several tokens at once; a stop string completed by one of them must end
+    the output there, as AR would, not after the round's last token."""
+    prompts = [json.loads(line)["prompt"] for line in HELDOUT.read_text().splitlines()[:6]]
+    chats = [[{"role": "user", "content": p}] for p in prompts]
+    for stop in (["."], [" the", ","]):
+        params = dict(temperature=0, max_tokens=48, stop=stop)
+        ar = default_llm.chat(chats, SamplingParams(mode="ar", **params))
+        risd = default_llm.chat(chats, SamplingParams(mode="risd", **params))
+        assert [(o.token_ids, o.text, o.finish_reason) for o in risd] == \
+               [(o.token_ids, o.text, o.finish_reason) for o in ar]

@@ -244,15 +244,19 @@ class LLMEngine:
     def _append(self, seq: Sequence, new_tokens: list[int]) -> None:
         params = seq.params
         reason = None
-        for token in new_tokens:
+        detok = self.detokenizers[seq.seq_id]
+        for i, token in enumerate(new_tokens):
             seq.token_ids.append(token)
             if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
                 reason = "stop"
             elif seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
                 reason = "length"
+            elif params.stop and i < len(new_tokens) - 1:
+                # a stop string completed inside a round ends the output at this token, as in AR
+                detok.feed(seq.output_token_ids, final=False)
+                reason = "stop" if detok.stopped else None
             if reason:
                 break
-        detok = self.detokenizers[seq.seq_id]
         detok.feed(seq.output_token_ids, final=reason is not None)
         if detok.stopped:
             reason = "stop"
