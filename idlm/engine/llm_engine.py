@@ -6,7 +6,7 @@ import torch
 
 from idlm.config import EngineConfig
 from idlm.engine.block_manager import BlockManager
-from idlm.engine.runner import ModelRunner, RoundOutcome
+from idlm.engine.runner import MAX_DECODE_TOKENS, ModelRunner, RoundOutcome
 from idlm.engine.sampling_params import SamplingParams
 from idlm.engine.scheduler import Scheduler
 from idlm.engine.sequence import Sequence, TokenSource
@@ -146,7 +146,7 @@ class LLMEngine:
         torch.cuda.synchronize(dev)
         activations = torch.cuda.max_memory_allocated(dev) - before
         del hidden
-        decode_rows = self.config.max_num_seqs * 31
+        decode_rows = self.config.max_num_seqs * MAX_DECODE_TOKENS
         decode = decode_rows * (cfg.vocab_size * (2 + 4 + 4 + 4) + cfg.hidden_size * 2 * 4)
         free, total = torch.cuda.mem_get_info(dev)
         budget = free - total * (1 - self.config.gpu_memory_utilization) - activations - decode
