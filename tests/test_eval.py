@@ -19,6 +19,7 @@ from idlm.eval import extract, humaneval, jsonl_bench
 from idlm.eval.client import Completion, per_request
 from idlm.eval.execution import Limits, run_python
 from idlm.eval.introspection import introspective_acceptance
+from idlm.kernels.attention import DenseAttention
 
 
 class FakeBackend:
@@ -312,6 +313,25 @@ def test_perplexity_matches_transformers(model_dirs, tmp_path, capsys):
     assert ours["windows"] > 3
     assert ours["perplexity"] == pytest.approx(float(torch.exp(nll / count)), rel=1e-4)
     assert ours["mean_nll"] == pytest.approx(float(nll / count), rel=1e-4)
+
+
+def test_perplexity_leaves_the_never_sampled_mask_out(tmp_path):
+    from idlm.eval.perplexity import perplexity
+    from idlm.models.loader import load_model
+
+    model = load_model(make_small_idlm(tmp_path / "idlm", vocab=12), torch.float32, "cpu", progress=False)
+    assert model.cfg.mask_token_id == 11
+    ids = torch.randint(2, 11, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    report = perplexity(model, ids, context=64, banned_token=11)
+    with torch.no_grad():
+        logits = model.logits(model(torch.tensor([ids]), torch.arange(40)[None], DenseAttention()))[0, :-1].double()
+    target = torch.tensor(ids[1:])
+    full = torch.nn.functional.cross_entropy(logits, target)
+    logits[:, 11] = float("-inf")
+    banned = torch.nn.functional.cross_entropy(logits, target)
+    assert report.perplexity == pytest.approx(float(banned.exp()), rel=1e-5)
+    assert report.perplexity_with_mask == pytest.approx(float(full.exp()), rel=1e-5)
+    assert report.perplexity < report.perplexity_with_mask
 
 
 # ---------------------------------------------------------------- alpha

@@ -12,14 +12,16 @@ from idlm.kernels.attention import DenseAttention
 from idlm.models.loader import load_model
 from idlm.training.config import build_config, load_train_config
 from idlm.training.data import Example, collate, load_examples, make_rows
-from idlm.training.objective import allowed, combine, dense_mask, double, flex_block_mask, loss_targets, summed_ce
+from idlm.training.objective import (allowed, block_diffusion_noise, combine, dense_mask, double, flex_block_mask,
+                                    loss_targets, summed_ce)
 from idlm.training.trainer import Trainer
 
 # ---------------------------------------------------------------- the attention mask
 
 
-def brute_force_mask(rows: list[list[Example]], length: int, block: int) -> torch.Tensor:
-    """The three rules written out position by position, on the [x_t | x_0] layout."""
+def brute_force_mask(rows: list[list[Example]], length: int, block: int, bidirectional: bool = False) -> torch.Tensor:
+    """The three rules written out position by position, on the [x_t | x_0] layout (bidirectional:
+    the sdar baseline's x_t blocks)."""
     out = torch.zeros(len(rows), 2 * length, 2 * length, dtype=torch.bool)
     for r, row in enumerate(rows):
         meta = []  # (sample, position) per token of the clean half, None for padding
@@ -37,7 +39,7 @@ def brute_force_mask(rows: list[list[Example]], length: int, block: int) -> torc
                 (_, pq), (_, pk) = mq, mk
                 q_noisy, k_noisy = q < length, k < length
                 if q_noisy and k_noisy:
-                    out[r, q, k] = pq // block == pk // block and pk <= pq
+                    out[r, q, k] = pq // block == pk // block and (pk <= pq or bidirectional)
                 elif q_noisy:
                     out[r, q, k] = pk // block < pq // block
                 elif not k_noisy:
@@ -59,7 +61,8 @@ def random_rows(rng: random.Random, packed: bool) -> list[list[Example]]:
 
 @pytest.mark.parametrize("block", [1, 2, 3, 4])
 @pytest.mark.parametrize("packed", [False, True])
-def test_mask_equals_brute_force(block, packed):
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_mask_equals_brute_force(block, packed, bidirectional):
     from torch.nn.attention.flex_attention import create_mask
 
     rng = random.Random(block * 10 + packed)
@@ -67,9 +70,9 @@ def test_mask_equals_brute_force(block, packed):
         rows = random_rows(rng, packed)
         batch = collate(rows, pad_id=0)
         db = double(batch, mask_token_id=3)
-        expected = brute_force_mask(rows, batch.input_ids.shape[1], block)
-        assert torch.equal(dense_mask(db, block), expected)
-        _, mask_mod = flex_block_mask(db, block)
+        expected = brute_force_mask(rows, batch.input_ids.shape[1], block, bidirectional)
+        assert torch.equal(dense_mask(db, block, bidirectional), expected)
+        _, mask_mod = flex_block_mask(db, block, bidirectional)
         rows_n, length = db.input_ids.shape
         flex = create_mask(mask_mod, rows_n, 1, length, length, device="cpu")[:, 0]
         assert torch.equal(flex, expected)
@@ -101,6 +104,27 @@ def test_loss_targets_never_use_prompt_tokens():
     assert 15 in tp.noisy_targets.tolist() and len(tp.noisy_targets) == 2  # nothing crosses into sample 2
 
 
+def test_sdar_noise_and_targets():
+    """sdar: only response tokens are MASKed, at a ratio shared inside a block, and each MASK
+    predicts its own token; CE_noisy averages over the MASKs."""
+    ex = Example(list(range(10, 30)), [i >= 4 for i in range(20)])
+    batch = collate([[ex]] * 64, pad_id=0)
+    masked = block_diffusion_noise(batch, 4, torch.Generator().manual_seed(0))
+    assert not masked[:, :4].any() and masked.any() and not masked.all()
+    again = block_diffusion_noise(batch, 4, torch.Generator().manual_seed(0))
+    assert torch.equal(masked, again)
+    fraction = masked[:, 4:].float().mean().item()
+    assert 0.4 < fraction < 0.6  # E[t] = 1/2
+    per_block = masked[:, 4:].float().view(64, 4, 4).mean(-1)  # blocks 1..4 (positions 4..19)
+    assert ((per_block == 0) | (per_block == 1)).float().mean() > 0.3  # ratios drawn per block, not per token
+    t = loss_targets(batch, masked)
+    assert t.num_noisy == int(masked.sum()) and t.num_response == 64 * 16
+    assert torch.equal(t.noisy_targets, batch.input_ids[masked])
+    assert torch.equal(t.noisy_rows, (torch.arange(64)[:, None] * 40 + torch.arange(20)[None])[masked])
+    db = double(batch, mask_token_id=3, masked=masked)
+    assert torch.equal(db.input_ids[:, :20] == 3, masked) and torch.equal(db.is_mask[:, :20], masked)
+
+
 def test_loss_values_by_hand():
     """Two MASK positions with known logits, clean weight 0.2: L = CE_noisy + 0.2 * CE_clean."""
     head = torch.nn.Linear(2, 3, bias=False)
@@ -117,6 +141,8 @@ def test_loss_values_by_hand():
     torch.testing.assert_close(losses.loss, torch.tensor(1.0 + 0.2 * 0.5))
     half = combine(noisy, clean, num_response=3, num_clean=3, clean_weight=0.2, denominator=6)
     torch.testing.assert_close(half.loss, torch.tensor(1.1 / 2))  # this micro-batch holds half the step
+    sdar = combine(noisy, clean, num_response=3, num_clean=3, clean_weight=0.2, denominator=6, num_noisy=2)
+    torch.testing.assert_close(sdar.loss, torch.tensor((1.5 + 0.2 * 0.5) / 2))  # CE_noisy over 2 MASKs
 
 
 def test_auto_balance_gradient():
@@ -242,6 +268,23 @@ def test_full_checkpoint_loads_as_idlm(tmp_path):
     assert out.finish_reason in ("stop", "length")
 
 
+def test_sdar_baseline_trains_and_saves_as_a_causal_model(tmp_path):
+    from idlm.eval.block_diffusion import read_sdar_keys
+
+    with pytest.raises(ValueError, match="mode full"):
+        tiny_setup(tmp_path, objective="sdar", mode="lora")
+    cfg = tiny_setup(tmp_path, objective="sdar")
+    final = Trainer(cfg).train()
+    raw = json.loads((final / "config.json").read_text())
+    assert "mask_token_id" not in raw and "block_size" not in raw
+    mask_id, block = read_sdar_keys(final)
+    assert block == 3 and mask_id == raw["vocab_size"] - 1
+    log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert all(r["ce_noisy"] > 0 and r["ce_clean"] > 0 for r in log)
+    llm = LLM(str(final), progress=False, kv_cache_tokens=1024)
+    assert llm.engine.defaults["mode"] == "ar"  # never ISD: its MASKs are not trained for it
+
+
 def final_weights(folder):
     from safetensors.torch import load_file
 
@@ -253,7 +296,9 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path):
     import sys
     import time
 
-    straight = Trainer(tiny_setup(tmp_path / "a", save_every=2)).train()
+    straight = Trainer(tiny_setup(tmp_path / "a", save_every=2, keep_checkpoints=2)).train()
+    kept = sorted(p.name for p in (tmp_path / "a" / "out" / "checkpoints").iterdir())
+    assert kept == ["step-0000004", "step-0000006"]  # step 8 is the final one
     cfg_path = tmp_path / "b.yaml"
     tiny = tiny_setup(tmp_path / "b", save_every=2)
     raw = {"model": tiny.model, "data": tiny.data, "output_dir": tiny.output_dir, "max_len": 32,

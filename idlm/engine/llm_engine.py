@@ -94,7 +94,7 @@ class LLMEngine:
     def _find_mask_token(self) -> int | None:
         if self.model_config.mask_token_id is not None:
             return self.model_config.mask_token_id
-        if self.tokenizer is None:
+        if self.tokenizer is None or self.model_config.block_diffusion:
             return None
         vocab = self.tokenizer.get_vocab()
         return next((vocab[name] for name in MASK_TOKEN_NAMES if name in vocab), None)

@@ -2,7 +2,11 @@
 no MASK tokens, over sliding windows of the context. Each window scores only the tokens the
 previous window did not, with everything before them in the window as context; the text's
 first token has no context and is not scored. For an I-DLM this is its AR stream; an R-ISD
-adapter never changes it (the gate is off on clean tokens), so none is loaded."""
+adapter never changes it (the gate is off on clean tokens), so none is loaded.
+
+A converted model's MASK id is part of its vocabulary but never sampled (the decoder bans it), so
+the perplexity is that of the distribution the decoder samples from: softmax without the MASK
+logit. `perplexity_with_mask` keeps it, for comparison."""
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,6 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from idlm.engine.tokenizer import load_tokenizer
+from idlm.eval.block_diffusion import read_sdar_keys
 from idlm.eval.data import read_text
 from idlm.kernels.attention import DenseAttention
 from idlm.models.loader import load_model, parse_dtype, resolve_model_folder
@@ -30,6 +35,8 @@ class PerplexityReport:
     windows: int
     context: int
     window_stride: int
+    banned_token: int | None = None  # the MASK id left out of the softmax
+    perplexity_with_mask: float | None = None  # the full softmax, MASK included
 
 
 def window_spans(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
@@ -51,7 +58,7 @@ def window_spans(n: int, context: int, stride: int) -> list[tuple[int, int, int]
 
 @torch.inference_mode()
 def perplexity(model: CausalLM, ids: list[int], context: int, stride: int | None = None,
-               progress: bool = False) -> PerplexityReport:
+               progress: bool = False, banned_token: int | None = None) -> PerplexityReport:
     if len(ids) < 2:
         raise ValueError(f"perplexity needs at least 2 tokens of text, got {len(ids)}")
     context = min(context, model.cfg.max_position_embeddings)
@@ -59,6 +66,7 @@ def perplexity(model: CausalLM, ids: list[int], context: int, stride: int | None
     device = next(model.parameters()).device
     tokens = torch.tensor(ids, device=device)
     nll, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    nll_with_mask = torch.zeros((), dtype=torch.float64, device=device)
     spans = window_spans(len(ids), context, stride)
     for begin, end, first in tqdm(spans, desc="perplexity", disable=not progress):
         x = tokens[begin:end]
@@ -67,11 +75,15 @@ def perplexity(model: CausalLM, ids: list[int], context: int, stride: int | None
         for lo in range(first, end, LOGIT_ROWS):
             hi = min(lo + LOGIT_ROWS, end)
             logits = model.logits(hidden[lo - 1 - begin:hi - 1 - begin]).float()
+            if banned_token is not None:
+                nll_with_mask += F.cross_entropy(logits, tokens[lo:hi], reduction="sum").double()
+                logits[:, banned_token] = float("-inf")
             nll += F.cross_entropy(logits, tokens[lo:hi], reduction="sum").double()
         count += end - first
     mean = float(nll) / count
+    with_mask = None if banned_token is None else float((nll_with_mask / count).exp())
     return PerplexityReport(count, mean, float(torch.tensor(mean, dtype=torch.float64).exp()), len(spans), context,
-                            stride)
+                            stride, banned_token, with_mask)
 
 
 def evaluate(text_file: Path, model_path: str | None, device: str = "auto", dtype: str = "auto",
@@ -89,6 +101,9 @@ def evaluate(text_file: Path, model_path: str | None, device: str = "auto", dtyp
         raise ValueError(f"{folder} has no tokenizer; perplexity needs one to read text")
     model = load_model(folder, parse_dtype(dtype), device)
     ids = tokenizer.encode(text, add_special_tokens=True, verbose=False)
-    report = perplexity(model, ids, context or DEFAULT_CONTEXT, stride, progress=True)
+    banned = read_sdar_keys(folder)[0] if model.cfg.block_diffusion else model.cfg.mask_token_id
+    if banned is not None and banned >= model.cfg.vocab_size:
+        banned = None
+    report = perplexity(model, ids, context or DEFAULT_CONTEXT, stride, progress=True, banned_token=banned)
     return {"task": "perplexity", "summary": {"model": str(folder), "file": str(text_file), "dtype": dtype,
                                               **asdict(report)}}

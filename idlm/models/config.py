@@ -33,6 +33,7 @@ class ModelConfig:
     mask_token_id: int | None
     train_block_size: int | None
     random_weights: bool = False  # a benchmark shape: no weights on disk (idlm.models.shapes)
+    block_diffusion: bool = False  # the SDAR-style baseline (idlm_objective: sdar): its MASKs are not ISD's
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
@@ -76,6 +77,7 @@ class ModelConfig:
             mask_token_id=raw.get("mask_token_id"),
             train_block_size=raw.get("block_size"),
             random_weights=bool(raw.get(RANDOM_WEIGHTS_KEY, False)),
+            block_diffusion=raw.get("idlm_objective") == "sdar",
         )
 
     @classmethod

@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 
 from idlm.config import read_yaml_mapping
+from idlm.training.objective import OBJECTIVES
 
 
 @dataclass
@@ -39,6 +40,7 @@ class TrainConfig:
     output_dir: str
     model: str | None = None  # HF folder or .gguf; None = the embedded default model
     mode: str = "full"  # full: I-DLM conversion; lora: gated LoRA for R-ISD (base frozen)
+    objective: str = "introspective"  # or sdar: the block-diffusion baseline (objective.py; full mode only)
     stages: list[Stage] = field(default_factory=lambda: [Stage(2, steps=100), Stage(3, steps=100, clean_weight="auto"),
                                                          Stage(4, steps=100, clean_weight="auto")])
     mask_token: str = "<|MASK|>"  # added to the tokenizer (and embedding) when absent
@@ -63,6 +65,7 @@ class TrainConfig:
     parallel: str = "ddp"  # with several processes: ddp (replicated) or fsdp (FSDP2, sharded)
     seed: int = 0
     save_every: int = 0  # steps between checkpoints; 0 = final only
+    keep_checkpoints: int = 0  # keep only the newest K step checkpoints; 0 = keep all
     save_dtype: str = "float32"
     resume: bool = True  # continue from the newest checkpoint in output_dir if there is one
     progress: bool = True
@@ -72,6 +75,10 @@ class TrainConfig:
             raise ValueError("'data' must list at least one JSONL file")
         if self.mode not in ("full", "lora"):
             raise ValueError(f"mode must be 'full' or 'lora', got {self.mode!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.objective == "sdar" and self.mode != "full":
+            raise ValueError("objective sdar (the block-diffusion baseline) trains every weight: use mode full")
         if not self.stages:
             raise ValueError("'stages' must list at least one stage")
         for stage in self.stages:
@@ -80,6 +87,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 0:
+            raise ValueError(f"keep_checkpoints must be an integer >= 0, got {self.keep_checkpoints!r}")
         if not isinstance(self.lr, int | float) or self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if self.attention not in ("auto", "flex", "dense"):

@@ -8,6 +8,13 @@ k (same sample, both real tokens) iff
   - q in x_t, k in x_0, block(k) < block(q);
   - both in x_0, k <= q.
 The output at position i predicts the token at i + 1 in both halves.
+
+`objective: sdar` trains the SDAR-style block-diffusion baseline of issue 7 on the same layout,
+changed in exactly the ways that define it: blocks of N tokens (not N - 1); inside a block x_t
+tokens attend in both directions; a random fraction of each block's response tokens is MASKed
+(ratio t ~ U(0, 1) per block, as masked diffusion trains); and a MASK's output predicts the token
+at its own position (no logit shift). The clean half and CE_clean are unchanged, so the baseline
+keeps a causal verifier and differs from ours only in how MASKs are trained.
 """
 
 from dataclasses import dataclass
@@ -17,6 +24,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 LOSS_CHUNK_ROWS = 1024
+OBJECTIVES = ("introspective", "sdar")
 
 
 @dataclass
@@ -43,42 +51,58 @@ class DoubledBatch:
     is_mask: torch.Tensor  # bool: position holds a MASK (x_t response tokens)
 
 
-def double(batch: PackedBatch, mask_token_id: int) -> DoubledBatch:
-    x_t = torch.where(batch.response, torch.full_like(batch.input_ids, mask_token_id), batch.input_ids)
+def double(batch: PackedBatch, mask_token_id: int, masked: torch.Tensor | None = None) -> DoubledBatch:
+    """masked: which tokens x_t replaces by MASK; None = every response token (introspective)."""
+    masked = batch.response if masked is None else masked
+    x_t = torch.where(masked, torch.full_like(batch.input_ids, mask_token_id), batch.input_ids)
     half = torch.zeros_like(batch.response)
     return DoubledBatch(
         input_ids=torch.cat([x_t, batch.input_ids], dim=1),
         positions=torch.cat([batch.positions, batch.positions], dim=1),
         sample_ids=torch.cat([batch.sample_ids, batch.sample_ids], dim=1),
         noisy=torch.cat([~half, half], dim=1),
-        is_mask=torch.cat([batch.response, half], dim=1),
+        is_mask=torch.cat([masked, half], dim=1),
     )
 
 
-def allowed(noisy_q, noisy_k, pos_q, pos_k, sample_q, sample_k, block_size: int):
+def block_diffusion_noise(batch: PackedBatch, block_size: int, generator: torch.Generator) -> torch.Tensor:
+    """SDAR-style x_t: each (sample, block) draws a ratio t ~ U(0, 1) and MASKs each of its response
+    tokens with probability t. Drawn on the CPU from `generator`, so a resumed run redraws the same."""
+    rows, length = batch.input_ids.shape
+    blocks = length // block_size + 1
+    ratio = torch.rand(rows, length + 1, blocks, generator=generator)  # indexed by (row, sample, block)
+    sample = batch.sample_ids.cpu().clamp(min=0)
+    t = ratio[torch.arange(rows)[:, None], sample, batch.positions.cpu() // block_size]
+    coin = torch.rand(rows, length, generator=generator)
+    return (coin < t).to(batch.response.device) & batch.response
+
+
+def allowed(noisy_q, noisy_k, pos_q, pos_k, sample_q, sample_k, block_size: int, bidirectional: bool = False):
     """The three rules, elementwise over broadcast query/key metadata (used densely and by
-    FlexAttention's mask_mod)."""
+    FlexAttention's mask_mod). bidirectional: x_t tokens of a block see the whole block (sdar)."""
     same_sample = (sample_q == sample_k) & (sample_q >= 0)
     causal = pos_k <= pos_q
     block_q, block_k = pos_q // block_size, pos_k // block_size
-    noisy_noisy = noisy_q & noisy_k & (block_q == block_k) & causal
+    noisy_noisy = noisy_q & noisy_k & (block_q == block_k)
+    if not bidirectional:
+        noisy_noisy = noisy_noisy & causal
     noisy_clean = noisy_q & ~noisy_k & (block_k < block_q)
     clean_clean = ~noisy_q & ~noisy_k & causal
     return same_sample & (noisy_noisy | noisy_clean | clean_clean)
 
 
-def dense_mask(db: DoubledBatch, block_size: int) -> torch.Tensor:
+def dense_mask(db: DoubledBatch, block_size: int, bidirectional: bool = False) -> torch.Tensor:
     """Boolean [rows, 2L, 2L]. Padding rows may attend to themselves so no softmax row is empty."""
     q = lambda t: t[:, :, None]  # noqa: E731
     k = lambda t: t[:, None, :]  # noqa: E731
     mask = allowed(q(db.noisy), k(db.noisy), q(db.positions), k(db.positions), q(db.sample_ids), k(db.sample_ids),
-                   block_size)
+                   block_size, bidirectional)
     padding = db.sample_ids < 0
     eye = torch.eye(mask.shape[-1], dtype=torch.bool, device=mask.device)
     return mask | (eye & padding[:, :, None])
 
 
-def flex_block_mask(db: DoubledBatch, block_size: int):
+def flex_block_mask(db: DoubledBatch, block_size: int, bidirectional: bool = False):
     """The same rules as a FlexAttention block mask (no dense [2L, 2L] tensor)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -86,7 +110,7 @@ def flex_block_mask(db: DoubledBatch, block_size: int):
 
     def mask_mod(b, h, q_idx, kv_idx):
         rule = allowed(noisy[b, q_idx], noisy[b, kv_idx], pos[b, q_idx], pos[b, kv_idx], sample[b, q_idx],
-                       sample[b, kv_idx], block_size)
+                       sample[b, kv_idx], block_size, bidirectional)
         return rule | ((q_idx == kv_idx) & (sample[b, q_idx] < 0))
 
     rows, length = db.input_ids.shape
@@ -101,12 +125,15 @@ class LossTargets:
     noisy_targets: torch.Tensor
     clean_rows: torch.Tensor
     clean_targets: torch.Tensor
-    num_response: int  # response tokens in this batch (the CE_noisy denominator)
+    num_response: int  # response tokens in this batch (the step's share of the loss)
+    num_noisy: int  # what CE_noisy is averaged over: response tokens, or MASKed tokens (sdar)
 
 
-def loss_targets(batch: PackedBatch) -> LossTargets:
+def loss_targets(batch: PackedBatch, sdar_masked: torch.Tensor | None = None) -> LossTargets:
     """Output i predicts token i + 1 of the same sample. CE_noisy: x_t MASK positions whose next
-    token is a response token; CE_clean: x_0 positions whose next token is a response token."""
+    token is a response token; CE_clean: x_0 positions whose next token is a response token.
+    With sdar_masked (the sdar objective), CE_noisy is over those MASKs instead, each predicting
+    the token at its own position."""
     rows, length = batch.input_ids.shape
     next_response = torch.zeros_like(batch.response)
     same = batch.sample_ids[:, 1:] == batch.sample_ids[:, :-1]
@@ -115,12 +142,18 @@ def loss_targets(batch: PackedBatch) -> LossTargets:
     next_token[:, :-1] = batch.input_ids[:, 1:]
     row_base = torch.arange(rows, device=batch.input_ids.device)[:, None] * 2 * length
     col = torch.arange(length, device=batch.input_ids.device)[None]
-    noisy_sel = next_response & batch.response
     clean_sel = next_response
+    num_response = int(batch.response.sum())
+    if sdar_masked is None:
+        noisy_sel = next_response & batch.response
+        noisy_targets, num_noisy = next_token[noisy_sel], num_response
+    else:
+        noisy_sel = sdar_masked
+        noisy_targets, num_noisy = batch.input_ids[noisy_sel], int(sdar_masked.sum())
     return LossTargets(
-        noisy_rows=(row_base + col)[noisy_sel], noisy_targets=next_token[noisy_sel],
+        noisy_rows=(row_base + col)[noisy_sel], noisy_targets=noisy_targets,
         clean_rows=(row_base + length + col)[clean_sel], clean_targets=next_token[clean_sel],
-        num_response=int(batch.response.sum()),
+        num_response=num_response, num_noisy=num_noisy,
     )
 
 
@@ -147,19 +180,19 @@ class Losses:
 
 
 def combine(noisy_sum: torch.Tensor, clean_sum: torch.Tensor | None, num_response: int, num_clean: int,
-            clean_weight: float | str, denominator: int) -> Losses:
+            clean_weight: float | str, denominator: int, num_noisy: int | None = None) -> Losses:
     """L = CE_noisy + w * CE_clean. CE_noisy is summed over its positions and divided by the
-    number of response tokens; CE_clean is a mean. With w = "auto", w = sg(CE_noisy) / sg(CE_clean).
+    number of response tokens (or by num_noisy, the MASKed tokens, for sdar); CE_clean is a mean.
+    With w = "auto", w = sg(CE_noisy) / sg(CE_clean).
 
     `denominator` is the response-token count of the whole optimizer step (all micro-batches, all
     ranks), so accumulation and data parallelism leave the gradient unchanged; the returned loss is
     this micro-batch's share of the step loss."""
-    ce_noisy = noisy_sum / max(num_response, 1)
+    ce_noisy = noisy_sum / max(num_response if num_noisy is None else num_noisy, 1)
+    scale = num_response / max(denominator, 1)
     if clean_sum is None or num_clean == 0:
-        share = noisy_sum / max(denominator, 1)
-        return Losses(share, float(ce_noisy.detach()), float("nan"), 0.0)
+        return Losses(ce_noisy * scale, float(ce_noisy.detach()), float("nan"), 0.0)
     ce_clean = clean_sum / num_clean
     weight = float(ce_noisy.detach() / ce_clean.detach().clamp(min=1e-8)) if clean_weight == "auto" else clean_weight
-    scale = num_response / max(denominator, 1)
     share = (ce_noisy + weight * ce_clean) * scale
     return Losses(share, float(ce_noisy.detach()), float(ce_clean.detach()), weight)

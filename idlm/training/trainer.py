@@ -27,7 +27,8 @@ from idlm.models.loader import load_model, resolve_model_folder
 from idlm.models.lora import AdapterConfig, attach_lora, save_adapter
 from idlm.training.config import TrainConfig
 from idlm.training.data import RowOrder, collate, load_examples, make_rows
-from idlm.training.objective import DoubledBatch, combine, dense_mask, double, flex_block_mask, loss_targets, summed_ce
+from idlm.training.objective import (DoubledBatch, block_diffusion_noise, combine, dense_mask, double, flex_block_mask,
+                                    loss_targets, summed_ce)
 
 STATE_FILE = "trainer_state.pt"
 DONE_MARKER = "COMPLETE"
@@ -204,6 +205,7 @@ class Trainer:
             bar.update()
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
                 self.save(self.out / "checkpoints" / f"step-{self.step:07d}")
+                self._prune_checkpoints()
         bar.close()
         final = self.out / "final"
         self.save(final)
@@ -215,7 +217,8 @@ class Trainer:
     def _train_step(self) -> dict:
         cfg = self.cfg
         stage = self.stage_at(self.step)
-        block = stage.stride - 1
+        sdar = cfg.objective == "sdar"
+        block = stage.stride if sdar else stage.stride - 1
         start = time.perf_counter()
         rows = [self.rows[i] for i in self.order.take(self.step * self.rows_per_step, self.rows_per_step)]
         denominator = sum(sum(sum(ex.response) for ex in row) for row in rows)
@@ -224,9 +227,14 @@ class Trainer:
         for m in range(cfg.grad_accum):
             micro = mine[m * cfg.micro_batch_size:(m + 1) * cfg.micro_batch_size]
             batch = collate(micro, self.tokenizer.pad_token_id or 0).to(self.device)
-            db = double(batch, self.mask_id)
-            attn = FlexAttention(flex_block_mask(db, block)[0]) if self.flex else DenseAttention(dense_mask(db, block))
-            targets = loss_targets(batch)
+            masked = None
+            if sdar:
+                noise = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step * 1009 + self.rank * 31 + m)
+                masked = block_diffusion_noise(batch, block, noise)
+            db = double(batch, self.mask_id, masked)
+            attn = (FlexAttention(flex_block_mask(db, block, sdar)[0]) if self.flex
+                    else DenseAttention(dense_mask(db, block, sdar)))
+            targets = loss_targets(batch, masked)
             last = m == cfg.grad_accum - 1
             if self.fsdp:
                 self.objective.set_requires_gradient_sync(last)
@@ -235,7 +243,7 @@ class Trainer:
                 noisy_sum, clean_sum = self.runner(db, attn, targets.noisy_rows, targets.noisy_targets,
                                                    targets.clean_rows, targets.clean_targets)
                 losses = combine(noisy_sum, clean_sum, targets.num_response, len(targets.clean_targets),
-                                 stage.clean_weight, denominator)
+                                 stage.clean_weight, denominator, targets.num_noisy)
                 (losses.loss * self.world).backward()
             n = targets.num_response
             totals += torch.tensor([float(losses.loss.detach()), losses.ce_noisy * n, losses.ce_clean * n,
@@ -283,8 +291,13 @@ class Trainer:
 
     def _save_hf_folder(self, folder: Path, stride: int, full_state: dict) -> None:
         raw = json.loads((self.folder / "config.json").read_text())
-        raw.update(mask_token_id=self.mask_id, block_size=stride - 1, vocab_size=self.model.cfg.vocab_size,
-                   torch_dtype=self.cfg.save_dtype)
+        raw.update(vocab_size=self.model.cfg.vocab_size, torch_dtype=self.cfg.save_dtype)
+        if self.cfg.objective == "sdar":
+            # Not I-DLM keys: the engine must not run ISD on it; its clean stream decodes as ar, and
+            # idlm/eval/block_diffusion.py reads these.
+            raw.update(idlm_objective="sdar", sdar_mask_token_id=self.mask_id, sdar_block_size=stride)
+        else:
+            raw.update(mask_token_id=self.mask_id, block_size=stride - 1)
         (folder / "config.json").write_text(json.dumps(raw, indent=2))
         dtype = getattr(torch, self.cfg.save_dtype)
         weights = {k: v.detach().to(dtype).contiguous().cpu() for k, v in self.model.hf_state_dict(full_state).items()}
@@ -308,6 +321,15 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
         }
+
+    def _prune_checkpoints(self) -> None:
+        """Keeps the newest keep_checkpoints step checkpoints (with its optimizer state, a full one
+        takes ~14 bytes a parameter)."""
+        if not self.cfg.keep_checkpoints or not self.is_main:
+            return
+        complete = sorted(c for c in (self.out / "checkpoints").glob("step-*") if (c / DONE_MARKER).is_file())
+        for old in complete[:-self.cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def _resume(self) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict

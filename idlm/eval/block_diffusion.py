@@ -1,0 +1,156 @@
+"""Decoders for the SDAR-style block-diffusion baseline (`idlm train` with `objective: sdar`), for
+measuring its alpha and TPF against ours (issue 7). Dense forwards over the whole sequence, no KV
+cache: a measuring tool, not a serving path.
+
+Such a model fills a block of N MASKs in one forward: the MASKs see the committed prefix causally
+and each other in both directions, and the output at a MASK is a guess for the token at that same
+position (no logit shift). Its clean stream is an ordinary causal LM (CE_clean trained it), the
+verifier p.
+
+- `parallel_decode`: the baseline's own decoding, all N tokens of a block from one forward (TPF N,
+  not exact). Each token's q is kept; alpha = mean min(1, p/q) with p from one causal forward over
+  prompt + output (DESIGN.md section 4), as `idlm eval alpha` does for ISD.
+- `exact_decode`: lossless decoding with its MASKs as the proposal, in rounds shaped like ISD's: one
+  forward over committed + drafts + N MASKs verifies the drafts on the clean rows; when all are
+  accepted, the MASK block's first guess is verified at once against the last clean row (both
+  describe the same position), and its other N - 1 guesses are the next round's drafts. Rejection
+  is the usual min(1, p/q) test with a residual draw, so the output has the clean stream's
+  distribution, and at greedy it is its greedy output.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from idlm.decoding.sampling import SamplingTensors, token_probs
+from idlm.kernels.attention import DenseAttention
+from idlm.models.transformer import CausalLM
+
+
+@dataclass
+class BlockDiffusionModel:
+    model: CausalLM
+    mask_id: int
+    block_size: int  # N: tokens a block holds
+
+
+def read_sdar_keys(folder: str | Path) -> tuple[int, int]:
+    """(MASK id, block size) from a checkpoint that `idlm train` saved with objective sdar."""
+    raw = json.loads((Path(folder) / "config.json").read_text())
+    if raw.get("idlm_objective") != "sdar":
+        raise ValueError(f"{folder} is not an SDAR-style checkpoint (config.json has no idlm_objective: sdar); "
+                         "train one with `idlm train` and `objective: sdar`")
+    return int(raw["sdar_mask_token_id"]), int(raw["sdar_block_size"])
+
+
+@dataclass
+class Decoded:
+    tokens: list[int]
+    q: list[float]  # probability each token was proposed with
+    forwards: int
+    reached: list[int] = field(default_factory=list)  # per block position: guesses that were tested
+    accepted: list[int] = field(default_factory=list)
+
+
+class ProbabilityRule:
+    """The distribution every row samples from (temperature, top-k, top-p; one-hot at greedy)."""
+
+    def __init__(self, temperature: float, top_k: int, top_p: float, mask_id: int, device):
+        self.row = (temperature, top_k, top_p, 0)
+        self.mask_id, self.device = mask_id, device
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        st = SamplingTensors.build([self.row] * logits.shape[0], self.device)
+        return token_probs(logits, st, self.mask_id if self.mask_id < logits.shape[-1] else None)
+
+
+def _forward(bd: BlockDiffusionModel, ids: list[int], clean_len: int) -> torch.Tensor:
+    """Logits for every row of ids = clean (causal) + MASK block (sees the clean rows and the block)."""
+    device = next(bd.model.parameters()).device
+    length = len(ids)
+    mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    mask[clean_len:, clean_len:] = True
+    x = torch.tensor([ids], device=device)
+    hidden = bd.model(x, torch.arange(length, device=device)[None], DenseAttention(mask[None]))
+    return bd.model.logits(hidden[0]).float()
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def _cut_at_eos(tokens: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
+    for i, t in enumerate(tokens):
+        if t in eos_ids:
+            return tokens[:i + 1], True
+    return tokens, False
+
+
+@torch.inference_mode()
+def parallel_decode(bd: BlockDiffusionModel, prompt: list[int], max_tokens: int, probs: ProbabilityRule,
+                    eos_ids: set[int], generator: torch.Generator) -> Decoded:
+    n = bd.block_size
+    out: Decoded = Decoded([], [], 0)
+    while len(out.tokens) < max_tokens:
+        clean = prompt + out.tokens
+        dist = probs(_forward(bd, clean + [bd.mask_id] * n, len(clean))[len(clean):])
+        out.forwards += 1
+        block = [_draw(row, generator) for row in dist]
+        q = [float(dist[i, t]) for i, t in enumerate(block)]
+        block, stop = _cut_at_eos(block[:max_tokens - len(out.tokens)], eos_ids)
+        out.tokens += block
+        out.q += q[:len(block)]
+        if stop:
+            break
+    return out
+
+
+@torch.inference_mode()
+def exact_decode(bd: BlockDiffusionModel, prompt: list[int], max_tokens: int, probs: ProbabilityRule,
+                 eos_ids: set[int], generator: torch.Generator) -> Decoded:
+    n = bd.block_size
+    out = Decoded([], [], 0, reached=[0] * n, accepted=[0] * n)
+    drafts: list[tuple[int, torch.Tensor]] = []  # (token, its proposal distribution), block positions 1..
+    while len(out.tokens) < max_tokens:
+        committed = prompt + out.tokens
+        clean = committed + [t for t, _ in drafts]
+        logits = _forward(bd, clean + [bd.mask_id] * n, len(clean))
+        out.forwards += 1
+        p = probs(logits[len(committed) - 1:len(clean)])  # row j: the clean stream's p for drafts[j], then next
+        new: list[int] = []
+
+        def test(token: int, q: torch.Tensor, p_row: torch.Tensor, position: int) -> bool:
+            out.reached[position] += 1
+            if torch.rand((), generator=generator) * q[token] < p_row[token]:  # min(1, p/q), no division
+                out.accepted[position] += 1
+                new.append(token)
+                out.q.append(float(q[token]))
+                return True
+            residual = (p_row - q).clamp(min=0)
+            new.append(_draw(residual if residual.sum() > 0 else p_row, generator))
+            out.q.append(float(p_row[new[-1]]))
+            return False
+
+        all_accepted = all(test(t, q, p[j], j + 1) for j, (t, q) in enumerate(drafts))
+        drafts = []
+        if all_accepted:
+            guesses = probs(logits[len(clean):])
+            block = [_draw(row, generator) for row in guesses]
+            if test(block[0], guesses[0], p[-1], 0):
+                drafts = list(zip(block[1:], guesses[1:]))
+        kept, stop = _cut_at_eos(new[:max_tokens - len(out.tokens)], eos_ids)
+        out.tokens += kept
+        out.q = out.q[:len(out.tokens)]
+        if stop:
+            break
+    return out
+
+
+@torch.inference_mode()
+def clean_probs(bd: BlockDiffusionModel, prompt: list[int], tokens: list[int], probs: ProbabilityRule) -> torch.Tensor:
+    """p_k(x_k) of each output token under the clean causal stream (one forward)."""
+    ids = prompt + tokens
+    logits = _forward(bd, ids, len(ids))[len(prompt) - 1:len(ids) - 1]
+    return probs(logits).gather(1, torch.tensor(tokens, device=logits.device)[:, None]).squeeze(1).double().cpu()
