@@ -12,6 +12,12 @@
 #   idlm     trains the I-DLM conversion (configs/smollm2/idlm.yaml) -> runs/smollm2-idlm/final
 #   idlm-eval  evaluates it: greedy isd (N = 2, 3, 4, 8) vs ar, TPF, alpha, perplexity, HumanEval
 #            (the checkpoint itself stays here: too big to copy back)
+#   sdar     trains the SDAR-style baseline (configs/smollm2/sdar.yaml: idlm.yaml's data and steps,
+#            objective sdar) -> runs/smollm2-sdar/final
+#   sdar-eval  its alpha and exact-decoding TPF (scripts/eval_sdar_baseline.py) and perplexity
+#   sampled  the conversion on sampled (T = 1) on-policy answers: distills them, trains
+#            configs/smollm2/idlm_sampled.yaml -> runs/smollm2-idlm-sampled/final, evaluates it
+# (not in the default list: sdar sdar-eval sampled)
 # Each stage takes under ~7 minutes on an H100; a stage reads what earlier ones wrote under data/ and
 # runs/, so STAGES="eval" re-evaluates an adapter trained earlier on the same machine.
 set -euo pipefail
@@ -29,6 +35,8 @@ TEXT=configs/smollm2/heldout_text.txt
 DATA=data/smollm2/onpolicy.jsonl
 ADAPTER=runs/smollm2-risd/final
 IDLM=runs/smollm2-idlm/final
+SDAR=runs/smollm2-sdar/final
+SAMPLED=runs/smollm2-idlm-sampled/final
 mkdir -p "$OUT"
 model_args=()
 if [ -n "$MODEL" ]; then model_args=(--model "$MODEL"); fi
@@ -123,6 +131,34 @@ if has idlm-eval; then
   log "idlm-eval: done in $((SECONDS - t)) s"
 fi
 
+if has sdar; then
+  train sdar
+fi
+
+if has sdar-eval; then
+  log "sdar-eval: start"
+  t=$SECONDS
+  cp runs/smollm2-sdar/log.jsonl "$OUT/sdar_train_log.jsonl"
+  "$PY" -m idlm eval perplexity "$TEXT" --model "$SDAR" -o "$OUT/ppl_sdar.json"
+  # dense decoding without a KV cache: ~5 s a prompt at 128 tokens on an H100
+  "$PY" scripts/eval_sdar_baseline.py "$SDAR" --prompts "$HELDOUT" --strides 4 --limit "${SDAR_PROMPTS:-30}" \
+    --max-tokens 128 -o "$OUT/sdar_eval.json"
+  log "sdar-eval: done in $((SECONDS - t)) s"
+fi
+
+if has sampled; then
+  log "sampled: distill start"
+  t=$SECONDS
+  "$PY" -m idlm distill "$TRAIN_PROMPTS" data/smollm2/onpolicy_t1.jsonl "${model_args[@]}" --mode ar \
+    --temperature 1 --seed 0 --max-tokens 256 --max-num-seqs 256 2>&1 | tee "$OUT/distill_t1.log"
+  log "sampled: distill done in $((SECONDS - t)) s"
+  train idlm_sampled
+  cp runs/smollm2-idlm-sampled/log.jsonl "$OUT/idlm_sampled_train_log.jsonl"
+  "$PY" scripts/compare_modes.py --model "$SAMPLED" --mode isd --prompts "$HELDOUT" \
+    --strides 4 --max-tokens 256 --dtype float32 -o "$OUT/idlm_sampled_isd_vs_ar_fp32.json"
+  "$PY" -m idlm eval perplexity "$TEXT" --model "$SAMPLED" -o "$OUT/ppl_idlm_sampled.json"
+fi
+
 # one line per result file
 "$PY" - "$OUT" <<'EOF' | tee "$OUT/summary.txt"
 import json
@@ -131,7 +167,10 @@ from pathlib import Path
 
 for path in sorted(Path(sys.argv[1]).glob("*.json")):
     r = json.loads(path.read_text())
-    if "runs" in r:  # compare_modes.py
+    if "trained_block_size" in r:  # eval_sdar_baseline.py
+        print(f"{path.name}: " + ", ".join(f"N={x['block_size']}: alpha {x['alpha']:.3f}, exact TPF "
+                                           f"{x['tpf_exact_greedy']:.2f}" for x in r["runs"]))
+    elif "runs" in r:  # compare_modes.py
         runs = ", ".join(f"N={x['stride']}: {x['identical']}/{r['num_prompts']} identical, TPF {x['tpf']:.2f}"
                          for x in r["runs"])
         print(f"{path.name}: {r['mode']} {r['dtype']}: {runs}")

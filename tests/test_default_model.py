@@ -11,10 +11,10 @@ from idlm import LLM, SamplingParams
 from idlm.models.lora import DEFAULT_ADAPTER
 
 HELDOUT = Path(__file__).resolve().parents[1] / "configs" / "smollm2" / "prompts" / "heldout.jsonl"
-# The shipped adapter reaches TPF 1.56 over 100 held-out answers of up to 256 tokens (float32,
-# docs/REPRODUCTION.md) and about 1.45 over these first four at 48 tokens; a broken adapter
+# The shipped adapter reaches TPF 1.71 over 100 held-out answers of up to 256 tokens (float32,
+# docs/REPRODUCTION.md) and 1.72 over these first four at 48 tokens on the CPU; a broken adapter
 # gives about 1.0.
-MIN_TPF = 1.3
+MIN_TPF = 1.5
 
 
 @pytest.fixture(scope="module")

@@ -257,6 +257,20 @@ def test_gated_lora_training_keeps_the_base_model(tmp_path):
     assert (tmp_path / "out" / "loss.png").stat().st_size > 1000
 
 
+def test_bfloat16_adapter_file_keeps_risd_exact(tmp_path):
+    from safetensors.torch import load_file
+
+    final = Trainer(tiny_setup(tmp_path, mode="lora", save_dtype="bfloat16")).train()
+    tensors = load_file(final / "adapter_model.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    assert load_file(final / "mask_embedding.safetensors")["mask_embedding"].dtype == torch.float32
+    llm = LLM(str(tmp_path / "base"), adapter=str(final), progress=False, kv_cache_tokens=1024)
+    greedy = dict(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = [[5, 6, 7], [8, 9], [4, 5, 6, 7, 8]]
+    assert ([o.token_ids for o in llm.generate(prompts, SamplingParams(mode="risd", stride=3, **greedy))]
+            == [o.token_ids for o in llm.generate(prompts, SamplingParams(mode="ar", **greedy))])
+
+
 def test_full_checkpoint_loads_as_idlm(tmp_path):
     final = Trainer(tiny_setup(tmp_path)).train()
     raw = json.loads((final / "config.json").read_text())

@@ -119,7 +119,10 @@ def peft_state_dict(model: "CausalLM", acfg: AdapterConfig) -> dict[str, torch.T
     return out
 
 
-def save_adapter(model: "CausalLM", folder: Path, acfg: AdapterConfig, base_name: str = "") -> None:
+def save_adapter(model: "CausalLM", folder: Path, acfg: AdapterConfig, base_name: str = "",
+                 dtype: torch.dtype = torch.float32) -> None:
+    """PEFT layout; A and B in `dtype` (loading casts them to the model's dtype). The MASK row
+    stays float32: it is one row."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     acfg.base_shape = base_shape(model)
@@ -129,7 +132,7 @@ def save_adapter(model: "CausalLM", folder: Path, acfg: AdapterConfig, base_name
         "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "idlm": asdict(acfg),
     }
     (folder / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
-    tensors = {k: v.float() for k, v in peft_state_dict(model, acfg).items()}
+    tensors = {k: v.to(dtype).contiguous() for k, v in peft_state_dict(model, acfg).items()}
     save_file(tensors, folder / "adapter_model.safetensors")
     if model.mask_embedding is not None:
         save_file({"mask_embedding": model.mask_embedding.detach().float().contiguous()},

@@ -66,7 +66,7 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 0  # steps between checkpoints; 0 = final only
     keep_checkpoints: int = 0  # keep only the newest K step checkpoints; 0 = keep all
-    save_dtype: str = "float32"
+    save_dtype: str = "float32"  # weights of a full checkpoint, or A and B of an adapter
     resume: bool = True  # continue from the newest checkpoint in output_dir if there is one
     progress: bool = True
 
@@ -87,6 +87,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.save_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"save_dtype must be float32, bfloat16 or float16, got {self.save_dtype!r}")
         if not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 0:
             raise ValueError(f"keep_checkpoints must be an integer >= 0, got {self.keep_checkpoints!r}")
         if not isinstance(self.lr, int | float) or self.lr <= 0:

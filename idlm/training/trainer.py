@@ -279,7 +279,8 @@ class Trainer:
             stride = self.stage_at(max(0, self.step - 1)).stride
             if self.cfg.mode == "lora":
                 self.adapter_cfg.stride = stride
-                save_adapter(self.model, tmp, self.adapter_cfg, base_name=str(self.folder))
+                save_adapter(self.model, tmp, self.adapter_cfg, base_name=str(self.folder),
+                             dtype=getattr(torch, self.cfg.save_dtype))
             else:
                 self._save_hf_folder(tmp, stride, state["model"])
             torch.save(state, tmp / STATE_FILE)
