@@ -20,8 +20,14 @@ from tqdm import tqdm
 
 from idlm.engine.llm import LLM
 from idlm.engine.sampling_params import SamplingParams
-from idlm.eval.block_diffusion import (BlockDiffusionModel, ProbabilityRule, clean_probs, exact_decode,
-                                       parallel_decode, read_sdar_keys)
+from idlm.eval.block_diffusion import (
+    BlockDiffusionModel,
+    ProbabilityRule,
+    clean_probs,
+    exact_decode,
+    parallel_decode,
+    read_sdar_keys,
+)
 from idlm.training.distill import read_prompts
 
 

@@ -7,8 +7,14 @@ import torch
 from helpers import make_small_idlm
 
 from idlm.decoding.sampling import SamplingTensors, token_probs
-from idlm.eval.block_diffusion import (BlockDiffusionModel, ProbabilityRule, clean_probs, exact_decode,
-                                       parallel_decode, read_sdar_keys)
+from idlm.eval.block_diffusion import (
+    BlockDiffusionModel,
+    ProbabilityRule,
+    clean_probs,
+    exact_decode,
+    parallel_decode,
+    read_sdar_keys,
+)
 from idlm.kernels.attention import DenseAttention
 from idlm.models.loader import load_model
 

@@ -12,8 +12,16 @@ from idlm.kernels.attention import DenseAttention
 from idlm.models.loader import load_model
 from idlm.training.config import build_config, load_train_config
 from idlm.training.data import Example, collate, load_examples, make_rows
-from idlm.training.objective import (allowed, block_diffusion_noise, combine, dense_mask, double, flex_block_mask,
-                                    loss_targets, summed_ce)
+from idlm.training.objective import (
+    allowed,
+    block_diffusion_noise,
+    combine,
+    dense_mask,
+    double,
+    flex_block_mask,
+    loss_targets,
+    summed_ce,
+)
 from idlm.training.trainer import Trainer
 
 # ---------------------------------------------------------------- the attention mask

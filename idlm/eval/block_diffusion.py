@@ -107,6 +107,22 @@ def parallel_decode(bd: BlockDiffusionModel, prompt: list[int], max_tokens: int,
     return out
 
 
+def _verify(out: Decoded, new: list[int], position: int, guess: int, q: torch.Tensor, p: torch.Tensor,
+            generator: torch.Generator) -> bool:
+    """The min(1, p/q) test of a guess drawn from q at this block position: appends the emitted
+    token (the guess, or a draw from the residual) to `new` and its proposal probability to out.q."""
+    out.reached[position] += 1
+    if torch.rand((), generator=generator) * q[guess] < p[guess]:  # u < p/q without dividing
+        out.accepted[position] += 1
+        new.append(guess)
+        out.q.append(float(q[guess]))
+        return True
+    residual = (p - q).clamp(min=0)
+    new.append(_draw(residual if residual.sum() > 0 else p, generator))
+    out.q.append(float(p[new[-1]]))
+    return False
+
+
 @torch.inference_mode()
 def exact_decode(bd: BlockDiffusionModel, prompt: list[int], max_tokens: int, probs: ProbabilityRule,
                  eos_ids: set[int], generator: torch.Generator) -> Decoded:
@@ -120,26 +136,15 @@ def exact_decode(bd: BlockDiffusionModel, prompt: list[int], max_tokens: int, pr
         out.forwards += 1
         p = probs(logits[len(committed) - 1:len(clean)])  # row j: the clean stream's p for drafts[j], then next
         new: list[int] = []
-
-        def test(token: int, q: torch.Tensor, p_row: torch.Tensor, position: int) -> bool:
-            out.reached[position] += 1
-            if torch.rand((), generator=generator) * q[token] < p_row[token]:  # min(1, p/q), no division
-                out.accepted[position] += 1
-                new.append(token)
-                out.q.append(float(q[token]))
-                return True
-            residual = (p_row - q).clamp(min=0)
-            new.append(_draw(residual if residual.sum() > 0 else p_row, generator))
-            out.q.append(float(p_row[new[-1]]))
-            return False
-
-        all_accepted = all(test(t, q, p[j], j + 1) for j, (t, q) in enumerate(drafts))
-        drafts = []
-        if all_accepted:
-            guesses = probs(logits[len(clean):])
-            block = [_draw(row, generator) for row in guesses]
-            if test(block[0], guesses[0], p[-1], 0):
-                drafts = list(zip(block[1:], guesses[1:]))
+        next_drafts: list[tuple[int, torch.Tensor]] = []
+        if all(_verify(out, new, j + 1, token, q, p[j], generator) for j, (token, q) in enumerate(drafts)):
+            # every draft stands: the MASK block's first guess is for the position the last clean
+            # row predicts, so it is tested now; the others become the next round's drafts
+            mask_q = probs(logits[len(clean):])
+            block = [_draw(row, generator) for row in mask_q]
+            if _verify(out, new, 0, block[0], mask_q[0], p[-1], generator):
+                next_drafts = list(zip(block[1:], mask_q[1:]))
+        drafts = next_drafts
         kept, stop = _cut_at_eos(new[:max_tokens - len(out.tokens)], eos_ids)
         out.tokens += kept
         out.q = out.q[:len(out.tokens)]

@@ -27,8 +27,16 @@ from idlm.models.loader import load_model, resolve_model_folder
 from idlm.models.lora import AdapterConfig, attach_lora, save_adapter
 from idlm.training.config import TrainConfig
 from idlm.training.data import RowOrder, collate, load_examples, make_rows
-from idlm.training.objective import (DoubledBatch, block_diffusion_noise, combine, dense_mask, double, flex_block_mask,
-                                    loss_targets, summed_ce)
+from idlm.training.objective import (
+    DoubledBatch,
+    block_diffusion_noise,
+    combine,
+    dense_mask,
+    double,
+    flex_block_mask,
+    loss_targets,
+    summed_ce,
+)
 
 STATE_FILE = "trainer_state.pt"
 DONE_MARKER = "COMPLETE"
