@@ -279,6 +279,27 @@ def test_bfloat16_adapter_file_keeps_risd_exact(tmp_path):
             == [o.token_ids for o in llm.generate(prompts, SamplingParams(mode="ar", **greedy))])
 
 
+def test_training_continues_from_a_saved_adapter(tmp_path):
+    from safetensors.torch import load_file
+
+    from idlm.models.lora import peft_state_dict
+
+    first = Trainer(tiny_setup(tmp_path, mode="lora", lora_rank=4, lora_alpha=8.0)).train()
+    saved = load_file(first / "adapter_model.safetensors")
+    second = Trainer(tiny_setup(tmp_path, mode="lora", lora_rank=4, lora_alpha=8.0, init_adapter=str(first),
+                                output_dir=str(tmp_path / "second")))
+    start = peft_state_dict(second.model, second.adapter_cfg)
+    assert start.keys() == saved.keys() and all(torch.equal(start[k], saved[k]) for k in saved)
+    row = load_file(first / "mask_embedding.safetensors")["mask_embedding"]
+    assert torch.equal(second.model.mask_embedding.detach(), row) and second.model.mask_embedding.requires_grad
+    assert any(p.requires_grad for n, p in second.model.named_parameters() if n.endswith("lora_B.0"))
+    with pytest.raises(ValueError, match="rank 4"):
+        Trainer(tiny_setup(tmp_path, mode="lora", lora_rank=8, init_adapter=str(first),
+                           output_dir=str(tmp_path / "third")))
+    with pytest.raises(ValueError, match="mode lora"):
+        tiny_setup(tmp_path, init_adapter=str(first))
+
+
 def test_full_checkpoint_loads_as_idlm(tmp_path):
     final = Trainer(tiny_setup(tmp_path)).train()
     raw = json.loads((final / "config.json").read_text())

@@ -57,6 +57,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     lora_rank: int = 16
     lora_alpha: float = 32.0
+    init_adapter: str | None = None  # lora mode: start from this adapter's weights (same rank and targets)
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                                "up_proj", "down_proj"])
     device: str = "auto"
@@ -77,6 +78,8 @@ class TrainConfig:
             raise ValueError(f"mode must be 'full' or 'lora', got {self.mode!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.init_adapter is not None and self.mode != "lora":
+            raise ValueError("init_adapter continues a gated-LoRA adapter: use mode lora")
         if self.objective == "sdar" and self.mode != "full":
             raise ValueError("objective sdar (the block-diffusion baseline) trains every weight: use mode full")
         if not self.stages:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from idlm.engine.tokenizer import load_tokenizer
 from idlm.kernels.attention import DenseAttention, FlexAttention
 from idlm.models.loader import load_model, resolve_model_folder
-from idlm.models.lora import AdapterConfig, attach_lora, save_adapter
+from idlm.models.lora import AdapterConfig, attach_lora, load_adapter, read_adapter_config, save_adapter
 from idlm.training.config import TrainConfig
 from idlm.training.data import RowOrder, collate, load_examples, make_rows
 from idlm.training.objective import (
@@ -158,19 +158,37 @@ class Trainer:
         fully_shard(self.objective, mesh=mesh)
 
     def _setup_lora(self) -> None:
-        model = self.model
+        model, cfg = self.model, self.cfg
         model.requires_grad_(False)
-        attach_lora(model, self.adapter_cfg)
-        torch.manual_seed(self.cfg.seed)
-        for name, p in model.named_parameters():
-            if name.endswith("lora_A"):
-                nn.init.kaiming_uniform_(p, a=math.sqrt(5))  # PEFT's init; B stays 0
-        emb = model.model.embed_tokens.weight
-        init = emb[self.mask_id] if self.mask_id < model.cfg.vocab_size else emb.mean(0)
-        model.mask_embedding = nn.Parameter(init.detach().clone())
+        if cfg.init_adapter is not None:
+            self._continue_adapter(Path(cfg.init_adapter))
+        else:
+            attach_lora(model, self.adapter_cfg)
+            torch.manual_seed(cfg.seed)
+            for name, p in model.named_parameters():
+                if name.endswith("lora_A"):
+                    nn.init.kaiming_uniform_(p, a=math.sqrt(5))  # PEFT's init; B stays 0
+        if model.mask_embedding is None:
+            emb = model.model.embed_tokens.weight
+            init = emb[self.mask_id] if self.mask_id < model.cfg.vocab_size else emb.mean(0)
+            model.mask_embedding = nn.Parameter(init.detach().clone())
+        else:
+            model.mask_embedding = nn.Parameter(model.mask_embedding.detach().float().clone())
         model.mask_embedding_id = self.mask_id
         for name, p in model.named_parameters():
             p.requires_grad_("_lora." in name or name == "mask_embedding")
+
+    def _continue_adapter(self, folder: Path) -> None:
+        """Starts from a saved adapter (its A, B and MASK row) instead of PEFT's initialisation."""
+        theirs, ours = read_adapter_config(folder), self.adapter_cfg
+        if (theirs.rank, theirs.alpha, sorted(theirs.target_modules)) != (ours.rank, ours.alpha,
+                                                                          sorted(ours.target_modules)):
+            raise ValueError(f"init_adapter {folder} has rank {theirs.rank}, alpha {theirs.alpha}, targets "
+                             f"{theirs.target_modules}; the config asks for rank {ours.rank}, alpha {ours.alpha}, "
+                             f"targets {ours.target_modules}")
+        if theirs.mask_token_id != self.mask_id:
+            raise ValueError(f"init_adapter {folder} uses MASK id {theirs.mask_token_id}, this run {self.mask_id}")
+        load_adapter(self.model, folder)
 
     def _stage_ends(self) -> list[int]:
         ends, total = [], 0
