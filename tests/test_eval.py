@@ -203,6 +203,29 @@ def test_humaneval_with_rigged_completions():
     assert all("AssertionError" in item["error"] for item in result["items"])
 
 
+def test_humaneval_chat_format_runs_the_replys_code_block():
+    problems = humaneval.load_problems(limit=2)
+    by_request = {humaneval.CHAT_REQUEST.format(prompt=p["prompt"]): p for p in problems}
+    params = SamplingParams(temperature=0, max_tokens=64)
+
+    def whole_function(messages):  # prose, then the full function (imports and all) in a fenced block
+        p = by_request[messages[-1]["content"]]
+        return ("Here is the function:\n\n```python\n" + p["prompt"] + p["canonical_solution"]
+                + "```\n\nIt loops over the items.")
+
+    def body_only(messages):  # an unlabelled, unclosed block holding only the body
+        return "```\n" + by_request[messages[-1]["content"]]["canonical_solution"]
+
+    for answer in (whole_function, body_only):
+        backend = FakeBackend(answer)
+        result = humaneval.evaluate(backend, problems, params, chat=True)
+        assert result["summary"]["pass@1"] == 1.0 and result["summary"]["format"] == "chat"
+        assert all(m[0]["role"] == "user" and "```python" in m[0]["content"] for m in backend.prompts)
+        assert result["sampling"]["stop"] == []  # the reply ends at EOS, not at "\ndef "
+    prose = humaneval.evaluate(FakeBackend(lambda m: "You should sort the list first."), problems, params, chat=True)
+    assert prose["summary"]["pass@1"] == 0.0
+
+
 def test_humaneval_cli_on_a_tiny_model(capsys, tmp_path, llama_dir):
     out = tmp_path / "he.json"
     code, table, _ = run_cli(capsys, "humaneval", "--model", llama_dir, "--limit", 2, "--max-tokens", 6,
