@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    ap.add_argument("--batch", type=int, default=16, help="prompts decoded together (default 16)")
     ap.add_argument("--output", "-o", default=None)
     args = ap.parse_args()
 
@@ -62,18 +63,20 @@ def main() -> None:
         gen = torch.Generator().manual_seed(args.seed)
         ratios, tokens, forwards, identical = [], 0, 0, 0
         reached, accepted = [0] * n, [0] * n
-        for prompt, ar_out in tqdm(list(zip(prompts, ar)), desc=f"N={n}"):
-            native = parallel_decode(bd, prompt, args.max_tokens, sampled, engine.eos_ids, gen)
-            if native.tokens:
-                p = clean_probs(bd, prompt, native.tokens, sampled)
-                q = torch.tensor(native.q, dtype=torch.float64)
-                ratios.append(torch.where(q > 0, (p / q).clamp(max=1.0), torch.ones_like(p)))
-            exact = exact_decode(bd, prompt, args.max_tokens, greedy, engine.eos_ids, gen)
-            identical += exact.tokens == ar_out.token_ids
-            tokens += len(exact.tokens)
-            forwards += exact.forwards
-            reached = [a + b for a, b in zip(reached, exact.reached)]
-            accepted = [a + b for a, b in zip(accepted, exact.accepted)]
+        for start in tqdm(range(0, len(prompts), args.batch), desc=f"N={n}"):
+            batch = prompts[start:start + args.batch]
+            natives = parallel_decode(bd, batch, args.max_tokens, sampled, engine.eos_ids, gen)
+            exacts = exact_decode(bd, batch, args.max_tokens, greedy, engine.eos_ids, gen)
+            for prompt, native, exact, ar_out in zip(batch, natives, exacts, ar[start:start + args.batch]):
+                if native.tokens:
+                    p = clean_probs(bd, prompt, native.tokens, sampled)
+                    q = torch.tensor(native.q, dtype=torch.float64)
+                    ratios.append(torch.where(q > 0, (p / q).clamp(max=1.0), torch.ones_like(p)))
+                identical += exact.tokens == ar_out.token_ids
+                tokens += len(exact.tokens)
+                forwards += exact.forwards
+                reached = [a + b for a, b in zip(reached, exact.reached)]
+                accepted = [a + b for a, b in zip(accepted, exact.accepted)]
         every = torch.cat(ratios)
         entry = {"block_size": n, "alpha": float(every.mean()), "alpha_tokens": len(every),
                  "alpha_temperature": args.temperature, "tpf_exact_greedy": tokens / forwards,

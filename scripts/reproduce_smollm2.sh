@@ -140,7 +140,7 @@ if has sdar-eval; then
   t=$SECONDS
   cp runs/smollm2-sdar/log.jsonl "$OUT/sdar_train_log.jsonl"
   "$PY" -m idlm eval perplexity "$TEXT" --model "$SDAR" -o "$OUT/ppl_sdar.json"
-  # dense decoding without a KV cache: ~5 s a prompt at 128 tokens on an H100
+  # dense decoding without a KV cache, prompts batched (--batch 16)
   "$PY" scripts/eval_sdar_baseline.py "$SDAR" --prompts "$HELDOUT" --strides 4 --limit "${SDAR_PROMPTS:-30}" \
     --max-tokens 128 -o "$OUT/sdar_eval.json"
   log "sdar-eval: done in $((SECONDS - t)) s"

@@ -1,6 +1,6 @@
 """Decoders for the SDAR-style block-diffusion baseline (`idlm train` with `objective: sdar`), for
-measuring its alpha and TPF against ours (issue 7). Dense forwards over the whole sequence, no KV
-cache: a measuring tool, not a serving path.
+measuring its alpha and TPF against ours (issue 7). Dense forwards over the whole sequence (the
+prompts batched, right-padded), no KV cache: a measuring tool, not a serving path.
 
 Such a model fills a block of N MASKs in one forward: the MASKs see the committed prefix causally
 and each other in both directions, and the output at a MASK is a guess for the token at that same
@@ -66,15 +66,24 @@ class ProbabilityRule:
         return token_probs(logits, st, self.mask_id if self.mask_id < logits.shape[-1] else None)
 
 
-def _forward(bd: BlockDiffusionModel, ids: list[int], clean_len: int) -> torch.Tensor:
-    """Logits for every row of ids = clean (causal) + MASK block (sees the clean rows and the block)."""
+def _forward(bd: BlockDiffusionModel, seqs: list[list[int]], clean_lens: list[int],
+             rows: list[range]) -> list[torch.Tensor]:
+    """One dense forward over right-padded sequences, each = clean rows (causal) + a MASK block
+    (sees the clean rows and the whole block); returns, per sequence, the logits of `rows`."""
     device = next(bd.model.parameters()).device
-    length = len(ids)
-    mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-    mask[clean_len:, clean_len:] = True
-    x = torch.tensor([ids], device=device)
-    hidden = bd.model(x, torch.arange(length, device=device)[None], DenseAttention(mask[None]))
-    return bd.model.logits(hidden[0]).float()
+    length = max(map(len, seqs))
+    x = torch.zeros(len(seqs), length, dtype=torch.long)
+    mask = torch.eye(length, dtype=torch.bool).repeat(len(seqs), 1, 1)  # padding rows see themselves
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    for b, (seq, clean) in enumerate(zip(seqs, clean_lens)):
+        n = len(seq)
+        x[b, :n] = torch.tensor(seq)
+        mask[b, :n, :n] = causal[:n, :n]
+        mask[b, clean:n, clean:n] = True
+    positions = torch.arange(length).expand(len(seqs), length)
+    hidden = bd.model(x.to(device), positions.to(device), DenseAttention(mask.to(device)))
+    picked = torch.cat([hidden[b, r.start:r.stop] for b, r in enumerate(rows)])
+    return list(bd.model.logits(picked).float().split([len(r) for r in rows]))
 
 
 def _draw(probs: torch.Tensor, generator: torch.Generator) -> int:
@@ -89,22 +98,29 @@ def _cut_at_eos(tokens: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
 
 
 @torch.inference_mode()
-def parallel_decode(bd: BlockDiffusionModel, prompt: list[int], max_tokens: int, probs: ProbabilityRule,
-                    eos_ids: set[int], generator: torch.Generator) -> Decoded:
+def parallel_decode(bd: BlockDiffusionModel, prompts: list[list[int]], max_tokens: int, probs: ProbabilityRule,
+                    eos_ids: set[int], generator: torch.Generator) -> list[Decoded]:
+    """The baseline's own decoding, the prompts batched: a block of N tokens per forward."""
     n = bd.block_size
-    out: Decoded = Decoded([], [], 0)
-    while len(out.tokens) < max_tokens:
-        clean = prompt + out.tokens
-        dist = probs(_forward(bd, clean + [bd.mask_id] * n, len(clean))[len(clean):])
-        out.forwards += 1
-        block = [_draw(row, generator) for row in dist]
-        q = [float(dist[i, t]) for i, t in enumerate(block)]
-        block, stop = _cut_at_eos(block[:max_tokens - len(out.tokens)], eos_ids)
-        out.tokens += block
-        out.q += q[:len(block)]
-        if stop:
-            break
-    return out
+    outs = [Decoded([], [], 0) for _ in prompts]
+    active = list(range(len(prompts)))
+    while active:
+        clean = [prompts[i] + outs[i].tokens for i in active]
+        logits = _forward(bd, [c + [bd.mask_id] * n for c in clean], [len(c) for c in clean],
+                          [range(len(c), len(c) + n) for c in clean])
+        still = []
+        for i, block_logits in zip(active, logits):
+            out, dist = outs[i], probs(block_logits)
+            out.forwards += 1
+            block = [_draw(row, generator) for row in dist]
+            q = [float(dist[j, t]) for j, t in enumerate(block)]
+            block, stop = _cut_at_eos(block[:max_tokens - len(out.tokens)], eos_ids)
+            out.tokens += block
+            out.q += q[:len(block)]
+            if not stop and len(out.tokens) < max_tokens:
+                still.append(i)
+        active = still
+    return outs
 
 
 def _verify(out: Decoded, new: list[int], position: int, guess: int, q: torch.Tensor, p: torch.Tensor,
@@ -124,38 +140,46 @@ def _verify(out: Decoded, new: list[int], position: int, guess: int, q: torch.Te
 
 
 @torch.inference_mode()
-def exact_decode(bd: BlockDiffusionModel, prompt: list[int], max_tokens: int, probs: ProbabilityRule,
-                 eos_ids: set[int], generator: torch.Generator) -> Decoded:
+def exact_decode(bd: BlockDiffusionModel, prompts: list[list[int]], max_tokens: int, probs: ProbabilityRule,
+                 eos_ids: set[int], generator: torch.Generator) -> list[Decoded]:
+    """Lossless decoding with the MASK guesses as proposals, the prompts batched (one forward a
+    round for all of them)."""
     n = bd.block_size
-    out = Decoded([], [], 0, reached=[0] * n, accepted=[0] * n)
-    drafts: list[tuple[int, torch.Tensor]] = []  # (token, its proposal distribution), block positions 1..
-    while len(out.tokens) < max_tokens:
-        committed = prompt + out.tokens
-        clean = committed + [t for t, _ in drafts]
-        logits = _forward(bd, clean + [bd.mask_id] * n, len(clean))
-        out.forwards += 1
-        p = probs(logits[len(committed) - 1:len(clean)])  # row j: the clean stream's p for drafts[j], then next
-        new: list[int] = []
-        next_drafts: list[tuple[int, torch.Tensor]] = []
-        if all(_verify(out, new, j + 1, token, q, p[j], generator) for j, (token, q) in enumerate(drafts)):
-            # every draft stands: the MASK block's first guess is for the position the last clean
-            # row predicts, so it is tested now; the others become the next round's drafts
-            mask_q = probs(logits[len(clean):])
-            block = [_draw(row, generator) for row in mask_q]
-            if _verify(out, new, 0, block[0], mask_q[0], p[-1], generator):
-                next_drafts = list(zip(block[1:], mask_q[1:]))
-        drafts = next_drafts
-        kept, stop = _cut_at_eos(new[:max_tokens - len(out.tokens)], eos_ids)
-        out.tokens += kept
-        out.q = out.q[:len(out.tokens)]
-        if stop:
-            break
-    return out
+    outs = [Decoded([], [], 0, reached=[0] * n, accepted=[0] * n) for _ in prompts]
+    drafts: list[list[tuple[int, torch.Tensor]]] = [[] for _ in prompts]  # (token, its proposal), positions 1..
+    active = list(range(len(prompts)))
+    while active:
+        committed = [prompts[i] + outs[i].tokens for i in active]
+        clean = [c + [t for t, _ in drafts[i]] for i, c in zip(active, committed)]
+        # per sequence: the clean stream's p for each draft, then for the next position; then the block
+        logits = _forward(bd, [c + [bd.mask_id] * n for c in clean], [len(c) for c in clean],
+                          [range(len(m) - 1, len(c) + n) for m, c in zip(committed, clean)])
+        still = []
+        for i, rows in zip(active, logits):
+            out, k = outs[i], len(drafts[i])
+            out.forwards += 1
+            p, mask_q = probs(rows[:k + 1]), probs(rows[k + 1:])
+            new: list[int] = []
+            next_drafts: list[tuple[int, torch.Tensor]] = []
+            if all(_verify(out, new, j + 1, token, q, p[j], generator) for j, (token, q) in enumerate(drafts[i])):
+                # every draft stands: the block's first guess is for the position the last clean
+                # row predicts, so it is tested now; the others become the next round's drafts
+                block = [_draw(row, generator) for row in mask_q]
+                if _verify(out, new, 0, block[0], mask_q[0], p[-1], generator):
+                    next_drafts = list(zip(block[1:], mask_q[1:]))
+            drafts[i] = next_drafts
+            kept, stop = _cut_at_eos(new[:max_tokens - len(out.tokens)], eos_ids)
+            out.tokens += kept
+            out.q = out.q[:len(out.tokens)]
+            if not stop and len(out.tokens) < max_tokens:
+                still.append(i)
+        active = still
+    return outs
 
 
 @torch.inference_mode()
 def clean_probs(bd: BlockDiffusionModel, prompt: list[int], tokens: list[int], probs: ProbabilityRule) -> torch.Tensor:
     """p_k(x_k) of each output token under the clean causal stream (one forward)."""
     ids = prompt + tokens
-    logits = _forward(bd, ids, len(ids))[len(prompt) - 1:len(ids) - 1]
+    (logits,) = _forward(bd, [ids], [len(ids)], [range(len(prompt) - 1, len(ids) - 1)])
     return probs(logits).gather(1, torch.tensor(tokens, device=logits.device)[:, None]).squeeze(1).double().cpu()
