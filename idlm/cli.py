@@ -321,8 +321,8 @@ def add_eval_parser(sub) -> None:
     he = tasks.add_parser("humaneval", help="HumanEval pass@1 (sandboxed execution)",
                           description="The model completes each HumanEval prompt (plain completion, greedy by "
                                       "default, at most 512 tokens unless --max-tokens, cut at \\ndef, \\nclass, "
-                                      "\\nif __name__, \\nprint(, \\n#; with --chat: a chat request, and the reply's first "
-                                      "code block runs). Each candidate runs with the problem's "
+                                      "\\nif __name__, \\nprint(, \\n#; with --chat: a chat request, and the "
+                                      "reply's first code block runs). Each candidate runs with the problem's "
                                       "tests in its own `python -I` subprocess: a fresh temporary directory, no "
                                       "network, a read-only file system where namespaces are available, memory "
                                       "and CPU limits, killed at --timeout. Reports pass@1, per-problem results "
