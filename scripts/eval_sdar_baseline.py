@@ -46,8 +46,13 @@ def main() -> None:
     ap.add_argument("--output", "-o", default=None)
     args = ap.parse_args()
 
-    mask_id, trained_block = read_sdar_keys(args.model)
-    conversations = read_prompts(Path(args.prompts))[:args.limit]
+    try:
+        mask_id, trained_block = read_sdar_keys(args.model)
+        conversations = read_prompts(Path(args.prompts))[:args.limit]
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if args.batch < 1 or args.max_tokens < 1:
+        raise SystemExit("error: --batch and --max-tokens must be >= 1")
     llm = LLM(args.model, dtype=args.dtype, device=args.device, mode="ar", kv_cache_tokens=64 * 1024)
     engine = llm.engine
     prompts = [engine.chat_prompt(c) for c in conversations]

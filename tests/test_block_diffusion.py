@@ -117,6 +117,8 @@ def test_decoding_stops_at_eos(model):
 
 
 def test_only_sdar_checkpoints_are_read(tmp_path):
+    with pytest.raises(ValueError, match="no config.json"):
+        read_sdar_keys(tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(ValueError, match="objective: sdar"):
         read_sdar_keys(tmp_path)

@@ -326,6 +326,8 @@ def test_sdar_baseline_trains_and_saves_as_a_causal_model(tmp_path):
     assert all(r["ce_noisy"] > 0 and r["ce_clean"] > 0 for r in log)
     llm = LLM(str(final), progress=False, kv_cache_tokens=1024)
     assert llm.engine.defaults["mode"] == "ar"  # never ISD: its MASKs are not trained for it
+    with pytest.raises(ValueError, match="SDAR-style baseline"):
+        llm.generate([[5, 6, 7]], SamplingParams(mode="isd", max_tokens=4))
 
 
 def final_weights(folder):

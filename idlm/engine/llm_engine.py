@@ -113,6 +113,10 @@ class LLMEngine:
         params.validate()
         filled = {k: v for k, v in self.defaults.items() if getattr(params, k) is None}
         params = dataclasses.replace(params, **filled)
+        if params.mode == "isd" and self.model_config.block_diffusion:
+            raise ValueError(f"{self.folder} is the SDAR-style baseline (idlm_objective: sdar): its MASKs are trained "
+                             "for block diffusion, not for ISD; use mode ar (scripts/eval_sdar_baseline.py measures "
+                             "its own decoding)")
         if params.mode == "isd" and self.mask_ids["isd"] is None:
             raise ValueError(f"mode isd needs an I-DLM checkpoint with a MASK token (mask_token_id in config.json); "
                              f"{self.folder} has none: use mode ar, or mode risd with an adapter")

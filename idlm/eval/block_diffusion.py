@@ -38,7 +38,10 @@ class BlockDiffusionModel:
 
 def read_sdar_keys(folder: str | Path) -> tuple[int, int]:
     """(MASK id, block size) from a checkpoint that `idlm train` saved with objective sdar."""
-    raw = json.loads((Path(folder) / "config.json").read_text())
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{folder} has no config.json: pass the checkpoint folder `idlm train` wrote")
+    raw = json.loads(path.read_text())
     if raw.get("idlm_objective") != "sdar":
         raise ValueError(f"{folder} is not an SDAR-style checkpoint (config.json has no idlm_objective: sdar); "
                          "train one with `idlm train` and `objective: sdar`")
