@@ -134,8 +134,9 @@ class LLMEngine:
     def _free_memory_after_warmup(self) -> int:
         """Bytes the KV pool may take: the engine's share of the GPU minus what is in use, minus the
         peak of a warm-up forward of a full prefill budget, minus the per-step buffers of a full
-        decode batch (logits and probabilities of every row at the widest stride, and the decode
-        graphs' outputs)."""
+        decode batch (logits and probabilities of every row at the widest stride, and one decode
+        graph's outputs). Graphs of further shapes, captured later, come out of the headroom that
+        gpu_memory_utilization leaves."""
         from idlm.kernels.attention import DenseAttention
 
         cfg, dev = self.model_config, self.device

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from idlm.engine.tokenizer import load_tokenizer
-from idlm.eval.block_diffusion import read_sdar_keys
 from idlm.eval.data import read_text
 from idlm.kernels.attention import DenseAttention
 from idlm.models.loader import load_model, parse_dtype, resolve_model_folder
@@ -101,7 +100,7 @@ def evaluate(text_file: Path, model_path: str | None, device: str = "auto", dtyp
         raise ValueError(f"{folder} has no tokenizer; perplexity needs one to read text")
     model = load_model(folder, parse_dtype(dtype), device)
     ids = tokenizer.encode(text, add_special_tokens=True, verbose=False)
-    banned = read_sdar_keys(folder)[0] if model.cfg.block_diffusion else model.cfg.mask_token_id
+    banned = model.cfg.mask_token_id if model.cfg.mask_token_id is not None else model.cfg.sdar_mask_token_id
     if banned is not None and banned >= model.cfg.vocab_size:
         banned = None
     report = perplexity(model, ids, context or DEFAULT_CONTEXT, stride, progress=True, banned_token=banned)

@@ -33,7 +33,12 @@ class ModelConfig:
     mask_token_id: int | None
     train_block_size: int | None
     random_weights: bool = False  # a benchmark shape: no weights on disk (idlm.models.shapes)
-    block_diffusion: bool = False  # the SDAR-style baseline (idlm_objective: sdar): its MASKs are not ISD's
+    # the SDAR-style baseline (idlm_objective: sdar) keeps its MASK id here: never sampled, not ISD's
+    sdar_mask_token_id: int | None = None
+
+    @property
+    def block_diffusion(self) -> bool:
+        return self.sdar_mask_token_id is not None
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
@@ -77,7 +82,7 @@ class ModelConfig:
             mask_token_id=raw.get("mask_token_id"),
             train_block_size=raw.get("block_size"),
             random_weights=bool(raw.get(RANDOM_WEIGHTS_KEY, False)),
-            block_diffusion=raw.get("idlm_objective") == "sdar",
+            sdar_mask_token_id=raw.get("sdar_mask_token_id") if raw.get("idlm_objective") == "sdar" else None,
         )
 
     @classmethod

@@ -69,10 +69,10 @@ def block_diffusion_noise(batch: PackedBatch, block_size: int, generator: torch.
     """SDAR-style x_t: each (sample, block) draws a ratio t ~ U(0, 1) and MASKs each of its response
     tokens with probability t. Drawn on the CPU from `generator`, so a resumed run redraws the same."""
     rows, length = batch.input_ids.shape
-    blocks = length // block_size + 1
-    ratio = torch.rand(rows, length + 1, blocks, generator=generator)  # indexed by (row, sample, block)
-    sample = batch.sample_ids.cpu().clamp(min=0)
-    t = ratio[torch.arange(rows)[:, None], sample, batch.positions.cpu() // block_size]
+    ratio = torch.rand(rows, length, generator=generator)
+    # a block's ratio is the one drawn at its first token (positions restart with each sample)
+    block_start = torch.arange(length) - batch.positions.cpu() % block_size
+    t = ratio.gather(1, block_start)
     coin = torch.rand(rows, length, generator=generator)
     return (coin < t).to(batch.response.device) & batch.response
 

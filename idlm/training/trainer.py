@@ -168,12 +168,10 @@ class Trainer:
             for name, p in model.named_parameters():
                 if name.endswith("lora_A"):
                     nn.init.kaiming_uniform_(p, a=math.sqrt(5))  # PEFT's init; B stays 0
-        if model.mask_embedding is None:
+        if model.mask_embedding is None:  # init_adapter brings its trained row
             emb = model.model.embed_tokens.weight
             init = emb[self.mask_id] if self.mask_id < model.cfg.vocab_size else emb.mean(0)
             model.mask_embedding = nn.Parameter(init.detach().clone())
-        else:
-            model.mask_embedding = nn.Parameter(model.mask_embedding.detach().float().clone())
         model.mask_embedding_id = self.mask_id
         for name, p in model.named_parameters():
             p.requires_grad_("_lora." in name or name == "mask_embedding")
