@@ -19,7 +19,7 @@ from pathlib import Path
 
 from idlm.engine.llm import LLM
 from idlm.engine.sampling_params import SamplingParams
-from idlm.training.distill import read_prompts
+from idlm.training.distill import read_conversations
 
 
 def run(llm: LLM, conversations, params: SamplingParams) -> tuple[list, float]:
@@ -69,7 +69,7 @@ def main() -> None:
     args = ap.parse_args()
     mode = args.mode or ("risd" if args.adapter else "isd")
 
-    conversations = read_prompts(Path(args.prompts))[:args.limit]
+    conversations = read_conversations(Path(args.prompts))[:args.limit]
     llm = LLM(args.model, adapter=args.adapter, dtype=args.dtype, device=args.device,
               max_num_seqs=args.max_num_seqs)
     ar_out, ar_seconds = run(llm, conversations, SamplingParams(temperature=0, max_tokens=args.max_tokens, mode="ar"))

@@ -28,7 +28,7 @@ from idlm.eval.block_diffusion import (
     parallel_decode,
     read_sdar_keys,
 )
-from idlm.training.distill import read_prompts
+from idlm.training.distill import read_conversations
 
 
 def main() -> None:
@@ -48,7 +48,7 @@ def main() -> None:
 
     try:
         mask_id, trained_block = read_sdar_keys(args.model)
-        conversations = read_prompts(Path(args.prompts))[:args.limit]
+        conversations = read_conversations(Path(args.prompts))[:args.limit]
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     if args.batch < 1 or args.max_tokens < 1:

@@ -446,3 +446,14 @@ def test_distill_writes_chat_data(tmp_path, llama_dir, capsys):
     tokenizer = LLM(str(llama_dir), progress=False, kv_cache_tokens=512).tokenizer
     examples, _ = load_examples([out], tokenizer, max_len=64)
     assert len(examples) == 4 and all(any(ex.response) for ex in examples)
+
+
+def test_distill_refuses_token_id_prompts(tmp_path):
+    from idlm.training.distill import read_conversations
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "hi"}\n{"messages": [{"role": "user", "content": "yo"}]}\n')
+    assert read_conversations(path) == [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "yo"}]]
+    path.write_text('{"prompt_ids": [1, 2]}\n')
+    with pytest.raises(ValueError, match="not prompt_ids"):
+        read_conversations(path)
