@@ -2,7 +2,10 @@
 transformers `generate`, batch 1, greedy, on held-out chat prompts; and the time to start the
 default model a second time (GGUF conversion cached).
 
-    HF_HUB_OFFLINE=1 python benchmarks/cpu_default.py --prompts 8 --max-tokens 128 --json out.json
+    HF_HUB_OFFLINE=1 python benchmarks/cpu_default.py --prompts 8 --max-tokens 128 --strides 4,2 --json out.json
+
+risd runs at each stride N of --strides; results are keyed "risd" for the first and "risd_N<N>"
+for the others.
 """
 
 import argparse
@@ -27,6 +30,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--strides", default="4", help="comma-separated N of the risd runs (default 4)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     starts = [float(subprocess.run([sys.executable, "-c", START], capture_output=True, text=True, check=True)
@@ -38,14 +42,17 @@ def main() -> None:
     ids = [engine.chat_prompt(c) for c in chats]
     results, outputs = {}, {}
     llm.generate([ids[0]], SamplingParams(mode="ar", max_tokens=8))
-    for mode in ("risd", "ar"):
+    strides = [int(n) for n in args.strides.split(",")]
+    runs = [("risd" if i == 0 else f"risd_N{n}", "risd", n) for i, n in enumerate(strides)] + [("ar", "ar", None)]
+    for name, mode, stride in runs:
+        params = SamplingParams(mode=mode, stride=stride, temperature=0, max_tokens=args.max_tokens)
         t = time.perf_counter()
-        outs = [llm.generate([x], SamplingParams(mode=mode, temperature=0, max_tokens=args.max_tokens))[0] for x in ids]
+        outs = [llm.generate([x], params)[0] for x in ids]
         seconds = time.perf_counter() - t
         tokens = sum(len(o.token_ids) for o in outs)
         forwards = sum(o.stats["forwards"] for o in outs)
-        outputs[mode] = [o.token_ids for o in outs]
-        results[mode] = dict(tokens=tokens, seconds=seconds, tok_s=tokens / seconds, tpf=tokens / forwards)
+        outputs[name] = [o.token_ids for o in outs]
+        results[name] = dict(tokens=tokens, seconds=seconds, tok_s=tokens / seconds, tpf=tokens / forwards)
     hf = AutoModelForCausalLM.from_pretrained(str(resolve_model_folder(None)), dtype=torch.float32).eval()
     eos = sorted(engine.eos_ids)
     tokens, seconds = 0, 0.0
@@ -60,7 +67,7 @@ def main() -> None:
     results["transformers"] = dict(tokens=tokens, seconds=seconds, tok_s=tokens / seconds)
     report = dict(date=time.strftime("%Y-%m-%d"), threads=torch.get_num_threads(), torch=torch.__version__,
                   second_start_s=starts[1], first_start_s=starts[0], prompts=args.prompts,
-                  max_tokens=args.max_tokens, risd_equals_ar=outputs["risd"] == outputs["ar"], results=results)
+                  max_tokens=args.max_tokens, risd_equals_ar={name: outputs[name] == outputs["ar"] for name, mode, _ in runs if mode == "risd"}, results=results)
     print(json.dumps(report, indent=1))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")

@@ -27,6 +27,27 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
 def uniform(seeds: torch.Tensor, positions: torch.Tensor, stream: int) -> torch.Tensor:
     """Float64 uniforms in (0, 1), one per (seed, position) pair, for the given stream."""
     seeds, positions = seeds.long(), positions.long()
+    if seeds.is_cuda and COMPILED:
+        return COMPILED[0](seeds, positions, stream)
+    return _uniform(seeds, positions, stream)
+
+
+# Eagerly the hash is ~90 elementwise kernels, which dominates a small decode step on a GPU;
+# integer arithmetic makes the fused kernel bit-identical to the eager one.
+COMPILED: list = []
+
+
+def compile_noise(device: torch.device) -> None:
+    """Fuse the hash into one kernel with torch.compile (used for CUDA tensors), compiled now for
+    one and for several draws of every stream rather than inside a request's first steps."""
+    if not COMPILED:
+        COMPILED.append(torch.compile(_uniform, dynamic=True, fullgraph=True))
+    for size in (1, 3):
+        for stream in (Stream.TARGET, Stream.DRAFT, Stream.ACCEPT):
+            uniform(torch.arange(size, device=device), torch.arange(size, device=device), stream)
+
+
+def _uniform(seeds: torch.Tensor, positions: torch.Tensor, stream: int) -> torch.Tensor:
     key = mix32(mix32(seeds) ^ (seeds >> 32))
     key = mix32(key ^ mix32(positions + (stream << 24)))
     hi = mix32(key ^ 0x5BD1E995)

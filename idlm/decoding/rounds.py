@@ -70,20 +70,34 @@ def run_round(rb: RoundBatch) -> RoundResult:
     else:
         residual = p_final
     final_pos = rb.positions + accepted + 1
-    final_token = draw(residual, uniform(rb.seeds, final_pos, Stream.TARGET), rb.all_greedy)
+    final_token = _draw(residual, rb.seeds, final_pos, Stream.TARGET, rb.all_greedy)
     final_p = p_final.gather(1, final_token[:, None]).squeeze(1)
 
     kmax = rb.new_draft_probs.shape[1]
-    k = torch.arange(kmax, device=device)
-    draft_pos = (final_pos[:, None] + 1 + k[None]).reshape(-1)
-    flat = rb.new_draft_probs.reshape(batch * kmax, rb.target_probs.shape[-1])
-    seeds = rb.seeds[:, None].expand(batch, kmax).reshape(-1)
-    sampled = draw(flat, uniform(seeds, draft_pos, Stream.DRAFT), rb.all_greedy).view(batch, kmax)
+    if kmax == 0:  # AR
+        empty = rb.new_draft_probs.new_zeros(batch, 0)
+        return RoundResult(accepted, final_token, final_p, empty.long(), empty)
     greedy = rb.new_draft_probs.argmax(-1)
-    new_drafts = torch.where((rb.proposal == SAMPLE)[:, None], sampled, greedy)
+    if rb.all_greedy:  # one-hot rows: a draw is the argmax
+        new_drafts = greedy
+    else:
+        k = torch.arange(kmax, device=device)
+        draft_pos = (final_pos[:, None] + 1 + k[None]).reshape(-1)
+        flat = rb.new_draft_probs.reshape(batch * kmax, rb.target_probs.shape[-1])
+        seeds = rb.seeds[:, None].expand(batch, kmax).reshape(-1)
+        sampled = _draw(flat, seeds, draft_pos, Stream.DRAFT).view(batch, kmax)
+        new_drafts = torch.where((rb.proposal == SAMPLE)[:, None], sampled, greedy)
     new_q = rb.new_draft_probs.gather(2, new_drafts[..., None]).squeeze(2)
     new_q = torch.where((rb.proposal == ARGMAX_EXACT)[:, None], torch.ones_like(new_q), new_q)
     return RoundResult(accepted, final_token, final_p, new_drafts, new_q)
+
+
+def _draw(probs: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, stream: int,
+          one_hot: bool = False) -> torch.Tensor:
+    """draw() with the uniforms of (seed, position, stream); one-hot rows need none."""
+    if one_hot:
+        return probs.argmax(dim=-1)
+    return draw(probs, uniform(seeds, positions, stream))
 
 
 def _scan(rb: RoundBatch, j: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 import torch
 
 from idlm.config import EngineConfig
+from idlm.decoding.noise import compile_noise
 from idlm.engine.block_manager import BlockManager
 from idlm.engine.runner import MAX_DECODE_TOKENS, ModelRunner, RoundOutcome
 from idlm.engine.sampling_params import SamplingParams
@@ -56,6 +57,7 @@ class LLMEngine:
             self.model.store_head_column_major()
         elif not config.enforce_eager:
             compile_elementwise()
+            compile_noise(self.device)
         self.tokenizer = load_tokenizer(self.folder)
         adapter = config.adapter
         if adapter is None and config.model is None:  # the embedded default: SmolLM2 + its R-ISD adapter

@@ -2,6 +2,7 @@ import json
 import os
 from pathlib import Path
 
+from tokenizers.decoders import DecodeStream
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 
@@ -38,12 +39,27 @@ class IncrementalDetokenizer:
         self.text = ""
         self.emitted = 0
         self.stopped = False
+        # Decoding the whole output at every step costs O(length) per step and sequence; the
+        # Rust tokenizer's stream decodes only the new ids. Its text equals a full decode unless
+        # the tokenizer rewrites spaces afterwards, so those tokenizers keep the full decode.
+        backend = getattr(tokenizer, "_tokenizer", None)
+        streamable = backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        self.backend = backend if streamable else None
+        self.stream = DecodeStream(skip_special_tokens=True) if streamable else None
+        self.streamed = ""
+        self.num_fed = 0
 
     def feed(self, token_ids: list[int], final: bool) -> None:
         """Feed the whole output so far; finds stop strings."""
         if self.tokenizer is None or self.stopped:
             return
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        if self.stream is not None and not final:
+            for token in token_ids[self.num_fed:]:
+                self.streamed += self.stream.step(self.backend, token) or ""
+            self.num_fed = len(token_ids)
+            self._find_stop(self.streamed)
+            return
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)  # once per request when streaming
         if text.endswith("\ufffd") and not final:
             text = self.text
         self._find_stop(text)
