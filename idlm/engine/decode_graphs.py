@@ -6,7 +6,7 @@ In a decode step every sequence feeds its pending token and, for isd/risd, its d
 captured size. Short rows are padded at the end and extra sequences fill the bucket. Padding
 writes its KV to a scratch block outside the pool and reads only scratch or positions after
 every real query of its row, so (attention being causal) no real row sees it. One graph per
-(bucket, T) runs the whole model and the head; the decoding round stays eager on the same stream.
+(bucket, T, LoRA on or off) runs the whole model and the head; the decoding round stays eager on the same stream.
 
 All per-step integers travel in one pinned host buffer and one host-to-device copy.
 """
@@ -100,17 +100,20 @@ class DecodeGraphs:
             o += n
         self.tables[:bucket, :width].copy_(dev[o:o + bucket * width].view(bucket, width))
 
-        key = (bucket, tokens)
+        # a step with no MASK row of a risd round (e.g. only ar requests) skips the LoRA: its
+        # delta would be an exact zero on every row
+        lora = self.with_lora and any(gate_bits)
+        key = (bucket, tokens, lora)
         if not self.use_graphs:
-            hidden, logits = self._forward(bucket, tokens, max(context_lens))
+            hidden, logits = self._forward(bucket, tokens, lora, max(context_lens))
             return hidden, logits, tokens
         if key not in self.graphs:
-            self.graphs[key] = self._capture(bucket, tokens)
+            self.graphs[key] = self._capture(bucket, tokens, lora)
         graph, hidden, logits = self.graphs[key]
         graph.replay()
         return hidden, logits, tokens
 
-    def _forward(self, bucket: int, tokens: int, max_context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, bucket: int, tokens: int, lora: bool, max_context: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = bucket * tokens
         if tokens not in self.query_starts:
             self.query_starts[tokens] = torch.arange(0, (max(self.buckets) + 1) * tokens, tokens, dtype=torch.int32,
@@ -124,17 +127,17 @@ class DecodeGraphs:
             max_query_len=tokens,
             query_start_device=self.query_starts[tokens][:bucket + 1],
         )
-        gate = self.gate[:rows] if self.with_lora else None
+        gate = self.gate[:rows] if lora else None
         hidden = self.model(self.ids[:rows], self.positions[:rows], self.backend(self.kv_cache, batch), gate)
         return hidden, self.model.logits(hidden)
 
-    def _capture(self, bucket: int, tokens: int):
+    def _capture(self, bucket: int, tokens: int, lora: bool):
         torch.cuda.synchronize(self.device)
-        self._forward(bucket, tokens, self.max_positions)  # compiles the kernels for this shape outside the capture
+        self._forward(bucket, tokens, lora, self.max_positions)  # compiles the kernels for this shape outside the capture
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self.pool):
-            hidden, logits = self._forward(bucket, tokens, self.max_positions)
+            hidden, logits = self._forward(bucket, tokens, lora, self.max_positions)
         return graph, hidden, logits

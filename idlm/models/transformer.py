@@ -22,7 +22,7 @@ def project(linear: nn.Linear, lora: GatedLoRA | None, x: torch.Tensor, gate: to
     out = linear(x)
     if lora is None or gate is None:
         return out
-    return out + lora(x, gate)
+    return lora.add_to(out, x, gate)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1,0 +1,114 @@
+"""GPU check of the fused gated-LoRA kernel against GatedLoRA's PyTorch path, then its speed.
+
+Random inputs over decode and small-prefill row counts, SmolLM2-135M and Qwen3-8B projection
+shapes, float32 and bfloat16. Rows with gate 0 must come back bit for bit unchanged (they are
+the base model's output); gated rows are compared with the PyTorch delta computed in float32.
+Then the time per call of both paths at decode sizes.
+
+    python benchmarks/check_triton_lora.py [--json out.json]
+"""
+
+import argparse
+import json
+import sys
+
+import torch
+
+from idlm.kernels.triton_lora import gated_lora_add_
+from idlm.models.lora import GatedLoRA
+
+SHAPES = {  # name: (in_features, shard sizes of the fused projection, rank)
+    "smollm2 qkv": (576, [576, 192, 192], 24),
+    "smollm2 o": (576, [576], 24),
+    "smollm2 gate_up": (576, [1536, 1536], 24),
+    "smollm2 down": (1536, [576], 24),
+    "qwen3-8b qkv": (4096, [4096, 1024, 1024], 16),
+    "qwen3-8b down": (12288, [4096], 16),
+}
+ROWS = (1, 3, 4, 7, 16, 17, 64, 112, 300, 1024)
+
+
+def make_lora(in_features: int, sizes: list[int], rank: int, dtype: torch.dtype, gen: torch.Generator) -> GatedLoRA:
+    lora = GatedLoRA(in_features, sizes, rank, scaling=2.0)
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * in_features ** -0.5)
+    lora = lora.to("cuda", dtype)
+    lora.fuse_for_inference()
+    return lora
+
+
+def check(dtype: torch.dtype, gen: torch.Generator) -> list[dict]:
+    results = []
+    for name, (k, sizes, rank) in SHAPES.items():
+        lora = make_lora(k, sizes, rank, dtype, gen)
+        ref_lora = make_lora(k, sizes, rank, torch.float32, gen)
+        ref_lora.load_state_dict({n: p.float() for n, p in lora.state_dict().items()})
+        ref_lora.fuse_for_inference()
+        for rows in ROWS:
+            x = torch.randn(rows, k, generator=gen).to("cuda", dtype)
+            base = torch.randn(rows, sum(sizes), generator=gen).to("cuda", dtype)
+            gate = (torch.rand(rows, generator=gen) < 0.5).to("cuda", dtype)
+            if rows > 1:
+                gate[0], gate[1] = 0, 1
+            got = gated_lora_add_(base.clone(), x, lora.lora_A, lora.fused_B, gate)
+            ref = base.float() + ref_lora(x.float(), gate.float())
+            off, on = gate == 0, gate != 0
+            untouched = bool(torch.equal(got[off], base[off]))
+            err = ((got[on].float() - ref[on]).norm() / ref[on].norm().clamp(min=1e-30)).item() if on.any() else 0.0
+            ok = untouched and err < (1e-5 if dtype == torch.float32 else 1e-2)
+            results.append(dict(shape=name, rows=rows, dtype=str(dtype), gate0_rows_unchanged=untouched,
+                                rel_err=err, ok=ok))
+            if not ok:
+                print("FAIL", results[-1])
+    return results
+
+
+def speed(gen: torch.Generator) -> list[dict]:
+    out = []
+    for name, (k, sizes, rank) in SHAPES.items():
+        lora = make_lora(k, sizes, rank, torch.bfloat16, gen)
+        for rows in (7, 112):
+            x = torch.randn(rows, k, generator=gen).to("cuda", torch.bfloat16)
+            base = torch.randn(rows, sum(sizes), generator=gen).to("cuda", torch.bfloat16)
+            gate = torch.ones(rows, device="cuda", dtype=torch.bfloat16)
+            timings = {}
+            for path, fn in (("triton", lambda: gated_lora_add_(base, x, lora.lora_A, lora.fused_B, gate)),
+                             ("torch", lambda: base + lora(x, gate))):
+                for _ in range(20):
+                    fn()
+                graph = torch.cuda.CUDAGraph()  # replayed, as decode steps are: launch cost, not Python
+                with torch.cuda.graph(graph):
+                    for _ in range(50):
+                        fn()
+                graph.replay()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(20):
+                    graph.replay()
+                end.record()
+                torch.cuda.synchronize()
+                timings[path] = start.elapsed_time(end) * 1000 / (20 * 50)
+            out.append(dict(shape=name, rows=rows, triton_us=timings["triton"], torch_us=timings["torch"]))
+            print(f"{name:16s} rows {rows:4d}: triton {timings['triton']:6.1f} us, torch {timings['torch']:6.1f} us")
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    gen = torch.Generator().manual_seed(0)
+    checks = check(torch.float32, gen) + check(torch.bfloat16, gen)
+    failed = [c for c in checks if not c["ok"]]
+    print(f"{len(checks) - len(failed)}/{len(checks)} checks passed; worst rel err "
+          f"{max(c['rel_err'] for c in checks):.2e}")
+    timings = speed(gen)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), checks=checks, speed=timings), f, indent=1)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
