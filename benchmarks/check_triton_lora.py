@@ -11,6 +11,7 @@ Then the time per call of both paths at decode sizes.
 import argparse
 import json
 import sys
+from functools import partial
 
 import torch
 
@@ -72,26 +73,37 @@ def speed(gen: torch.Generator) -> list[dict]:
             x = torch.randn(rows, k, generator=gen).to("cuda", torch.bfloat16)
             base = torch.randn(rows, sum(sizes), generator=gen).to("cuda", torch.bfloat16)
             gate = torch.ones(rows, device="cuda", dtype=torch.bfloat16)
-            timings = {}
-            for path, fn in (("triton", lambda: gated_lora_add_(base, x, lora.lora_A, lora.fused_B, gate)),
-                             ("torch", lambda: base + lora(x, gate))):
-                for _ in range(20):
-                    fn()
-                graph = torch.cuda.CUDAGraph()  # replayed, as decode steps are: launch cost, not Python
-                with torch.cuda.graph(graph):
-                    for _ in range(50):
-                        fn()
-                graph.replay()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(20):
-                    graph.replay()
-                end.record()
-                torch.cuda.synchronize()
-                timings[path] = start.elapsed_time(end) * 1000 / (20 * 50)
+            timings = {
+                "triton": time_in_graph(partial(gated_lora_add_, base, x, lora.lora_A, lora.fused_B, gate)),
+                "torch": time_in_graph(partial(torch_path, base, x, lora, gate)),
+            }
             out.append(dict(shape=name, rows=rows, triton_us=timings["triton"], torch_us=timings["torch"]))
             print(f"{name:16s} rows {rows:4d}: triton {timings['triton']:6.1f} us, torch {timings['torch']:6.1f} us")
     return out
+
+
+def torch_path(base: torch.Tensor, x: torch.Tensor, lora: GatedLoRA, gate: torch.Tensor) -> torch.Tensor:
+    """What GatedLoRA.add_to does without the kernel: the fused PyTorch delta, then the add."""
+    return base + lora(x, gate)
+
+
+def time_in_graph(fn, calls: int = 50, replays: int = 20) -> float:
+    """Microseconds per call of fn, captured `calls` times in a CUDA graph and replayed (decode
+    steps are replayed graphs: this measures launches and work, not Python)."""
+    for _ in range(20):
+        fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / (replays * calls)
 
 
 def main() -> None:

@@ -67,7 +67,8 @@ def main() -> None:
     results["transformers"] = dict(tokens=tokens, seconds=seconds, tok_s=tokens / seconds)
     report = dict(date=time.strftime("%Y-%m-%d"), threads=torch.get_num_threads(), torch=torch.__version__,
                   second_start_s=starts[1], first_start_s=starts[0], prompts=args.prompts,
-                  max_tokens=args.max_tokens, risd_equals_ar={name: outputs[name] == outputs["ar"] for name, mode, _ in runs if mode == "risd"}, results=results)
+                  max_tokens=args.max_tokens, results=results,
+                  risd_equals_ar={name: outputs[name] == outputs["ar"] for name, mode, _ in runs if mode == "risd"})
     print(json.dumps(report, indent=1))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")

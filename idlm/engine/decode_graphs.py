@@ -133,7 +133,7 @@ class DecodeGraphs:
 
     def _capture(self, bucket: int, tokens: int, lora: bool):
         torch.cuda.synchronize(self.device)
-        self._forward(bucket, tokens, lora, self.max_positions)  # compiles the kernels for this shape outside the capture
+        self._forward(bucket, tokens, lora, self.max_positions)  # compiles this shape's kernels outside the capture
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
