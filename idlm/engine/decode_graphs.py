@@ -14,7 +14,7 @@ All per-step integers travel in one pinned host buffer and one host-to-device co
 import torch
 
 from idlm.kernels.attention import PagedAttention, PagedBatch, TritonPagedAttention
-from idlm.models.transformer import CausalLM
+from idlm.models.transformer import CausalLM, fused_elementwise
 
 BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
@@ -133,11 +133,12 @@ class DecodeGraphs:
 
     def _capture(self, bucket: int, tokens: int, lora: bool):
         torch.cuda.synchronize(self.device)
-        self._forward(bucket, tokens, lora, self.max_positions)  # compiles this shape's kernels outside the capture
-        torch.cuda.synchronize(self.device)
-        graph = torch.cuda.CUDAGraph()
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool):
-            hidden, logits = self._forward(bucket, tokens, lora, self.max_positions)
+        with fused_elementwise():
+            self._forward(bucket, tokens, lora, self.max_positions)  # compiles this shape's kernels outside the capture
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self.pool):
+                hidden, logits = self._forward(bucket, tokens, lora, self.max_positions)
         return graph, hidden, logits

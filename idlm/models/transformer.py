@@ -4,6 +4,8 @@ Attention is delegated to a backend object (`attn(layer_index, q, k, v) -> out`)
 weights serve the paged KV cache of the engine and the dense masks of training and tests.
 """
 
+import contextlib
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -41,16 +43,36 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(act) * up
 
 
-# The elementwise steps of a layer. Eager, each is several kernels; on the GPU the engine swaps in
-# compiled versions (one fused kernel each), which matters when a decode step is only a few rows.
+# The elementwise steps of a layer. Eager, each is several kernels. Inside CUDA graphs the engine
+# uses compiled versions (one fused kernel each), which matters when a decode step is a few rows.
+# Only there: called eagerly, a compiled region costs about 100 us of guards and wrappers, more
+# than the kernels it saves (an eager 128-token prefill of SmolLM2 took 30 ms, mostly that).
 ELEMENTWISE = {"rms_norm": rms_norm, "apply_rotary": apply_rotary, "silu_mul": silu_mul}
+FUSED: dict[str, Callable] = {}
+_fusing = [False]
 
 
 def compile_elementwise() -> None:
-    """Fuse each elementwise step into one kernel with torch.compile (CUDA inference)."""
-    for name, fn in list(ELEMENTWISE.items()):
-        if not hasattr(fn, "_torchdynamo_orig_callable"):
-            ELEMENTWISE[name] = torch.compile(fn, dynamic=True, fullgraph=True)
+    """Fuse each elementwise step into one kernel with torch.compile (CUDA inference), for the
+    forwards run under fused_elementwise()."""
+    for name, fn in ELEMENTWISE.items():
+        if name not in FUSED:
+            FUSED[name] = torch.compile(fn, dynamic=True, fullgraph=True)
+
+
+@contextlib.contextmanager
+def fused_elementwise():
+    """Within: the compiled elementwise kernels (for forwards that a CUDA graph captures, and the
+    warm-up run before the capture)."""
+    _fusing[0] = True
+    try:
+        yield
+    finally:
+        _fusing[0] = False
+
+
+def elementwise(name: str) -> Callable:
+    return FUSED[name] if _fusing[0] and name in FUSED else ELEMENTWISE[name]
 
 
 class RMSNorm(nn.Module):
@@ -60,7 +82,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ELEMENTWISE["rms_norm"](x, self.weight, self.eps)
+        return elementwise("rms_norm")(x, self.weight, self.eps)
 
 
 class Rotary(nn.Module):
@@ -101,7 +123,7 @@ class SelfAttention(nn.Module):
         v = v.view(*lead, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        rotary = ELEMENTWISE["apply_rotary"]
+        rotary = elementwise("apply_rotary")
         q, k = rotary(q, *rope), rotary(k, *rope)
         out = attn(self.layer, q, k, v)
         return project(self.o_proj, self.o_lora, out.reshape(*lead, self.q_size), gate)
@@ -118,7 +140,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         if x.is_cuda:
             gate_up = project(self.gate_up_proj, self.gate_up_lora, x, gate)
-            return project(self.down_proj, self.down_lora, ELEMENTWISE["silu_mul"](gate_up), gate)
+            return project(self.down_proj, self.down_lora, elementwise("silu_mul")(gate_up), gate)
         # two GEMMs on halves of the fused weight: faster than one wide GEMM on small CPU batches
         w, b = self.gate_up_proj.weight, self.gate_up_proj.bias
         half = w.shape[0] // 2
