@@ -6,7 +6,8 @@ In a decode step every sequence feeds its pending token and, for isd/risd, its d
 captured size. Short rows are padded at the end and extra sequences fill the bucket. Padding
 writes its KV to a scratch block outside the pool and reads only scratch or positions after
 every real query of its row, so (attention being causal) no real row sees it. One graph per
-(bucket, T, LoRA on or off) runs the whole model and the head; the decoding round stays eager on the same stream.
+(bucket, T, LoRA on or off) runs the whole model and the head; the decoding round stays eager on
+the same stream.
 
 All per-step integers travel in one pinned host buffer and one host-to-device copy.
 """
