@@ -33,8 +33,9 @@ class RequestOutput:
     finish_reason: str | None = None
     new_text: str = ""  # released by the step that produced this output
     new_token_sources: list[int] = field(default_factory=list)  # TokenSource of this step's tokens
-    token_sources: list[int] = field(default_factory=list)  # TokenSource of every output token
-    token_q: list[float] = field(default_factory=list)  # probability each was proposed (drafts) or drawn with
+    # of every output token, on the finished output only (copying them every step is O(length)):
+    token_sources: list[int] = field(default_factory=list)  # TokenSource
+    token_q: list[float] = field(default_factory=list)  # probability it was proposed (drafts) or drawn with
     stats: dict = field(default_factory=dict)
 
 
@@ -260,11 +261,11 @@ class LLMEngine:
                 reason = "length"
             elif params.stop and i < len(new_tokens) - 1:
                 # a stop string completed inside a round ends the output at this token, as in AR
-                detok.feed(seq.output_token_ids, final=False)
+                detok.feed(seq.token_ids, final=False, start=seq.num_prompt_tokens)
                 reason = "stop" if detok.stopped else None
             if reason:
                 break
-        detok.feed(seq.output_token_ids, final=reason is not None)
+        detok.feed(seq.token_ids, final=reason is not None, start=seq.num_prompt_tokens)
         if detok.stopped:
             reason = "stop"
         if reason:
@@ -275,15 +276,15 @@ class LLMEngine:
         new_text = detok.release(final=seq.is_finished)
         out = RequestOutput(
             request_id=seq.seq_id,
-            prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
+            prompt_token_ids=seq.prompt_token_ids,
             token_ids=seq.output_token_ids,
             text=detok.text if seq.is_finished else detok.text[:detok.emitted],
             finished=seq.is_finished,
             finish_reason=seq.finish_reason,
             new_text=new_text,
             new_token_sources=seq.token_sources[first_new:],
-            token_sources=list(seq.token_sources),
-            token_q=list(seq.token_q),
+            token_sources=list(seq.token_sources) if seq.is_finished else [],
+            token_q=list(seq.token_q) if seq.is_finished else [],
             stats=request_stats(seq),
         )
         if seq.is_finished:

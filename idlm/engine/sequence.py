@@ -64,6 +64,7 @@ class Sequence:
         self.seq_id = next(Sequence._ids)
         self.status = SequenceStatus.WAITING
         self.token_ids = list(token_ids)
+        self.prompt_token_ids = list(token_ids)  # a copy for every output, made once
         self.num_prompt_tokens = len(token_ids)
         self.num_computed = 0
         self.num_cached = 0

@@ -49,17 +49,18 @@ class IncrementalDetokenizer:
         self.streamed = ""
         self.num_fed = 0
 
-    def feed(self, token_ids: list[int], final: bool) -> None:
-        """Feed the whole output so far; finds stop strings."""
+    def feed(self, token_ids: list[int], final: bool, start: int = 0) -> None:
+        """Feed the whole output so far, token_ids[start:] (start skips a prompt without copying
+        the list); finds stop strings."""
         if self.tokenizer is None or self.stopped:
             return
         if self.stream is not None and not final:
-            for token in token_ids[self.num_fed:]:
+            for token in token_ids[start + self.num_fed:]:
                 self.streamed += self.stream.step(self.backend, token) or ""
-            self.num_fed = len(token_ids)
+            self.num_fed = len(token_ids) - start
             self._find_stop(self.streamed)
             return
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)  # once per request when streaming
+        text = self.tokenizer.decode(token_ids[start:], skip_special_tokens=True)  # once per request when streaming
         if text.endswith("\ufffd") and not final:
             text = self.text
         self._find_stop(text)
