@@ -86,3 +86,17 @@ def test_tied_embeddings(tmp_path):
     with torch.no_grad():
         got = ours.logits(ours(ids, torch.arange(7)[None], DenseAttention()))
         assert (got - reference(ids).logits).abs().max() < 1e-4
+
+
+def test_compiled_elementwise_only_inside_fused_sections(monkeypatch):
+    """The compiled kernels serve CUDA-graph captures only: called eagerly their guards cost more
+    than they save, so every other forward must get the plain functions."""
+    from idlm.models import transformer
+
+    sentinel = object()
+    monkeypatch.setitem(transformer.FUSED, "rms_norm", sentinel)
+    assert transformer.elementwise("rms_norm") is transformer.rms_norm
+    with transformer.fused_elementwise():
+        assert transformer.elementwise("rms_norm") is sentinel
+        assert transformer.elementwise("silu_mul") is transformer.silu_mul  # not compiled: the plain one
+    assert transformer.elementwise("rms_norm") is transformer.rms_norm
