@@ -24,17 +24,17 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 15)
 
 
+# Eagerly the hash is ~90 elementwise kernels, which dominates a small decode step on a GPU;
+# integer arithmetic makes the fused kernel bit-identical to the eager one.
+COMPILED: list = []  # the torch.compile'd _uniform, once compile_noise() ran
+
+
 def uniform(seeds: torch.Tensor, positions: torch.Tensor, stream: int) -> torch.Tensor:
     """Float64 uniforms in (0, 1), one per (seed, position) pair, for the given stream."""
     seeds, positions = seeds.long(), positions.long()
     if seeds.is_cuda and COMPILED:
         return COMPILED[0](seeds, positions, stream)
     return _uniform(seeds, positions, stream)
-
-
-# Eagerly the hash is ~90 elementwise kernels, which dominates a small decode step on a GPU;
-# integer arithmetic makes the fused kernel bit-identical to the eager one.
-COMPILED: list = []
 
 
 def compile_noise(device: torch.device) -> None:
