@@ -68,3 +68,21 @@ def test_padded_decode_with_preemption_frees_every_block(dirs):
     bm = tight.engine.block_manager
     assert bm.num_free == len(bm.blocks)
     assert tight.engine.runner.kv_cache.shape[2] == len(bm.blocks) + 1  # the scratch block is outside the pool
+
+
+def test_steps_without_mask_rows_skip_the_lora(dirs):
+    """An ar batch on a model with an adapter runs the padded step without the LoRA (its delta
+    would be zero on every row); a risd batch runs it with the LoRA on its MASK rows."""
+    model, adapter = dirs
+    llm = padded_llm(model, adapter, kv_cache_tokens=4096, max_num_seqs=8)
+    graphs = llm.engine.runner.decode_graphs
+    seen = []
+    original = graphs._forward
+    graphs._forward = lambda bucket, tokens, lora, ctx: (seen.append((tokens, lora))
+                                                         or original(bucket, tokens, lora, ctx))
+    prompts = prompts_for(4, 12, seed=5, lo=5, hi=20)
+    llm.generate(prompts, SamplingParams(mode="ar", temperature=0, max_tokens=6, ignore_eos=True))
+    assert seen and all(not lora for _, lora in seen)
+    seen.clear()
+    llm.generate(prompts, SamplingParams(mode="risd", stride=3, temperature=0, max_tokens=6, ignore_eos=True))
+    assert seen and all(lora for tokens, lora in seen if tokens > 1)
