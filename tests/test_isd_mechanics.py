@@ -190,3 +190,21 @@ def test_introspective_acceptance_rate(tmp_path):
     assert hi.draft_tokens > 50 and lo.draft_tokens > 0
     assert 0 < lo.alpha_draft < hi.alpha_draft <= 1 and lo.alpha < hi.alpha
     assert hi.tokens_per_forward > lo.tokens_per_forward
+
+
+def test_greedy_rounds_draw_only_acceptance_uniforms(idlm_dir, monkeypatch):
+    """An argmax ignores the target and draft uniforms, so greedy rounds must not compute them
+    (on a GPU each draw is a kernel launch in every round); sampled rounds still draw all three."""
+    import idlm.decoding.rounds as rounds
+    from idlm.decoding.noise import Stream
+
+    streams = []
+    original = rounds.uniform
+    monkeypatch.setattr(rounds, "uniform", lambda s, p, stream: streams.append(stream) or original(s, p, stream))
+    llm = LLM(str(idlm_dir), progress=False)
+    llm.generate([[5, 6, 7]], SamplingParams(mode="isd", stride=3, temperature=0, max_tokens=12, ignore_eos=True))
+    assert set(streams) <= {Stream.ACCEPT}
+    streams.clear()
+    llm.generate([[5, 6, 7]], SamplingParams(mode="isd", stride=3, temperature=1, seed=1, max_tokens=12,
+                                             ignore_eos=True))
+    assert {Stream.TARGET, Stream.DRAFT} <= set(streams)
