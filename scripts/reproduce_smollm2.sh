@@ -16,7 +16,8 @@
 #            objective sdar) -> runs/smollm2-sdar/final
 #   sdar-eval  its alpha and exact-decoding TPF (scripts/eval_sdar_baseline.py) and perplexity
 #   sampled  the conversion on sampled (T = 1) on-policy answers: distills them, trains
-#            configs/smollm2/idlm_sampled.yaml -> runs/smollm2-idlm-sampled/final, evaluates it
+#            configs/smollm2/idlm_sampled.yaml -> runs/smollm2-idlm-sampled/final and
+#            idlm_sampled_lr25.yaml -> runs/smollm2-idlm-sampled-lr25/final, evaluates both
 # (not in the default list: sdar sdar-eval sampled)
 # Each stage takes under ~7 minutes on an H100; a stage reads what earlier ones wrote under data/ and
 # runs/, so STAGES="eval" re-evaluates an adapter trained earlier on the same machine.
@@ -36,7 +37,6 @@ DATA=data/smollm2/onpolicy.jsonl
 ADAPTER=runs/smollm2-risd/final
 IDLM=runs/smollm2-idlm/final
 SDAR=runs/smollm2-sdar/final
-SAMPLED=runs/smollm2-idlm-sampled/final
 mkdir -p "$OUT"
 model_args=()
 if [ -n "$MODEL" ]; then model_args=(--model "$MODEL"); fi
@@ -152,11 +152,16 @@ if has sampled; then
   "$PY" -m idlm distill "$TRAIN_PROMPTS" data/smollm2/onpolicy_t1.jsonl "${model_args[@]}" --mode ar \
     --temperature 1 --seed 0 --max-tokens 256 --max-num-seqs 256 2>&1 | tee "$OUT/distill_t1.log"
   log "sampled: distill done in $((SECONDS - t)) s"
-  train idlm_sampled
-  cp runs/smollm2-idlm-sampled/log.jsonl "$OUT/idlm_sampled_train_log.jsonl"
-  "$PY" scripts/compare_modes.py --model "$SAMPLED" --mode isd --prompts "$HELDOUT" \
-    --strides 4 --max-tokens 256 --dtype float32 -o "$OUT/idlm_sampled_isd_vs_ar_fp32.json"
-  "$PY" -m idlm eval perplexity "$TEXT" --model "$SAMPLED" -o "$OUT/ppl_idlm_sampled.json"
+  for run in idlm_sampled idlm_sampled_lr25; do  # the second at half the learning rate
+    train $run
+    folder=runs/smollm2-${run//_/-}
+    cp $folder/log.jsonl "$OUT/${run}_train_log.jsonl"
+    "$PY" scripts/compare_modes.py --model $folder/final --mode isd --prompts "$HELDOUT" \
+      --strides 4 --max-tokens 256 --dtype float32 -o "$OUT/${run}_isd_vs_ar_fp32.json"
+    "$PY" -m idlm eval perplexity "$TEXT" --model $folder/final -o "$OUT/ppl_${run}.json"
+    "$PY" -m idlm eval alpha "$HELDOUT" --chat --model $folder/final --mode isd --stride 4 \
+      --temperature 1 --seed 0 --max-tokens 256 -o "$OUT/${run}_alpha_t1.json"
+  done
 fi
 
 # one line per result file
