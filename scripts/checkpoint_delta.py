@@ -190,6 +190,8 @@ def main() -> None:
     b.add_argument("-o", "--output", type=Path, required=True)
     args = p.parse_args()
     if args.command == "pack":
+        if args.part_mib <= 0:
+            sys.exit(f"--part-mib must be above 0, got {args.part_mib}")
         if not (args.folder / WEIGHTS).is_file():
             sys.exit(f"{args.folder} has no {WEIGHTS}; pass a full checkpoint folder (not a LoRA adapter)")
         pack(args.folder, args.base, args.output, args.part_mib)
