@@ -153,7 +153,7 @@ def unpack(parts_dir: Path, base_model: str, out: Path) -> None:
             t = torch.frombuffer(bytearray(stream[at:at + e["raw_bytes"]]), dtype=torch.uint8).view(dtype)
             at += e["raw_bytes"]
         else:
-            b = _base_part(e["name"], torch.empty(shape, dtype=dtype), base)
+            b = _base_part(e["name"], torch.empty(shape, dtype=dtype, device="meta"), base)
             if b is None or b.shape[0] != e["delta_rows"]:
                 sys.exit(f"the base has no {e['name']} of the packed shape; unpack with the base that packed it")
             width = b.element_size()
