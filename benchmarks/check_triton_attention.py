@@ -2,7 +2,9 @@
 
 Random inputs, many shapes (batch 1-128, query tokens 1-31, prefill chunks of 200 and 1024 tokens,
 contexts 1-8192 including page boundaries, GQA groups 1-4, head dims 64/128, bf16 and fp32); relative error
-||out - ref|| / ||ref|| against the oracle run in float32. Then, on Qwen3-8B one-layer shapes,
+||out - ref|| / ||ref|| against the oracle run in float32. Then random round trees (visibility bit
+sets over the last 1-64 rows of each sequence, sub-causal, as branch drafts feed them), the same
+way. Then, on Qwen3-8B one-layer shapes,
 time per call and the KV bytes it must read, as achieved bandwidth.
 
     python benchmarks/check_triton_attention.py [--json out.json] [--checks-only | --speed-only]
@@ -46,11 +48,25 @@ def random_case(batch, q_len, max_ctx, heads, kv_heads, dim, dtype, rng, exact_c
     return q, cache, block_tables, qs, ctxs
 
 
-def oracle(q, cache, block_tables, qs, ctxs):
+def random_tree(qs, rng, max_rows=64):
+    """Visibility bits for the last R rows of each sequence: each row sees itself and a random subset
+    of the tree rows before it (-1, unused, for rows before the tree)."""
+    bits, rows = [], []
+    for a, b in zip(qs, qs[1:]):
+        r = rng.randint(1, min(max_rows, b - a))
+        rows.append(r)
+        bits.extend([-1] * (b - a - r))
+        for i in range(r):
+            v = (1 << i) | sum(1 << j for j in range(i) if rng.random() < 0.5)
+            bits.append(v - (1 << 64) if v >= 1 << 63 else v)
+    return torch.tensor(bits, dtype=torch.long, device=DEVICE), torch.tensor(rows, dtype=torch.int32, device=DEVICE)
+
+
+def oracle(q, cache, block_tables, qs, ctxs, tree=(None, None)):
     batch = PagedBatch(slot_mapping=torch.full((q.shape[0],), -1, dtype=torch.long, device=q.device),
                        query_start=qs, context_lens=torch.tensor(ctxs, device=q.device), block_tables=block_tables,
                        max_context_len=max(ctxs), max_query_len=max(b - a for a, b in zip(qs, qs[1:])),
-                       all_written=False)
+                       all_written=False, tree_bits=tree[0], tree_rows=tree[1])
     kv = cache.float()
     attn = PagedAttention(kv, batch)
     empty = torch.zeros(q.shape[0], kv.shape[-2], kv.shape[-1], device=q.device)
@@ -63,8 +79,33 @@ def device_args(q, cache, block_tables, qs, ctxs):
             torch.tensor(ctxs, dtype=torch.int32, device=dev), max(b - a for a, b in zip(qs, qs[1:])), max(ctxs))
 
 
-def run(q, cache, block_tables, qs, ctxs, splits=None):
-    return paged_attention(*device_args(q, cache, block_tables, qs, ctxs), num_splits=splits)
+def run(q, cache, block_tables, qs, ctxs, splits=None, tree=(None, None)):
+    return paged_attention(*device_args(q, cache, block_tables, qs, ctxs), num_splits=splits, tree_bits=tree[0],
+                           tree_rows=tree[1])
+
+
+def tree_check(rng, quick=False) -> list[dict]:
+    """Round trees: random sub-causal visibility over the last rows of each sequence."""
+    rows = []
+    shapes = [(9, 3, 64)] if quick else [(9, 3, 64), (32, 8, 128), (16, 16, 64)]
+    dtypes = (torch.float32,) if quick else (torch.bfloat16, torch.float32)
+    cases = [(1, 16, 100), (3, 64, 600)] if quick else [(b, q, c) for b in (1, 5, 64) for q in (2, 16, 40, 64, 200)
+                                                        for c in (300, 3000) if not (q == 200 and b == 64)]
+    for heads, kv_heads, dim in shapes:
+        for dtype in dtypes:
+            for batch, q_len, max_ctx in cases:
+                case = random_case(batch, q_len, max(max_ctx, q_len), heads, kv_heads, dim, dtype, rng)
+                tree = random_tree(case[3], rng)
+                ref = oracle(*case, tree=tree)
+                causal = oracle(*case)
+                for splits in (None, 3):
+                    out = run(*case, splits=splits, tree=tree).float()
+                    err = float((out - ref).norm() / ref.norm())
+                    rows.append(dict(heads=heads, kv_heads=kv_heads, dim=dim, dtype=str(dtype)[6:], batch=batch,
+                                     q_len=q_len, max_ctx=max_ctx, splits=splits or "auto", tree=True, rel_err=err,
+                                     ok=err < (1e-5 if dtype == torch.float32 else 1e-2)
+                                     and not torch.allclose(ref, causal)))
+    return rows
 
 
 QUICK_CASES = [(2, 200, 700, 9, 3, 64), (1, 130, 130, 8, 2, 64), (2, 31, 300, 32, 4, 64), (1, 31, 100, 16, 2, 64),
@@ -177,6 +218,8 @@ def main() -> None:
     rng = random.Random(0)
     torch.manual_seed(0)
     checks = quick_check(rng) if args.quick else check(rng) if not args.speed_only else []
+    if not args.speed_only:
+        checks += tree_check(rng, quick=args.quick)
     bad = [r for r in checks if not r["ok"]]
     worst = {}
     for r in checks:

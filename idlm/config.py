@@ -40,6 +40,8 @@ class EngineConfig:
     mode: str | None = None  # default decoding mode: risd with an adapter, isd for I-DLM checkpoints, else ar
     stride: int | None = None  # default N: an I-DLM checkpoint's training block + 1, else 4
     proposal: str = "sample"
+    stride_policy: str = "adaptive"  # adaptive: the stride is a maximum, each step picks K and branches for speed
+    branches: int | None = None  # most branch drafts per round (None: as many as fit; 0: none)
     enforce_eager: bool = False  # CUDA: run decode steps eagerly instead of replaying CUDA graphs
     gpu_memory_utilization: float = 0.9  # CUDA: share of the GPU memory the engine may use in all
 

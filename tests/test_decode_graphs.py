@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 from helpers import make_random_adapter, make_small_idlm
-from test_isd import prompts_for
+from test_isd import SHAPES, prompts_for
 
 from idlm import LLM, SamplingParams
 from idlm.engine.decode_graphs import DecodeGraphs
@@ -25,8 +25,8 @@ def padded_llm(model, adapter, **kwargs) -> LLM:
 
 
 def mixed_params(n: int, **kw) -> list[SamplingParams]:
-    modes = itertools.cycle(itertools.product(("ar", "isd", "risd"), (2, 3, 4, 8)))
-    return [SamplingParams(mode=m, stride=s, **kw) for m, s in itertools.islice(modes, n)]
+    modes = itertools.cycle(itertools.product(("ar", "isd", "risd"), (2, 3, 4, 8), SHAPES))
+    return [SamplingParams(mode=m, stride=s, **SHAPES[shape], **kw) for m, s, shape in itertools.islice(modes, n)]
 
 
 def test_buckets_cover_every_batch_size():
@@ -78,11 +78,12 @@ def test_steps_without_mask_rows_skip_the_lora(dirs):
     graphs = llm.engine.runner.decode_graphs
     seen = []
     original = graphs._forward
-    graphs._forward = lambda bucket, tokens, lora, ctx: (seen.append((tokens, lora))
-                                                         or original(bucket, tokens, lora, ctx))
+    graphs._forward = lambda bucket, tokens, lora, tree, ctx: (seen.append((tokens, lora))
+                                                               or original(bucket, tokens, lora, tree, ctx))
     prompts = prompts_for(4, 12, seed=5, lo=5, hi=20)
     llm.generate(prompts, SamplingParams(mode="ar", temperature=0, max_tokens=6, ignore_eos=True))
     assert seen and all(not lora for _, lora in seen)
     seen.clear()
-    llm.generate(prompts, SamplingParams(mode="risd", stride=3, temperature=0, max_tokens=6, ignore_eos=True))
+    llm.generate(prompts, SamplingParams(mode="risd", stride=3, temperature=0, max_tokens=6, ignore_eos=True,
+                                         stride_policy="fixed"))
     assert seen and all(lora for tokens, lora in seen if tokens > 1)

@@ -40,11 +40,14 @@ def test_default_risd_equals_ar_and_drafts_are_accepted(default_llm):
     chats = [[{"role": "user", "content": p}] for p in prompts]
     greedy = dict(temperature=0, max_tokens=48)
     ar = default_llm.chat(chats, SamplingParams(mode="ar", **greedy))
-    risd = default_llm.chat(chats, SamplingParams(**greedy))  # the default mode: risd, N = 4
+    # the default mode: risd, N = 4 (fixed: every round proposes 3 drafts, no branch, as the TPF
+    # above was measured); then the default shape, adaptive with branches: the same tokens
+    risd = default_llm.chat(chats, SamplingParams(stride_policy="fixed", branches=0, **greedy))
     assert [o.token_ids for o in risd] == [o.token_ids for o in ar]
     tokens = sum(o.stats["tokens"] for o in risd)
     forwards = sum(o.stats["forwards"] for o in risd)
     assert tokens / forwards >= MIN_TPF, f"TPF {tokens / forwards:.2f}: is the shipped adapter broken?"
+    assert [o.token_ids for o in default_llm.chat(chats, SamplingParams(**greedy))] == [o.token_ids for o in ar]
 
 
 def test_no_adapter_on_request(tmp_path):

@@ -35,6 +35,12 @@ def llm(idlm_dir, adapter_dir):
 # ---------------------------------------------------------------- greedy: token for token
 
 
+# how rounds are shaped: no branches (a cold round after every rejection), every branch that
+# fits, and the adaptive policy (K and branches chosen per step from the measured step cost)
+SHAPES = {"plain": dict(stride_policy="fixed", branches=0), "branches": dict(stride_policy="fixed"),
+          "adaptive": dict(stride_policy="adaptive")}
+
+
 @pytest.mark.parametrize("stride", [2, 3, 4, 8])
 def test_greedy_isd_and_risd_equal_ar(llm, stride):
     prompts = prompts_for(50, 12, seed=stride)
@@ -42,20 +48,24 @@ def test_greedy_isd_and_risd_equal_ar(llm, stride):
     ar = [o.token_ids for o in llm.generate(prompts, SamplingParams(mode="ar", **greedy))]
     alone = prompts if stride == 4 else prompts[:10]  # batch size 1
     for mode in ("isd", "risd"):
-        params = SamplingParams(mode=mode, stride=stride, **greedy)
-        batched = [o for i in range(0, 50, 7) for o in llm.generate(prompts[i:i + 7], params)]  # batch size 7
-        assert [o.token_ids for o in batched] == ar
-        assert sum(o.stats["drafts"]["accepted"][0] for o in batched) > 0  # drafts really were accepted
-        assert [llm.generate([p], params)[0].token_ids for p in alone] == ar[:len(alone)]
+        for shape, fields in SHAPES.items():
+            params = SamplingParams(mode=mode, stride=stride, **fields, **greedy)
+            batched = [o for i in range(0, 50, 7) for o in llm.generate(prompts[i:i + 7], params)]  # batch size 7
+            assert [o.token_ids for o in batched] == ar
+            if shape != "adaptive":
+                assert sum(o.stats["drafts"]["accepted"][0] for o in batched) > 0  # drafts really were accepted
+            if shape == "branches":
+                assert sum(o.stats["branch_rounds"] for o in batched) > 0  # and branch drafts were tested
+                assert [llm.generate([p], params)[0].token_ids for p in alone] == ar[:len(alone)]
 
 
 def test_greedy_mixed_batch_and_preemption(idlm_dir, adapter_dir, llm):
     prompts = prompts_for(56, 12, seed=9, lo=10, hi=40)
     greedy = dict(temperature=0, max_tokens=48, ignore_eos=True)
     ar = [o.token_ids for o in llm.generate(prompts, SamplingParams(mode="ar", **greedy))]
-    mixed = [SamplingParams(mode=mode, stride=stride, **greedy)
-             for mode, stride in itertools.islice(itertools.cycle(
-                 itertools.product(("ar", "isd", "risd"), (2, 3, 4, 8))), len(prompts))]
+    mixed = [SamplingParams(mode=mode, stride=stride, **SHAPES[shape], **greedy)
+             for mode, stride, shape in itertools.islice(itertools.cycle(
+                 itertools.product(("ar", "isd", "risd"), (2, 3, 4, 8), SHAPES)), len(prompts))]
     assert [o.token_ids for o in llm.generate(prompts, mixed)] == ar
     tight = LLM(str(idlm_dir), adapter=str(adapter_dir), progress=False, kv_cache_tokens=320, block_size=8,
                 max_num_seqs=16)
@@ -120,10 +130,11 @@ def pooled_chi_square(counts: torch.Tensor, expected: torch.Tensor) -> tuple[flo
     return stat, dof, float(torch.special.gammaincc(torch.tensor(dof / 2.0), torch.tensor(stat / 2.0)))
 
 
-def sampled_fit(llm, mode, stride, temperature, top_k=0, top_p=1.0, proposal="sample"):
+def sampled_fit(llm, mode, stride, temperature, top_k=0, top_p=1.0, proposal="sample", shape="plain"):
     exact = exact_first_three(llm, temperature, top_k, top_p)
     params = [SamplingParams(mode=mode, stride=stride, proposal=proposal, temperature=temperature, top_k=top_k,
-                             top_p=top_p, seed=i, max_tokens=3, ignore_eos=True) for i in range(N_SAMPLES)]
+                             top_p=top_p, seed=i, max_tokens=3, ignore_eos=True, **SHAPES[shape])
+              for i in range(N_SAMPLES)]
     outs = llm.generate([PROMPT] * N_SAMPLES, params)
     vocab = llm.engine.model_config.vocab_size
     index = torch.tensor([(o.token_ids[0] * vocab + o.token_ids[1]) * vocab + o.token_ids[2] for o in outs])
@@ -133,18 +144,26 @@ def sampled_fit(llm, mode, stride, temperature, top_k=0, top_p=1.0, proposal="sa
     # exceeds its mean by 0.015 with probability <= exp(-2 n 0.015^2) = 1e-4 at n = 20000.
     bound = 0.5 * float((exact / N_SAMPLES).sqrt().sum()) + 0.015
     accepted = sum(o.stats["drafts"]["accepted"][0] for o in outs if o.stats["drafts"]["accepted"])
-    return tv, bound, pooled_chi_square(counts, exact * N_SAMPLES), accepted
+    branch_accepted = sum(o.stats["branch_drafts_accepted"] for o in outs)
+    return tv, bound, pooled_chi_square(counts, exact * N_SAMPLES), (accepted, branch_accepted)
 
 
-@pytest.mark.parametrize("mode, stride, temperature, top_k, top_p", [
-    ("isd", 4, 1.0, 0, 1.0),
-    ("isd", 2, 0.7, 6, 0.9),
-    ("risd", 3, 1.0, 0, 1.0),
-    ("risd", 2, 0.7, 6, 0.9),
+@pytest.mark.parametrize("mode, stride, temperature, top_k, top_p, shape", [
+    ("isd", 4, 1.0, 0, 1.0, "plain"),
+    ("isd", 2, 0.7, 6, 0.9, "plain"),
+    ("risd", 3, 1.0, 0, 1.0, "plain"),
+    ("risd", 2, 0.7, 6, 0.9, "plain"),
+    ("isd", 2, 1.0, 0, 1.0, "branches"),
+    ("isd", 3, 0.7, 6, 0.9, "branches"),
+    ("risd", 2, 1.0, 0, 1.0, "branches"),
+    ("risd", 2, 0.7, 6, 0.9, "branches"),
 ])
-def test_sampled_output_has_the_ar_distribution(llm, mode, stride, temperature, top_k, top_p):
-    tv, bound, (stat, dof, p_value), accepted = sampled_fit(llm, mode, stride, temperature, top_k, top_p)
+def test_sampled_output_has_the_ar_distribution(llm, mode, stride, temperature, top_k, top_p, shape):
+    tv, bound, (stat, dof, p_value), (accepted, branch_accepted) = sampled_fit(llm, mode, stride, temperature, top_k,
+                                                                                top_p, shape=shape)
     assert accepted > N_SAMPLES // 10  # the verify path really ran
+    if shape == "branches":  # and, in the third token, drafts proposed by a branch
+        assert branch_accepted > N_SAMPLES // 20
     assert tv < bound, f"TV {tv:.4f} >= bound {bound:.4f}"
     assert p_value > 1e-3, f"chi-square {stat:.1f} on {dof} dof, p = {p_value:.2g}"
 
@@ -157,3 +176,4 @@ def test_argmax_proposal_fails_the_same_test(llm):
 def test_argmax_exact_proposal_keeps_the_distribution(llm):
     tv, bound, (_, _, p_value), _ = sampled_fit(llm, "isd", 3, 1.0, proposal="argmax_exact")
     assert tv < bound and p_value > 1e-3
+

@@ -77,7 +77,7 @@ def test_accounting_on_rigged_models(tmp_path, rig, stride):
     llm = LLM(str(folder), progress=False, kv_cache_tokens=2048)
     max_tokens = 25
     out = llm.generate([[2, 3, 4]], SamplingParams(mode="isd", stride=stride, temperature=0, max_tokens=max_tokens,
-                                                   ignore_eos=True))[0]
+                                                   ignore_eos=True, stride_policy="fixed", branches=0))[0]
     k = stride - 1
     st, drafts = out.stats, out.stats["drafts"]
     assert st["tokens"] == max_tokens

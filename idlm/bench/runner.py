@@ -48,7 +48,7 @@ class StepProbe:
         queries = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             final = seq.num_computed + n == len(seq)
-            queries.append(n + (len(seq.drafts) + seq.num_new_drafts if final else 0))
+            queries.append(n + (seq.num_lookahead if final else 0))
         contexts = [seq.num_computed + q for seq, q in zip(batch.seqs, queries)]
         return StepShape(batch.is_prefill, contexts, queries)
 

@@ -1,5 +1,6 @@
 import dataclasses
 import random
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -12,6 +13,8 @@ from idlm.engine.sampling_params import SamplingParams
 from idlm.engine.scheduler import Scheduler
 from idlm.engine.sequence import Sequence, TokenSource
 from idlm.engine.stats import EngineStats, request_stats
+from idlm.engine.step_cost import measure_step_cost
+from idlm.engine.stride_policy import StridePolicy
 from idlm.engine.tokenizer import IncrementalDetokenizer, generation_eos_ids, load_tokenizer
 from idlm.models.loader import load_model, parse_dtype, resolve_model_folder
 from idlm.models.lora import DEFAULT_ADAPTER, fuse_for_inference, load_adapter
@@ -19,7 +22,7 @@ from idlm.models.transformer import compile_elementwise
 
 CPU_KV_BYTES = 1 << 30
 CPU_KV_TOKENS = 16384
-MAX_LOOKAHEAD = 32  # positions a round may write past the pending token (2 * 15 + 1 at N = 16)
+MAX_LOOKAHEAD = MAX_DECODE_TOKENS  # cache slots a round may write past the pending token
 MASK_TOKEN_NAMES = ("<|MASK|>",)  # the I-DLM release's name for it
 
 
@@ -83,12 +86,14 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings, pool_len)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config, self.block_manager)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.mask_ids,
                                   banned_token=self.mask_ids["isd"])
         if self.device.type == "cuda":
             self.runner.use_padded_decode(config.max_num_seqs, self.max_model_len + MAX_LOOKAHEAD,
                                           cuda_graphs=not config.enforce_eager and self.runner.use_triton)
+        self.policy = StridePolicy(config.stride_policy, config.branches,
+                                   measure_step_cost(self.runner, config.max_num_seqs))
+        self.scheduler = Scheduler(config, self.block_manager, self.policy)
         self.stats = EngineStats()
         self.seed_source = random.Random(config.seed)
         self.seqs: dict[int, Sequence] = {}
@@ -214,6 +219,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
+        start = time.perf_counter()
         outcomes = self.runner.run(batch.seqs, batch.num_new_tokens)
         self.stats.forwards += 1
         outputs = []
@@ -226,6 +232,11 @@ class LLMEngine:
             first_new = seq.num_output_tokens
             self._apply_round(seq, outcomes[i])
             outputs.append(self._output(seq, first_new))
+        if not batch.is_prefill:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            rows = max(seq.layout.num_rows for seq in batch.seqs)  # the plan is still the one that ran
+            self.policy.cost.observe(len(batch.seqs), rows, time.perf_counter() - start)
         return outputs
 
     def _apply_round(self, seq: Sequence, r: RoundOutcome) -> None:
@@ -234,15 +245,20 @@ class LLMEngine:
             TokenSource.CORRECTION if r.accepted < r.num_drafts else TokenSource.TARGET]
         seq.token_sources.extend(sources)
         seq.token_q.extend(r.drafts_q[:r.accepted] + [r.final_p])
-        if seq.num_new_drafts:
-            if r.num_drafts:
-                seq.stats.verify_rounds += 1
-                seq.stats.drafts.record(r.num_drafts, r.accepted)
-                self.stats.drafts.record(r.num_drafts, r.accepted)
-            else:
-                seq.stats.cold_rounds += 1
+        st = seq.stats
+        if r.num_drafts:
+            st.verify_rounds += 1
+            st.drafts.record(r.num_drafts, r.accepted)
+            self.stats.drafts.record(r.num_drafts, r.accepted)
+            self.policy.observe(seq, r.num_drafts, r.accepted)
+            if seq.drafts_from_branch:
+                st.branch_rounds += 1
+                st.branch_drafts_accepted += r.accepted
+        elif seq.num_new:
+            st.cold_rounds += 1
         computed = len(seq) + r.accepted
         seq.drafts, seq.draft_q, seq.draft_hidden = r.new_drafts, r.new_draft_q, r.new_draft_hidden
+        seq.drafts_from_branch = r.from_branch
         self._append(seq, tokens)
         del seq.token_sources[seq.num_output_tokens:], seq.token_q[seq.num_output_tokens:]
         if not seq.is_finished:

@@ -1,8 +1,9 @@
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
-from idlm.decoding.rounds import PROPOSALS, RoundBatch, run_round
+from idlm.decoding.rounds import PROPOSALS, RoundBatch, propose, verify
 from idlm.decoding.sampling import SamplingTensors, token_probs
 from idlm.engine.decode_graphs import DecodeGraphs
 from idlm.engine.sequence import Sequence
@@ -22,9 +23,46 @@ class RoundOutcome:
     new_drafts: list[int]
     new_draft_q: torch.Tensor | None
     new_draft_hidden: torch.Tensor | None
+    from_branch: bool  # the new drafts came from the branch of the rejected draft
 
 
-MAX_DECODE_TOKENS = 31  # a verify round at N = 16 feeds 2N - 1 tokens
+@dataclass(slots=True)
+class FeedRows:
+    """The rows one sequence feeds this step: a chunk of its committed tokens and, on its final
+    chunk, the rest of its round (decoding/layout.py). Row i takes cache slot num_computed + i."""
+
+    ids: list[int]
+    positions: list[int]  # RoPE positions (a branch row's is not its slot)
+    slots: list[int]
+    gate: list[bool]  # the gated LoRA is on (MASK rows of a risd round)
+    tree_bits: list[int]  # per row, its visible rows of the round (-1: the chunk's rows before it)
+    round_rows: int  # rows of the round at the end (0: not the final chunk)
+    branched: bool  # the round has branches, so its visibility is a tree, not causal
+
+
+MAX_DECODE_TOKENS = 64  # decoding.layout.MAX_ROUND_ROWS: the widest decode step per request
+
+
+def feed_rows(seq: Sequence, n: int, mask_id: int | None, block_size: int) -> FeedRows:
+    """Rows of token_ids[num_computed:num_computed + n], plus the round if that is the last chunk."""
+    start = seq.num_computed
+    ids = seq.token_ids[start:start + n]
+    positions = list(range(start, start + n))
+    gate = [False] * n
+    bits = [-1] * n
+    round_rows, branched = 0, False
+    if start + n == len(seq):
+        layout = seq.layout
+        branched = layout.num_branches > 0
+        round_rows = layout.num_rows
+        d = layout.num_drafts
+        ids += seq.drafts[:d] + [mask_id] * (round_rows - 1 - d)
+        pending = positions.pop()
+        positions += [pending + offset for offset in layout.offsets]
+        gate = gate[:-1] + [seq.params.mode == "risd" and m for m in layout.is_mask]
+        bits = bits[:-1] + list(layout.visible)
+    slots = [seq.block_table[c // block_size] * block_size + c % block_size for c in range(start, start + len(ids))]
+    return FeedRows(ids, positions, slots, gate, bits, round_rows, branched)
 
 
 class ModelRunner:
@@ -54,160 +92,164 @@ class ModelRunner:
         self.decode_graphs = DecodeGraphs(self.model, self.kv_cache, self.scratch_block, max_batch, MAX_DECODE_TOKENS,
                                           max_positions, self.use_triton, cuda_graphs, self.with_lora)
 
-    def feed(self, seq: Sequence, n: int) -> tuple[list[int], bool]:
-        """Tokens seq feeds this step, and whether this is its final chunk (a decoding round)."""
-        start = seq.num_computed
-        tokens = seq.token_ids[start:start + n]
-        final = start + n == len(seq)
-        if final and seq.num_new_drafts:
-            tokens = tokens + seq.drafts + [self.mask_ids[seq.params.mode]] * seq.num_new_drafts
-        return tokens, final
-
-    @staticmethod
-    def lora_gate(seq: Sequence, num_tokens: int) -> list[bool]:
-        """Per fed token: is the gated LoRA on (the MASK rows of a risd round)?"""
-        first_mask = len(seq) - seq.num_computed + len(seq.drafts)  # the K MASKs come last in a final chunk
-        lora_on = seq.params.mode == "risd" and num_tokens > first_mask
-        return [lora_on and i >= first_mask for i in range(num_tokens)]
-
-    def prepare(self, seqs: list[Sequence], feeds: list[list[int]]):
-        ids, positions, slots, gate, starts = [], [], [], [], [0]
-        bs = self.block_size
-        for seq, tokens in zip(seqs, feeds):
-            start = seq.num_computed
-            ids.extend(tokens)
-            pos = range(start, start + len(tokens))
-            positions.extend(pos)
-            slots.extend(seq.block_table[p // bs] * bs + p % bs for p in pos)
-            starts.append(starts[-1] + len(tokens))
-            gate.extend(self.lora_gate(seq, len(tokens)))
+    def prepare(self, seqs: list[Sequence], feeds: list[FeedRows]):
+        starts = [0]
+        for f in feeds:
+            starts.append(starts[-1] + len(f.ids))
         width = max(len(seq.block_table) for seq in seqs)
         tables = [t for seq in seqs for t in seq.block_table + [-1] * (width - len(seq.block_table))]
-        context_lens = [s.num_computed + len(f) for s, f in zip(seqs, feeds)]
-        ids_t, positions_t, slots_t, context_t, tables_t, gate_t = self._to_device(
-            [ids, positions, slots, context_lens, tables, gate], torch.long)
+        context_lens = [s.num_computed + len(f.ids) for s, f in zip(seqs, feeds)]
+        tree = any(f.branched for f in feeds)
+        rows = [[x for f in feeds for x in getattr(f, name)] for name in ("ids", "positions", "slots", "gate")]
+        extra = [[x for f in feeds for x in f.tree_bits], [f.round_rows for f in feeds]] if tree else []
+        ids_t, positions_t, slots_t, gate_t, context_t, tables_t, *tree_t = self._to_device(
+            rows + [context_lens, tables] + extra, torch.long)
         batch = PagedBatch(
             slot_mapping=slots_t,
             query_start=starts,
             context_lens=context_t,
             block_tables=tables_t.view(len(seqs), width).int(),
             max_context_len=max(context_lens),
-            max_query_len=max(len(f) for f in feeds),
+            max_query_len=max(len(f.ids) for f in feeds),
+            tree_bits=tree_t[0] if tree else None,
+            tree_rows=tree_t[1] if tree else None,
         )
-        lora_gate = gate_t.float() if any(gate) else None
+        lora_gate = gate_t.float() if any(rows[3]) else None
         return ids_t, positions_t, batch, lora_gate
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], num_new: list[int]) -> dict[int, RoundOutcome]:
         """Feeds token_ids[num_computed:num_computed + n] of each sequence (plus, on its final
-        chunk, its drafts and MASKs); returns the round outcome of each final-chunk sequence, by
+        chunk, the rest of its round); returns the round outcome of each final-chunk sequence, by
         batch index."""
-        fed = [self.feed(seq, n) for seq, n in zip(seqs, num_new)]
-        feeds = [tokens for tokens, _ in fed]
+        feeds = [feed_rows(seq, n, self.mask_ids.get(seq.params.mode), self.block_size)
+                 for seq, n in zip(seqs, num_new)]
         graphs = self.decode_graphs
-        if graphs is not None and all(n == 1 for n in num_new):  # a decode step: every feed is final
-            starts = [seq.num_computed for seq in seqs]
-            tokens = max(len(f) for f in feeds)
-            if graphs.fits(len(seqs), tokens, max(starts) + tokens):
-                hidden, logits, tokens = graphs.run(feeds, starts, [s.block_table for s in seqs],
-                                                    [self.lora_gate(s, len(f)) for s, f in zip(seqs, feeds)])
-                ends = [b * tokens + len(f) for b, f in enumerate(feeds)]
-                return self._decide(seqs, ends, list(range(len(seqs))), hidden, logits)
+        if graphs is not None and all(n == 1 for n in num_new):  # a decode step: every feed is a whole round
+            tokens = max(len(f.ids) for f in feeds)
+            if graphs.fits(len(seqs), tokens, max(s.num_computed for s in seqs) + tokens):
+                hidden, logits, tokens = graphs.run(feeds, [s.num_computed for s in seqs],
+                                                    [s.block_table for s in seqs])
+                return self._decide(seqs, [b * tokens for b in range(len(seqs))], list(range(len(seqs))),
+                                    hidden, logits)
         input_ids, positions, batch, lora_gate = self.prepare(seqs, feeds)
         backend = TritonPagedAttention if self.use_triton else PagedAttention
         hidden = self.model(input_ids, positions, backend(self.kv_cache, batch), lora_gate)
-        finals = [i for i, (_, final) in enumerate(fed) if final]
+        finals = [i for i, f in enumerate(feeds) if f.round_rows]
         if not finals:
             return {}
-        return self._decide([seqs[i] for i in finals], [batch.query_start[i + 1] for i in finals], finals, hidden)
+        round_starts = [batch.query_start[i + 1] - feeds[i].round_rows for i in finals]
+        return self._decide([seqs[i] for i in finals], round_starts, finals, hidden)
 
-    def _decide(self, seqs: list[Sequence], ends: list[int], index: list[int], hidden: torch.Tensor,
-                all_logits: torch.Tensor | None = None):
-        num_d = [len(s.drafts) for s in seqs]
-        num_k = [s.num_new_drafts for s in seqs]
+    def _decide(self, seqs: list[Sequence], round_starts: list[int], index: list[int], hidden: torch.Tensor,
+                all_logits: torch.Tensor | None = None) -> dict[int, RoundOutcome]:
+        """The round of each sequence whose pending row is hidden[round_starts[b]]: verify its
+        drafts, then draw new ones from the rows that follow the final token. Every host value
+        goes to the device in one copy per dtype, and the decisions come back in one copy."""
+        layouts = [seq.layout for seq in seqs]
+        num_d = [lay.num_drafts for lay in layouts]
+        num_k = [lay.num_new for lay in layouts]
         dmax, kmax = max(num_d), max(num_k)
-        # Rows whose logits we need: from each pending row to the end of its feed, then the stored
-        # hidden rows of the drafts under test (their proposal distributions). Everything the
-        # round needs from the host is gathered here and sent in one copy per dtype, so nothing
-        # below waits for the forward until the single device-to-host copy at the end.
-        rows, row_params, stored, stored_params, draft_slots = [], [], [], [], []
-        target_idx, new_idx, draft_idx, new_rows = [], [], [], []
-        num_rows = sum(1 + d + k for d, k in zip(num_d, num_k))
-        pad = num_rows + sum(num_d)  # the zero row appended after all distributions
-        offset, stored_offset = 0, num_rows
-        for b, (seq, end, d, k) in enumerate(zip(seqs, ends, num_d, num_k)):
-            p = seq.params
-            sampling = (p.temperature, p.top_k, p.top_p, seq.seed)
-            rows.extend(range(end - 1 - d - k, end))
-            row_params.extend([sampling] * (1 + d + k))
-            if d:
-                stored.append(seq.draft_hidden)
-                stored_params.extend([sampling] * d)
-                draft_slots.extend(range(b * dmax, b * dmax + d))
+        pad = sum(1 + d for d in num_d) + sum(num_d)  # the zero row appended after all distributions
+        rows, stored, sampling, target_idx, draft_idx, draft_slots = [], [], [], [], [], []
+        offset, stored_offset = 0, sum(1 + d for d in num_d)
+        for b, (seq, start, d) in enumerate(zip(seqs, round_starts, num_d)):
+            rows.extend(range(start, start + 1 + d))
             target_idx.extend([offset + j for j in range(d + 1)] + [pad] * (dmax - d))
-            new_idx.extend([offset + d + 1 + j for j in range(k)] + [pad] * (kmax - k))
-            new_rows.extend([offset + d + 1 + j for j in range(k)] + [0] * (kmax - k))
             draft_idx.extend([stored_offset + j for j in range(d)] + [pad] * (dmax - d))
-            offset += 1 + d + k
+            if d:
+                stored.append(seq.draft_hidden[:d])
+                draft_slots.extend(range(b * dmax, b * dmax + d))
+            offset += 1 + d
             stored_offset += d
-        row_params += stored_params
-        temps, top_ks, top_ps, row_seeds = zip(*row_params)
-        ints = [rows, target_idx, new_idx, new_rows, draft_idx, draft_slots,
-                [t for s, d in zip(seqs, num_d) for t in s.drafts + [0] * (dmax - d)], num_d, num_k,
-                [PROPOSALS.index(s.params.proposal) for s in seqs], [s.seed for s in seqs],
-                [len(s) - 1 for s in seqs], [int(s.params.spec_verify) for s in seqs], top_ks, row_seeds]
-        floats = [temps, top_ps, [float(s.params.verify_alpha) for s in seqs]]
-        (rows_t, target_t, new_t, new_rows_t, draft_t, draft_slots_t, drafts_t, num_d_t, num_k_t, proposal_t, seeds_t,
-         positions_t, spec_t, top_k_t, row_seeds_t) = self._to_device(ints, torch.long)
-        temps_t, top_p_t, alpha_t = self._to_device(floats, torch.float32)
-
+        row_seq = [b for b, d in enumerate(num_d) for _ in range(1 + d)] + [b for b, d in enumerate(num_d)
+                                                                            for _ in range(d)]
+        params = [s.params for s in seqs]
+        sampling = [(p.temperature, p.top_k, p.top_p, s.seed) for p, s in zip(params, seqs)]
+        temps, top_ks, top_ps, seeds = zip(*sampling)
+        # where each request's new drafts come from: main-chain MASKs after a bonus, branch rows
+        # B_1.. (one every K rows) after a correction at a branched position
+        main_rows = [start + lay.new_drafts_row for start, lay in zip(round_starts, layouts)]
+        branch_rows = [start + lay.new_drafts_row + lay.num_new for start, lay in zip(round_starts, layouts)]
+        ints = dict(rows=rows, target=target_idx, draft=draft_idx, draft_slots=draft_slots, row_seq=row_seq,
+                    drafts=[t for s, d in zip(seqs, num_d) for t in s.drafts[:d] + [0] * (dmax - d)],
+                    num_d=num_d, num_k=num_k, branches=[lay.num_branches for lay in layouts],
+                    main_rows=main_rows, branch_rows=branch_rows,
+                    proposal=[PROPOSALS.index(p.proposal) for p in params], seeds=seeds,
+                    positions=[len(s) - 1 for s in seqs], spec=[int(p.spec_verify) for p in params], top_k=top_ks)
+        t = dict(zip(ints, self._to_device(list(ints.values()), torch.long)))
+        temps_t, top_p_t, alpha_t = self._to_device([temps, top_ps, [float(p.verify_alpha) for p in params]],
+                                                    torch.float32)
         batch, vocab = len(seqs), self.model.lm_head.weight.shape[0]
-        picked = hidden[rows_t]
-        if all_logits is None:
-            logits = self.model.logits(torch.cat([picked] + stored) if stored else picked)
-        else:  # the graph computed the logits of every row
-            logits = all_logits[rows_t]
-            if stored:
-                logits = torch.cat([logits, self.model.logits(torch.cat(stored))])
-        st = SamplingTensors(temps_t, top_k_t, top_p_t, row_seeds_t,
-                             needs_filter=any(k > 0 or p < 1 for k, p in zip(top_ks, top_ps)),
-                             all_greedy=all(t == 0 for t in temps))
-        probs = token_probs(logits, st, self.banned_token)
-        probs = torch.cat([probs, probs.new_zeros(1, probs.shape[1])])
+        all_greedy = all(x == 0 for x in temps)
+        needs_filter = any(k > 0 or p < 1 for k, p in zip(top_ks, top_ps))
+
+        def probs_of(logits: torch.Tensor, seq_of_row: torch.Tensor) -> torch.Tensor:
+            st = SamplingTensors(temps_t[seq_of_row], t["top_k"][seq_of_row], top_p_t[seq_of_row],
+                                 t["seeds"][seq_of_row], needs_filter=needs_filter, all_greedy=all_greedy)
+            return token_probs(logits, st, self.banned_token)
+
+        logits = self._logits(hidden, all_logits, t["rows"])
+        if stored:
+            logits = torch.cat([logits, self.model.logits(torch.cat(stored))])
+        probs = probs_of(logits, t["row_seq"])
+        probs = torch.cat([probs, probs.new_zeros(1, vocab)])
         draft_q = torch.ones(batch * dmax, device=probs.device)
         if stored:
-            draft_q[draft_slots_t] = torch.cat([s.draft_q for s in seqs if s.drafts]).float()
+            draft_q[t["draft_slots"]] = torch.cat([s.draft_q[:d] for s, d in zip(seqs, num_d) if d]).float()
         rb = RoundBatch(
-            target_probs=probs[target_t].view(batch, dmax + 1, vocab),
-            draft_probs=probs[draft_t].view(batch, dmax, vocab),
-            drafts=drafts_t.view(batch, dmax),
+            target_probs=probs[t["target"]].view(batch, dmax + 1, vocab),
+            draft_probs=probs[t["draft"]].view(batch, dmax, vocab),
+            drafts=t["drafts"].view(batch, dmax),
             draft_q=draft_q.view(batch, dmax),
-            num_drafts=num_d_t,
-            new_draft_probs=probs[new_t].view(batch, kmax, vocab),
-            num_new=num_k_t,
-            proposal=proposal_t,
-            seeds=seeds_t,
-            positions=positions_t,
+            num_drafts=t["num_d"],
+            proposal=t["proposal"],
+            seeds=t["seeds"],
+            positions=t["positions"],
             verify_alpha=alpha_t,
-            spec_verify=spec_t.bool(),
-            all_greedy=st.all_greedy,
+            spec_verify=t["spec"].bool(),
+            all_greedy=all_greedy,
         )
-        result = run_round(rb)
-        new_hidden = picked[new_rows_t].view(batch, kmax, hidden.shape[-1])
-        packed = torch.cat([result.accepted[:, None].double(), result.final_token[:, None].double(),
-                            result.final_p[:, None].double(), rb.draft_q.double(),
-                            result.new_drafts.double()], dim=1).tolist()
+        verdict = verify(rb)
+        host = [verdict.accepted, verdict.final_token, verdict.final_p, rb.draft_q.flatten()]
+        new_hidden = None
+        if kmax:
+            accepted = verdict.accepted
+            bonus = accepted == rb.num_drafts
+            branched = accepted < t["branches"]
+            first = torch.where(bonus, t["main_rows"], t["branch_rows"] + accepted * t["num_k"])
+            has_new = (bonus | branched) & (t["num_k"] > 0)
+            k = torch.arange(kmax, device=first.device)
+            new_rows = (first[:, None] + k[None]).clamp(max=hidden.shape[0] - 1).flatten()
+            new_hidden = hidden[new_rows]
+            new_logits = self._logits(hidden, all_logits, new_rows, new_hidden)
+            new_probs = probs_of(new_logits, torch.arange(batch, device=first.device).repeat_interleave(kmax))
+            new_drafts, new_q = propose(new_probs.view(batch, kmax, vocab), rb.seeds, verdict.final_pos, rb.proposal,
+                                        all_greedy)
+            new_hidden = new_hidden.view(batch, kmax, -1)
+            host += [has_new, branched, new_drafts.flatten()]
+        values = torch.cat([x.double() for x in host]).tolist()
+        ends = list(accumulate(x.numel() for x in host))
+        fields = [values[a:b] for a, b in zip([0] + ends, ends)]
+        accepted_h, final_h, final_p_h, draft_q_h = fields[:4]
         outcomes = {}
-        for b, (d, k, row) in enumerate(zip(num_d, num_k, packed)):
-            accepted = int(row[0])
-            keep = accepted == d and k > 0
+        for b, (d, k) in enumerate(zip(num_d, num_k)):
+            keep = bool(kmax) and fields[4][b] > 0
             outcomes[index[b]] = RoundOutcome(
-                num_drafts=d, accepted=accepted, final_token=int(row[1]), final_p=row[2], drafts_q=row[3:3 + d],
-                new_drafts=[int(t) for t in row[3 + dmax:3 + dmax + k]] if keep else [],
-                new_draft_q=result.new_draft_q[b, :k] if keep else None,
+                num_drafts=d, accepted=int(accepted_h[b]), final_token=int(final_h[b]), final_p=final_p_h[b],
+                drafts_q=draft_q_h[b * dmax:b * dmax + d],
+                new_drafts=[int(x) for x in fields[6][b * kmax:b * kmax + k]] if keep else [],
+                new_draft_q=new_q[b, :k] if keep else None,
                 new_draft_hidden=new_hidden[b, :k] if keep else None,
+                from_branch=keep and fields[5][b] > 0,
             )
         return outcomes
+
+    def _logits(self, hidden: torch.Tensor, all_logits: torch.Tensor | None, rows: torch.Tensor,
+                picked: torch.Tensor | None = None) -> torch.Tensor:
+        if all_logits is not None:  # the graph computed the logits of every row
+            return all_logits[rows]
+        return self.model.logits(hidden[rows] if picked is None else picked)
 
     def _to_device(self, lists: list, dtype: torch.dtype) -> list[torch.Tensor]:
         """The lists as device tensors, through one (pinned, asynchronous) host-to-device copy."""

@@ -3,6 +3,7 @@ from dataclasses import dataclass, field
 from idlm.decoding.rounds import PROPOSALS
 
 MODES = ("ar", "isd", "risd")
+STRIDE_POLICIES = ("fixed", "adaptive")
 
 
 @dataclass(slots=True)
@@ -23,6 +24,8 @@ class SamplingParams:
     mode: str | None = None
     stride: int | None = None
     proposal: str | None = None
+    stride_policy: str | None = None  # fixed: every round proposes stride - 1; adaptive: stride is a maximum
+    branches: int | None = None  # most branch drafts a round may add (None: as many as fit)
     verify_alpha: float = 1.0
     spec_verify: bool = True
 
@@ -50,6 +53,12 @@ class SamplingParams:
             raise ValueError(f"stride must be an integer from 2 to 16, got {self.stride!r}")
         if self.proposal is not None and self.proposal not in PROPOSALS:
             raise ValueError(f"unknown proposal {self.proposal!r}; choose one of {', '.join(PROPOSALS)}")
+        if self.stride_policy is not None and self.stride_policy not in STRIDE_POLICIES:
+            raise ValueError(f"unknown stride_policy {self.stride_policy!r}; "
+                             f"choose one of {', '.join(STRIDE_POLICIES)}")
+        if self.branches is not None and (not isinstance(self.branches, int) or isinstance(self.branches, bool)
+                                          or not 0 <= self.branches <= 15):
+            raise ValueError(f"branches must be an integer from 0 to 15 (0 = none), got {self.branches!r}")
         if not isinstance(self.verify_alpha, int | float) or self.verify_alpha <= 0:
             raise ValueError(f"verify_alpha must be > 0 (1 = exact), got {self.verify_alpha!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from idlm.config import EngineConfig
 from idlm.engine.block_manager import BlockManager
 from idlm.engine.sequence import Sequence, SequenceStatus
+from idlm.engine.stride_policy import StridePolicy
 
 
 @dataclass(slots=True)
@@ -15,12 +16,14 @@ class ScheduledBatch:
 
 class Scheduler:
     """Continuous batching: prefill admission under a token budget (long prompts chunked), else
-    one decode step for every running sequence; recompute preemption when blocks run out."""
+    one decode step for every running sequence; recompute preemption when blocks run out. The
+    stride policy shapes each sequence's round before its blocks are reserved."""
 
-    def __init__(self, config: EngineConfig, block_manager: BlockManager):
+    def __init__(self, config: EngineConfig, block_manager: BlockManager, policy: StridePolicy):
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.block_manager = block_manager
+        self.policy = policy
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -43,6 +46,7 @@ class Scheduler:
                 bm.match_prefix(seq)
             room = (len(seq.block_table) + bm.num_free) * bm.block_size - seq.num_computed
             remaining = len(seq) - seq.num_computed
+            self.policy.plan([seq], decode=False)
             n = min(remaining, budget, room)
             if n == remaining and n + seq.num_lookahead > room:
                 n = remaining - 1  # the final chunk needs room for its drafts and MASKs too
@@ -62,6 +66,7 @@ class Scheduler:
     def _schedule_decode(self) -> ScheduledBatch | None:
         bm = self.block_manager
         seqs, counts = [], []
+        self.policy.plan(self.running)
         for seq in list(self.running):
             if seq.status != SequenceStatus.RUNNING:
                 continue

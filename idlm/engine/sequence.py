@@ -4,6 +4,7 @@ from itertools import count
 
 import torch
 
+from idlm.decoding.layout import RoundLayout, round_layout
 from idlm.engine.sampling_params import SamplingParams
 
 
@@ -49,8 +50,10 @@ class DraftCounts:
 class SequenceStats:
     forwards: int = 0
     preemptions: int = 0
-    cold_rounds: int = 0
-    verify_rounds: int = 0
+    cold_rounds: int = 0  # rounds with no draft to test that proposed drafts
+    verify_rounds: int = 0  # rounds that tested drafts
+    branch_rounds: int = 0  # verify rounds whose drafts came from a branch
+    branch_drafts_accepted: int = 0
     drafts: DraftCounts = field(default_factory=DraftCounts)
 
 
@@ -79,16 +82,26 @@ class Sequence:
         self.drafts: list[int] = []
         self.draft_q: torch.Tensor | None = None  # [D] q_j(d_j) at proposal time
         self.draft_hidden: torch.Tensor | None = None  # [D, hidden] rows whose logits give q_j
+        self.drafts_from_branch = False
+        # the next round's shape, set by the stride policy before each schedule
+        self.num_new = 0  # K: drafts it proposes (0: an AR step)
+        self.num_branches = 0
 
     @property
-    def num_new_drafts(self) -> int:
-        """K: drafts a round proposes (0 for AR)."""
+    def max_new_drafts(self) -> int:
+        """The largest K the request allows: stride - 1, 0 for AR."""
         return 0 if self.params.mode == "ar" else self.params.stride - 1
 
     @property
+    def layout(self) -> RoundLayout:
+        """The next round: the leading drafts it can test (at most K), K MASKs, the branches."""
+        num_drafts = min(len(self.drafts), self.num_new)
+        return round_layout(num_drafts, self.num_new, min(self.num_branches, num_drafts))
+
+    @property
     def num_lookahead(self) -> int:
-        """Tokens fed after the pending one: the drafts under test, then K MASKs."""
-        return len(self.drafts) + self.num_new_drafts
+        """Rows fed after the pending one: drafts under test, MASKs, branches."""
+        return self.layout.num_rows - 1
 
     def __len__(self) -> int:
         return len(self.token_ids)

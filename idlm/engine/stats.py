@@ -13,6 +13,8 @@ def request_stats(seq: Sequence) -> dict:
         "preemptions": st.preemptions,
         "cold_rounds": st.cold_rounds,
         "verify_rounds": st.verify_rounds,
+        "branch_rounds": st.branch_rounds,
+        "branch_drafts_accepted": st.branch_drafts_accepted,
         "drafts": st.drafts.as_dict(),
     }
 

@@ -28,7 +28,11 @@ class PagedBatch:
     """Where a forward's tokens live in the paged KV cache.
 
     Tokens are flattened over sequences: sequence b owns rows query_start[b]:query_start[b+1],
-    which sit at the last query_lens[b] positions of its context_lens[b] cached positions.
+    which sit at the last query_lens[b] slots of its context_lens[b] cached slots. A row attends
+    to the slots at or before its own (causal), except inside a round's tree: the last
+    tree_rows[b] rows of sequence b see, among those rows, only the ones set in their
+    tree_bits (bit i: the tree's row i). Slot order is not position order there: RoPE
+    positions come with the model's input, not from the slot.
     """
 
     slot_mapping: torch.Tensor  # [tokens] cache slot each new token's KV is written to
@@ -39,6 +43,8 @@ class PagedBatch:
     max_query_len: int
     all_written: bool = True  # no token has slot -1 (such rows write nothing)
     query_start_device: torch.Tensor | None = None  # int32 copy of query_start already on the device
+    tree_bits: torch.Tensor | None = None  # [tokens] int64 visibility inside the tree; None: causal everywhere
+    tree_rows: torch.Tensor | None = None  # [batch] int32 rows of the tree at the end of each sequence
 
 
 class PagedKVWriter:
@@ -85,7 +91,15 @@ class PagedAttention(PagedKVWriter):
         query_valid = row[None] < query_lens[:, None]  # [batch, max_q]
         query_pos = batch.context_lens[:, None] - query_lens[:, None] + row[None]
         query_pos = torch.where(query_valid, query_pos, torch.zeros_like(query_pos))
-        self.mask = (key_pos[None, None] <= query_pos[..., None])[:, None]  # [batch, 1, max_q, max_ctx]
+        mask = key_pos[None, None] <= query_pos[..., None]  # [batch, max_q, max_ctx]
+        if batch.tree_bits is not None:
+            bits = torch.full((len(query_lens) * max_q,), -1, dtype=torch.long, device=device)
+            bits[query_valid.flatten().nonzero().squeeze(1)] = batch.tree_bits
+            tree_start = (batch.context_lens - batch.tree_rows)[:, None, None]
+            rel = key_pos[None, None] - tree_start
+            visible = (bits.view(len(query_lens), max_q, 1) >> rel.clamp(0, 63)) & 1
+            mask &= (rel < 0) | (visible == 1)
+        self.mask = mask[:, None]  # [batch, 1, max_q, max_ctx]
         self.batch_size, self.max_q = len(query_lens), max_q
         uniform = all(b - a == max_q for a, b in zip(starts, starts[1:]))
         self.query_rows = None if uniform else query_valid.flatten().nonzero().squeeze(1)
@@ -125,12 +139,13 @@ class TritonPagedAttention(PagedKVWriter):
         if self.query_start is None:
             self.query_start = torch.tensor(batch.query_start, dtype=torch.int32, device=kv_cache.device)
         self.context_lens = batch.context_lens.to(torch.int32)
+        self.tree_rows = None if batch.tree_rows is None else batch.tree_rows.to(torch.int32)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.write(layer, k, v)
         b = self.batch
         return self.kernel(q, k_cache, v_cache, b.block_tables, self.query_start, self.context_lens,
-                           b.max_query_len, b.max_context_len)
+                           b.max_query_len, b.max_context_len, tree_bits=b.tree_bits, tree_rows=self.tree_rows)
 
 
 class FlexAttention:

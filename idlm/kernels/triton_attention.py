@@ -2,11 +2,12 @@
 
 One program handles one (sequence, KV head, query tile, KV split). Its tile packs the sequence's
 query tokens with the query heads of that KV head's group (rows = tokens x group), so each K/V
-tile read from the paged cache serves every head that shares it; a decode step's 1 to 31 tokens
+tile read from the paged cache serves every head that shares it; a decode step's 1 to 64 rows
 fit one or two query tiles, a prefill chunk is cut into many (each reads keys only up to its
-last query). Query row i of a sequence sits at position
-context_len - query_len + i and attends to cached positions <= its own (causal among the new
-tokens, full over the past). With few programs for the chip, the KV axis is split and a second
+last query). Query row i of a sequence sits at slot context_len - query_len + i and attends
+to cached slots <= its own (causal among the new tokens, full over the past); inside a
+round's tree (the last tree_rows slots of the sequence) only to the tree rows set in its
+visibility bits. With few programs for the chip, the KV axis is split and a second
 kernel merges the partial softmaxes. The PyTorch `PagedAttention` is the oracle.
 """
 
@@ -23,7 +24,7 @@ MAX_TILE_ROWS = 128  # query rows (tokens x GQA group) per program
 @triton.jit
 def _paged_attention(
     q_ptr, k_ptr, v_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
-    block_tables_ptr, query_start_ptr, context_lens_ptr,
+    block_tables_ptr, query_start_ptr, context_lens_ptr, tree_bits_ptr, tree_rows_ptr,
     scale,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -31,7 +32,7 @@ def _paged_attention(
     stride_bt,
     num_splits, num_heads,
     GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, TREE: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -51,6 +52,9 @@ def _paged_attention(
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + (q_start + token)[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
                 mask=row_ok[:, None], other=0.0)
+    if TREE:
+        tree_start = ctx - tl.load(tree_rows_ptr + seq)
+        bits = tl.load(tree_bits_ptr + q_start + token, mask=row_ok, other=-1)
 
     per_split = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
     lo = split * per_split
@@ -68,6 +72,10 @@ def _paged_attention(
         k = tl.load(k_ptr + offset[None, :] + dims[:, None], mask=n_ok[None, :], other=0.0)
         scores = tl.dot(q, k, input_precision=PRECISION) * scale
         allowed = (n[None, :] <= q_pos[:, None]) & n_ok[None, :]
+        if TREE:
+            rel = n - tree_start
+            seen = (bits[:, None] >> tl.minimum(tl.maximum(rel, 0), 63).to(tl.int64)[None, :]) & 1
+            allowed = allowed & ((rel < 0)[None, :] | (seen == 1))
         scores = tl.where(allowed, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
@@ -127,9 +135,11 @@ def choose_splits(batch: int, kv_heads: int, max_context: int, block_n: int, dev
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     query_start: torch.Tensor, context_lens: torch.Tensor, max_query_len: int, max_context_len: int,
                     scale: float | None = None, num_splits: int | None = None, block_n: int | None = None,
-                    num_warps: int = 8, num_stages: int = 3) -> torch.Tensor:
+                    num_warps: int = 8, num_stages: int = 3, tree_bits: torch.Tensor | None = None,
+                    tree_rows: torch.Tensor | None = None) -> torch.Tensor:
     """q [tokens, heads, dim]; caches [blocks, page, kv_heads, dim]; block_tables [batch, max_blocks]
-    (int32); query_start [batch + 1] and context_lens [batch] (int32, on the device)."""
+    (int32); query_start [batch + 1] and context_lens [batch] (int32, on the device); tree_bits
+    [tokens] (int64) and tree_rows [batch] (int32) as in attention.PagedBatch, or None (causal)."""
     tokens, heads, dim = q.shape
     _, page, kv_heads, _ = k_cache.shape
     group = heads // kv_heads
@@ -148,6 +158,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     _paged_attention[(batch, kv_heads, splits * q_tiles)](
         q, k_cache, v_cache, out, part_acc, part_ml,
         block_tables, query_start, context_lens,
+        tree_bits if tree_bits is not None else query_start, tree_rows if tree_rows is not None else query_start,
         scale if scale is not None else dim ** -0.5,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -155,7 +166,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         block_tables.stride(0),
         splits, heads,
         GROUP=group, PAGE=page, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision,
-        num_warps=num_warps, num_stages=num_stages,
+        TREE=tree_bits is not None, num_warps=num_warps, num_stages=num_stages,
     )
     if splits > 1:
         _merge_splits[(tokens, heads)](out, part_acc, part_ml, out.stride(0), out.stride(1), heads, splits,

@@ -1,0 +1,129 @@
+"""What a decode step costs on this device, by batch size and rows per request (the adaptive
+stride's price list, docs/ARCHITECTURE.md "Adaptive stride").
+
+A batch size's row costs are measured the first time the policy asks about a batch near it: real
+decode steps (the runner's whole path: inputs, forward, the round) of dummy requests whose KV
+goes to the scratch block only, so live requests are untouched. The host's work around the
+runner (scheduling, bookkeeping) is learned from the steps that run."""
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+
+from idlm.decoding.layout import max_branches, rows_of
+from idlm.engine.sampling_params import SamplingParams
+from idlm.engine.sequence import Sequence
+
+OVERHEAD_DECAY = 0.05
+# (K, b) rounds whose row counts span what the policy chooses among: 1, 4, 7, 16, 31 and 64 rows
+MEASURED_ROUNDS = ((0, 0), (1, 1), (3, 0), (3, 3), (15, 0), (7, 7))
+# Rows past the point where a step costs this many 1-row steps can never pay (a round commits at
+# most 1 + K tokens, and rarely that many); the table extrapolates there instead of measuring.
+MAX_COST_RATIO = 4.0
+
+
+def rows_of_round(k: int, b: int) -> int:
+    """Rows a verify round with k drafts and b branches feeds per request."""
+    return rows_of(k, k, b)
+
+
+class StepCost:
+    """Seconds of a decode step: per measured batch size, linear in rows between the measured row
+    counts (and beyond them); between batch sizes, linear in log batch."""
+
+    def __init__(self, measure: Callable[[int], dict[int, float]], max_batch: int):
+        self.measure = measure
+        self.points = sorted({b for b in (1, 4, 16, 64, 256) if b < max_batch} | {max_batch})
+        self.table: dict[int, dict[int, float]] = {}
+        self.overhead = 0.0
+
+    def seconds(self, batch: int, rows: int) -> float:
+        return self.device_seconds(batch, rows) + self.overhead
+
+    def observe(self, batch: int, rows: int, seconds: float) -> None:
+        """A step that ran: what it took beyond the runner's part is the host's overhead (learned
+        only once the policy has asked for this batch size; observing measures nothing)."""
+        lo, hi = self._bracket(batch)
+        if lo not in self.table or hi not in self.table:
+            return
+        extra = max(0.0, seconds - self.device_seconds(batch, rows))
+        self.overhead += OVERHEAD_DECAY * (extra - self.overhead)
+
+    def _bracket(self, batch: int) -> tuple[int, int]:
+        i = next((i for i, p in enumerate(self.points) if p >= batch), len(self.points) - 1)
+        lo, hi = self.points[max(i - 1, 0)], self.points[i]
+        return (hi, hi) if batch >= hi else (lo, hi)
+
+    def device_seconds(self, batch: int, rows: int) -> float:
+        lo, hi = self._bracket(batch)
+        if lo == hi:
+            return self._at(hi, rows)
+        w = (math.log(batch) - math.log(lo)) / (math.log(hi) - math.log(lo))
+        return (1 - w) * self._at(lo, rows) + w * self._at(hi, rows)
+
+    def _at(self, batch: int, rows: int) -> float:
+        if batch not in self.table:
+            self.table[batch] = self.measure(batch)
+        costs = self.table[batch]
+        xs = sorted(costs)
+        if len(xs) == 1:
+            return costs[xs[0]]
+        i = min(max(1, next((i for i, x in enumerate(xs) if x >= rows), len(xs) - 1)), len(xs) - 1)
+        lo, hi = xs[i - 1], xs[i]
+        return max(costs[lo] + (rows - lo) * (costs[hi] - costs[lo]) / (hi - lo), costs[xs[0]])
+
+
+def monotone(costs: dict[int, float]) -> dict[int, float]:
+    """More rows never cost less: a measured dip is noise."""
+    out, top = {}, 0.0
+    for rows in sorted(costs):
+        top = max(top, costs[rows])
+        out[rows] = top
+    return out
+
+
+def measure_step_cost(runner, max_batch: int, repeats: int = 2) -> StepCost:
+    """A StepCost whose batch sizes are measured on the runner's device when first needed."""
+
+    def measure(batch: int) -> dict[int, float]:
+        costs = {}
+        for k, b in MEASURED_ROUNDS:
+            if len(costs) >= 2 and max(costs.values()) > MAX_COST_RATIO * costs[1]:
+                break
+            rows = rows_of_round(k, b)
+            seqs = [_dummy(runner, k, b) for _ in range(batch)]
+            times = []
+            for _ in range(repeats + 1):  # the first run warms up (and captures a CUDA graph)
+                _sync(runner.device)
+                start = time.perf_counter()
+                runner.run(seqs, [1] * batch)
+                _sync(runner.device)
+                times.append(time.perf_counter() - start)
+            costs[rows] = min(times[1:])  # the least disturbed run: a busy host only ever adds time
+        return monotone(costs)
+
+    return StepCost(measure, max_batch)
+
+
+def _dummy(runner, k: int, b: int) -> Sequence:
+    """A request one block long whose round has k drafts, k MASKs and b branches, all of its KV
+    in the scratch block (reads are garbage, which timing does not mind)."""
+    bs = runner.block_size
+    mode = "risd" if k else "ar"  # risd: the LoRA's rows cost what they cost; isd's cost no more
+    params = SamplingParams(temperature=0, max_tokens=1, mode=mode, stride=k + 1 if k else None, proposal="sample")
+    seq = Sequence([0] * bs, params, seed=0)
+    seq.num_computed = bs - 1
+    seq.block_table = [runner.scratch_block] * (2 + rows_of(k, k, b) // bs)
+    hidden = runner.model.cfg.hidden_size
+    seq.drafts = [0] * k
+    seq.draft_q = torch.ones(k, device=runner.device)
+    seq.draft_hidden = torch.zeros(k, hidden, dtype=runner.kv_cache.dtype, device=runner.device)
+    seq.num_new, seq.num_branches = k, min(b, max_branches(k, k))
+    return seq
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

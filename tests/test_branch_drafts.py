@@ -1,0 +1,408 @@
+"""Branch drafts (no cold rounds after a rejection) and the adaptive stride."""
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_small_idlm
+from torch import nn
+
+from idlm import LLM, SamplingParams
+from idlm.decoding.layout import MAX_ROUND_ROWS, max_branches, round_layout, rows_of
+from idlm.engine.runner import feed_rows
+from idlm.engine.sequence import DraftCounts, Sequence
+from idlm.engine.step_cost import StepCost, rows_of_round
+from idlm.engine.stride_policy import StridePolicy, expected_tokens
+from idlm.kernels.attention import DenseAttention, PagedAttention, PagedBatch
+
+# ---------------------------------------------------------------- the layout
+
+
+@pytest.mark.parametrize("d, k, b", [(3, 3, 3), (3, 3, 1), (7, 7, 7), (2, 3, 2), (15, 15, 2), (0, 3, 0), (0, 0, 0)])
+def test_layout_rows_positions_and_visibility(d, k, b):
+    lay = round_layout(d, k, b)
+    assert lay.num_rows == rows_of(d, k, b) == 1 + d + k + b * k <= MAX_ROUND_ROWS
+    bits = [v % (1 << 64) for v in lay.visible]
+    for row, v in enumerate(bits):
+        assert v >> row & 1 and v < 1 << (row + 1)  # sees itself, nothing after it: a sub-causal tree
+    for i in range(1 + d + k):  # the main chain is causal
+        assert lay.offsets[i] == i and bits[i] == (1 << (i + 1)) - 1 and lay.is_mask[i] == (i > d)
+    for j in range(1, b + 1):
+        first = lay.branch_row(j)
+        for i in range(k):
+            row = first + i
+            assert lay.offsets[row] == j + i and lay.is_mask[row]
+            seen = {r for r in range(lay.num_rows) if bits[row] >> r & 1}
+            # pending, d_1..d_{j-1} and its own earlier rows: never d_j, later drafts or other branches
+            assert seen == set(range(j)) | set(range(first, row + 1))
+
+
+def test_max_branches_fits_the_row_budget():
+    for k in range(16):
+        b = max_branches(k, k)
+        assert b <= k and rows_of(k, k, b) <= MAX_ROUND_ROWS
+        assert b == k or rows_of(k, k, b + 1) > MAX_ROUND_ROWS
+    assert max_branches(3, 3) == 3 and max_branches(7, 7) == 7 and max_branches(15, 15) == 2
+
+
+# ---------------------------------------------------------------- attention over a tree
+
+
+def test_paged_attention_tree_equals_dense_masked_attention():
+    gen = torch.Generator().manual_seed(0)
+    heads, kv_heads, dim, bs = 4, 2, 8, 4
+    ctxs, q_lens, tree_rows = [13, 9, 20], [6, 5, 11], [6, 3, 11]  # 2nd: a chunk whose last 3 rows are a tree
+    blocks = sum(-(-c // bs) for c in ctxs)
+    cache = torch.randn(2, 1, blocks, bs, kv_heads, dim, generator=gen)
+    tables, used = [], 0
+    for c in ctxs:
+        n = -(-c // bs)
+        tables.append(list(range(used, used + n)))
+        used += n
+    width = max(len(t) for t in tables)
+    bits, masks = [], []
+    for c, q, r in zip(ctxs, q_lens, tree_rows):
+        mask = torch.ones(q, c, dtype=torch.bool).tril(c - q)
+        for i in range(q):
+            if i < q - r:
+                bits.append(-1)
+                continue
+            t = i - (q - r)
+            v = (1 << t) | sum(1 << j for j in range(t) if torch.rand((), generator=gen) < 0.5)
+            bits.append(v)
+            for j in range(r):
+                mask[i, c - r + j] = bool(v >> j & 1) and j <= t
+        masks.append(mask)
+    starts = [0]
+    for q in q_lens:
+        starts.append(starts[-1] + q)
+    batch = PagedBatch(slot_mapping=torch.full((starts[-1],), -1), query_start=starts, context_lens=torch.tensor(ctxs),
+                       block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+                       max_context_len=max(ctxs), max_query_len=max(q_lens), all_written=False,
+                       tree_bits=torch.tensor(bits), tree_rows=torch.tensor(tree_rows, dtype=torch.int32))
+    q = torch.randn(starts[-1], heads, dim, generator=gen)
+    empty = torch.zeros(starts[-1], kv_heads, dim)
+    out = PagedAttention(cache, batch)(0, q, empty, empty)
+    for s, (c, mask) in enumerate(zip(ctxs, masks)):
+        keys = torch.cat([cache[0, 0, b] for b in tables[s]])[:c][None]
+        values = torch.cat([cache[1, 0, b] for b in tables[s]])[:c][None]
+        dense = DenseAttention(torch.cat([torch.zeros(c - mask.shape[0], c, dtype=torch.bool), mask])[None])
+        qs = torch.zeros(1, c, heads, dim)
+        qs[0, c - mask.shape[0]:] = q[starts[s]:starts[s + 1]]
+        expected = dense(0, qs, keys, values)[0, c - mask.shape[0]:]
+        torch.testing.assert_close(out[starts[s]:starts[s + 1]], expected)
+
+
+# ---------------------------------------------------------------- branch rows see what they should
+
+
+@pytest.fixture(scope="module")
+def idlm_dir(tmp_path_factory):
+    return make_small_idlm(tmp_path_factory.mktemp("idlm"), spread=0.25, vocab=12)
+
+
+def test_branch_rows_equal_a_dense_forward_of_their_own_context(idlm_dir):
+    """B_j's rows must compute exactly what a forward of [committed, d_1..d_{j-1}, MASK x K] at
+    positions P+j.. gives: the shape training teaches, and nothing of d_j or later (a branch
+    that saw the rejected d_j would still be exact, every draft being verified, but it would
+    propose from a context that is not the one it stands in)."""
+    llm = LLM(str(idlm_dir), progress=False, kv_cache_tokens=1024, block_size=4)
+    engine = llm.engine
+    engine.add_request([2, 3, 4, 5, 6], SamplingParams(mode="isd", stride=4, temperature=1.0, seed=1, max_tokens=60,
+                                                       ignore_eos=True, stride_policy="fixed", branches=0))
+    seq = next(iter(engine.seqs.values()))
+    while len(seq.drafts) < 3:
+        engine.step()
+    seq.num_new, seq.num_branches = 3, 3
+    engine.block_manager.reserve(seq, seq.num_computed + 1 + seq.num_lookahead)
+    rows = feed_rows(seq, 1, engine.mask_ids["isd"], 4)
+    ids, positions, batch, _ = engine.runner.prepare([seq], [rows])
+    model = engine.model
+    with torch.no_grad():
+        hidden = model(ids, positions, PagedAttention(engine.runner.kv_cache, batch))
+        lay, mask = seq.layout, engine.mask_ids["isd"]
+        committed = seq.token_ids
+        for j in range(1, 4):
+            context = committed + seq.drafts[:j - 1] + [mask] * 3
+            dense = model(torch.tensor([context]), torch.arange(len(context))[None], DenseAttention())[0]
+            torch.testing.assert_close(hidden[lay.branch_row(j):lay.branch_row(j) + 3], dense[-3:],
+                                       rtol=1e-5, atol=1e-5)
+            wrong = committed + seq.drafts[:j] + [mask] * 3  # as if the branch saw d_j
+            seen = model(torch.tensor([wrong]), torch.arange(len(wrong))[None], DenseAttention())[0]
+            assert not torch.allclose(hidden[lay.branch_row(j)], seen[-3], rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- rigged models: exact counts
+
+
+class RiggedLM(nn.Module):
+    """A stand-in model whose outputs follow fixed rules, run through the engine's real attention.
+
+    A clean row at position p predicts T(p+1). A MASK row learns, through attention (a uniform
+    average of 'is MASK' over the rows it sees, which are always the positions 0..p), how many
+    MASKs of its block it sees: m = 1 for the first. It proposes T(p+1), or a wrong token when
+    `wrong(m, p)`. Greedy output is therefore T(L), T(L+1), .. for a prompt of length L."""
+
+    def __init__(self, base: nn.Module, mask_id: int, wrong):
+        super().__init__()
+        self.cfg = base.cfg
+        self.lm_head = base.lm_head
+        self.mask_id = mask_id
+        self.wrong = wrong
+        self.vocab = base.cfg.vocab_size
+
+    def target(self, p: torch.Tensor) -> torch.Tensor:
+        return 2 + (3 * p) % (self.mask_id - 2)
+
+    def forward(self, input_ids, positions, attn, lora_gate=None):
+        cfg = self.cfg
+        rows = input_ids.shape[0]
+        q = torch.zeros(rows, cfg.num_heads, cfg.head_dim)
+        k = torch.zeros(rows, cfg.num_kv_heads, cfg.head_dim)
+        v = torch.zeros(rows, cfg.num_kv_heads, cfg.head_dim)
+        v[:, :, 0] = (input_ids == self.mask_id).float()[:, None]
+        seen = attn(0, q, k, v)[:, 0, 0] * (positions + 1)
+        return torch.stack([input_ids.float(), positions.float(), seen.round()], dim=-1)
+
+    def logits(self, hidden):
+        ids, p, m = hidden[:, 0].long(), hidden[:, 1].long(), hidden[:, 2].long()
+        token = self.target(p + 1)
+        wrong = (ids == self.mask_id) & self.wrong(m, p)
+        token = torch.where(wrong, 2 + (token - 2 + 1) % (self.mask_id - 2), token)
+        return 10.0 * torch.nn.functional.one_hot(token, self.vocab).float()
+
+
+def rigged_llm(idlm_dir, wrong) -> LLM:
+    llm = LLM(str(idlm_dir), progress=False, kv_cache_tokens=2048)
+    engine = llm.engine
+    engine.model = engine.runner.model = RiggedLM(engine.model, engine.mask_ids["isd"], wrong)
+    return llm
+
+
+PROMPT = [2, 3, 4]
+L = len(PROMPT)
+
+
+def run_rigged(llm, stride, branches, max_tokens=30):
+    params = SamplingParams(mode="isd", stride=stride, temperature=0, max_tokens=max_tokens, ignore_eos=True,
+                            stride_policy="fixed", branches=branches)
+    out = llm.generate([PROMPT], params)[0]
+    expected = llm.engine.model.target(torch.arange(L, L + max_tokens)).tolist()
+    assert out.token_ids == expected  # every rig decodes exactly the AR output
+    return out.stats
+
+
+@pytest.mark.parametrize("stride", [2, 4, 8])
+def test_rigged_first_drafts_of_the_main_chain_wrong_branch_drafts_right(idlm_dir, stride):
+    """Main-chain drafts always lose their first draft; the branch of that draft always proposes
+    right. With branches: after prefill, rounds alternate rejection at 1 (commits 1, drafts from
+    B_1) and all accepted (commits K + 1): exactly one cold round, the prefill's."""
+    k, max_tokens = stride - 1, 30
+    # positions of the first MASK of a main chain after a bonus: L, L + (K + 2), ...
+    llm = rigged_llm(idlm_dir, lambda m, p: (m == 1) & ((p - L) % (k + 2) == 0))
+    st = run_rigged(llm, stride, None, max_tokens)
+    committed, rounds, branch_rounds = 1, 0, 0
+    while committed < max_tokens:
+        rounds += 1
+        if rounds % 2:
+            committed += 1
+        else:
+            committed += k + 1
+            branch_rounds += 1
+    assert st["cold_rounds"] == 1 and st["verify_rounds"] == rounds and st["forwards"] == 1 + rounds
+    assert st["branch_rounds"] == branch_rounds and st["branch_drafts_accepted"] == k * branch_rounds
+    assert st["drafts"]["acceptance"][0] == pytest.approx(branch_rounds / rounds)
+    without = run_rigged(rigged_llm(idlm_dir, lambda m, p: (m == 1) & ((p - L) % (k + 2) == 0)), stride, 0,
+                         max_tokens)
+    assert without["cold_rounds"] > 1 and without["branch_rounds"] == 0
+
+
+@pytest.mark.parametrize("stride", [2, 4])
+def test_rigged_every_draft_wrong_is_plain_ar_with_nothing_lost(idlm_dir, stride):
+    llm = rigged_llm(idlm_dir, lambda m, p: torch.ones_like(m, dtype=torch.bool))
+    max_tokens = 25
+    st = run_rigged(llm, stride, None, max_tokens)
+    # one token a forward; every round after the prefill tests (and rejects) the first draft of B_1
+    assert st["forwards"] == max_tokens and st["tokens_per_forward"] == 1.0
+    assert st["cold_rounds"] == 1 and st["verify_rounds"] == max_tokens - 1
+    assert st["branch_rounds"] == max_tokens - 2 and st["drafts"]["accepted"] == [0] * (stride - 1)
+
+
+@pytest.mark.parametrize("stride", [3, 4])
+def test_rigged_every_draft_right_needs_no_branch(idlm_dir, stride):
+    llm = rigged_llm(idlm_dir, lambda m, p: torch.zeros_like(m, dtype=torch.bool))
+    k, max_tokens = stride - 1, 25
+    st = run_rigged(llm, stride, None, max_tokens)
+    verify_rounds = -(-(max_tokens - 1) // (k + 1))
+    assert st["forwards"] == 1 + verify_rounds and st["cold_rounds"] == 1 and st["branch_rounds"] == 0
+
+
+# ---------------------------------------------------------------- adaptive stride
+
+
+def design_formula(a: float, n: int) -> float:
+    """Tokens per forward with i.i.d. acceptance a, no branches (DESIGN.md section 4)."""
+    return ((1 - a ** n) / (1 - a) + 1 - a ** (n - 1)) / (2 - a ** (n - 1))
+
+
+def simulate(accept: list[float], k: int, b: int, rounds: int, rng: np.random.Generator) -> float:
+    tokens, drafts = 0, 0
+    for _ in range(rounds):
+        if drafts == 0:  # cold
+            tokens, drafts = tokens + 1, k
+            continue
+        j = 0
+        while j < k and rng.random() < accept[j]:
+            j += 1
+        tokens += j + 1
+        drafts = k if j == k or j < b else 0
+    return tokens / rounds
+
+
+@pytest.mark.parametrize("a", [0.3, 0.55, 0.9])
+def test_expected_tokens_matches_the_design_formula_and_a_simulation(a):
+    rng = np.random.default_rng(0)
+    for k in (1, 3, 7):
+        accept = np.full((1, k), a)
+        plain = expected_tokens(accept, np.array([k]), np.array([0]))[0]
+        assert plain == pytest.approx(design_formula(a, k + 1))
+        full = expected_tokens(accept, np.array([k]), np.array([k]))[0]
+        assert full == pytest.approx(sum(a ** i for i in range(k + 1)))  # every round a verify round
+        uneven = [a, a * 0.9, 0.95, 0.5, 0.8, 0.6, 0.7][:k]
+        for b in range(k + 1):
+            model = expected_tokens(np.array([uneven]), np.array([k]), np.array([b]))[0]
+            assert model == pytest.approx(simulate(uneven, k, b, 100_000, rng), rel=0.015)
+    assert expected_tokens(np.full((1, 3), a), np.array([0]), np.array([0]))[0] == 1.0  # K = 0 is AR
+
+
+def rigged_cost(per_step: float, per_row: float, max_batch: int = 64) -> StepCost:
+    return StepCost(lambda batch: {rows: per_step + per_row * batch * rows for rows in (1, 4, 7, 16, 31, 64)},
+                    max_batch)
+
+
+def seqs_with(acceptance: list[float], n: int, stride: int = 8, **fields) -> list[Sequence]:
+    out = []
+    for _ in range(n):
+        seq = Sequence([2, 3], SamplingParams(**{"mode": "isd", "stride": stride, "temperature": 0, **fields}), seed=0)
+        counts = DraftCounts()
+        for a in acceptance:  # 1000 rounds reached each position, a of them accepted
+            counts.reached.append(1000)
+            counts.accepted.append(round(1000 * a))
+            counts.proposed.append(1000)
+        seq.stats.drafts = counts
+        out.append(seq)
+    return out
+
+
+def brute_force(policy: StridePolicy, seqs: list[Sequence]) -> tuple[float, tuple[int, int]]:
+    accept = policy._acceptance(seqs, max(s.max_new_drafts for s in seqs))
+    best = (-1.0, (0, 0))
+    for k in range(max(s.max_new_drafts for s in seqs) + 1):
+        for b in range(max_branches(k, k) + 1):
+            ks = np.array([min(k, s.max_new_drafts) for s in seqs])
+            bs = np.minimum(b, [max_branches(x, x) for x in ks])
+            rate = expected_tokens(accept, ks, bs).sum() / policy.cost.seconds(len(seqs), rows_of_round(k, b))
+            best = max(best, (rate, (k, b)))
+    return best
+
+
+@pytest.mark.parametrize("per_step, per_row, acceptance, batch", [
+    (1.0, 0.0, [0.9] * 7, 1),  # rows are free: the longest stride and every branch
+    (1.0, 0.0, [0.2] * 7, 1),
+    (1.0, 1.0, [0.9] * 7, 1),  # rows cost as much as the step: AR
+    (1.0, 0.02, [0.6] * 7, 4),
+    (1.0, 0.02, [0.6] * 7, 64),  # more load, shorter rounds
+    (1.0, 0.005, [0.95, 0.9, 0.8, 0.5, 0.3, 0.2, 0.1], 16),
+])
+def test_adaptive_choice_follows_expected_throughput(per_step, per_row, acceptance, batch):
+    policy = StridePolicy("adaptive", None, rigged_cost(per_step, per_row))
+    seqs = seqs_with(acceptance, batch)
+    policy.plan(seqs)
+    k, b = seqs[0].num_new, seqs[0].num_branches
+    assert all((s.num_new, s.num_branches) == (k, b) for s in seqs)
+    rate = lambda kk, bb: (expected_tokens(policy._acceptance(seqs, 7), np.full(batch, kk),  # noqa: E731
+                                           np.full(batch, bb)).sum()
+                           / policy.cost.seconds(batch, rows_of_round(kk, bb)))
+    ar_rate = rate(0, 0)
+    best_rate, _ = brute_force(policy, seqs)
+    assert rate(k, b) >= ar_rate  # never a choice whose expected gain over AR is negative
+    assert rate(k, b) >= 0.98 * best_rate  # the candidates it searches come within 2% of every (K, b)
+    if per_row == 0.0:
+        assert k == 7 and b == max_branches(7, 7)
+    if per_row == 1.0:
+        assert (k, b) == (0, 0)
+
+
+def test_adaptive_shortens_rounds_as_the_batch_grows():
+    policy = StridePolicy("adaptive", None, rigged_cost(1.0, 0.004))
+    chosen = []
+    for batch in (1, 8, 64):
+        seqs = seqs_with([0.7] * 7, batch)
+        policy.plan(seqs)
+        chosen.append(rows_of_round(seqs[0].num_new, seqs[0].num_branches))
+    assert chosen[0] > chosen[1] > chosen[2]
+
+
+def test_seeded_sampled_requests_keep_their_stride_whatever_the_load():
+    """Their tokens depend on the rounds' shape, which a measured cost would make vary."""
+    policy = StridePolicy("adaptive", None, rigged_cost(1.0, 0.004))
+    mine = seqs_with([0.7] * 7, 1, temperature=1.0, seed=5)[0]
+    crowd = seqs_with([0.7] * 7, 63)
+    for batch in ([mine], [mine] + crowd):
+        policy.plan(batch)
+        assert (mine.num_new, mine.num_branches) == (7, 7)
+    assert (crowd[0].num_new, crowd[0].num_branches) != (7, 7)  # the unseeded ones follow the load
+
+
+def test_fixed_requests_keep_their_stride_and_branch_cap():
+    policy = StridePolicy("adaptive", None, rigged_cost(1.0, 1.0))
+    fixed = seqs_with([0.1] * 3, 1, stride=4, stride_policy="fixed", branches=1)[0]
+    ar = Sequence([2], SamplingParams(mode="ar", temperature=0), seed=0)
+    policy.plan([fixed, ar])
+    assert (fixed.num_new, fixed.num_branches, ar.num_new, ar.num_branches) == (3, 1, 0, 0)
+
+
+def test_step_cost_interpolates_and_learns_the_host_overhead():
+    measured = []
+
+    def measure(batch):
+        measured.append(batch)
+        return {1: 1.0 * batch, 16: 2.0 * batch}
+
+    cost = StepCost(measure, 64)
+    assert cost.seconds(1, 1) == 1.0 and cost.seconds(1, 16) == 2.0 and cost.seconds(1, 31) == 3.0
+    assert cost.seconds(4, 1) == 4.0 and measured == [1, 4]
+    assert 4.0 < cost.seconds(8, 1) < 16.0 and measured == [1, 4, 16]
+    cost.observe(1, 1, 1.5)
+    assert cost.overhead > 0 and cost.seconds(1, 1) > 1.0
+    cost.observe(64, 1, 100.0)  # a batch size never asked about: measures nothing, learns nothing
+    assert measured == [1, 4, 16]
+
+
+def test_adaptive_engine_is_exact_and_reports_its_choices(idlm_dir):
+    llm = LLM(str(idlm_dir), progress=False, kv_cache_tokens=4096)
+    prompts = [[2, 3, 4, 5], [6, 7, 8], [9, 2], [3, 3, 3, 3, 3]]
+    greedy = dict(temperature=0, max_tokens=30, ignore_eos=True)
+    ar = [o.token_ids for o in llm.generate(prompts, SamplingParams(mode="ar", **greedy))]
+    llm.engine.policy.cost = rigged_cost(1.0, 0.0)  # rows are free: the policy must go multi-token
+    outs = llm.generate(prompts, SamplingParams(mode="isd", stride=4, stride_policy="adaptive", **greedy))
+    assert [o.token_ids for o in outs] == ar
+    assert sum(o.stats["verify_rounds"] for o in outs) > 0 and max(llm.engine.policy.chosen) == 3
+    llm.engine.policy.cost = rigged_cost(1.0, 10.0)  # rows are dear: AR steps, but for a look now and then
+    chosen = llm.engine.policy.chosen
+    chosen.clear()
+    outs = llm.generate(prompts, SamplingParams(mode="isd", stride=4, stride_policy="adaptive", **greedy))
+    assert [o.token_ids for o in outs] == ar and chosen[0] >= 0.9 * sum(chosen.values())
+    assert sum(o.stats["forwards"] for o in outs) >= 0.9 * sum(o.stats["tokens"] for o in outs)
+
+
+def test_adaptive_looks_at_drafts_now_and_then_when_ar_wins():
+    from idlm.engine.stride_policy import EXPLORE_EVERY
+
+    policy = StridePolicy("adaptive", None, rigged_cost(1.0, 1.0), replan_every=1)
+    seqs = seqs_with([0.1] * 3, 4, stride=4)
+    ks = []
+    for _ in range(3 * EXPLORE_EVERY):
+        policy.plan(seqs)
+        ks.append(seqs[0].num_new)
+    assert ks.count(0) == 3 * EXPLORE_EVERY - 3 and all(ks[i] > 0 for i in range(EXPLORE_EVERY - 1, len(ks),
+                                                                                    EXPLORE_EVERY))
