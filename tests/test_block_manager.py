@@ -13,8 +13,8 @@ def test_reserve_commit_trim_and_free():
     bm.match_prefix(s)
     bm.reserve(s, 10 + 7)  # prompt plus a lookahead that may be rolled back
     assert len(s.block_table) == 5 and bm.num_free == 3
-    s.num_computed = 10
-    bm.commit(s)
+    bm.commit(s, 10)
+    assert s.num_computed == 10
     assert len(s.block_table) == 3 and bm.num_free == 5  # blocks beyond the computed length go back
     bm.free(s)
     assert bm.num_free == 8 and all(b.ref_count == 0 for b in bm.blocks)
@@ -25,8 +25,7 @@ def test_prefix_cache_shares_full_blocks_but_never_the_last_token():
     a = seq(list(range(9)))
     bm.match_prefix(a)
     bm.reserve(a, 9)
-    a.num_computed = 9
-    bm.commit(a)
+    bm.commit(a, 9)
     b = seq(list(range(8)) + [99, 100])
     bm.match_prefix(b)
     assert b.block_table == a.block_table[:2] and b.num_computed == 8
@@ -47,8 +46,7 @@ def test_reused_block_loses_its_old_hash():
     a = seq([1, 2, 3])
     bm.match_prefix(a)
     bm.reserve(a, 3)
-    a.num_computed = 3
-    bm.commit(a)
+    bm.commit(a, 3)
     bm.free(a)
     b = seq([7, 8, 9, 10])
     bm.match_prefix(b)

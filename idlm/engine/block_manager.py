@@ -73,9 +73,12 @@ class BlockManager:
             block.ref_count = 1
             seq.block_table.append(block.block_id)
 
-    def commit(self, seq: Sequence) -> None:
-        """After a forward: publish newly completed full blocks for prefix caching and free the
-        blocks wholly beyond the computed length (they only held rolled-back KV)."""
+    def commit(self, seq: Sequence, num_computed: int) -> None:
+        """After a forward: the KV of token_ids[:num_computed] is final; every slot past it (drafts
+        that were rejected, MASK and branch rows) is rolled back. Frees the blocks wholly beyond
+        it and publishes newly completed full blocks for prefix caching. The block manager is the
+        one owner of num_computed."""
+        seq.num_computed = num_computed
         keep = -(-seq.num_computed // self.block_size)
         while len(seq.block_table) > keep:
             self._release(seq.block_table.pop())

@@ -226,8 +226,7 @@ class LLMEngine:
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             seq.stats.forwards += 1
             if i not in outcomes:
-                seq.num_computed += n
-                self.block_manager.commit(seq)
+                self.block_manager.commit(seq, seq.num_computed + n)
                 continue
             first_new = seq.num_output_tokens
             self._apply_round(seq, outcomes[i])
@@ -262,8 +261,7 @@ class LLMEngine:
         self._append(seq, tokens)
         del seq.token_sources[seq.num_output_tokens:], seq.token_q[seq.num_output_tokens:]
         if not seq.is_finished:
-            seq.num_computed = computed
-            self.block_manager.commit(seq)
+            self.block_manager.commit(seq, computed)
 
     def _append(self, seq: Sequence, new_tokens: list[int]) -> None:
         params = seq.params

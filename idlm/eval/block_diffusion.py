@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from idlm.decoding.rounds import accept_drafts, residual
 from idlm.decoding.sampling import SamplingTensors, token_probs
 from idlm.kernels.attention import DenseAttention
 from idlm.models.transformer import CausalLM
@@ -131,13 +132,12 @@ def _verify(out: Decoded, new: list[int], position: int, guess: int, q: torch.Te
     """The min(1, p/q) test of a guess drawn from q at this block position: appends the emitted
     token (the guess, or a draw from the residual) to `new` and its proposal probability to out.q."""
     out.reached[position] += 1
-    if torch.rand((), generator=generator) * q[guess] < p[guess]:  # u < p/q without dividing
+    if accept_drafts(p[guess], q[guess], torch.rand((), generator=generator)):
         out.accepted[position] += 1
         new.append(guess)
         out.q.append(float(q[guess]))
         return True
-    residual = (p - q).clamp(min=0)
-    new.append(_draw(residual if residual.sum() > 0 else p, generator))
+    new.append(_draw(residual(p, q), generator))
     out.q.append(float(p[new[-1]]))
     return False
 
