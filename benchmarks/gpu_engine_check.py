@@ -1,7 +1,8 @@
 """GPU engine check: outputs of the engine on CUDA equal the CPU path's (float32), for ar, isd and
 risd, with decode steps replayed as CUDA graphs and run eagerly, on tiny models whose head dim
-lets the Triton kernel run. Greedy must match the CPU token for token; seeded sampling must match
-between graphs and eager on the GPU.
+lets the Triton kernel run, for each round shape: no branches, every branch that fits (tree
+attention in the Triton kernel), and the adaptive stride. Greedy must match the CPU token for
+token; seeded sampling must match between graphs and eager on the GPU.
 
     python benchmarks/gpu_engine_check.py
 """
@@ -30,34 +31,41 @@ def run(folder: Path, adapter: Path | None, prompts, params, setup: str):
     return outs, captured
 
 
+SHAPES = {"plain": dict(stride_policy="fixed", branches=0), "branches": dict(stride_policy="fixed"),
+          "adaptive": dict(stride_policy="adaptive")}
+
+
 def compare(folder: Path, adapter: Path | None, prompts: list[list[int]], modes: list[str]) -> bool:
     ok = True
-    for mode in modes:
+    for mode, shape in itertools.product(modes, SHAPES):
+        if mode == "ar" and shape != "plain":
+            continue
         strides = (2, 3, 4, 8) if mode != "ar" else (4,)
-        mixed = [SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, mode=mode, stride=s)
+        mixed = [SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, mode=mode, stride=s, **SHAPES[shape])
                  for s, _ in zip(itertools.cycle(strides), prompts)]
         outs = {setup: run(folder, adapter, prompts, mixed, setup) for setup in SETUPS}
         for setup in ("cuda-graphs", "cuda-eager"):
             same = sum(a == b for a, b in zip(outs["cpu"][0], outs[setup][0]))
             ok &= same == len(prompts)
-            print(f"{folder.name} {mode} greedy: {same}/{len(prompts)} equal on {setup} and cpu "
+            print(f"{folder.name} {mode} {shape} greedy: {same}/{len(prompts)} equal on {setup} and cpu "
                   f"(graphs captured: {len(outs[setup][1])})")
         sampled = [SamplingParams(temperature=0.8, top_p=0.95, seed=i, max_tokens=48, ignore_eos=True, mode=mode,
-                                  stride=s) for i, s in zip(range(len(prompts)), itertools.cycle(strides))]
+                                  stride=s, **SHAPES[shape])
+                   for i, s in zip(range(len(prompts)), itertools.cycle(strides))]
         graph_out, eager_out = (run(folder, adapter, prompts, sampled, s)[0] for s in ("cuda-graphs", "cuda-eager"))
         same = sum(a == b for a, b in zip(graph_out, eager_out))
-        print(f"{folder.name} {mode} seeded T=0.8: {same}/{len(prompts)} equal with graphs and eager")
+        print(f"{folder.name} {mode} {shape} seeded T=0.8: {same}/{len(prompts)} equal with graphs and eager")
     return ok
 
 
 def main() -> None:
     root = Path(tempfile.mkdtemp())
     # head_dim 16 (64 hidden / 4 heads), GQA group 2
-    make_model(root / "qwen3", "qwen3")
+    make_model(root / "qwen3", "sdar")  # Qwen3 packaged as an I-DLM: it has a MASK, so isd runs
     make_model(root / "llama", "llama")
     adapter = make_random_adapter(root / "llama", root / "adapter", mask_token_id=3)
     prompts = [[5 + i % 40, 6, 7, 8 + i % 30] * (1 + i % 5) for i in range(40)]
-    ok = compare(root / "qwen3", None, prompts, ["ar"])
+    ok = compare(root / "qwen3", None, prompts, ["ar", "isd"])
     ok &= compare(root / "llama", adapter, prompts, ["ar", "risd"])
     print("ALL GREEDY EQUAL" if ok else "MISMATCH")
     sys.exit(0 if ok else 1)

@@ -244,17 +244,17 @@ class LLMEngine:
             TokenSource.CORRECTION if r.accepted < r.num_drafts else TokenSource.TARGET]
         seq.token_sources.extend(sources)
         seq.token_q.extend(r.drafts_q[:r.accepted] + [r.final_p])
-        st = seq.stats
+        for st in (seq.stats, self.stats):
+            if r.num_drafts:
+                st.verify_rounds += 1
+                st.drafts.record(r.num_drafts, r.accepted)
+                if seq.drafts_from_branch:
+                    st.branch_rounds += 1
+                    st.branch_drafts_accepted += r.accepted
+            elif seq.num_new:
+                st.cold_rounds += 1
         if r.num_drafts:
-            st.verify_rounds += 1
-            st.drafts.record(r.num_drafts, r.accepted)
-            self.stats.drafts.record(r.num_drafts, r.accepted)
             self.policy.observe(seq, r.num_drafts, r.accepted)
-            if seq.drafts_from_branch:
-                st.branch_rounds += 1
-                st.branch_drafts_accepted += r.accepted
-        elif seq.num_new:
-            st.cold_rounds += 1
         computed = len(seq) + r.accepted
         seq.drafts, seq.draft_q, seq.draft_hidden = r.new_drafts, r.new_draft_q, r.new_draft_hidden
         seq.drafts_from_branch = r.from_branch

@@ -28,6 +28,10 @@ class EngineStats:
     tokens: int = 0
     request_forwards: int = 0
     drafts: DraftCounts = field(default_factory=DraftCounts)
+    cold_rounds: int = 0
+    verify_rounds: int = 0
+    branch_rounds: int = 0
+    branch_drafts_accepted: int = 0
 
     def record_finished(self, seq: Sequence) -> None:
         self.requests += 1

@@ -27,6 +27,12 @@ class ServerMetrics:
                                        "position j", ["position"], registry=r)
         self.draft_acceptance = Gauge("idlm_draft_acceptance", "P(draft at position j accepted | reached)",
                                       ["position"], registry=r)
+        self.rounds = Counter("idlm_rounds", "Multi-token rounds by kind: cold (no draft to test), verify, and "
+                              "branch (a verify round testing drafts a branch proposed)", ["kind"], registry=r)
+        self.branch_drafts_accepted = Counter("idlm_branch_drafts_accepted", "Accepted drafts that a branch "
+                                              "proposed", registry=r)
+        self.stride_chosen = Counter("idlm_stride_steps", "Decode steps by the K (drafts a round) the adaptive "
+                                     "policy chose for its requests (0: plain AR steps)", ["k"], registry=r)
         self.queue_depth = Gauge("idlm_queue_depth", "Requests waiting for a slot in the running batch", registry=r)
         self.running = Gauge("idlm_running_requests", "Requests in the running batch", registry=r)
         self.kv_used = Gauge("idlm_kv_blocks_used", "KV cache blocks held by requests", registry=r)
@@ -36,6 +42,7 @@ class ServerMetrics:
                                       registry=r)
         self._reached: list[int] = []
         self._accepted: list[int] = []
+        self._seen: dict[tuple, int] = {}
 
     def observe_step(self, outputs: list[RequestOutput], seconds: float) -> None:
         self.forwards.inc()
@@ -59,6 +66,18 @@ class ServerMetrics:
         self._count(self.drafts_accepted, self._accepted, drafts.accepted)
         for j, rate in enumerate(drafts.acceptance(), start=1):
             self.draft_acceptance.labels(str(j)).set(rate)
+        st = engine.stats
+        for kind in ("cold", "verify", "branch"):
+            self._advance(self.rounds.labels(kind), ("rounds", kind), getattr(st, f"{kind}_rounds"))
+        self._advance(self.branch_drafts_accepted, ("branch_accepted",), st.branch_drafts_accepted)
+        for k, steps in list(engine.policy.chosen.items()):
+            self._advance(self.stride_chosen.labels(str(k)), ("k", k), steps)
+
+    def _advance(self, counter, key: tuple, total: int) -> None:
+        """Advance a counter to the engine's running total."""
+        if total > self._seen.get(key, 0):
+            counter.inc(total - self._seen.get(key, 0))
+            self._seen[key] = total
 
     @staticmethod
     def _count(counter: Counter, seen: list[int], totals: list[int]) -> None:
