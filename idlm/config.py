@@ -4,6 +4,10 @@ from typing import Any
 
 import yaml
 
+# The widest stride N any part decodes or trains: kernels, CUDA graphs and the KV lookahead are
+# sized for its verify round of 2N - 1 tokens.
+MAX_STRIDE = 16
+
 
 def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
     """A YAML file that must hold a mapping; ValueError with a clear message otherwise."""

@@ -9,6 +9,7 @@ from test_isd import prompts_for
 
 from idlm import LLM, SamplingParams
 from idlm.engine.decode_graphs import DecodeGraphs
+from idlm.engine.llm_engine import MAX_LOOKAHEAD
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def dirs(tmp_path_factory):
 def padded_llm(model, adapter, **kwargs) -> LLM:
     llm = LLM(str(model), adapter=str(adapter), progress=False, **kwargs)
     engine = llm.engine
-    engine.runner.use_padded_decode(engine.config.max_num_seqs, engine.max_model_len + 32, cuda_graphs=False)
+    engine.runner.use_padded_decode(engine.config.max_num_seqs, engine.max_model_len + MAX_LOOKAHEAD, cuda_graphs=False)
     return llm
 
 

@@ -16,7 +16,7 @@ from idlm.bench.report import DEFINITIONS
 from idlm.bench.roofline import H100_BANDWIDTH, H100_FLOPS, Roofline
 from idlm.bench.runner import run_closed_loop
 from idlm.bench.workload import Request, cycle, read_workload, synthetic_requests, tokenize_workload
-from idlm.config import EngineConfig
+from idlm.config import MAX_STRIDE, EngineConfig
 from idlm.engine.llm_engine import MAX_LOOKAHEAD, LLMEngine
 from idlm.engine.sampling_params import MODES, SamplingParams
 from idlm.engine.tokenizer import load_tokenizer
@@ -64,8 +64,8 @@ class BenchConfig:
         for name in ("prompt_len", "output_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not 2 <= self.stride <= 16:
-            raise ValueError(f"stride must be from 2 to 16, got {self.stride}")
+        if not 2 <= self.stride <= MAX_STRIDE:
+            raise ValueError(f"stride must be from 2 to {MAX_STRIDE}, got {self.stride}")
         if self.num_prompts is not None and self.num_prompts < max(self.concurrency):
             raise ValueError(f"num-prompts ({self.num_prompts}) must be at least the largest concurrency "
                              f"({max(self.concurrency)}), or C requests can never be in flight")

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from idlm.config import EngineConfig
+from idlm.config import MAX_STRIDE, EngineConfig
 from idlm.decoding.noise import compile_noise
 from idlm.engine.block_manager import BlockManager
 from idlm.engine.runner import MAX_DECODE_TOKENS, ModelRunner, RoundOutcome
@@ -19,7 +19,7 @@ from idlm.models.transformer import compile_elementwise
 
 CPU_KV_BYTES = 1 << 30
 CPU_KV_TOKENS = 16384
-MAX_LOOKAHEAD = 32  # positions a round may write past the pending token (2 * 15 + 1 at N = 16)
+MAX_LOOKAHEAD = 2 * MAX_STRIDE  # positions a round may write from the pending token on (2N - 1), and one spare
 MASK_TOKEN_NAMES = ("<|MASK|>",)  # the I-DLM release's name for it
 
 
@@ -69,7 +69,7 @@ class LLMEngine:
         self.mask_ids["risd"] = self._risd_mask_token()
         default_mode = config.mode or ("risd" if self.adapter else "isd" if self.mask_ids["isd"] is not None else "ar")
         trained_stride = (self.model_config.train_block_size or 3) + 1
-        self.defaults = dict(mode=default_mode, stride=config.stride or min(16, max(2, trained_stride)),
+        self.defaults = dict(mode=default_mode, stride=config.stride or min(MAX_STRIDE, max(2, trained_stride)),
                              proposal=config.proposal)
         SamplingParams(**self.defaults)  # validates the engine defaults
         self.eos_ids = set(self.model_config.eos_token_ids) | generation_eos_ids(self.folder)

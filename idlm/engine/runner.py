@@ -2,6 +2,7 @@ from dataclasses import dataclass
 
 import torch
 
+from idlm.config import MAX_STRIDE
 from idlm.decoding.rounds import PROPOSALS, RoundBatch, run_round
 from idlm.decoding.sampling import SamplingTensors, token_probs
 from idlm.engine.decode_graphs import DecodeGraphs
@@ -24,7 +25,7 @@ class RoundOutcome:
     new_draft_hidden: torch.Tensor | None
 
 
-MAX_DECODE_TOKENS = 31  # a verify round at N = 16 feeds 2N - 1 tokens
+MAX_DECODE_TOKENS = 2 * MAX_STRIDE - 1  # a verify round feeds 2N - 1 tokens
 
 
 class ModelRunner:

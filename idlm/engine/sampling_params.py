@@ -1,5 +1,6 @@
 from dataclasses import dataclass, field
 
+from idlm.config import MAX_STRIDE
 from idlm.decoding.rounds import PROPOSALS
 
 MODES = ("ar", "isd", "risd")
@@ -46,8 +47,8 @@ class SamplingParams:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.mode is not None and self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        if self.stride is not None and (not isinstance(self.stride, int) or not 2 <= self.stride <= 16):
-            raise ValueError(f"stride must be an integer from 2 to 16, got {self.stride!r}")
+        if self.stride is not None and (not isinstance(self.stride, int) or not 2 <= self.stride <= MAX_STRIDE):
+            raise ValueError(f"stride must be an integer from 2 to {MAX_STRIDE}, got {self.stride!r}")
         if self.proposal is not None and self.proposal not in PROPOSALS:
             raise ValueError(f"unknown proposal {self.proposal!r}; choose one of {', '.join(PROPOSALS)}")
         if not isinstance(self.verify_alpha, int | float) or self.verify_alpha <= 0:
