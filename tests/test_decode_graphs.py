@@ -61,7 +61,7 @@ def test_padded_decode_with_preemption_frees_every_block(dirs):
     model, adapter = dirs
     prompts = prompts_for(14, 12, seed=9, lo=10, hi=40)
     greedy = dict(temperature=0, max_tokens=48, ignore_eos=True)
-    tight = padded_llm(model, adapter, kv_cache_tokens=320, block_size=8, max_num_seqs=16)
+    tight = padded_llm(model, adapter, kv_cache_tokens=320, kv_block_size=8, max_num_seqs=16)
     ar = [o.token_ids for o in tight.generate(prompts, SamplingParams(mode="ar", **greedy))]
     outs = tight.generate(prompts, mixed_params(len(prompts), **greedy))
     assert sum(o.stats["preemptions"] for o in outs) > 0

@@ -33,7 +33,7 @@ from idlm.models.transformer import CausalLM
 class BlockDiffusionModel:
     model: CausalLM
     mask_id: int
-    block_size: int  # N: tokens a block holds
+    block: int  # N: tokens a block holds
 
 
 def read_sdar_keys(folder: str | Path) -> tuple[int, int]:
@@ -104,7 +104,7 @@ def _cut_at_eos(tokens: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
 def parallel_decode(bd: BlockDiffusionModel, prompts: list[list[int]], max_tokens: int, probs: ProbabilityRule,
                     eos_ids: set[int], generator: torch.Generator) -> list[Decoded]:
     """The baseline's own decoding, the prompts batched: a block of N tokens per forward."""
-    n = bd.block_size
+    n = bd.block
     outs = [Decoded([], [], 0) for _ in prompts]
     active = list(range(len(prompts)))
     while active:
@@ -147,7 +147,7 @@ def exact_decode(bd: BlockDiffusionModel, prompts: list[list[int]], max_tokens: 
                  eos_ids: set[int], generator: torch.Generator) -> list[Decoded]:
     """Lossless decoding with the MASK guesses as proposals, the prompts batched (one forward a
     round for all of them)."""
-    n = bd.block_size
+    n = bd.block
     outs = [Decoded([], [], 0, reached=[0] * n, accepted=[0] * n) for _ in prompts]
     drafts: list[list[tuple[int, torch.Tensor]]] = [[] for _ in prompts]  # (token, its proposal), positions 1..
     active = list(range(len(prompts)))
