@@ -7,7 +7,7 @@ from pathlib import Path
 from idlm.cli.options import ENGINE, MAX_NUM_SEQS, SAMPLING, add_options, engine_args, sampling_params
 from idlm.engine.llm import LLM
 from idlm.eval.client import per_request
-from idlm.eval.data import read_prompts
+from idlm.eval.data import read_conversations
 from idlm.training.distill import Conversation, distill
 
 
@@ -22,15 +22,6 @@ def add_parsers(sub) -> None:
     add_options(p, ENGINE)
     add_options(p, SAMPLING)
     p.set_defaults(run=run)
-
-
-def read_conversations(path: Path) -> list[Conversation]:
-    """The prompt file as conversations (`idlm.eval.data.read_prompts` with chat); token-id
-    prompts have no text to write back, so they are refused."""
-    conversations = read_prompts(path, chat=True)
-    if any(not (isinstance(c, list) and c and isinstance(c[0], dict)) for c in conversations):
-        raise ValueError(f"{path}: distilled data is chat text; give prompts as text or messages, not prompt_ids")
-    return conversations
 
 
 def run(args: argparse.Namespace) -> None:

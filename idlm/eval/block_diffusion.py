@@ -9,7 +9,7 @@ verifier p.
 
 - `parallel_decode`: the baseline's own decoding, all N tokens of a block from one forward (TPF N,
   not exact). Each token's q is kept; alpha = mean min(1, p/q) with p from one causal forward over
-  prompt + output (DESIGN.md section 4), as `idlm eval alpha` does for ISD.
+  prompt + output (docs/ARCHITECTURE.md, "Statistics"), as `idlm eval alpha` does for ISD.
 - `exact_decode`: lossless decoding with its MASKs as the proposal, in rounds shaped like ISD's: one
   forward over committed + drafts + N MASKs verifies the drafts on the clean rows; when all are
   accepted, the MASK block's first guess is verified at once against the last clean row (both

@@ -1,4 +1,4 @@
-"""The introspective-consistency objective (DESIGN.md section 3).
+"""The introspective-consistency objective (docs/ARCHITECTURE.md, "Training").
 
 A row holds one or more samples. The model runs on [x_t | x_0]: x_0 is the clean row, x_t the same
 row with every response token replaced by MASK; both halves share position ids, which restart at
