@@ -1,8 +1,13 @@
-from dataclasses import dataclass
+import warnings
+from dataclasses import InitVar, dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+# The widest stride N any part decodes or trains: kernels, CUDA graphs and the KV lookahead are
+# sized for its verify round of 2N - 1 tokens.
+MAX_STRIDE = 16
 
 
 def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
@@ -31,7 +36,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048  # prefill tokens per step; longer prompts are chunked
     kv_cache_tokens: int | None = None
-    block_size: int = 16
+    kv_block_size: int = 16  # tokens per page of the paged KV cache
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     seed: int | None = None  # seeds the per-request seeds of requests that bring none
@@ -44,15 +49,26 @@ class EngineConfig:
     branches: int | None = None  # most branch drafts per round (None: as many as fit; 0: none)
     enforce_eager: bool = False  # CUDA: run decode steps eagerly instead of replaying CUDA graphs
     gpu_memory_utilization: float = 0.9  # CUDA: share of the GPU memory the engine may use in all
+    block_size: InitVar[int | None] = None  # deprecated name of kv_block_size
+
+    def __post_init__(self, block_size: int | None) -> None:
+        if block_size is not None:
+            warnings.warn("EngineConfig(block_size=...) is deprecated; use kv_block_size (tokens per KV cache page)",
+                          FutureWarning, stacklevel=3)
+            self.kv_block_size = block_size
 
     def validate(self) -> None:
         if not (isinstance(self.gpu_memory_utilization, int | float) and 0 < self.gpu_memory_utilization <= 1):
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "kv_block_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.kv_cache_tokens is not None and (not isinstance(self.kv_cache_tokens, int)
-                                                 or self.kv_cache_tokens < self.block_size):
-            raise ValueError(f"kv_cache_tokens must be an integer >= block_size ({self.block_size}), "
+                                                 or self.kv_cache_tokens < self.kv_block_size):
+            raise ValueError(f"kv_cache_tokens must be an integer >= kv_block_size ({self.kv_block_size}), "
                              f"got {self.kv_cache_tokens!r}")
+
+
+# The InitVar's default would otherwise read as an attribute: None instead of the page size.
+del EngineConfig.block_size

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from idlm.engine.llm import LLM
 from idlm.engine.sampling_params import SamplingParams
-from idlm.training.distill import read_conversations
+from idlm.eval.data import read_conversations
 
 
 def run(llm: LLM, conversations, params: SamplingParams) -> tuple[list, float]:

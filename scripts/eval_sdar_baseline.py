@@ -28,7 +28,7 @@ from idlm.eval.block_diffusion import (
     parallel_decode,
     read_sdar_keys,
 )
-from idlm.training.distill import read_conversations
+from idlm.eval.data import read_conversations
 
 
 def main() -> None:

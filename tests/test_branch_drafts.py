@@ -105,7 +105,7 @@ def test_branch_rows_equal_a_dense_forward_of_their_own_context(idlm_dir):
     positions P+j.. gives: the shape training teaches, and nothing of d_j or later (a branch
     that saw the rejected d_j would still be exact, every draft being verified, but it would
     propose from a context that is not the one it stands in)."""
-    llm = LLM(str(idlm_dir), progress=False, kv_cache_tokens=1024, block_size=4)
+    llm = LLM(str(idlm_dir), progress=False, kv_cache_tokens=1024, kv_block_size=4)
     engine = llm.engine
     engine.add_request([2, 3, 4, 5, 6], SamplingParams(mode="isd", stride=4, temperature=1.0, seed=1, max_tokens=60,
                                                        ignore_eos=True, stride_policy="fixed", branches=0))
@@ -240,7 +240,7 @@ def test_rigged_every_draft_right_needs_no_branch(idlm_dir, stride):
 
 
 def design_formula(a: float, n: int) -> float:
-    """Tokens per forward with i.i.d. acceptance a, no branches (DESIGN.md section 4)."""
+    """Tokens per forward with i.i.d. acceptance a, no branches (docs/ARCHITECTURE.md, "Statistics")."""
     return ((1 - a ** n) / (1 - a) + 1 - a ** (n - 1)) / (2 - a ** (n - 1))
 
 

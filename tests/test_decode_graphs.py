@@ -9,6 +9,7 @@ from test_isd import SHAPES, prompts_for
 
 from idlm import LLM, SamplingParams
 from idlm.engine.decode_graphs import DecodeGraphs
+from idlm.engine.llm_engine import MAX_LOOKAHEAD
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def dirs(tmp_path_factory):
 def padded_llm(model, adapter, **kwargs) -> LLM:
     llm = LLM(str(model), adapter=str(adapter), progress=False, **kwargs)
     engine = llm.engine
-    engine.runner.use_padded_decode(engine.config.max_num_seqs, engine.max_model_len + 32, cuda_graphs=False)
+    engine.runner.use_padded_decode(engine.config.max_num_seqs, engine.max_model_len + MAX_LOOKAHEAD, cuda_graphs=False)
     return llm
 
 
@@ -60,7 +61,7 @@ def test_padded_decode_with_preemption_frees_every_block(dirs):
     model, adapter = dirs
     prompts = prompts_for(14, 12, seed=9, lo=10, hi=40)
     greedy = dict(temperature=0, max_tokens=48, ignore_eos=True)
-    tight = padded_llm(model, adapter, kv_cache_tokens=320, block_size=8, max_num_seqs=16)
+    tight = padded_llm(model, adapter, kv_cache_tokens=320, kv_block_size=8, max_num_seqs=16)
     ar = [o.token_ids for o in tight.generate(prompts, SamplingParams(mode="ar", **greedy))]
     outs = tight.generate(prompts, mixed_params(len(prompts), **greedy))
     assert sum(o.stats["preemptions"] for o in outs) > 0

@@ -4,7 +4,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from idlm.engine.tokenizer import IncrementalDetokenizer
+from idlm.engine.detokenizer import IncrementalDetokenizer
 
 CORPUS = ["Grüße aus Köln, 東京 und 😀 emoji", "the cat sat on the mat", "naïve café déjà vu 中文字符"] * 20
 

@@ -43,7 +43,7 @@ def test_small_pool_preempts_and_gives_same_tokens(llama_dir, llm):
     prompts = random_prompts(6, seed=5, lo=20, hi=40)
     params = SamplingParams(temperature=0.8, seed=11, max_tokens=40, ignore_eos=True)
     expected = [o.token_ids for o in llm.generate(prompts, params)]
-    tight = LLM(str(llama_dir), progress=False, kv_cache_tokens=160, block_size=8)
+    tight = LLM(str(llama_dir), progress=False, kv_cache_tokens=160, kv_block_size=8)
     outs = tight.generate(prompts, params)
     assert sum(o.stats["preemptions"] for o in outs) > 0
     assert [o.token_ids for o in outs] == expected
@@ -59,7 +59,7 @@ def test_chunked_prefill_equals_whole_prefill(llama_dir, llm):
 
 
 def test_all_blocks_free_after_500_requests(llama_dir):
-    llm = LLM(str(llama_dir), progress=False, kv_cache_tokens=1024, block_size=8, max_num_seqs=32)
+    llm = LLM(str(llama_dir), progress=False, kv_cache_tokens=1024, kv_block_size=8, max_num_seqs=32)
     prompts = random_prompts(500, seed=7, lo=1, hi=30)
     params = [SamplingParams(temperature=0.5 * (i % 3), seed=i, max_tokens=1 + i % 9) for i in range(500)]
     outs = llm.generate(prompts, params)

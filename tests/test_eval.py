@@ -14,7 +14,8 @@ import torch
 from helpers import make_small_idlm, serve_process
 
 from idlm import LLM, SamplingParams
-from idlm.cli import build_parser, eval_sampling_params, main
+from idlm.cli import build_parser, main
+from idlm.cli.options import sampling_params
 from idlm.eval import extract, humaneval, jsonl_bench
 from idlm.eval.client import Completion, per_request
 from idlm.eval.execution import Limits, run_python
@@ -436,7 +437,7 @@ def test_eval_help(argv, capsys):
 
 def test_eval_sampling_defaults(tmp_path):
     def params(*argv):
-        return eval_sampling_params(build_parser().parse_args(["eval", *argv]), **defaults)
+        return sampling_params(build_parser().parse_args(["eval", *argv]), **defaults)
 
     defaults = {"temperature": 1.0}
     assert params("alpha", "p.txt").temperature == 1.0

@@ -67,7 +67,7 @@ def test_greedy_mixed_batch_and_preemption(idlm_dir, adapter_dir, llm):
              for mode, stride, shape in itertools.islice(itertools.cycle(
                  itertools.product(("ar", "isd", "risd"), (2, 3, 4, 8), SHAPES)), len(prompts))]
     assert [o.token_ids for o in llm.generate(prompts, mixed)] == ar
-    tight = LLM(str(idlm_dir), adapter=str(adapter_dir), progress=False, kv_cache_tokens=320, block_size=8,
+    tight = LLM(str(idlm_dir), adapter=str(adapter_dir), progress=False, kv_cache_tokens=320, kv_block_size=8,
                 max_num_seqs=16)
     outs = tight.generate(prompts[:14], mixed[:14])
     assert sum(o.stats["preemptions"] for o in outs) > 0

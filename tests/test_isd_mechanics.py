@@ -31,7 +31,7 @@ class RecordingAttention(DenseAttention):
 
 
 def test_rolled_back_kv_equals_fresh_prefill(idlm_dir):
-    llm = LLM(str(idlm_dir), progress=False, kv_cache_tokens=2048, block_size=4)
+    llm = LLM(str(idlm_dir), progress=False, kv_cache_tokens=2048, kv_block_size=4)
     engine = llm.engine
     engine.add_request([2, 3, 4], SamplingParams(mode="isd", stride=4, temperature=1.0, seed=3, max_tokens=60,
                                                  ignore_eos=True))

@@ -5,7 +5,7 @@ import math
 import torch
 
 from idlm.decoding.noise import Stream, uniform
-from idlm.decoding.sampling import SamplingTensors, draw, sample, token_probs
+from idlm.decoding.sampling import SamplingTensors, draw, token_probs
 
 
 def tensors(*rows):
@@ -61,9 +61,9 @@ def test_uniforms_look_uniform():
     assert chi2 < 27.9  # 99.9% quantile, 9 degrees of freedom
 
 
-def test_sample_greedy_is_argmax():
+def test_greedy_draw_is_argmax():
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
     st = tensors(*[(0.0, 0, 1.0, i) for i in range(6)])
-    got = sample(logits, st, torch.arange(6), Stream.TARGET)
+    got = draw(token_probs(logits, st), uniform(st.seeds, torch.arange(6), Stream.TARGET), st.all_greedy)
     assert torch.equal(got, logits.argmax(-1))
     assert not math.isnan(float(token_probs(logits, st).sum()))

@@ -449,7 +449,7 @@ def test_distill_writes_chat_data(tmp_path, llama_dir, capsys):
 
 
 def test_distill_refuses_token_id_prompts(tmp_path):
-    from idlm.training.distill import read_conversations
+    from idlm.eval.data import read_conversations
 
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "hi"}\n{"messages": [{"role": "user", "content": "yo"}]}\n')

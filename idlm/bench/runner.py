@@ -12,6 +12,7 @@ from idlm.bench.roofline import Roofline
 from idlm.bench.workload import Request
 from idlm.engine.llm_engine import LLMEngine
 from idlm.engine.sampling_params import SamplingParams
+from idlm.engine.scheduler import ScheduledBatch
 
 
 @dataclass(slots=True)
@@ -30,21 +31,17 @@ class StepProbe:
         self.last: StepShape | None = None
 
     def __enter__(self) -> "StepProbe":
-        schedule = self.scheduler.schedule
-
-        def probed():
-            batch = schedule()
-            self.last = None if batch is None else self._shape(batch)
-            return batch
-
-        self.scheduler.schedule = probed
+        self.scheduler.on_schedule = self._record
         return self
 
     def __exit__(self, *exc) -> None:
-        del self.scheduler.schedule
+        self.scheduler.on_schedule = None
+
+    def _record(self, batch: ScheduledBatch) -> None:
+        self.last = self._shape(batch)
 
     @staticmethod
-    def _shape(batch) -> StepShape:
+    def _shape(batch: ScheduledBatch) -> StepShape:
         queries = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             final = seq.num_computed + n == len(seq)

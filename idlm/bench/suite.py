@@ -16,16 +16,16 @@ from idlm.bench.report import DEFINITIONS
 from idlm.bench.roofline import H100_BANDWIDTH, H100_FLOPS, Roofline
 from idlm.bench.runner import run_closed_loop
 from idlm.bench.workload import Request, cycle, read_workload, synthetic_requests, tokenize_workload
-from idlm.config import EngineConfig
+from idlm.config import MAX_STRIDE, EngineConfig
 from idlm.engine.llm_engine import MAX_LOOKAHEAD, LLMEngine
 from idlm.engine.sampling_params import MODES, SamplingParams
-from idlm.engine.tokenizer import load_tokenizer
 from idlm.models.config import ModelConfig
 from idlm.models.loader import resolve_model_folder
 from idlm.models.shapes import shape_config, shape_folder
+from idlm.models.tokenizer import load_tokenizer
 
 WARMUP_TOKENS = 16
-BLOCK_SIZE = 16
+KV_BLOCK_SIZE = 16
 
 
 @dataclass(slots=True)
@@ -64,8 +64,8 @@ class BenchConfig:
         for name in ("prompt_len", "output_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not 2 <= self.stride <= 16:
-            raise ValueError(f"stride must be from 2 to 16, got {self.stride}")
+        if not 2 <= self.stride <= MAX_STRIDE:
+            raise ValueError(f"stride must be from 2 to {MAX_STRIDE}, got {self.stride}")
         if self.num_prompts is not None and self.num_prompts < max(self.concurrency):
             raise ValueError(f"num-prompts ({self.num_prompts}) must be at least the largest concurrency "
                              f"({max(self.concurrency)}), or C requests can never be in flight")
@@ -86,8 +86,8 @@ class BenchConfig:
 
 def kv_tokens_for(longest: int, num_seqs: int) -> int:
     """A KV pool that holds num_seqs requests of `longest` tokens, their lookahead and a partial block."""
-    per_seq = -(-(longest + MAX_LOOKAHEAD) // BLOCK_SIZE) * BLOCK_SIZE + BLOCK_SIZE
-    return num_seqs * per_seq + MAX_LOOKAHEAD + BLOCK_SIZE
+    per_seq = -(-(longest + MAX_LOOKAHEAD) // KV_BLOCK_SIZE) * KV_BLOCK_SIZE + KV_BLOCK_SIZE
+    return num_seqs * per_seq + MAX_LOOKAHEAD + KV_BLOCK_SIZE
 
 
 def default_modes(engine: LLMEngine) -> tuple[str, ...]:
@@ -142,7 +142,7 @@ def run_bench(cfg: BenchConfig, command: str = "", log: Callable[[str], None] = 
     max_num_seqs = cfg.max_num_seqs or max(cfg.concurrency)
     kv_tokens = cfg.kv_cache_tokens or kv_tokens_for(longest, max_num_seqs)
     engine = LLMEngine(EngineConfig(model=str(folder), device=cfg.device, dtype=cfg.dtype, max_num_seqs=max_num_seqs,
-                                    kv_cache_tokens=kv_tokens, block_size=BLOCK_SIZE, seed=cfg.seed,
+                                    kv_cache_tokens=kv_tokens, kv_block_size=KV_BLOCK_SIZE, seed=cfg.seed,
                                     enable_prefix_caching=cfg.prefix_caching, adapter=cfg.adapter,
                                     enforce_eager=cfg.enforce_eager))
     if longest > engine.max_model_len:

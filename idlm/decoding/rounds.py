@@ -1,4 +1,4 @@
-"""One decoding round for a batch of requests, as batched tensor code (docs/ARCHITECTURE.md, "The round").
+"""One decoding round for a batch of requests, as batched tensor code (docs/ARCHITECTURE.md, "Decoding").
 
 Every request fed [pending, d_1..d_D, MASK x K] (plus branches, decoding/layout.py) at
 positions P..P+D+K, with D = 0 for a cold round (and for prefill, and for AR, where K = 0

@@ -7,8 +7,6 @@ from dataclasses import dataclass
 
 import torch
 
-from idlm.decoding.noise import uniform
-
 
 @dataclass
 class SamplingTensors:
@@ -68,9 +66,3 @@ def draw(probs: torch.Tensor, u: torch.Tensor, one_hot: bool = False) -> torch.T
     cdf = probs.double().cumsum(dim=-1)
     threshold = u[:, None] * cdf[:, -1:]
     return (cdf < threshold).sum(dim=-1).clamp(max=probs.shape[-1] - 1)
-
-
-def sample(logits: torch.Tensor, st: SamplingTensors, positions: torch.Tensor, stream: int,
-           banned_token: int | None = None) -> torch.Tensor:
-    """One token per row; positions [rows] is where each sampled token will sit in its sequence."""
-    return draw(token_probs(logits, st, banned_token), uniform(st.seeds, positions, stream), st.all_greedy)

@@ -57,7 +57,7 @@ class BlockManager:
             block.ref_count += 1
             seq.block_table.append(block_id)
             self.cache_hits += 1
-        seq.num_computed = seq.num_cached = len(seq.block_table) * self.block_size
+        seq.num_computed = len(seq.block_table) * self.block_size
 
     def can_reserve(self, seq: Sequence, num_positions: int) -> bool:
         return self.blocks_needed(seq, num_positions) <= self.num_free
@@ -100,7 +100,7 @@ class BlockManager:
         for block_id in reversed(seq.block_table):
             self._release(block_id)
         seq.block_table = []
-        seq.num_computed = seq.num_cached = 0
+        seq.num_computed = 0
 
     def _release(self, block_id: int) -> None:
         block = self.blocks[block_id]

@@ -1,7 +1,7 @@
 """Decoding config files in the reference implementation's YAML vocabulary.
 
     gen_block_size: 4        # stride N
-    block_size: 7            # tokens fed per verify round, 2N - 1 (checked if present)
+    block_size: 7            # tokens a verify round feeds, 2N - 1: only checked against the stride
     temperature: 1.0
     top_k: 50
     top_p: 0.95
@@ -24,7 +24,8 @@ RENAMES = {
 }
 OURS = ("temperature", "top_k", "top_p", "verify_alpha", "seed", "max_tokens", "mode", "stride", "proposal",
         "spec_verify", "ignore_eos", "stop")
-KNOWN = set(RENAMES) | set(OURS) | {"block_size", "conditional_lora"}
+ROUND_TOKENS = "block_size"  # the reference's name for 2 * stride - 1
+KNOWN = set(RENAMES) | set(OURS) | {ROUND_TOKENS, "conditional_lora"}
 
 
 def load_decoding_config(path: str | Path) -> dict[str, Any]:
@@ -34,12 +35,12 @@ def load_decoding_config(path: str | Path) -> dict[str, Any]:
     unknown = sorted(set(raw) - KNOWN)
     if unknown:
         raise ValueError(f"decoding config {path}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(KNOWN))}")
-    fields = {RENAMES.get(k, k): v for k, v in raw.items() if k not in ("block_size", "conditional_lora")}
+    fields = {RENAMES.get(k, k): v for k, v in raw.items() if k not in (ROUND_TOKENS, "conditional_lora")}
     if "conditional_lora" in raw and "mode" not in raw:
         fields["mode"] = "risd" if raw["conditional_lora"] else "isd"
     stride = fields.get("stride")
-    if "block_size" in raw and stride is not None and raw["block_size"] != 2 * stride - 1:
-        raise ValueError(f"decoding config {path}: block_size {raw['block_size']} does not match gen_block_size "
+    if ROUND_TOKENS in raw and stride is not None and raw[ROUND_TOKENS] != 2 * stride - 1:
+        raise ValueError(f"decoding config {path}: block_size {raw[ROUND_TOKENS]} does not match gen_block_size "
                          f"{stride} (a verify round feeds 2 * gen_block_size - 1 = {2 * stride - 1} tokens)")
     SamplingParams(**fields)  # validates every value with the usual messages
     return fields

@@ -5,9 +5,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from idlm.config import EngineConfig
+from idlm.config import MAX_STRIDE, EngineConfig
 from idlm.decoding.noise import compile_noise
 from idlm.engine.block_manager import BlockManager
+from idlm.engine.detokenizer import IncrementalDetokenizer
 from idlm.engine.runner import MAX_DECODE_TOKENS, ModelRunner, RoundOutcome
 from idlm.engine.sampling_params import SamplingParams
 from idlm.engine.scheduler import Scheduler
@@ -15,9 +16,9 @@ from idlm.engine.sequence import Sequence, TokenSource
 from idlm.engine.stats import EngineStats, request_stats
 from idlm.engine.step_cost import measure_step_cost
 from idlm.engine.stride_policy import StridePolicy
-from idlm.engine.tokenizer import IncrementalDetokenizer, generation_eos_ids, load_tokenizer
 from idlm.models.loader import load_model, parse_dtype, resolve_model_folder
 from idlm.models.lora import DEFAULT_ADAPTER, fuse_for_inference, load_adapter
+from idlm.models.tokenizer import generation_eos_ids, load_tokenizer
 from idlm.models.transformer import compile_elementwise
 
 CPU_KV_BYTES = 1 << 30
@@ -71,22 +72,22 @@ class LLMEngine:
         self.mask_ids = {"isd": self._find_mask_token(), "risd": None}
         self.mask_ids["risd"] = self._risd_mask_token()
         default_mode = config.mode or ("risd" if self.adapter else "isd" if self.mask_ids["isd"] is not None else "ar")
-        trained_stride = (self.model_config.train_block_size or 3) + 1
-        self.defaults = dict(mode=default_mode, stride=config.stride or min(16, max(2, trained_stride)),
+        trained_stride = (self.model_config.draft_block or 3) + 1
+        self.defaults = dict(mode=default_mode, stride=config.stride or min(MAX_STRIDE, max(2, trained_stride)),
                              proposal=config.proposal)
         SamplingParams(**self.defaults)  # validates the engine defaults
         self.eos_ids = set(self.model_config.eos_token_ids) | generation_eos_ids(self.folder)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         kv_tokens = config.kv_cache_tokens or self._default_kv_tokens()
-        num_blocks = kv_tokens // config.block_size
-        pool_len = num_blocks * config.block_size - MAX_LOOKAHEAD
+        num_blocks = kv_tokens // config.kv_block_size
+        pool_len = num_blocks * config.kv_block_size - MAX_LOOKAHEAD
         if pool_len < 1:
             raise ValueError(f"kv_cache_tokens={kv_tokens} is too small; give at least {MAX_LOOKAHEAD + 64}")
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings, pool_len)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.mask_ids,
+        self.block_manager = BlockManager(num_blocks, config.kv_block_size, config.enable_prefix_caching)
+        self.runner = ModelRunner(self.model, num_blocks, config.kv_block_size, self.mask_ids,
                                   banned_token=self.mask_ids["isd"])
         if self.device.type == "cuda":
             self.runner.use_padded_decode(config.max_num_seqs, self.max_model_len + MAX_LOOKAHEAD,
@@ -136,7 +137,7 @@ class LLMEngine:
         per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * elem
         if self.device.type == "cuda":
             return self._free_memory_after_warmup() // per_token
-        return max(self.config.block_size, min(CPU_KV_TOKENS, CPU_KV_BYTES // per_token))
+        return max(self.config.kv_block_size, min(CPU_KV_TOKENS, CPU_KV_BYTES // per_token))
 
     @torch.inference_mode()
     def _free_memory_after_warmup(self) -> int:

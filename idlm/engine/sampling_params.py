@@ -1,5 +1,6 @@
 from dataclasses import dataclass, field
 
+from idlm.config import MAX_STRIDE
 from idlm.decoding.rounds import PROPOSALS
 
 MODES = ("ar", "isd", "risd")
@@ -49,16 +50,17 @@ class SamplingParams:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.mode is not None and self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        if self.stride is not None and (not isinstance(self.stride, int) or not 2 <= self.stride <= 16):
-            raise ValueError(f"stride must be an integer from 2 to 16, got {self.stride!r}")
+        if self.stride is not None and (not isinstance(self.stride, int) or not 2 <= self.stride <= MAX_STRIDE):
+            raise ValueError(f"stride must be an integer from 2 to {MAX_STRIDE}, got {self.stride!r}")
         if self.proposal is not None and self.proposal not in PROPOSALS:
             raise ValueError(f"unknown proposal {self.proposal!r}; choose one of {', '.join(PROPOSALS)}")
         if self.stride_policy is not None and self.stride_policy not in STRIDE_POLICIES:
             raise ValueError(f"unknown stride_policy {self.stride_policy!r}; "
                              f"choose one of {', '.join(STRIDE_POLICIES)}")
         if self.branches is not None and (not isinstance(self.branches, int) or isinstance(self.branches, bool)
-                                          or not 0 <= self.branches <= 15):
-            raise ValueError(f"branches must be an integer from 0 to 15 (0 = none), got {self.branches!r}")
+                                          or not 0 <= self.branches < MAX_STRIDE):
+            raise ValueError(f"branches must be an integer from 0 to {MAX_STRIDE - 1} (0 = none), "
+                             f"got {self.branches!r}")
         if not isinstance(self.verify_alpha, int | float) or self.verify_alpha <= 0:
             raise ValueError(f"verify_alpha must be > 0 (1 = exact), got {self.verify_alpha!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):

@@ -1,4 +1,5 @@
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from idlm.config import EngineConfig
@@ -26,6 +27,7 @@ class Scheduler:
         self.policy = policy
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.on_schedule: Callable[[ScheduledBatch], None] | None = None  # sees every batch handed out
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -34,7 +36,10 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch | None:
-        return self._schedule_prefill() or self._schedule_decode()
+        batch = self._schedule_prefill() or self._schedule_decode()
+        if batch is not None and self.on_schedule is not None:
+            self.on_schedule(batch)
+        return batch
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
         bm = self.block_manager

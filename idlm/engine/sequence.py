@@ -70,7 +70,6 @@ class Sequence:
         self.prompt_token_ids = list(token_ids)  # a copy for every output, made once
         self.num_prompt_tokens = len(token_ids)
         self.num_computed = 0
-        self.num_cached = 0
         self.block_table: list[int] = []
         self.params = params
         self.seed = seed
@@ -117,11 +116,6 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
-
-    @property
-    def in_prefill(self) -> bool:
-        """More than the pending token is still uncomputed (new, or preempted and recomputing)."""
-        return len(self.token_ids) - self.num_computed > 1
 
     def finish(self, reason: str) -> None:
         self.status = SequenceStatus.FINISHED

@@ -9,7 +9,7 @@ verifier p.
 
 - `parallel_decode`: the baseline's own decoding, all N tokens of a block from one forward (TPF N,
   not exact). Each token's q is kept; alpha = mean min(1, p/q) with p from one causal forward over
-  prompt + output (DESIGN.md section 4), as `idlm eval alpha` does for ISD.
+  prompt + output (docs/ARCHITECTURE.md, "Statistics"), as `idlm eval alpha` does for ISD.
 - `exact_decode`: lossless decoding with its MASKs as the proposal, in rounds shaped like ISD's: one
   forward over committed + drafts + N MASKs verifies the drafts on the clean rows; when all are
   accepted, the MASK block's first guess is verified at once against the last clean row (both
@@ -34,7 +34,7 @@ from idlm.models.transformer import CausalLM
 class BlockDiffusionModel:
     model: CausalLM
     mask_id: int
-    block_size: int  # N: tokens a block holds
+    block: int  # N: tokens a block holds
 
 
 def read_sdar_keys(folder: str | Path) -> tuple[int, int]:
@@ -105,7 +105,7 @@ def _cut_at_eos(tokens: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
 def parallel_decode(bd: BlockDiffusionModel, prompts: list[list[int]], max_tokens: int, probs: ProbabilityRule,
                     eos_ids: set[int], generator: torch.Generator) -> list[Decoded]:
     """The baseline's own decoding, the prompts batched: a block of N tokens per forward."""
-    n = bd.block_size
+    n = bd.block
     outs = [Decoded([], [], 0) for _ in prompts]
     active = list(range(len(prompts)))
     while active:
@@ -147,7 +147,7 @@ def exact_decode(bd: BlockDiffusionModel, prompts: list[list[int]], max_tokens: 
                  eos_ids: set[int], generator: torch.Generator) -> list[Decoded]:
     """Lossless decoding with the MASK guesses as proposals, the prompts batched (one forward a
     round for all of them)."""
-    n = bd.block_size
+    n = bd.block
     outs = [Decoded([], [], 0, reached=[0] * n, accepted=[0] * n) for _ in prompts]
     drafts: list[list[tuple[int, torch.Tensor]]] = [[] for _ in prompts]  # (token, its proposal), positions 1..
     active = list(range(len(prompts)))

@@ -5,7 +5,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-Prompt = str | list[int] | list[dict[str, str]]  # text, token ids, or a chat conversation
+Conversation = list[dict[str, str]]
+Prompt = str | list[int] | Conversation  # text, token ids, or a chat conversation
 
 
 def read_text(path: Path) -> str:
@@ -67,3 +68,12 @@ def read_prompts(path: Path, chat: bool = False) -> list[Prompt]:
     if chat:
         prompts = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
     return prompts
+
+
+def read_conversations(path: Path) -> list[Conversation]:
+    """read_prompts with chat, for uses that need text back (distilled data, chat comparisons):
+    token-id prompts are refused."""
+    conversations = read_prompts(path, chat=True)
+    if any(not (isinstance(c, list) and c and isinstance(c[0], dict)) for c in conversations):
+        raise ValueError(f"{path}: distilled data is chat text; give prompts as text or messages, not prompt_ids")
+    return conversations

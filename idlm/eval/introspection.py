@@ -1,4 +1,4 @@
-"""Introspective acceptance rate (DESIGN.md section 4).
+"""Introspective acceptance rate (docs/ARCHITECTURE.md, "Statistics").
 
 Generate with a decoder, keep q_k(x_k), the probability with which each emitted token was
 proposed (the MASK distribution for accepted drafts, the clean distribution for the rest), then

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from idlm.engine.tokenizer import load_tokenizer
 from idlm.eval.data import read_text
 from idlm.kernels.attention import DenseAttention
 from idlm.models.loader import load_model, parse_dtype, resolve_model_folder
+from idlm.models.tokenizer import load_tokenizer
 from idlm.models.transformer import CausalLM
 
 DEFAULT_CONTEXT = 2048

@@ -31,7 +31,7 @@ class ModelConfig:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     mask_token_id: int | None
-    train_block_size: int | None
+    draft_block: int | None  # N - 1: drafts per round the I-DLM was trained for (config.json `block_size`)
     random_weights: bool = False  # a benchmark shape: no weights on disk (idlm.models.shapes)
     # the SDAR-style baseline (idlm_objective: sdar) keeps its MASK id here: never sampled, not ISD's
     sdar_mask_token_id: int | None = None
@@ -80,7 +80,7 @@ class ModelConfig:
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
             mask_token_id=raw.get("mask_token_id"),
-            train_block_size=raw.get("block_size"),
+            draft_block=raw.get("block_size"),
             random_weights=bool(raw.get(RANDOM_WEIGHTS_KEY, False)),
             sdar_mask_token_id=raw.get("sdar_mask_token_id") if raw.get("idlm_objective") == "sdar" else None,
         )

@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from idlm.config import read_yaml_mapping
+from idlm.config import MAX_STRIDE, read_yaml_mapping
 from idlm.training.objective import OBJECTIVES
 
 
@@ -22,8 +22,8 @@ class Stage:
     clean_weight: float | str = 0.2
 
     def validate(self) -> None:
-        if not isinstance(self.stride, int) or not 2 <= self.stride <= 16:
-            raise ValueError(f"stage stride must be an integer from 2 to 16, got {self.stride!r}")
+        if not isinstance(self.stride, int) or not 2 <= self.stride <= MAX_STRIDE:
+            raise ValueError(f"stage stride must be an integer from 2 to {MAX_STRIDE}, got {self.stride!r}")
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("each stage needs exactly one of 'steps' or 'epochs'")
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):

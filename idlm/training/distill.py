@@ -1,39 +1,27 @@
-"""On-policy training data: the base model answers prompts through our engine.
-
-Prompts come from a text file (one prompt per line) or JSONL ({"prompt": ...} or
-{"messages": [...]} without the final answer). Output is chat JSONL ({"messages": [..., the
-model's answer]}) that `idlm train` reads.
-"""
+"""On-policy training data: the base model's own answers to prompts, written as the chat JSONL
+({"messages": [..., the model's answer]}) that `idlm train` reads. `idlm distill`
+(idlm/cli/distill.py) reads the prompts and answers them with the engine."""
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
-from idlm.engine.llm import LLM
-from idlm.engine.sampling_params import SamplingParams
-from idlm.eval.client import per_request
-from idlm.eval.data import read_prompts
+Conversation = list[dict[str, str]]
 
 
-def read_conversations(path: Path) -> list[list[dict[str, str]]]:
-    """The prompt file as conversations (`idlm.eval.data.read_prompts` with chat); token-id
-    prompts have no text to write back, so they are refused."""
-    conversations = read_prompts(path, chat=True)
-    if any(not (isinstance(c, list) and c and isinstance(c[0], dict)) for c in conversations):
-        raise ValueError(f"{path}: distilled data is chat text; give prompts as text or messages, not prompt_ids")
-    return conversations
-
-
-def distill(llm: LLM, prompts: Path, out: Path, params: SamplingParams, samples_per_prompt: int = 1) -> int:
-    """Writes one chat example per prompt and sample; returns how many were written (answers cut
-    by max_tokens are kept: they are still the model's own text)."""
-    conversations = read_conversations(prompts) * samples_per_prompt
-    outputs = llm.chat(conversations, per_request(params, len(conversations)), use_tqdm=True)
+def distill(conversations: list[Conversation], answer: Callable[[list[Conversation]], list[str]], out: Path,
+            samples_per_prompt: int = 1) -> int:
+    """Writes one chat example per conversation and sample, `answer` giving the replies; returns
+    how many were written (empty replies are dropped; replies cut by max_tokens are kept: they are
+    still the model's own text)."""
+    conversations = conversations * samples_per_prompt
+    replies = answer(conversations)
     out.parent.mkdir(parents=True, exist_ok=True)
     written = 0
     with out.open("w", encoding="utf-8") as f:
-        for conv, result in zip(conversations, outputs):
-            if not result.text.strip():
+        for conv, reply in zip(conversations, replies):
+            if not reply.strip():
                 continue
-            f.write(json.dumps({"messages": conv + [{"role": "assistant", "content": result.text}]}) + "\n")
+            f.write(json.dumps({"messages": conv + [{"role": "assistant", "content": reply}]}) + "\n")
             written += 1
     return written

@@ -1,4 +1,4 @@
-"""The introspective-consistency objective (DESIGN.md section 3).
+"""The introspective-consistency objective (docs/ARCHITECTURE.md, "Training").
 
 A row holds one or more samples. The model runs on [x_t | x_0]: x_0 is the clean row, x_t the same
 row with every response token replaced by MASK; both halves share position ids, which restart at
@@ -65,24 +65,25 @@ def double(batch: PackedBatch, mask_token_id: int, masked: torch.Tensor | None =
     )
 
 
-def block_diffusion_noise(batch: PackedBatch, block_size: int, generator: torch.Generator) -> torch.Tensor:
+def block_diffusion_noise(batch: PackedBatch, block: int, generator: torch.Generator) -> torch.Tensor:
     """SDAR-style x_t: each (sample, block) draws a ratio t ~ U(0, 1) and MASKs each of its response
     tokens with probability t. Drawn on the CPU from `generator`, so a resumed run redraws the same."""
     rows, length = batch.input_ids.shape
     ratio = torch.rand(rows, length, generator=generator)
     # a block's ratio is the one drawn at its first token (positions restart with each sample)
-    block_start = torch.arange(length) - batch.positions.cpu() % block_size
+    block_start = torch.arange(length) - batch.positions.cpu() % block
     t = ratio.gather(1, block_start)
     coin = torch.rand(rows, length, generator=generator)
     return (coin < t).to(batch.response.device) & batch.response
 
 
-def allowed(noisy_q, noisy_k, pos_q, pos_k, sample_q, sample_k, block_size: int, bidirectional: bool = False):
+def allowed(noisy_q, noisy_k, pos_q, pos_k, sample_q, sample_k, block: int, bidirectional: bool = False):
     """The three rules, elementwise over broadcast query/key metadata (used densely and by
-    FlexAttention's mask_mod). bidirectional: x_t tokens of a block see the whole block (sdar)."""
+    FlexAttention's mask_mod). block: positions per block, B = N - 1 (N for sdar); bidirectional:
+    x_t tokens of a block see the whole block (sdar)."""
     same_sample = (sample_q == sample_k) & (sample_q >= 0)
     causal = pos_k <= pos_q
-    block_q, block_k = pos_q // block_size, pos_k // block_size
+    block_q, block_k = pos_q // block, pos_k // block
     noisy_noisy = noisy_q & noisy_k & (block_q == block_k)
     if not bidirectional:
         noisy_noisy = noisy_noisy & causal
@@ -91,18 +92,18 @@ def allowed(noisy_q, noisy_k, pos_q, pos_k, sample_q, sample_k, block_size: int,
     return same_sample & (noisy_noisy | noisy_clean | clean_clean)
 
 
-def dense_mask(db: DoubledBatch, block_size: int, bidirectional: bool = False) -> torch.Tensor:
+def dense_mask(db: DoubledBatch, block: int, bidirectional: bool = False) -> torch.Tensor:
     """Boolean [rows, 2L, 2L]. Padding rows may attend to themselves so no softmax row is empty."""
     q = lambda t: t[:, :, None]  # noqa: E731
     k = lambda t: t[:, None, :]  # noqa: E731
     mask = allowed(q(db.noisy), k(db.noisy), q(db.positions), k(db.positions), q(db.sample_ids), k(db.sample_ids),
-                   block_size, bidirectional)
+                   block, bidirectional)
     padding = db.sample_ids < 0
     eye = torch.eye(mask.shape[-1], dtype=torch.bool, device=mask.device)
     return mask | (eye & padding[:, :, None])
 
 
-def flex_block_mask(db: DoubledBatch, block_size: int, bidirectional: bool = False):
+def flex_block_mask(db: DoubledBatch, block: int, bidirectional: bool = False):
     """The same rules as a FlexAttention block mask (no dense [2L, 2L] tensor)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -110,7 +111,7 @@ def flex_block_mask(db: DoubledBatch, block_size: int, bidirectional: bool = Fal
 
     def mask_mod(b, h, q_idx, kv_idx):
         rule = allowed(noisy[b, q_idx], noisy[b, kv_idx], pos[b, q_idx], pos[b, kv_idx], sample[b, q_idx],
-                       sample[b, kv_idx], block_size, bidirectional)
+                       sample[b, kv_idx], block, bidirectional)
         return rule | ((q_idx == kv_idx) & (sample[b, q_idx] < 0))
 
     rows, length = db.input_ids.shape

@@ -21,10 +21,10 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from idlm.engine.tokenizer import load_tokenizer
 from idlm.kernels.attention import DenseAttention, FlexAttention
 from idlm.models.loader import load_model, resolve_model_folder
 from idlm.models.lora import AdapterConfig, attach_lora, load_adapter, read_adapter_config, save_adapter
+from idlm.models.tokenizer import load_tokenizer
 from idlm.training.config import TrainConfig
 from idlm.training.data import RowOrder, collate, load_examples, make_rows
 from idlm.training.objective import (
@@ -93,12 +93,10 @@ class Trainer:
         self.objective = Objective(self.model, lora=cfg.mode == "lora")
         self.fsdp = cfg.parallel == "fsdp" and self.world > 1
         if self.fsdp:
-            self._shard()
-            self.runner = self.objective
-        elif self.world > 1:
-            self.runner = nn.parallel.DistributedDataParallel(self.objective)
-        else:
-            self.runner = self.objective
+            self._shard()  # in place
+        # what a step calls: the objective, wrapped by DDP when its gradients must be averaged
+        self.parallel_objective = (nn.parallel.DistributedDataParallel(self.objective)
+                                   if self.world > 1 and not self.fsdp else self.objective)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
         self.examples, self.report = load_examples(cfg.data, self.tokenizer, cfg.max_len)
@@ -109,7 +107,7 @@ class Trainer:
         self.total_steps = self.stage_ends[-1]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.lr, betas=cfg.adam_betas,
                                            weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.step = 0
 
     # ------------------------------------------------------------------ setup
@@ -262,10 +260,11 @@ class Trainer:
             last = m == cfg.grad_accum - 1
             if self.fsdp:
                 self.objective.set_requires_gradient_sync(last)
-            sync = self.runner.no_sync() if (self.world > 1 and not self.fsdp and not last) else nullcontext()
+            ddp_accumulating = self.world > 1 and not self.fsdp and not last
+            sync = self.parallel_objective.no_sync() if ddp_accumulating else nullcontext()
             with sync, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                noisy_sum, clean_sum = self.runner(db, attn, targets.noisy_rows, targets.noisy_targets,
-                                                   targets.clean_rows, targets.clean_targets)
+                noisy_sum, clean_sum = self.parallel_objective(db, attn, targets.noisy_rows, targets.noisy_targets,
+                                                               targets.clean_rows, targets.clean_targets)
                 losses = combine(noisy_sum, clean_sum, targets.num_response, len(targets.clean_targets),
                                  stage.clean_weight, denominator, targets.num_noisy)
                 (losses.loss * self.world).backward()
@@ -277,9 +276,9 @@ class Trainer:
             dist.all_reduce(summed)
             totals = summed.cpu()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip)
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.lr_schedule.get_last_lr()[0]
         self.optimizer.step()
-        self.scheduler.step()
+        self.lr_schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         elapsed = time.perf_counter() - start
@@ -343,7 +342,7 @@ class Trainer:
             "step": self.step,
             "model": model_state,
             "optimizer": optim_state,
-            "scheduler": self.scheduler.state_dict(),
+            "scheduler": self.lr_schedule.state_dict(),  # the key existing checkpoints resume from
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
         }
 
@@ -370,7 +369,7 @@ class Trainer:
                            optim_state_dict=state["optimizer"], options=options)
         except (RuntimeError, KeyError) as e:
             raise ValueError(f"checkpoint {complete[-1]} does not match this model and config ({e})") from e
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.lr_schedule.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         self.step = state["step"]

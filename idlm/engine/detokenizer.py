@@ -1,31 +1,5 @@
-import json
-import os
-from pathlib import Path
-
 from tokenizers.decoders import DecodeStream
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
-
-
-def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase | None:
-    """The folder's tokenizer, or None when it ships none (then only token-id prompts work)."""
-    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
-        return None
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot load the tokenizer in {folder} ({e}); check its tokenizer files") from e
-
-
-def generation_eos_ids(folder: Path) -> set[int]:
-    path = folder / "generation_config.json"
-    if not path.is_file():
-        return set()
-    try:
-        eos = json.loads(path.read_text()).get("eos_token_id")
-    except json.JSONDecodeError:
-        return set()
-    return set(eos) if isinstance(eos, list) else ({eos} if isinstance(eos, int) else set())
+from transformers import PreTrainedTokenizerBase
 
 
 class IncrementalDetokenizer:

@@ -1,0 +1,99 @@
+"""Options that several commands share, each written once, and the two functions that read them
+back: `engine_args` (the EngineConfig fields, by name) and `sampling_params`."""
+
+import argparse
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from typing import Any
+
+from idlm.config import MAX_STRIDE, EngineConfig
+from idlm.decoding.rounds import PROPOSALS
+from idlm.engine.decoding_config import load_decoding_config
+from idlm.engine.sampling_params import MODES, SamplingParams
+
+MODEL_HELP = "Hugging Face model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    flags: tuple[str, ...]
+    kwargs: dict[str, Any]
+
+    @property
+    def dest(self) -> str:
+        return self.kwargs.get("dest") or self.flags[0].lstrip("-").replace("-", "_")
+
+
+def option(*flags: str, **kwargs: Any) -> Option:
+    return Option(flags, kwargs)
+
+
+def add_options(parser: argparse.ArgumentParser, options: Iterable[Option], **changes: dict[str, Any]) -> None:
+    """Adds `options` to parser; `changes` maps an option's dest to the argparse keywords this
+    command gives it instead (its own default or help)."""
+    options = list(options)
+    unknown = set(changes) - {o.dest for o in options}
+    assert not unknown, f"changes for options not added: {unknown}"
+    for o in options:
+        parser.add_argument(*o.flags, **(o.kwargs | changes.get(o.dest, {})))
+
+
+MODEL = option("--model", default=None, help=MODEL_HELP)
+DEVICE = option("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
+DTYPE = option("--dtype", default="auto", choices=DTYPES,
+               help="weight and KV dtype (default: float32 on CPU, bfloat16 on CUDA)")
+KV_CACHE_TOKENS = option("--kv-cache-tokens", type=int, default=None, help="size of the paged KV pool in tokens")
+ADAPTER = option("--adapter", default=None,
+                 help="gated-LoRA (R-ISD) adapter folder for the model (default: the shipped SmolLM2 adapter when "
+                      "--model is not given; 'none' for no adapter)")
+ENGINE = (MODEL, DEVICE, DTYPE, KV_CACHE_TOKENS, ADAPTER)
+
+MAX_NUM_SEQS = option("--max-num-seqs", type=int, default=64, help="requests decoded together (default 64)")
+
+# None means "not given": the decoding config, then the command's defaults, then SamplingParams decide
+MODE = option("--mode", choices=MODES, default=None,
+              help="ar: one token per forward; isd: the I-DLM decoder; risd: ISD with the gated LoRA "
+                   "(default: risd with --adapter, isd for I-DLM checkpoints, else ar)")
+STRIDE = option("--stride", type=int, default=None,
+                help=f"N: a round proposes N-1 drafts (2-{MAX_STRIDE}, default 4)")
+PROPOSAL = option("--proposal", choices=PROPOSALS, default=None,
+                  help="how drafts are proposed: sample (exact, default), argmax (the reference's way, lossy at "
+                       "temperature > 0), argmax_exact (argmax drafts verified against a one-hot proposal)")
+SAMPLING_FLAGS = (
+    option("--max-tokens", type=int, help="most tokens to generate (default 256)"),
+    option("--temperature", type=float, help="0 = greedy (default 0)"),
+    option("--top-p", type=float, help="nucleus sampling mass in (0, 1] (default 1 = off)"),
+    option("--top-k", type=int, help="sample among the k likeliest tokens (default 0 = off)"),
+    option("--seed", type=int, help="seed: the same seed gives the same output"),
+    option("--stop", action="append", help="stop string (repeatable); not included in output"),
+    option("--ignore-eos", action="store_true", default=None, help="keep generating past the end-of-sequence token"),
+    MODE,
+    STRIDE,
+    PROPOSAL,
+)
+DECODING_CONFIG = option("--decoding-config", default=None,
+                         help="YAML in the reference's vocabulary (gen_block_size, temperature, top_k, top_p, "
+                              "use_spec_verify, verify_alpha, conditional_lora); command-line flags override it")
+SAMPLING = (*SAMPLING_FLAGS, DECODING_CONFIG)
+
+CLI_DEFAULTS = {"temperature": 0.0}  # the command line is greedy unless asked otherwise
+
+
+def engine_args(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
+    """EngineConfig keyword arguments from the parsed arguments: every EngineConfig field that
+    has an argument of the same name, unless that argument is None (not given), then overrides."""
+    names = {f.name for f in fields(EngineConfig)}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None} | overrides
+
+
+def sampling_params(args: argparse.Namespace, **defaults: Any) -> SamplingParams:
+    """Flags given on the command line override the decoding config, which overrides the
+    command's `defaults`, which override CLI_DEFAULTS."""
+    given = CLI_DEFAULTS | defaults
+    if args.decoding_config:
+        given |= load_decoding_config(args.decoding_config)
+    for o in SAMPLING_FLAGS:
+        if getattr(args, o.dest) is not None:
+            given[o.dest] = getattr(args, o.dest)
+    return SamplingParams(**given)
