@@ -35,7 +35,8 @@ def no_mask_folder(tmp_path):
 
 def test_bench_end_to_end(tmp_path, capsys):
     out, plot = tmp_path / "r.json", tmp_path / "p.png"
-    assert main([*TINY_RUN, "--modes", "ar,isd", "--hf-baseline", "-o", str(out), "--plot", str(plot)]) == 0
+    assert main([*TINY_RUN, "--modes", "ar,isd", "--stride-policy", "fixed,adaptive", "--hf-baseline", "-o", str(out),
+                 "--plot", str(plot)]) == 0
     table = capsys.readouterr().out
     assert all(word in table for word in ("ar", "isd", "hf", "TTFT", "roofline"))
     result = json.loads(out.read_text())
@@ -44,7 +45,9 @@ def test_bench_end_to_end(tmp_path, capsys):
         assert key in result
     assert result["command"].startswith("idlm bench") and "--shape tiny" in result["command"]
     assert result["random_weights"] and result["device"].startswith("cpu")
-    assert [(r["mode"], r["concurrency"]) for r in result["results"]] == [("ar", 1), ("ar", 2), ("isd", 1), ("isd", 2)]
+    assert [(r["mode"], r["concurrency"]) for r in result["results"]] == [
+        ("ar", 1), ("ar", 2), ("isd N=4 fixed", 1), ("isd N=4 fixed", 2), ("isd N=4 adaptive", 1),
+        ("isd N=4 adaptive", 2)]
     for r in result["results"]:
         assert r["num_requests"] == 3 and r["output_tokens"] == 15
         assert all(q["output_tokens"] == 5 and q["prompt_tokens"] == 8 for q in r["requests"])
@@ -56,6 +59,7 @@ def test_bench_end_to_end(tmp_path, capsys):
         assert r["peak_memory_bytes"] is None
     assert all(r["tokens_per_forward"] == 1 for r in result["results"] if r["mode"] == "ar")
     assert len(result["results"][2]["draft_acceptance"]) == 3  # stride 4: three draft positions
+    assert not result["results"][2]["chosen_k"] and sum(result["results"][4]["chosen_k"].values()) > 0
     hf = result["hf_baseline"]
     assert [h["batch_size"] for h in hf] == [1, 2]
     assert all(h["output_tokens"] == 5 * h["batch_size"] and h["output_tok_s"] > 0 for h in hf)
@@ -115,7 +119,9 @@ def test_shapes_have_the_real_models_sizes(shape, params):
     (["--shape", "tiny", "--model", "x"], "not both"),
     (["--workload", "/nonexistent/w.jsonl"], "cannot read workload file"),
     (["--num-prompts", "2", "--concurrency", "1,4"], "at least the largest concurrency"),
-    (["--stride", "1"], "stride must be"),
+    (["--stride", "1"], "strides must be"),
+    (["--stride-policy", "fixed,fast"], "unknown stride policy 'fast'"),
+    (["--branches", "16"], "branches must be"),
     (["--output-len", "0"], "output-len must be"),
     (["-o", "/nonexistent/r.json"], "folder does not exist"),
     (["--shape", "tiny", "--prompt-len", "2000", "--output-len", "100"], "the model's context is 2048"),

@@ -51,4 +51,5 @@ def test_default_stride_follows_the_checkpoint(tmp_path):
 
     folder = make_small_idlm(tmp_path / "m")  # block_size 3 in config.json: trained for N = 4
     llm = LLM(str(folder), progress=False, kv_cache_tokens=1024)
-    assert llm.engine.defaults == {"mode": "isd", "stride": 4, "proposal": "sample"}
+    assert llm.engine.defaults == {"mode": "isd", "stride": 4, "proposal": "sample", "stride_policy": "adaptive",
+                                   "branches": None}

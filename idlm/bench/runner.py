@@ -101,10 +101,14 @@ def _synchronizer(device: torch.device):
     return lambda: None
 
 
+ROUND_COUNTERS = ("cold_rounds", "verify_rounds", "branch_rounds", "branch_drafts_accepted")
+
+
 def _counters(engine: LLMEngine) -> dict:
     st = engine.stats
     return {"tokens": st.tokens, "request_forwards": st.request_forwards, "forwards": st.forwards,
-            "reached": list(st.drafts.reached), "accepted": list(st.drafts.accepted)}
+            "reached": list(st.drafts.reached), "accepted": list(st.drafts.accepted),
+            "chosen": dict(engine.policy.chosen), **{k: getattr(st, k) for k in ROUND_COUNTERS}}
 
 
 def run_closed_loop(engine: LLMEngine, requests: list[Request], concurrency: int, params: SamplingParams,
@@ -170,6 +174,7 @@ def _figures(done: list[Trace], steps: list[StepTiming], elapsed: float, before:
     reached = [a - b for a, b in zip(after["reached"], before["reached"] + [0] * len(after["reached"]))]
     accepted = [a - b for a, b in zip(after["accepted"], before["accepted"] + [0] * len(after["accepted"]))]
     decode_tok_s = [r["decode_tok_s"] for r in requests if r["decode_tok_s"] is not None]
+    chosen = {k: n - before["chosen"].get(k, 0) for k, n in sorted(after["chosen"].items())}
     return {
         "num_requests": len(requests),
         "output_tokens": tokens,
@@ -185,6 +190,8 @@ def _figures(done: list[Trace], steps: list[StepTiming], elapsed: float, before:
         "tokens_per_forward": delta["tokens"] / delta["request_forwards"] if delta["request_forwards"] else None,
         "forwards": delta["forwards"],
         "draft_acceptance": [a / r if r else None for a, r in zip(accepted, reached)],
+        **{k: after[k] - before[k] for k in ROUND_COUNTERS},
+        "chosen_k": {str(k): n for k, n in chosen.items() if n},
         "steps": len(steps),
         "decode_steps": len(decode),
         "decode_step_s_mean": decode_time / len(decode) if decode else None,

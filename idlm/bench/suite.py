@@ -18,7 +18,7 @@ from idlm.bench.runner import run_closed_loop
 from idlm.bench.workload import Request, cycle, read_workload, synthetic_requests, tokenize_workload
 from idlm.config import MAX_STRIDE, EngineConfig
 from idlm.engine.llm_engine import MAX_LOOKAHEAD, LLMEngine
-from idlm.engine.sampling_params import MODES, SamplingParams
+from idlm.engine.sampling_params import MODES, STRIDE_POLICIES, SamplingParams
 from idlm.models.config import ModelConfig
 from idlm.models.loader import resolve_model_folder
 from idlm.models.shapes import shape_config, shape_folder
@@ -38,7 +38,9 @@ class BenchConfig:
     output_len: int = 256
     concurrency: tuple[int, ...] = (1, 4, 16, 64)
     modes: tuple[str, ...] | None = None  # None = ar, isd where the model has a MASK, risd with an adapter
-    stride: int = 4
+    strides: tuple[int, ...] = (4,)  # N of isd and risd; each is a run of its own
+    stride_policies: tuple[str, ...] = ("adaptive",)  # each multi-token (mode, N) runs under each
+    branches: int | None = None  # most branches a round adds; None = as many as fit
     temperature: float = 0.0
     hf_baseline: bool = False
     device: str = "auto"
@@ -64,8 +66,13 @@ class BenchConfig:
         for name in ("prompt_len", "output_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not 2 <= self.stride <= MAX_STRIDE:
-            raise ValueError(f"stride must be from 2 to {MAX_STRIDE}, got {self.stride}")
+        if not self.strides or any(not 2 <= n <= MAX_STRIDE for n in self.strides):
+            raise ValueError(f"strides must be from 2 to {MAX_STRIDE}, got {list(self.strides)}")
+        if not self.stride_policies or any(p not in STRIDE_POLICIES for p in self.stride_policies):
+            raise ValueError(f"stride policies must be some of {', '.join(STRIDE_POLICIES)}, "
+                             f"got {list(self.stride_policies)}")
+        if self.branches is not None and not 0 <= self.branches < MAX_STRIDE:
+            raise ValueError(f"branches must be from 0 to {MAX_STRIDE - 1}, got {self.branches}")
         if self.num_prompts is not None and self.num_prompts < max(self.concurrency):
             raise ValueError(f"num-prompts ({self.num_prompts}) must be at least the largest concurrency "
                              f"({max(self.concurrency)}), or C requests can never be in flight")
@@ -97,6 +104,20 @@ def default_modes(engine: LLMEngine) -> tuple[str, ...]:
     if engine.adapter is not None:
         modes.append("risd")
     return tuple(modes)
+
+
+def variants(engine: LLMEngine, cfg: BenchConfig, modes: tuple[str, ...]) -> dict[str, SamplingParams]:
+    """The runs, by label: ar once; isd and risd at every stride under every stride policy."""
+    runs = {}
+    for mode in modes:
+        shapes = [(None, None)] if mode == "ar" else [(n, p) for n in cfg.strides for p in cfg.stride_policies]
+        for stride, policy in shapes:
+            params = engine.resolve(SamplingParams(temperature=cfg.temperature, ignore_eos=True, mode=mode,
+                                                   stride=stride, stride_policy=policy, branches=cfg.branches,
+                                                   max_tokens=cfg.output_len))
+            label = mode if mode == "ar" else f"{mode} N={stride} {policy}"
+            runs[label] = params
+    return runs
 
 
 def random_ids(engine: LLMEngine) -> tuple[int, set[int]]:
@@ -149,23 +170,25 @@ def run_bench(cfg: BenchConfig, command: str = "", log: Callable[[str], None] = 
         raise ValueError(f"a request needs {longest} tokens (prompt + output) but the KV pool holds "
                          f"{engine.max_model_len}; raise --kv-cache-tokens")
     modes = cfg.modes or default_modes(engine)
-    params = {m: engine.resolve(SamplingParams(temperature=cfg.temperature, ignore_eos=True, mode=m,
-                                               stride=cfg.stride, max_tokens=cfg.output_len)) for m in modes}
+    runs = variants(engine, cfg, modes)
+    if any(p.stride_policy == "adaptive" and p.mode != "ar" for p in runs.values()):
+        engine.policy.cost.measure_up_to(max_num_seqs)  # its step costs, measured before any timed run
     vocab, exclude = random_ids(engine)
     if not items:
         base = synthetic_requests(max(counts.values()), cfg.prompt_len, cfg.output_len, vocab, cfg.seed, exclude)
     roofline = Roofline.of(engine.model, cfg.peak_bandwidth, cfg.peak_flops)
     device, dtype = engine.device, next(engine.model.parameters()).dtype
     result = _header(cfg, command, engine, folder, roofline, modes, max_num_seqs, kv_tokens, items, device, dtype)
-    for mode in modes:
+    for label, params in runs.items():
         for c in cfg.concurrency:
             requests = cycle(base, counts[c])
-            run_closed_loop(engine, warmup_requests(requests[:c], vocab, exclude, cfg.seed + 1), c, params[mode],
-                            roofline)
-            figures = run_closed_loop(engine, requests, c, params[mode], roofline)
-            result["results"].append({"mode": mode, "concurrency": c, **figures})
-            log(f"{mode} C={c}: {figures['num_requests']} requests, {figures['output_tok_s']:.1f} tok/s, "
-                f"{figures['per_request_tok_s']:.1f} tok/s per request")
+            run_closed_loop(engine, warmup_requests(requests[:c], vocab, exclude, cfg.seed + 1), c, params, roofline)
+            figures = run_closed_loop(engine, requests, c, params, roofline)
+            shape = dict(stride=params.stride, stride_policy=params.stride_policy, branches=params.branches)
+            result["results"].append({"mode": label, "decoding": params.mode, **shape, "concurrency": c, **figures})
+            log(f"{label} C={c}: {figures['num_requests']} requests, {figures['output_tok_s']:.1f} tok/s, "
+                f"{figures['per_request_tok_s']:.1f} tok/s per request"
+                + (f", K chosen {figures['chosen_k']}" if figures["chosen_k"] else ""))
     del engine
     gc.collect()
     if device.type == "cuda":

@@ -8,12 +8,13 @@ from pathlib import Path
 
 from idlm.cli.options import ENGINE, add_options
 from idlm.config import MAX_STRIDE
-from idlm.engine.sampling_params import MODES
+from idlm.engine.sampling_params import MODES, STRIDE_POLICIES
 from idlm.models.shapes import SHAPES
 
 EXAMPLES = """examples:
   idlm bench --shape qwen3-8b --modes ar,isd,risd --hf-baseline -o results.json --plot plot.png
   idlm bench --model I-DLM-FOLDER --workload prompts.jsonl --concurrency 1,8,32
+  idlm bench --modes ar,risd --stride 2,3,4 --stride-policy fixed,adaptive   # the default model
 
 Every (mode, C) run keeps exactly C requests in flight (a new one is added when one finishes)
 until its requests are done, after an untimed warm-up of C short requests. The table shows
@@ -48,7 +49,13 @@ def add_parsers(sub) -> None:
     p.add_argument("--modes", default=None,
                    help="comma-separated decoding modes: ar, isd, risd (default ar,isd; isd only where the "
                         "model has a MASK token, risd added with --adapter)")
-    p.add_argument("--stride", type=int, default=4, help=f"N of isd and risd (2-{MAX_STRIDE}, default 4)")
+    p.add_argument("--stride", default="4",
+                   help=f"comma-separated N of isd and risd, a run each (2-{MAX_STRIDE}, default 4)")
+    p.add_argument("--stride-policy", default="adaptive",
+                   help="comma-separated stride policies of isd and risd, a run each: fixed (every round proposes "
+                        "N-1 drafts) and/or adaptive (N is a maximum, chosen per step; default adaptive)")
+    p.add_argument("--branches", type=int, default=None,
+                   help="most branch drafts a round adds (0 = none; default: as many as fit)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default 0)")
     p.add_argument("--max-num-seqs", type=int, default=None,
                    help="requests the engine decodes together (default: the largest C)")
@@ -83,10 +90,13 @@ def positive_int(text: str) -> int:
     return value
 
 
-def mode_name(text: str) -> str:
-    if text not in MODES:
-        raise ValueError(f"unknown mode {text!r}; choose from {', '.join(MODES)}")
-    return text
+def one_of(names: tuple[str, ...], what: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in names:
+            raise ValueError(f"unknown {what} {text!r}; choose from {', '.join(names)}")
+        return text
+
+    return parse
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -113,7 +123,10 @@ def run(args: argparse.Namespace) -> None:
         model=args.model, shape=args.shape, workload=args.workload, num_prompts=args.num_prompts,
         prompt_len=128 if args.prompt_len is None else args.prompt_len, output_len=args.output_len,
         concurrency=comma_list(args.concurrency, "--concurrency", positive_int),
-        modes=comma_list(args.modes, "--modes", mode_name) if args.modes else None, stride=args.stride,
+        modes=comma_list(args.modes, "--modes", one_of(MODES, "mode")) if args.modes else None,
+        strides=comma_list(args.stride, "--stride", int),
+        stride_policies=comma_list(args.stride_policy, "--stride-policy", one_of(STRIDE_POLICIES, "stride policy")),
+        branches=args.branches,
         temperature=args.temperature, hf_baseline=args.hf_baseline, device=args.device, dtype=args.dtype,
         kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs, adapter=args.adapter, seed=args.seed,
         prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,

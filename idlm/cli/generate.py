@@ -64,8 +64,10 @@ def format_stats(stats: dict, params: SamplingParams, elapsed: float) -> str:
              f"tokens/forward={stats['tokens_per_forward']:.2f} time={elapsed:.2f}s tokens/s={tokens / elapsed:.1f}"]
     if params.mode != "ar":
         drafts = stats["drafts"]
-        lines.append(f"[stats] rounds: cold={stats['cold_rounds']} verify={stats['verify_rounds']}; drafts "
-                     f"proposed={sum(drafts['proposed'])} accepted={sum(drafts['accepted'])}; acceptance by position="
+        lines.append(f"[stats] stride_policy={params.stride_policy} rounds: cold={stats['cold_rounds']} "
+                     f"verify={stats['verify_rounds']} (from a branch: {stats['branch_rounds']}); drafts "
+                     f"proposed={sum(drafts['proposed'])} accepted={sum(drafts['accepted'])} (from a branch: "
+                     f"{stats['branch_drafts_accepted']}); acceptance by position="
                      + " ".join(f"{a:.2f}" for a in drafts["acceptance"]))
     return "\n".join(lines)
 

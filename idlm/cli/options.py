@@ -9,7 +9,7 @@ from typing import Any
 from idlm.config import MAX_STRIDE, EngineConfig
 from idlm.decoding.rounds import PROPOSALS
 from idlm.engine.decoding_config import load_decoding_config
-from idlm.engine.sampling_params import MODES, SamplingParams
+from idlm.engine.sampling_params import MODES, STRIDE_POLICIES, SamplingParams
 
 MODEL_HELP = "Hugging Face model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -60,6 +60,13 @@ STRIDE = option("--stride", type=int, default=None,
 PROPOSAL = option("--proposal", choices=PROPOSALS, default=None,
                   help="how drafts are proposed: sample (exact, default), argmax (the reference's way, lossy at "
                        "temperature > 0), argmax_exact (argmax drafts verified against a one-hot proposal)")
+STRIDE_POLICY = option("--stride-policy", choices=STRIDE_POLICIES, default=None,
+                       help="fixed: every round proposes N-1 drafts; adaptive: N is a maximum and each step picks "
+                            "the drafts and branches that commit the most tokens per second on this device "
+                            "(default adaptive; a sampled request with --seed keeps its stride fixed)")
+BRANCHES = option("--branches", type=int, default=None,
+                  help="most branch drafts a round adds, each ready for the rejection of one draft so that no "
+                       f"round after a rejection is cold (0-{MAX_STRIDE - 1}, 0 = none; default: as many as fit)")
 SAMPLING_FLAGS = (
     option("--max-tokens", type=int, help="most tokens to generate (default 256)"),
     option("--temperature", type=float, help="0 = greedy (default 0)"),
@@ -71,6 +78,8 @@ SAMPLING_FLAGS = (
     MODE,
     STRIDE,
     PROPOSAL,
+    STRIDE_POLICY,
+    BRANCHES,
 )
 DECODING_CONFIG = option("--decoding-config", default=None,
                          help="YAML in the reference's vocabulary (gen_block_size, temperature, top_k, top_p, "

@@ -2,7 +2,18 @@
 
 import argparse
 
-from idlm.cli.options import ENGINE, MAX_NUM_SEQS, MODE, MODEL_HELP, PROPOSAL, STRIDE, add_options, engine_args
+from idlm.cli.options import (
+    BRANCHES,
+    ENGINE,
+    MAX_NUM_SEQS,
+    MODE,
+    MODEL_HELP,
+    PROPOSAL,
+    STRIDE,
+    STRIDE_POLICY,
+    add_options,
+    engine_args,
+)
 from idlm.config import MAX_STRIDE, EngineConfig
 from idlm.engine.llm_engine import LLMEngine
 
@@ -16,12 +27,16 @@ def add_parsers(sub) -> None:
     add_options(p, ENGINE)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 = any free)")
-    add_options(p, (MODE, STRIDE, PROPOSAL),
+    add_options(p, (MODE, STRIDE, PROPOSAL, STRIDE_POLICY, BRANCHES),
                 mode={"help": "default decoding mode of requests that name none (default: risd with --adapter, "
                               "isd for I-DLM checkpoints, else ar)"},
                 stride={"help": f"default N of requests that name none (2-{MAX_STRIDE})"},
                 proposal={"default": "sample",
-                          "help": "default draft proposal of requests that name none (default sample, exact)"})
+                          "help": "default draft proposal of requests that name none (default sample, exact)"},
+                stride_policy={"help": "default stride policy of requests that name none: fixed, or adaptive "
+                                       "(default; N is then a maximum, chosen per step for throughput)"},
+                branches={"help": "default most branch drafts per round of requests that name none (0 = none; "
+                                  "default: as many as fit)"})
     add_options(p, (MAX_NUM_SEQS,))
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests that may wait for a free slot; beyond that the server answers 429 (default 256)")

@@ -74,7 +74,7 @@ class LLMEngine:
         default_mode = config.mode or ("risd" if self.adapter else "isd" if self.mask_ids["isd"] is not None else "ar")
         trained_stride = (self.model_config.draft_block or 3) + 1
         self.defaults = dict(mode=default_mode, stride=config.stride or min(MAX_STRIDE, max(2, trained_stride)),
-                             proposal=config.proposal)
+                             proposal=config.proposal, stride_policy=config.stride_policy, branches=config.branches)
         SamplingParams(**self.defaults)  # validates the engine defaults
         self.eos_ids = set(self.model_config.eos_token_ids) | generation_eos_ids(self.folder)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:

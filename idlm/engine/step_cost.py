@@ -39,6 +39,12 @@ class StepCost:
         self.table: dict[int, dict[int, float]] = {}
         self.overhead = 0.0
 
+    def measure_up_to(self, batch: int) -> None:
+        """Measures now every batch size a step of up to `batch` requests would ask about."""
+        for point in self.points[:1 + next((i for i, p in enumerate(self.points) if p >= batch),
+                                             len(self.points) - 1)]:
+            self._at(point, 1)
+
     def seconds(self, batch: int, rows: int) -> float:
         return self.device_seconds(batch, rows) + self.overhead
 
