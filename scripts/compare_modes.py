@@ -7,6 +7,10 @@ flip, so run with --dtype float32 for the exactness check and with bfloat16 for 
 
     python scripts/compare_modes.py --model BASE.gguf --adapter runs/smollm2-risd/final --strides 4 -o risd.json
     python scripts/compare_modes.py --model runs/smollm2-idlm/final --mode isd --strides 2 3 4 8 -o isd.json
+    python scripts/compare_modes.py --strides 2 3 4 --branches 0 all -o branches.json   # the embedded default
+
+Every ISD run has a fixed stride (stride_policy fixed); --branches gives the most branch drafts a
+round adds (0: none, a cold round after each rejection; all: as many as fit), a run each.
 
 Tokens per forward (TPF) are from each output's stats: output tokens over the forwards that
 request took part in, summed over requests (`tpf`) and averaged per request (`tpf_mean`).
@@ -60,6 +64,7 @@ def main() -> None:
     ap.add_argument("--adapter", default=None, help="gated-LoRA adapter folder (R-ISD)")
     ap.add_argument("--mode", choices=["risd", "isd"], default=None, help="default: risd with --adapter, else isd")
     ap.add_argument("--strides", type=int, nargs="+", default=[4])
+    ap.add_argument("--branches", nargs="+", default=["0"], help="0..15 or all, a run each (default 0)")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     ap.add_argument("--device", default="auto")
@@ -67,7 +72,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     ap.add_argument("--output", "-o", default=None, help="write the results as JSON here")
     args = ap.parse_args()
-    mode = args.mode or ("risd" if args.adapter else "isd")
+    mode = args.mode or ("risd" if args.adapter or args.model is None else "isd")
+    branch_caps = [None if b == "all" else int(b) for b in args.branches]
 
     conversations = read_conversations(Path(args.prompts))[:args.limit]
     llm = LLM(args.model, adapter=args.adapter, dtype=args.dtype, device=args.device,
@@ -77,11 +83,13 @@ def main() -> None:
               "adapter": args.adapter, "mode": mode, "dtype": args.dtype,
               "device": str(llm.engine.device), "max_tokens": args.max_tokens,
               "ar": summary(ar_out, ar_seconds), "runs": []}
-    print(f"{'mode':<6}{'N':>3}{'identical':>11}{'TPF':>7}{'TPF/req':>9}{'tok/s':>9}  acceptance by draft position")
-    print(f"{'ar':<6}{1:>3}{'-':>11}{result['ar']['tpf']:>7.2f}{result['ar']['tpf_mean']:>9.2f}"
+    print(f"{'mode':<6}{'N':>3}{'br':>4}{'identical':>11}{'TPF':>7}{'TPF/req':>9}{'tok/s':>9}  cold/verify/branch "
+          f"rounds  acceptance by draft position")
+    print(f"{'ar':<6}{1:>3}{'-':>4}{'-':>11}{result['ar']['tpf']:>7.2f}{result['ar']['tpf_mean']:>9.2f}"
           f"{result['ar']['tokens_per_s']:>9}")
-    for stride in args.strides:
-        params = SamplingParams(temperature=0, max_tokens=args.max_tokens, mode=mode, stride=stride)
+    for stride, cap in ((s, b) for s in args.strides for b in branch_caps):
+        params = SamplingParams(temperature=0, max_tokens=args.max_tokens, mode=mode, stride=stride,
+                                stride_policy="fixed", branches=cap)
         out, seconds = run(llm, conversations, params)
         mismatches = []
         for i, (conv, a, b) in enumerate(zip(conversations, ar_out, out)):
@@ -89,11 +97,14 @@ def main() -> None:
                 mismatches.append({"index": i, "prompt": conv[-1]["content"],
                                    "first_difference": first_difference(a.token_ids, b.token_ids),
                                    "ar_text": a.text, "text": b.text})
-        entry = {"stride": stride, "identical": len(conversations) - len(mismatches), **summary(out, seconds),
+        rounds = {k: sum(o.stats[k] for o in out) for k in ("cold_rounds", "verify_rounds", "branch_rounds")}
+        entry = {"stride": stride, "branches": "all" if cap is None else cap,
+                 "identical": len(conversations) - len(mismatches), **summary(out, seconds), **rounds,
                  "mismatches": mismatches}
         result["runs"].append(entry)
-        print(f"{mode:<6}{stride:>3}{entry['identical']:>7}/{len(conversations):<3}{entry['tpf']:>7.2f}"
-              f"{entry['tpf_mean']:>9.2f}{entry['tokens_per_s']:>9}  "
+        print(f"{mode:<6}{stride:>3}{entry['branches']:>4}{entry['identical']:>7}/{len(conversations):<3}"
+              f"{entry['tpf']:>7.2f}{entry['tpf_mean']:>9.2f}{entry['tokens_per_s']:>9}  "
+              f"{rounds['cold_rounds']}/{rounds['verify_rounds']}/{rounds['branch_rounds']}  "
               + " ".join(f"{a:.2f}" for a in entry["draft_acceptance"]))
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
