@@ -189,6 +189,10 @@ def run_bench(cfg: BenchConfig, command: str = "", log: Callable[[str], None] = 
             log(f"{label} C={c}: {figures['num_requests']} requests, {figures['output_tok_s']:.1f} tok/s, "
                 f"{figures['per_request_tok_s']:.1f} tok/s per request"
                 + (f", K chosen {figures['chosen_k']}" if figures["chosen_k"] else ""))
+    cost = engine.policy.cost
+    result["step_cost"] = {"measured_s": {str(batch): {str(rows): s for rows, s in costs.items()}
+                                          for batch, costs in cost.table.items()},
+                           "host_overhead_s": cost.overhead}
     del engine
     gc.collect()
     if device.type == "cuda":

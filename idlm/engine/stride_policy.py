@@ -16,6 +16,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from idlm.config import MAX_STRIDE
 from idlm.decoding.layout import max_branches
 from idlm.engine.sampling_params import STRIDE_POLICIES
 from idlm.engine.sequence import DraftCounts, Sequence
@@ -24,29 +25,40 @@ from idlm.engine.step_cost import StepCost, rows_of_round
 PRIOR_ACCEPTANCE = 0.5  # per draft position, before anything is known
 PRIOR_WEIGHT = 4.0  # pseudo-rounds the prior counts for in a request's own estimate
 MIN_ENGINE_REACHED = 20  # rounds at a position before the engine-wide rate replaces the prior
+BRANCH_ROOM = np.array([max_branches(k, k) for k in range(MAX_STRIDE)])  # by K: the branches that fit
 EXPLORE_EVERY = 16  # after this many plans in a row chose AR, one plan takes the best K > 0 to keep measuring
+# A new choice must beat the running one by this factor: switching costs a round (drafts made for
+# the old shape are dropped, or a cold round is needed), and the estimates are noisy.
+HYSTERESIS = 1.03
+
+
+def round_tables(accept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per request, for k = 0..J: sum_{j<=k} P(reach j) a_j and sum_{j<=k} P(reach j) (1 - a_j),
+    where draft j is accepted with probability accept[:, j-1] once reached. [S, J+1] each."""
+    reach = np.cumprod(np.concatenate([np.ones((len(accept), 1)), accept[:, :-1]], axis=1), axis=1)
+    zero = np.zeros((len(accept), 1))
+    return (np.concatenate([zero, np.cumsum(reach * accept, axis=1)], axis=1),
+            np.concatenate([zero, np.cumsum(reach * (1.0 - accept), axis=1)], axis=1))
 
 
 def expected_tokens(accept: np.ndarray, k: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Tokens committed per round, in the steady state, by requests proposing k drafts with b
-    branches a round, where draft j is accepted with probability accept[:, j-1] once reached.
+    branches a round (accept [S, J], J >= max k; k and b [S] or [C, S] for C candidates).
 
     A verify round commits 1 + sum_i prod_{m<=i} a_m; a rejection at j > b leaves no drafts, so
     the next round is cold (1 token). With c = P(cold next) the rounds alternate as a two-state
-    chain, giving (E_verify + c) / (1 + c). Shapes: accept [S, J], k and b [S] (J >= max k)."""
-    positions = np.arange(1, accept.shape[1] + 1)[None]
-    live = positions <= k[:, None]
-    a = np.where(live, accept, 0.0)
-    reached = np.cumprod(np.concatenate([np.ones((len(a), 1)), a[:, :-1]], axis=1), axis=1)
-    e_verify = 1.0 + np.where(live, reached * a, 0.0).sum(axis=1)
-    cold = np.where(live & (positions > b[:, None]), reached * (1.0 - a), 0.0).sum(axis=1)
+    chain, giving (E_verify + c) / (1 + c)."""
+    accepted, rejected = round_tables(accept)
+    rows = np.arange(len(accept))
+    e_verify = 1.0 + accepted[rows, k]
+    cold = rejected[rows, k] - rejected[rows, np.minimum(b, k)]
     return (e_verify + cold) / (1.0 + cold)
 
 
 class StridePolicy:
     """Sets seq.num_new (K) and seq.num_branches before each schedule."""
 
-    def __init__(self, default_policy: str, default_branches: int | None, cost: StepCost, replan_every: int = 8):
+    def __init__(self, default_policy: str, default_branches: int | None, cost: StepCost, replan_every: int = 16):
         assert default_policy in STRIDE_POLICIES
         self.default_policy = default_policy
         self.default_branches = default_branches
@@ -86,38 +98,33 @@ class StridePolicy:
         if shared:
             self._plan_shared(shared, seqs, decode)
 
-    def _candidates(self, kmax: int) -> list[tuple[int, int]]:
-        out = []
-        for k in range(kmax + 1):
-            for b in sorted({0, 1, 2, max_branches(k, k)}):
-                if b <= max_branches(k, k):
-                    out.append((k, b))
-        return out
-
     def _acceptance(self, seqs: list[Sequence], positions: int) -> np.ndarray:
-        out = np.full((len(seqs), max(positions, 1)), PRIOR_ACCEPTANCE)
-        for s, seq in enumerate(seqs):
-            prior = out[s].copy()
-            engine = self.engine_counts.get(seq.params.mode)
+        """[S, positions]: each request's acceptance by draft position, its own counts shrunk towards
+        its mode's engine-wide rate (or PRIOR_ACCEPTANCE) with PRIOR_WEIGHT pseudo-rounds."""
+        priors = {}
+        for mode in {seq.params.mode for seq in seqs}:
+            prior = np.full(positions, PRIOR_ACCEPTANCE)
+            engine = self.engine_counts.get(mode)
             if engine is not None:
                 for j, (r, a) in enumerate(zip(engine.reached[:positions], engine.accepted)):
                     if r >= MIN_ENGINE_REACHED:
                         prior[j] = a / r
-            own = seq.stats.drafts
-            reached = np.zeros(positions)
-            accepted = np.zeros(positions)
-            n = min(positions, len(own.reached))
-            reached[:n], accepted[:n] = own.reached[:n], own.accepted[:n]
-            out[s, :positions] = (accepted + PRIOR_WEIGHT * prior[:positions]) / (reached + PRIOR_WEIGHT)
-        return out
+            priors[mode] = prior
+        pad = [0] * positions
+        reached = np.array([(seq.stats.drafts.reached + pad)[:positions] for seq in seqs], dtype=float)
+        accepted = np.array([(seq.stats.drafts.accepted + pad)[:positions] for seq in seqs], dtype=float)
+        prior = np.stack([priors[seq.params.mode] for seq in seqs])
+        return (accepted + PRIOR_WEIGHT * prior) / (reached + PRIOR_WEIGHT)
 
     def _plan_shared(self, shared: list[Sequence], batch: list[Sequence], decode: bool) -> None:
         """One (K, b) for the load-following requests: the one with the most expected tokens per
-        second for the whole batch, given what the other requests feed."""
-        key = tuple(seq.seq_id for seq in batch)
-        self._since_plan += 1
-        if decode and key == self._last_batch and self._since_plan < self.replan_every:
-            k, b = self._shared
+        second for the whole batch, given what the other requests feed. Chosen again when the
+        batch size changes or every `replan_every` steps (estimates move slowly; choosing costs
+        host time that a small step cannot spare)."""
+        key = (len(batch), len(shared))
+        self._since_plan += decode
+        if (key == self._last_batch and self._since_plan < self.replan_every) or (not decode and self._last_batch):
+            k, b = self._shared  # a request joining the batch takes the running plan
         else:
             k, b = self._choose_shared(shared, batch)
             if decode:
@@ -133,16 +140,22 @@ class StridePolicy:
         others = [seq for seq in batch if seq not in mine]
         floor_rows = max((seq.layout.num_rows for seq in others), default=1)
         others_tokens = float(len(others))  # their expected tokens do not depend on the choice; 1 is a floor
-        kmax = max(seq.max_new_drafts for seq in shared)
-        accept = self._acceptance(shared, kmax)
         caps = np.array([seq.max_new_drafts for seq in shared])
-        rates = {}
-        for k, b in self._candidates(kmax):
-            ks = np.minimum(k, caps)
-            bs = np.array([min(b, self.branch_cap(seq, kk)) for seq, kk in zip(shared, ks)])
-            rows = max(floor_rows, max(rows_of_round(kk, bb) for kk, bb in zip(ks, bs)))
-            rates[k, b] = (expected_tokens(accept, ks, bs).sum() + others_tokens) / self.cost.seconds(len(batch), rows)
+        kmax = int(caps.max())
+        wanted = np.array([seq.params.branches if seq.params.branches is not None
+                           else self.default_branches if self.default_branches is not None else MAX_STRIDE
+                           for seq in shared])
+        candidates = [(k, b) for k in range(kmax + 1) for b in sorted({0, 1, 2, int(BRANCH_ROOM[k])})
+                      if b <= BRANCH_ROOM[k]]
+        k_c, b_c = (np.array(x)[:, None] for x in zip(*candidates))  # [C, 1]
+        ks = np.minimum(k_c, caps[None])  # [C, S]
+        bs = np.minimum(np.minimum(b_c, wanted[None]), BRANCH_ROOM[ks])
+        tokens = expected_tokens(self._acceptance(shared, kmax), ks, bs).sum(axis=1) + others_tokens
+        rows = np.maximum(rows_of_round(ks, bs).max(axis=1), floor_rows)
+        rates = {kb: t / self.cost.seconds(len(batch), int(r)) for kb, t, r in zip(candidates, tokens, rows)}
         choice = max(rates, key=lambda kb: (rates[kb], -kb[0], -kb[1]))  # ties keep the smaller K and b
+        if self._shared in rates and rates[choice] < HYSTERESIS * rates[self._shared]:
+            choice = self._shared
         self._ar_plans = self._ar_plans + 1 if choice[0] == 0 else 0
         if self._ar_plans >= EXPLORE_EVERY:
             # AR drafts nothing, so the acceptance estimates would never move again: look once
