@@ -101,7 +101,8 @@ def tree_check(rng, quick=False) -> list[dict]:
                 # a random tree over one or two rows can be causal; then it must match causal attention
                 bits, sizes = tree[0].tolist(), tree[1].tolist()
                 starts = [case[3][i + 1] - r for i, r in enumerate(sizes)]
-                is_causal = all(bits[s + i] in ((1 << (i + 1)) - 1, -1) for s, r in zip(starts, sizes) for i in range(r))
+                is_causal = all(bits[s + i] in ((1 << (i + 1)) - 1, -1)
+                                for s, r in zip(starts, sizes) for i in range(r))
                 causal = oracle(*case)
                 for splits in (None, 3):
                     out = run(*case, splits=splits, tree=tree).float()
