@@ -275,6 +275,7 @@ def test_expected_tokens_matches_the_design_formula_and_a_simulation(a):
 
 
 def rigged_cost(per_step: float, per_row: float, max_batch: int = 64) -> StepCost:
+    """A cost table; the engine's own steps are still observed into it (their real times)."""
     return StepCost(lambda batch: {rows: per_step + per_row * batch * rows for rows in (1, 4, 7, 16, 31, 64)},
                     max_batch)
 
@@ -361,7 +362,7 @@ def test_fixed_requests_keep_their_stride_and_branch_cap():
     assert (fixed.num_new, fixed.num_branches, ar.num_new, ar.num_branches) == (3, 1, 0, 0)
 
 
-def test_step_cost_interpolates_and_learns_the_host_overhead():
+def test_step_cost_interpolates_then_trusts_the_steps_that_ran():
     measured = []
 
     def measure(batch):
@@ -372,10 +373,15 @@ def test_step_cost_interpolates_and_learns_the_host_overhead():
     assert cost.seconds(1, 1) == 1.0 and cost.seconds(1, 16) == 2.0 and cost.seconds(1, 31) == 3.0
     assert cost.seconds(4, 1) == 4.0 and measured == [1, 4]
     assert 4.0 < cost.seconds(8, 1) < 16.0 and measured == [1, 4, 16]
-    cost.observe(1, 1, 1.5)
-    assert cost.overhead > 0 and cost.seconds(1, 1) > 1.0
+    for _ in range(3):  # steps of 16 rows ran 1.5x the table's figure
+        cost.observe(1, 16, 3.0)
+    assert cost.seconds(1, 16) == 3.0  # seen often enough: its own running mean
+    assert cost.seconds(1, 1) == pytest.approx(1.5)  # not seen: the table, scaled as the seen steps ran
+    cost.observe(1, 1, 1.0)  # one-row steps ran as the table said: the scale now grows with rows
+    assert cost.seconds(1, 4) == pytest.approx((1 + 3 / 15) * (1 + 0.5 * 3 / 15))
+    assert cost.seconds(4, 1) == 4.0  # another batch size keeps its own scale
     cost.observe(64, 1, 100.0)  # a batch size never asked about: measures nothing, learns nothing
-    assert measured == [1, 4, 16]
+    assert measured == [1, 4, 16] and (64, 1) not in cost.seen
 
 
 def test_adaptive_engine_is_exact_and_reports_its_choices(idlm_dir):
@@ -406,3 +412,24 @@ def test_adaptive_looks_at_drafts_now_and_then_when_ar_wins():
         ks.append(seqs[0].num_new)
     assert ks.count(0) == 3 * EXPLORE_EVERY - 3 and all(ks[i] > 0 for i in range(EXPLORE_EVERY - 1, len(ks),
                                                                                     EXPLORE_EVERY))
+
+
+def test_adaptive_follows_the_steps_that_ran_over_the_table():
+    """The table says more rows are nearly free (multi-token wins). Steps that ran say the chosen
+    round costs 5 AR steps (so, interpolated, every round with drafts loses at this acceptance);
+    then that AR steps got dear."""
+    cost = rigged_cost(1.0, 0.01)
+    policy = StridePolicy("adaptive", None, cost, replan_every=1)
+    seqs = seqs_with([0.6] * 3, 4, stride=4)
+    policy.plan(seqs)
+    first = (seqs[0].num_new, seqs[0].num_branches)
+    assert first[0] > 0
+    for _ in range(3):
+        cost.observe(4, 1, 1.0)
+        cost.observe(4, rows_of_round(*first), 5.0)
+    policy.plan(seqs)
+    assert seqs[0].num_new == 0
+    for _ in range(30):
+        cost.observe(4, 1, 10.0)
+    policy.plan(seqs)
+    assert seqs[0].num_new > 0

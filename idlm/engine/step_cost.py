@@ -1,10 +1,15 @@
 """What a decode step costs on this device, by batch size and rows per request (the adaptive
 stride's price list, docs/ARCHITECTURE.md "Adaptive stride").
 
-A batch size's row costs are measured the first time the policy asks about a batch near it: real
-decode steps (the runner's whole path: inputs, forward, the round) of dummy requests whose KV
-goes to the scratch block only, so live requests are untouched. The host's work around the
-runner (scheduling, bookkeeping) is learned from the steps that run."""
+Two sources, the second trusted over the first:
+- a table measured the first time the policy asks about a batch near a batch size: real decode
+  steps (the runner's whole path: inputs, forward, the round) of dummy requests whose KV goes to
+  the scratch block only, so live requests are untouched. It has the right shape (what more rows
+  cost) but not the right scale: dummy requests have short contexts and no engine work around
+  the runner (outputs, stop strings), and a cold GPU clocks low.
+- the steps that ran, timed whole: per (batch size, rows per request), a running mean once a
+  shape has been seen a few times; for shapes not seen, the table times the ratio of seen to
+  table at that batch size, interpolated in rows between the seen shapes around it."""
 
 import math
 import time
@@ -16,7 +21,8 @@ from idlm.decoding.layout import max_branches, rows_of
 from idlm.engine.sampling_params import SamplingParams
 from idlm.engine.sequence import Sequence
 
-OVERHEAD_DECAY = 0.05
+DECAY = 0.1  # weight of a new step in the running means (contexts grow, so old steps fade)
+MIN_SEEN = 3  # steps of a shape before its running mean replaces the scaled table
 # (K, b) rounds whose row counts span what the policy chooses among: 1, 4, 7, 16, 31 and 64 rows
 MEASURED_ROUNDS = ((0, 0), (1, 1), (3, 0), (3, 3), (15, 0), (7, 7))
 # Rows past the point where a step costs this many 1-row steps can never pay (a round commits at
@@ -30,14 +36,15 @@ def rows_of_round(k: int, b: int) -> int:
 
 
 class StepCost:
-    """Seconds of a decode step: per measured batch size, linear in rows between the measured row
-    counts (and beyond them); between batch sizes, linear in log batch."""
+    """Seconds of a decode step of `batch` requests feeding `rows` rows each. The table: per
+    measured batch size, linear in rows between the measured row counts (and beyond them);
+    between batch sizes, linear in log batch."""
 
     def __init__(self, measure: Callable[[int], dict[int, float]], max_batch: int):
         self.measure = measure
         self.points = sorted({b for b in (1, 4, 16, 64, 256) if b < max_batch} | {max_batch})
         self.table: dict[int, dict[int, float]] = {}
-        self.overhead = 0.0
+        self.seen: dict[tuple[int, int], tuple[float, int]] = {}  # (batch, rows) -> (running mean s, steps)
 
     def measure_up_to(self, batch: int) -> None:
         """Measures now every batch size a step of up to `batch` requests would ask about."""
@@ -46,16 +53,30 @@ class StepCost:
             self._at(point, 1)
 
     def seconds(self, batch: int, rows: int) -> float:
-        return self.device_seconds(batch, rows) + self.overhead
+        mean, steps = self.seen.get((batch, rows), (0.0, 0))
+        if steps >= MIN_SEEN:
+            return mean
+        return self.device_seconds(batch, rows) * self.scale(batch, rows)
+
+    def scale(self, batch: int, rows: int) -> float:
+        """Seen over table at this batch size, linear in rows between the nearest seen shapes
+        (constant beyond them; 1 where nothing was seen)."""
+        ratios = sorted((r, mean / self.device_seconds(b, r)) for (b, r), (mean, _) in self.seen.items() if b == batch)
+        if not ratios:
+            return 1.0
+        below = [x for x in ratios if x[0] <= rows] or ratios[:1]
+        above = [x for x in ratios if x[0] >= rows] or ratios[-1:]
+        (r0, s0), (r1, s1) = below[-1], above[0]
+        return s0 if r0 == r1 else s0 + (rows - r0) * (s1 - s0) / (r1 - r0)
 
     def observe(self, batch: int, rows: int, seconds: float) -> None:
-        """A step that ran: what it took beyond the runner's part is the host's overhead (learned
-        only once the policy has asked for this batch size; observing measures nothing)."""
+        """A decode step that ran, timed whole (learned only once the policy has asked about this
+        batch size: observing measures nothing)."""
         lo, hi = self._bracket(batch)
         if lo not in self.table or hi not in self.table:
             return
-        extra = max(0.0, seconds - self.device_seconds(batch, rows))
-        self.overhead += OVERHEAD_DECAY * (extra - self.overhead)
+        mean, steps = self.seen.get((batch, rows), (seconds, 0))
+        self.seen[batch, rows] = (mean + DECAY * (seconds - mean) if steps else seconds, steps + 1)
 
     def _bracket(self, batch: int) -> tuple[int, int]:
         i = next((i for i, p in enumerate(self.points) if p >= batch), len(self.points) - 1)
