@@ -23,8 +23,9 @@ from idlm.engine.sequence import Sequence
 
 DECAY = 0.1  # weight of a new step in the running means (contexts grow, so old steps fade)
 MIN_SEEN = 3  # steps of a shape before its running mean replaces the scaled table
-# (K, b) rounds whose row counts span what the policy chooses among: 1, 4, 7, 16, 31 and 64 rows
-MEASURED_ROUNDS = ((0, 0), (1, 1), (3, 0), (3, 3), (15, 0), (7, 7))
+# The (K, b) round shapes the adaptive policy chooses among, all measured (and, on a GPU, their
+# graphs captured) before first use: each stride N = 2, 3, 4, 8, 16 with and without branches.
+ROUND_SHAPES = ((0, 0), (1, 0), (1, 1), (2, 0), (2, 2), (3, 0), (3, 3), (7, 0), (7, 7), (15, 0), (15, 2))
 # Rows past the point where a step costs this many 1-row steps can never pay (a round commits at
 # most 1 + K tokens, and rarely that many); the table extrapolates there instead of measuring.
 MAX_COST_RATIO = 4.0
@@ -116,7 +117,7 @@ def measure_step_cost(runner, max_batch: int, repeats: int = 2) -> StepCost:
 
     def measure(batch: int) -> dict[int, float]:
         costs = {}
-        for k, b in MEASURED_ROUNDS:
+        for k, b in sorted(ROUND_SHAPES, key=lambda kb: rows_of_round(*kb)):
             if len(costs) >= 2 and max(costs.values()) > MAX_COST_RATIO * costs[1]:
                 break
             rows = rows_of_round(k, b)

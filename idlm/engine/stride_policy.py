@@ -20,7 +20,7 @@ from idlm.config import MAX_STRIDE
 from idlm.decoding.layout import max_branches
 from idlm.engine.sampling_params import STRIDE_POLICIES
 from idlm.engine.sequence import DraftCounts, Sequence
-from idlm.engine.step_cost import StepCost, rows_of_round
+from idlm.engine.step_cost import ROUND_SHAPES, StepCost, rows_of_round
 
 PRIOR_ACCEPTANCE = 0.5  # per draft position, before anything is known
 PRIOR_WEIGHT = 4.0  # pseudo-rounds the prior counts for in a request's own estimate
@@ -145,8 +145,8 @@ class StridePolicy:
         wanted = np.array([seq.params.branches if seq.params.branches is not None
                            else self.default_branches if self.default_branches is not None else MAX_STRIDE
                            for seq in shared])
-        candidates = [(k, b) for k in range(kmax + 1) for b in sorted({0, 1, 2, int(BRANCH_ROOM[k])})
-                      if b <= BRANCH_ROOM[k]]
+        candidates = [(k, b) for k, b in ROUND_SHAPES if k <= kmax]
+        candidates += [kb for kb in ((kmax, 0), (kmax, int(BRANCH_ROOM[kmax]))) if kb not in candidates]
         k_c, b_c = (np.array(x)[:, None] for x in zip(*candidates))  # [C, 1]
         ks = np.minimum(k_c, caps[None])  # [C, S]
         bs = np.minimum(np.minimum(b_c, wanted[None]), BRANCH_ROOM[ks])
