@@ -382,6 +382,15 @@ def test_step_cost_interpolates_then_trusts_the_steps_that_ran():
     assert cost.seconds(4, 1) == 4.0  # another batch size keeps its own scale
     cost.observe(64, 1, 100.0)  # a batch size never asked about: measures nothing, learns nothing
     assert measured == [1, 4, 16] and (64, 1) not in cost.seen
+    cost.observe(1, 16, 300.0)  # a step that captured a graph: the median shrugs it off
+    assert cost.seconds(1, 16) == 3.0
+
+
+def test_step_cost_with_graph_buckets_charges_the_padded_bucket():
+    cost = StepCost(lambda batch: {1: float(batch), 16: 2.0 * batch}, 8, buckets=[1, 2, 4, 8])
+    cost.measure_up_to(3)
+    assert sorted(cost.table) == [1, 2, 4]
+    assert cost.seconds(3, 1) == 4.0 and cost.seconds(5, 16) == 16.0 and cost.seconds(2, 1) == 2.0
 
 
 def test_adaptive_engine_is_exact_and_reports_its_choices(idlm_dir):

@@ -12,8 +12,8 @@ DEFINITIONS = {
              "tokens that output carried (an ISD round returns several tokens at once)",
     "tokens_per_forward": "output tokens / forwards each request took part in (prefill included), engine stats",
     "step_cost": "the adaptive stride's price list: decode-step seconds measured at start per batch size and rows "
-                 "per request (dummy requests, the runner's whole path), the running means of the steps that ran "
-                 "(batch x rows)",
+                 "per request (dummy requests, the runner's whole path), the last steps that ran "
+                 "(batch x rows: seconds), whose median it uses",
     "chosen_k": "adaptive stride: decode steps of the run by the K (drafts a round) the policy chose (0 = AR steps)",
     "branch_rounds": "verify rounds that tested drafts a branch proposed (after a rejection, instead of a cold round)",
     "decode_step_s_mean": "mean wall time of engine.step() over steps with no prefill (device synchronised)",

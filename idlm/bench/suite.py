@@ -192,8 +192,8 @@ def run_bench(cfg: BenchConfig, command: str = "", log: Callable[[str], None] = 
     cost = engine.policy.cost
     result["step_cost"] = {"measured_s": {str(batch): {str(rows): s for rows, s in costs.items()}
                                           for batch, costs in cost.table.items()},
-                           "seen_s": {f"{batch}x{rows}": mean
-                                      for (batch, rows), (mean, _) in sorted(cost.seen.items())}}
+                           "seen_s": {f"{batch}x{rows}": list(recent)
+                                      for (batch, rows), recent in sorted(cost.seen.items())}}
     del engine
     gc.collect()
     if device.type == "cuda":

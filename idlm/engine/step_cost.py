@@ -7,12 +7,19 @@ Two sources, the second trusted over the first:
   the scratch block only, so live requests are untouched. It has the right shape (what more rows
   cost) but not the right scale: dummy requests have short contexts and no engine work around
   the runner (outputs, stop strings), and a cold GPU clocks low.
-- the steps that ran, timed whole: per (batch size, rows per request), a running mean once a
-  shape has been seen a few times; for shapes not seen, the table times the ratio of seen to
-  table at that batch size, interpolated in rows between the seen shapes around it."""
+- the steps that ran, timed whole: per (batch size, rows per request), the median of the last
+  few once a shape has been seen a few times (a median, because a step that captures a CUDA
+  graph or compiles a kernel takes 10-100 times as long); for shapes not seen, the table times
+  the ratio of seen to table at that batch size, interpolated in rows between the seen shapes
+  around it.
+With CUDA graphs a batch costs what its graph's padded bucket costs, so the table's batch sizes
+are the buckets and a batch takes its bucket's costs; otherwise batch sizes 1, 4, 16, .. and a
+batch in between is interpolated in log batch."""
 
 import math
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable
 
 import torch
@@ -21,8 +28,8 @@ from idlm.decoding.layout import max_branches, rows_of
 from idlm.engine.sampling_params import SamplingParams
 from idlm.engine.sequence import Sequence
 
-DECAY = 0.1  # weight of a new step in the running means (contexts grow, so old steps fade)
-MIN_SEEN = 3  # steps of a shape before its running mean replaces the scaled table
+RECENT = 8  # steps of a shape whose median is its cost (contexts grow, so old steps drop out)
+MIN_SEEN = 3  # steps of a shape before their median replaces the scaled table
 # The (K, b) round shapes the adaptive policy chooses among, all measured (and, on a GPU, their
 # graphs captured) before first use: each stride N = 2, 3, 4, 8, 16 with and without branches.
 ROUND_SHAPES = ((0, 0), (1, 0), (1, 1), (2, 0), (2, 2), (3, 0), (3, 3), (7, 0), (7, 7), (15, 0), (15, 2))
@@ -41,11 +48,13 @@ class StepCost:
     measured batch size, linear in rows between the measured row counts (and beyond them);
     between batch sizes, linear in log batch."""
 
-    def __init__(self, measure: Callable[[int], dict[int, float]], max_batch: int):
+    def __init__(self, measure: Callable[[int], dict[int, float]], max_batch: int,
+                 buckets: list[int] | None = None):
         self.measure = measure
-        self.points = sorted({b for b in (1, 4, 16, 64, 256) if b < max_batch} | {max_batch})
+        self.buckets = buckets is not None
+        self.points = buckets or sorted({b for b in (1, 4, 16, 64, 256) if b < max_batch} | {max_batch})
         self.table: dict[int, dict[int, float]] = {}
-        self.seen: dict[tuple[int, int], tuple[float, int]] = {}  # (batch, rows) -> (running mean s, steps)
+        self.seen: dict[tuple[int, int], deque[float]] = {}  # (batch, rows) -> the last steps' seconds
 
     def measure_up_to(self, batch: int) -> None:
         """Measures now every batch size a step of up to `batch` requests would ask about."""
@@ -54,15 +63,16 @@ class StepCost:
             self._at(point, 1)
 
     def seconds(self, batch: int, rows: int) -> float:
-        mean, steps = self.seen.get((batch, rows), (0.0, 0))
-        if steps >= MIN_SEEN:
-            return mean
+        recent = self.seen.get((batch, rows), ())
+        if len(recent) >= MIN_SEEN:
+            return statistics.median(recent)
         return self.device_seconds(batch, rows) * self.scale(batch, rows)
 
     def scale(self, batch: int, rows: int) -> float:
         """Seen over table at this batch size, linear in rows between the nearest seen shapes
         (constant beyond them; 1 where nothing was seen)."""
-        ratios = sorted((r, mean / self.device_seconds(b, r)) for (b, r), (mean, _) in self.seen.items() if b == batch)
+        ratios = sorted((r, statistics.median(recent) / self.device_seconds(b, r))
+                        for (b, r), recent in self.seen.items() if b == batch)
         if not ratios:
             return 1.0
         below = [x for x in ratios if x[0] <= rows] or ratios[:1]
@@ -76,13 +86,12 @@ class StepCost:
         lo, hi = self._bracket(batch)
         if lo not in self.table or hi not in self.table:
             return
-        mean, steps = self.seen.get((batch, rows), (seconds, 0))
-        self.seen[batch, rows] = (mean + DECAY * (seconds - mean) if steps else seconds, steps + 1)
+        self.seen.setdefault((batch, rows), deque(maxlen=RECENT)).append(seconds)
 
     def _bracket(self, batch: int) -> tuple[int, int]:
         i = next((i for i, p in enumerate(self.points) if p >= batch), len(self.points) - 1)
         lo, hi = self.points[max(i - 1, 0)], self.points[i]
-        return (hi, hi) if batch >= hi else (lo, hi)
+        return (hi, hi) if batch >= hi or self.buckets else (lo, hi)
 
     def device_seconds(self, batch: int, rows: int) -> float:
         lo, hi = self._bracket(batch)
@@ -132,7 +141,8 @@ def measure_step_cost(runner, max_batch: int, repeats: int = 2) -> StepCost:
             costs[rows] = min(times[1:])  # the least disturbed run: a busy host only ever adds time
         return monotone(costs)
 
-    return StepCost(measure, max_batch)
+    graphs = runner.decode_graphs
+    return StepCost(measure, max_batch, graphs.buckets if graphs is not None and graphs.use_graphs else None)
 
 
 def _dummy(runner, k: int, b: int) -> Sequence:
