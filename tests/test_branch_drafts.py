@@ -373,13 +373,13 @@ def test_step_cost_interpolates_then_trusts_the_steps_that_ran():
     assert cost.seconds(1, 1) == 1.0 and cost.seconds(1, 16) == 2.0 and cost.seconds(1, 31) == 3.0
     assert cost.seconds(4, 1) == 4.0 and measured == [1, 4]
     assert 4.0 < cost.seconds(8, 1) < 16.0 and measured == [1, 4, 16]
-    for _ in range(3):  # steps of 16 rows ran 1.5x the table's figure
+    for _ in range(3):  # steps of 16 rows ran 1 s longer than the table says (the engine's own work)
         cost.observe(1, 16, 3.0)
-    assert cost.seconds(1, 16) == 3.0  # seen often enough: its own running mean
-    assert cost.seconds(1, 1) == pytest.approx(1.5)  # not seen: the table, scaled as the seen steps ran
-    cost.observe(1, 1, 1.0)  # one-row steps ran as the table said: the scale now grows with rows
-    assert cost.seconds(1, 4) == pytest.approx((1 + 3 / 15) * (1 + 0.5 * 3 / 15))
-    assert cost.seconds(4, 1) == 4.0  # another batch size keeps its own scale
+    assert cost.seconds(1, 16) == 3.0  # seen often enough: the median of its steps
+    assert cost.seconds(1, 1) == pytest.approx(2.0)  # not seen: the table plus what the seen steps added
+    cost.observe(1, 1, 1.0)  # one-row steps ran as the table said: the extra now grows with rows
+    assert cost.seconds(1, 4) == pytest.approx((1 + 3 / 15) + 3 / 15)
+    assert cost.seconds(8, 16) == pytest.approx(20.0 + 1.0)  # another batch size: the nearest one's extra
     cost.observe(64, 1, 100.0)  # a batch size never asked about: measures nothing, learns nothing
     assert measured == [1, 4, 16] and (64, 1) not in cost.seen
     cost.observe(1, 16, 300.0)  # a step that captured a graph: the median shrugs it off

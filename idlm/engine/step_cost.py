@@ -9,9 +9,10 @@ Two sources, the second trusted over the first:
   the runner (outputs, stop strings), and a cold GPU clocks low.
 - the steps that ran, timed whole: per (batch size, rows per request), the median of the last
   few once a shape has been seen a few times (a median, because a step that captures a CUDA
-  graph or compiles a kernel takes 10-100 times as long); for shapes not seen, the table times
-  the ratio of seen to table at that batch size, interpolated in rows between the seen shapes
-  around it.
+  graph or compiles a kernel takes 10-100 times as long); for shapes not seen, the table plus
+  the difference seen - table at that batch size (the engine's work around the runner, mostly),
+  interpolated in rows between the seen shapes around it, or taken from the nearest batch size
+  that has seen steps.
 With CUDA graphs a batch costs what its graph's padded bucket costs, so the table's batch sizes
 are the buckets and a batch takes its bucket's costs; otherwise batch sizes 1, 4, 16, .. and a
 batch in between is interpolated in log batch."""
@@ -66,19 +67,22 @@ class StepCost:
         recent = self.seen.get((batch, rows), ())
         if len(recent) >= MIN_SEEN:
             return statistics.median(recent)
-        return self.device_seconds(batch, rows) * self.scale(batch, rows)
+        return self.device_seconds(batch, rows) + self.extra(batch, rows)
 
-    def scale(self, batch: int, rows: int) -> float:
-        """Seen over table at this batch size, linear in rows between the nearest seen shapes
-        (constant beyond them; 1 where nothing was seen)."""
-        ratios = sorted((r, statistics.median(recent) / self.device_seconds(b, r))
-                        for (b, r), recent in self.seen.items() if b == batch)
-        if not ratios:
-            return 1.0
-        below = [x for x in ratios if x[0] <= rows] or ratios[:1]
-        above = [x for x in ratios if x[0] >= rows] or ratios[-1:]
-        (r0, s0), (r1, s1) = below[-1], above[0]
-        return s0 if r0 == r1 else s0 + (rows - r0) * (s1 - s0) / (r1 - r0)
+    def extra(self, batch: int, rows: int) -> float:
+        """What the steps that ran took beyond the table: at this batch size, linear in rows
+        between the nearest seen shapes (constant beyond them); else as at the nearest batch size
+        with seen steps; 0 where nothing was seen."""
+        sizes = {b for b, _ in self.seen}
+        if not sizes:
+            return 0.0
+        near = min(sizes, key=lambda b: (abs(math.log(b / batch)), b))
+        diffs = sorted((r, statistics.median(recent) - self.device_seconds(b, r))
+                       for (b, r), recent in self.seen.items() if b == near)
+        below = [x for x in diffs if x[0] <= rows] or diffs[:1]
+        above = [x for x in diffs if x[0] >= rows] or diffs[-1:]
+        (r0, d0), (r1, d1) = below[-1], above[0]
+        return d0 if r0 == r1 else d0 + (rows - r0) * (d1 - d0) / (r1 - r0)
 
     def observe(self, batch: int, rows: int, seconds: float) -> None:
         """A decode step that ran, timed whole (learned only once the policy has asked about this
