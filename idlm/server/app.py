@@ -193,7 +193,7 @@ class LastResort:
 
         try:
             await self.app(scope, receive, tracked)
-        except (ClientDisconnect, OSError):
+        except ClientDisconnect:
             pass
         except Exception:
             logger.exception("%s %s failed", scope["method"], scope["path"])

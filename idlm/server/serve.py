@@ -26,7 +26,9 @@ def served_model_name(model: str | None) -> str:
 def listen(host: str, port: int) -> socket.socket:
     """The listening socket, bound before uvicorn starts so a taken port is a clear error (and port 0 works)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto named: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and without it
+    # a response written in two parts waits ~40 ms for the client's delayed ACK
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
