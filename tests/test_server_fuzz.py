@@ -76,19 +76,51 @@ CHAT = {"messages": st.lists(message, min_size=1, max_size=3), "max_completion_t
         "logprobs": st.just(False)}
 
 
+NUMERIC = ["max_tokens", "temperature", "top_p", "top_k", "seed", "stride", "presence_penalty", "n"]
+extreme = st.one_of(st.floats(), st.sampled_from([2**63 - 1, 2**63, 2**64, -2**63 - 1, 1e308, 1e-300, 5e-324, 1e-7]))
+
+
 def post(path: str, route_fields: dict[str, st.SearchStrategy], required: str) -> st.SearchStrategy:
-    """(method, path, well-formed body, mutations): each mutation sets a field to a hostile value,
-    drops one, adds a junk key, or spoils the encoding."""
+    """(method, path, well-formed body, mutations): each mutation sets a field to a hostile value or
+    a numeric one to an extreme, drops a field, adds a junk key, slips a lone surrogate into a
+    string or a key, or spoils the encoding."""
     optional = {**VALID, **{k: v for k, v in route_fields.items() if k != required}}
     names = sorted(optional) + [required, "model"]
     valid = st.fixed_dictionaries({"model": st.just(MODEL), required: route_fields[required]}, optional=optional)
     mutation = st.one_of(
         st.tuples(st.just("set"), st.sampled_from(names), st.one_of(junk, numbers, hostile_text)),
+        st.tuples(st.just("set"), st.sampled_from(NUMERIC), extreme),
         st.tuples(st.just("drop"), st.sampled_from(names), st.none()),
         st.tuples(st.just("extra"), hostile_text, junk),
+        st.tuples(st.sampled_from(["surrogate", "surrogate-in-text"]), st.integers(0, 50), surrogates),
         st.tuples(st.just("encode"), st.sampled_from(["raw", "truncated", "stray-byte"]), st.floats(0, 1)),
     )
     return st.tuples(st.just("POST"), st.just(path), valid, st.lists(mutation, max_size=3))
+
+
+def with_surrogate(body: dict, pick: int, char: str, text_only: bool) -> dict:
+    """A copy of the body with `char` appended to one of its strings or keys; with text_only, to
+    the text the tokenizer gets (the prompt, a message's content)."""
+    body = json.loads(json.dumps(body))
+    spots, stack = [], [(body, "")]
+    while stack:
+        container, field = stack.pop()
+        for key, item in list(container.items() if isinstance(container, dict) else enumerate(container)):
+            name = key if isinstance(key, str) else field
+            if isinstance(key, str) and not text_only:
+                spots.append((container, key, True))
+            if isinstance(item, str) and (not text_only or name in ("prompt", "content", "text")):
+                spots.append((container, key, False))
+            elif isinstance(item, dict | list):
+                stack.append((item, name))
+    if not spots:
+        return body
+    container, key, is_key = spots[pick % len(spots)]
+    if is_key:
+        container[key + char] = container.pop(key)
+    else:
+        container[key] += char
+    return body
 
 
 def mutate(body: dict, mutations: list[tuple]) -> tuple[dict, str, float]:
@@ -99,6 +131,8 @@ def mutate(body: dict, mutations: list[tuple]) -> tuple[dict, str, float]:
             body[name] = value
         elif kind == "drop":
             body.pop(name, None)
+        elif kind.startswith("surrogate"):
+            body = with_surrogate(body, name, value, text_only=kind == "surrogate-in-text")
         else:
             how, cut = name, value
     for key in ("max_tokens", "max_completion_tokens"):
