@@ -74,7 +74,7 @@ class SamplingParams:
         if self.proposal is not None and self.proposal not in PROPOSALS:
             raise ValueError(f"unknown proposal {self.proposal!r}; choose one of {', '.join(PROPOSALS)}")
         if not is_real(self.verify_alpha) or self.verify_alpha <= 0:
-            raise ValueError(f"verify_alpha must be a finite number > 0 (1 = exact), got {self.verify_alpha!r}")
+            raise ValueError(f"verify_alpha must be > 0 (1 = exact) and finite, got {self.verify_alpha!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
         if not all(is_int(t, 0) for t in self.stop_token_ids):
