@@ -258,7 +258,8 @@ class AsyncEngine:
         except Exception as e:
             logger.error("request %s: tokenising its %s failed", request.id, source, exc_info=True)
             raise RequestFailed(f"the server failed to tokenise the {source} of request {request.id} "
-                                f"({type(e).__name__}: {e}); the error is logged") from e
+                                f"({type(e).__name__}: {e}); the error is logged; check the {source}'s text, or "
+                                f"report it") from e
         room = engine.max_model_len - len(ids)
         if request.max_tokens is not None and request.max_tokens > room:
             raise RequestRejected(f"the context holds {engine.max_model_len} tokens and the prompt takes {len(ids)}, "
@@ -317,7 +318,7 @@ class AsyncEngine:
         except Exception as e:
             logger.error("request %s: the engine failed to take it", handle.request.id, exc_info=True)
             failure = RequestFailed(f"the engine failed to take request {handle.request.id} ({type(e).__name__}: "
-                                    f"{e}); the error is logged and the server carries on")
+                                    f"{e}); the error is logged; the server carries on, retry the request")
             self.loop.call_soon_threadsafe(settle, handle.accepted, failure)
             return
         self.handles[handle.request_id] = handle
@@ -368,7 +369,7 @@ class AsyncEngine:
             handle = self.handles.pop(request_id)
             steps.append((handle, RequestFailed(
                 f"the engine failed while running request {handle.request.id} ({type(error).__name__}: {error}); "
-                f"the request was stopped, the error is logged and the server carries on")))
+                f"the request was stopped and the error logged; the server carries on, retry the request")))
         if steps:
             self.loop.call_soon_threadsafe(self._deliver, steps)
         if not self._consistent():
