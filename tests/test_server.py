@@ -508,19 +508,19 @@ def test_playground_in_headless_chromium(server, client, tmp_path):
 
 
 def test_sigterm_stops_the_server_cleanly(server):
-    """Runs last: the running stream is cancelled after --shutdown-timeout and the process exits 0."""
+    """Runs last: the running stream ends with an error chunk and [DONE] after --shutdown-timeout
+    and the process exits 0."""
     first_chunk = threading.Event()
-    outcome = {}
+    lines = []
 
     def stream():
-        body = {"model": MODEL, "prompt": "one two", "max_tokens": 500, "ignore_eos": True, "stream": True}
-        try:
-            with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
-                for line in r.iter_lines():
-                    first_chunk.set()
-                    outcome["last"] = line
-        except httpx.HTTPError as e:
-            outcome["error"] = e
+        body = {"model": MODEL, "prompt": "one two", "max_tokens": 500, "ignore_eos": True, "stream": True,
+                "mode": "ar"}
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
+            for line in r.iter_lines():
+                first_chunk.set()
+                if line:
+                    lines.append(line)
         first_chunk.set()
 
     reader = threading.Thread(target=stream)
@@ -532,6 +532,9 @@ def test_sigterm_stops_the_server_cleanly(server):
     reader.join(10)
     assert not reader.is_alive()
     assert time.monotonic() - start < 10
+    assert lines[-1] == "data: [DONE]"
+    error = json.loads(lines[-2][len("data: "):])["error"]
+    assert error["code"] == "engine_not_ready" and "shutdown timeout" in error["message"]
     log = server.log.read_text()
     assert "idlm: server stopped" in log and "Traceback" not in log
     with pytest.raises(httpx.ConnectError):

@@ -1,3 +1,4 @@
+import math
 from dataclasses import dataclass, field
 
 from idlm.config import MAX_STRIDE
@@ -5,6 +6,18 @@ from idlm.decoding.rounds import PROPOSALS
 
 MODES = ("ar", "isd", "risd")
 STRIDE_POLICIES = ("fixed", "adaptive")
+INT64_MAX = 2**63 - 1  # seeds and top-k travel to the device as int64
+MAX_TEMPERATURE = 100.0
+MIN_TEMPERATURE = 1e-6  # a positive temperature below this overflows float32 logits (use 0 for greedy)
+MIN_TOP_P = 2.0**-126  # float32's smallest normal number: the sampler holds top_p in float32
+
+
+def is_int(value, lo: int, hi: int = INT64_MAX) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+
+def is_real(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(slots=True)
@@ -38,33 +51,44 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
-        if not isinstance(self.temperature, int | float) or self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
-        if not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
+        t = self.temperature
+        if not is_real(t):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+        if t < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {t!r}")
+        if t > MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be at most {MAX_TEMPERATURE:g}, got {t!r}")
+        if 0 < t < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {t!r}")
+        if not is_real(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.top_p < MIN_TOP_P:
+            raise ValueError(f"top_p must be in (0, 1] and at least {MIN_TOP_P:.4g} (float32's smallest normal "
+                             f"number), got {self.top_p!r}")
+        if not is_int(self.top_k, 0):
+            raise ValueError(f"top_k must be an integer from 0 (off) to 2**63 - 1, got {self.top_k!r}")
+        if not is_int(self.max_tokens, 1):
+            raise ValueError(f"max_tokens must be an integer >= 1 and below 2**63, got {self.max_tokens!r}")
+        if self.seed is not None and not is_int(self.seed, 0):
+            raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, got {self.seed!r}")
         if self.mode is not None and self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        if self.stride is not None and (not isinstance(self.stride, int) or not 2 <= self.stride <= MAX_STRIDE):
+        if self.stride is not None and not is_int(self.stride, 2, MAX_STRIDE):
             raise ValueError(f"stride must be an integer from 2 to {MAX_STRIDE}, got {self.stride!r}")
         if self.proposal is not None and self.proposal not in PROPOSALS:
             raise ValueError(f"unknown proposal {self.proposal!r}; choose one of {', '.join(PROPOSALS)}")
         if self.stride_policy is not None and self.stride_policy not in STRIDE_POLICIES:
             raise ValueError(f"unknown stride_policy {self.stride_policy!r}; "
                              f"choose one of {', '.join(STRIDE_POLICIES)}")
-        if self.branches is not None and (not isinstance(self.branches, int) or isinstance(self.branches, bool)
-                                          or not 0 <= self.branches < MAX_STRIDE):
+        if self.branches is not None and not is_int(self.branches, 0, MAX_STRIDE - 1):
             raise ValueError(f"branches must be an integer from 0 to {MAX_STRIDE - 1} (0 = none), "
                              f"got {self.branches!r}")
-        if not isinstance(self.verify_alpha, int | float) or self.verify_alpha <= 0:
-            raise ValueError(f"verify_alpha must be > 0 (1 = exact), got {self.verify_alpha!r}")
+        if not is_real(self.verify_alpha) or self.verify_alpha <= 0:
+            raise ValueError(f"verify_alpha must be > 0 (1 = exact) and finite, got {self.verify_alpha!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
+        if not all(is_int(t, 0) for t in self.stop_token_ids):
+            raise ValueError("stop_token_ids must be a list of integers from 0 to 2**63 - 1")
 
     @property
     def greedy(self) -> bool:

@@ -2,6 +2,8 @@
 
 import asyncio
 import json
+import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -15,6 +17,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from idlm import __version__
@@ -23,6 +26,7 @@ from idlm.server.async_engine import (
     EngineNotReady,
     GenerationRequest,
     QueueFull,
+    RequestFailed,
     RequestHandle,
     RequestRejected,
     StepOutput,
@@ -50,10 +54,12 @@ from idlm.server.protocol import (
     Usage,
 )
 
+logger = logging.getLogger("idlm.server")
 MAX_BODY_BYTES = 4 << 20
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "max_tokens", "stop_token_ids", "stop", "mode", "stride",
-                   "proposal")
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 413, 429, 503)}
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "max_tokens", "stop_token_ids", "stop", "mode",
+                   "stride_policy", "stride", "proposal", "branches")
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 413, 429, 500, 503)}
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # a JSON escape of half a UTF-16 pair, or a false alarm
 
 
 def error_response(error: APIError, metrics: ServerMetrics) -> JSONResponse:
@@ -61,8 +67,73 @@ def error_response(error: APIError, metrics: ServerMetrics) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status)
 
 
-class BodyLimit:
-    """Answers 413 to a body over the limit before any handler parses it."""
+ENGINE_ERRORS = (RequestRejected, QueueFull, EngineNotReady, RequestFailed)
+
+
+def engine_error(e: RequestRejected | QueueFull | EngineNotReady | RequestFailed) -> APIError:
+    """The OpenAI error for an exception of the engine loop that ends a request."""
+    if isinstance(e, RequestRejected):
+        return APIError(400, str(e), param=e.param, code=e.code)
+    if isinstance(e, QueueFull):
+        return APIError(429, str(e), code="queue_full")
+    if isinstance(e, EngineNotReady):
+        return APIError(503, str(e), code="engine_not_ready")
+    return APIError(500, str(e), code="engine_error")
+
+
+def lone_surrogate(data) -> tuple[list[str], str, bool] | None:
+    """(path, text, is_key) of a string of parsed JSON (a key or a value) holding half a UTF-16 pair."""
+    stack = [([], data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not key.isascii() and not valid_unicode(key):
+                    return path, key, True
+                stack.append(([*path, key], item))
+        elif isinstance(value, list):
+            stack.extend(([*path, str(i)], item) for i, item in enumerate(value))
+        elif isinstance(value, str) and not value.isascii() and not valid_unicode(value):
+            return path, value, False
+    return None
+
+
+def valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def unicode_error(body: bytes) -> APIError | None:
+    """400 for a body that is not UTF-8, or whose JSON holds a lone UTF-16 surrogate: no tokenizer
+    takes those, and they cannot be echoed back in UTF-8 either."""
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return APIError(400, f"the body is not valid UTF-8 (byte {e.start}: {body[e.start:e.start + 1]!r}); "
+                             f"send JSON encoded as UTF-8", code="invalid_encoding")
+    if not SURROGATE_ESCAPE.search(body):
+        return None
+    try:
+        found = lone_surrogate(json.loads(body))
+    except (ValueError, RecursionError):
+        return None  # malformed JSON: the route's parser answers it
+    if found is None:
+        return None
+    path, text, is_key = found
+    where = ".".join(path) or "the body"
+    bad = next(c for c in text if "\ud800" <= c <= "\udfff")
+    what = "a key of " + where if is_key else where
+    return APIError(400, f"{what} holds a lone UTF-16 surrogate ({ascii(bad)[1:-1]}), which is not Unicode text; "
+                         f"escape characters beyond U+FFFF as a pair (high \\ud800-\\udbff, then low \\udc00-\\udfff) "
+                         f"or send them as UTF-8", param=path[0] if path else None, code="invalid_unicode")
+
+
+class BodyGuard:
+    """Answers 413 to a body over the limit, and 400 to one that is not Unicode text, before any
+    handler parses it."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, metrics: ServerMetrics):
         self.app = app
@@ -88,6 +159,9 @@ class BodyLimit:
                              code="request_too_large")
             return await error_response(error, self.metrics)(scope, receive, send)
         body, replayed = b"".join(chunks), False
+        error = unicode_error(body) if body else None
+        if error is not None:
+            return await error_response(error, self.metrics)(scope, receive, send)
 
         async def replay():
             nonlocal replayed
@@ -97,6 +171,36 @@ class BodyLimit:
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
+
+
+class LastResort:
+    """A 500 with the OpenAI body, logged once, for what no handler caught (never a plain-text 500);
+    a client that left is no error."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except ClientDisconnect:
+            pass
+        except Exception:
+            logger.exception("%s %s failed", scope["method"], scope["path"])
+            if not started:
+                error = APIError(500, f"the server failed to answer {scope['method']} {scope['path']}; the error is "
+                                      f"logged, retry or report it", code="internal_error")
+                await error_response(error, self.metrics)(scope, receive, send)
 
 
 class EventStream(StreamingResponse):
@@ -128,11 +232,11 @@ class Reply:
 
     chat: bool
     model: str
+    id: str
     prompt_tokens: int
     provenance: bool
 
     def __post_init__(self):
-        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
     def _provenance(self, out, sources: list[int], pieces: list[str] | None) -> Provenance | None:
@@ -197,7 +301,8 @@ def create_app(engine: AsyncEngine, model_name: str, max_body_bytes: int = MAX_B
 
     app = FastAPI(title="idlm", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible server for Introspective Diffusion Language Models")
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, metrics=metrics)
+    app.add_middleware(BodyGuard, max_bytes=max_body_bytes, metrics=metrics)
+    app.add_middleware(LastResort, metrics=metrics)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:
@@ -214,6 +319,10 @@ def create_app(engine: AsyncEngine, model_name: str, max_body_bytes: int = MAX_B
             message = "the body must be a JSON object"
         else:
             message = f"{'.'.join(loc)}: {first['msg']}"
+            value = first.get("input")
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                shown = repr(value)
+                message += f", got {shown if len(shown) <= 40 else shown[:37] + '...'}"
         return error_response(APIError(400, message, param=loc[0] if loc else None, code=first.get("type")), metrics)
 
     @app.exception_handler(HTTPException)
@@ -229,26 +338,23 @@ def create_app(engine: AsyncEngine, model_name: str, max_body_bytes: int = MAX_B
         if unsupported:
             raise APIError(400, unsupported[1], param=unsupported[0], code="unsupported")
 
-    def generation_request(req: SamplingRequest, max_tokens: int | None, **prompt) -> GenerationRequest:
+    def generation_request(req: SamplingRequest, max_tokens: int | None, chat: bool, **prompt) -> GenerationRequest:
         try:
             params = req.sampling_params(max_tokens)
         except ValueError as e:
             raise APIError(400, str(e), param=param_named_in(str(e), SAMPLING_FIELDS)) from e
-        return GenerationRequest(params, max_tokens, provenance=req.idlm_provenance, **prompt)
+        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        return GenerationRequest(request_id, params, max_tokens, provenance=req.idlm_provenance, **prompt)
 
     async def submit(gen: GenerationRequest) -> RequestHandle:
         try:
             return await engine.submit(gen)
-        except RequestRejected as e:
-            raise APIError(400, str(e), param=e.param) from e
-        except QueueFull as e:
-            raise APIError(429, str(e), code="queue_full") from e
-        except EngineNotReady as e:
-            raise APIError(503, str(e), code="engine_not_ready") from e
+        except ENGINE_ERRORS as e:
+            raise engine_error(e) from e
 
     async def respond(request: Request, req: SamplingRequest, gen: GenerationRequest, chat: bool) -> Response:
         handle = await submit(gen)
-        reply = Reply(chat, model_name, handle.prompt_tokens, req.idlm_provenance)
+        reply = Reply(chat, model_name, gen.id, handle.prompt_tokens, req.idlm_provenance)
         if req.stream:
             return EventStream(events(handle, reply, req.include_usage), on_close=lambda: engine.abort(handle))
         collect = asyncio.ensure_future(last_output(handle))
@@ -259,8 +365,8 @@ def create_app(engine: AsyncEngine, model_name: str, max_body_bytes: int = MAX_B
                 return Response(status_code=499)  # nobody is listening any more
             try:
                 out, pieces = collect.result()
-            except EngineNotReady as e:
-                raise APIError(503, str(e), code="engine_not_ready") from e
+            except ENGINE_ERRORS as e:
+                raise engine_error(e) from e
             return JSONResponse(reply.response(out, pieces).model_dump(mode="json"))
         finally:
             collect.cancel()
@@ -285,21 +391,29 @@ def create_app(engine: AsyncEngine, model_name: str, max_body_bytes: int = MAX_B
                     yield sse(chunk)
             if include_usage:
                 yield sse(reply.usage_chunk(step.output))
-        except EngineNotReady as e:
-            yield sse(APIError(503, str(e), code="engine_not_ready").body())
+        except ENGINE_ERRORS as e:
+            yield stream_error(engine_error(e))
+        except Exception:
+            logger.exception("request %s: streaming its answer failed", reply.id)
+            yield stream_error(APIError(500, f"the server failed while streaming request {reply.id}; the error is "
+                                             f"logged, retry or report it", code="internal_error"))
         yield "data: [DONE]\n\n"
+
+    def stream_error(error: APIError) -> str:
+        metrics.requests.labels(str(error.status)).inc()
+        return sse(error.body())
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
     async def completions(req: CompletionRequest, request: Request) -> Response:
         check(req)
         max_tokens = req.max_tokens if req.max_tokens is not None else COMPLETION_MAX_TOKENS
-        gen = generation_request(req, max_tokens, prompt=req.single_prompt())
+        gen = generation_request(req, max_tokens, chat=False, prompt=req.single_prompt())
         return await respond(request, req, gen, chat=False)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
         check(req)
-        gen = generation_request(req, req.requested_max_tokens, messages=[m.as_dict() for m in req.messages])
+        gen = generation_request(req, req.requested_max_tokens, chat=True, messages=[m.as_dict() for m in req.messages])
         return await respond(request, req, gen, chat=True)
 
     @app.get("/v1/models", response_model=ModelList)

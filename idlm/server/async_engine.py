@@ -1,8 +1,15 @@
 """The engine loop of the server: one background thread owns the LLMEngine and loops `step()`.
 
-Handlers on the event loop never touch the engine. They post commands (add, abort, stop) to a
-thread-safe queue that the thread drains before every step, so an abort frees its KV before the
-next forward. Outputs go back to each request's asyncio queue through `call_soon_threadsafe`."""
+Handlers on the event loop never touch the engine's state. A request is tokenised (chat template
+included) in a small worker pool, so a long prompt never holds up the running batch; then the
+handler posts commands (add, abort, fail, stop) to a thread-safe queue that the engine thread
+drains before every step, so an abort frees its KV before the next forward. Outputs go back to
+each request's asyncio queue through `call_soon_threadsafe`.
+
+A step that raises ends the requests it may have touched (500) and the loop carries on while the
+KV bookkeeping is still consistent; a second failure in a row, or broken bookkeeping, poisons the
+engine: every request ends with 503, `ready` turns false for good and `on_fatal` is called so that
+the process can exit and be restarted."""
 
 import asyncio
 import dataclasses
@@ -11,7 +18,9 @@ import queue
 import re
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from idlm.engine.llm_engine import LLMEngine, RequestOutput
@@ -21,22 +30,34 @@ from idlm.server.metrics import ServerMetrics
 logger = logging.getLogger("idlm.server")
 STOP_TIMEOUT_S = 30.0
 PIECE_CONTEXT = 6  # tokens decoded before a token to find its own text (byte-level BPE, leading spaces)
+TOKENIZER_THREADS = 2
+PREPARE_TIMEOUT_S = 10.0
+# a prompt longer than this many characters per context token is refused untokenised: no real
+# tokenizer packs that much text into one token, so it could not fit the context anyway
+CHARS_PER_TOKEN = 64
+MAX_FAILED_STEPS = 2  # consecutive failed steps that mean the engine itself is broken
+DRAIN_POLL_S = 0.05
 
 
 class EngineNotReady(Exception):
-    pass
+    """503: starting, shutting down, or failed for good."""
 
 
 class QueueFull(Exception):
-    pass
+    """429: the bound on requests in flight is reached."""
 
 
 class RequestRejected(ValueError):
-    """The engine refused the request; `param` names the field at fault when known."""
+    """400: the engine refused the request; `param` names the field at fault when known."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.param = param
+        self.code = code
+
+
+class RequestFailed(Exception):
+    """500: preparing or running this request failed; the server carries on."""
 
 
 def param_named_in(message: str, names: tuple[str, ...]) -> str | None:
@@ -47,11 +68,21 @@ def param_named_in(message: str, names: tuple[str, ...]) -> str | None:
 class GenerationRequest:
     """A prompt (text or token ids) or a chat (messages), and how to decode it."""
 
+    id: str  # the response id, which names the request in logs too
     params: SamplingParams
     max_tokens: int | None  # None: up to the end of the context
     prompt: str | list[int] | None = None
     messages: list[dict[str, str]] | None = None
     provenance: bool = False
+
+    @property
+    def source(self) -> str:
+        return "messages" if self.messages is not None else "prompt"
+
+    def num_chars(self) -> int:
+        if self.messages is not None:
+            return sum(len(m["content"]) for m in self.messages)
+        return len(self.prompt) if isinstance(self.prompt, str) else 0
 
 
 @dataclass(slots=True)
@@ -65,6 +96,8 @@ class RequestHandle:
     request: GenerationRequest
     accepted: asyncio.Future  # resolves to the prompt length once the engine took the request
     results: asyncio.Queue = field(default_factory=asyncio.Queue)  # StepOutputs, or the Exception that ends it
+    prompt_ids: list[int] = field(default_factory=list)
+    params: SamplingParams | None = None  # resolved against the engine, max_tokens set
     request_id: int | None = None  # written by the engine thread before `accepted` resolves
     prompt_tokens: int = 0
     finished: bool = False  # event-loop view: finished, aborted or rejected
@@ -90,31 +123,39 @@ def settle(future: asyncio.Future, value) -> None:
 class AsyncEngine:
     """Admits at most max_num_seqs + max_queue unfinished requests; beyond that, QueueFull."""
 
-    def __init__(self, engine: LLMEngine, max_queue: int, metrics: ServerMetrics | None = None):
+    def __init__(self, engine: LLMEngine, max_queue: int, metrics: ServerMetrics | None = None,
+                 prepare_timeout: float = PREPARE_TIMEOUT_S):
         if not isinstance(max_queue, int) or max_queue < 0:
             raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
         self.engine = engine
         self.capacity = engine.config.max_num_seqs + max_queue
         self.max_model_len = engine.max_model_len
+        self.max_prompt_chars = engine.max_model_len * CHARS_PER_TOKEN
+        self.prepare_timeout = prepare_timeout
         self.metrics = metrics or ServerMetrics()
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
+        self.pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="idlm-tokenize")
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
+        self.on_fatal: Callable[[], None] | None = None  # called on the event loop once the engine is poisoned
+        self.draining = False  # shutting down: nothing new is admitted
+        self.closed = False  # the drain is over: nothing more reaches the engine
         self.stopping = False
-        self.error: str | None = None  # set by the engine thread when a step failed
+        self.error: str | None = None  # set by the engine thread when the engine is poisoned
+        self.failed_steps = 0  # consecutive; engine thread only
         self.in_flight = 0  # event loop only
         self.handles: dict[int, RequestHandle] = {}  # engine thread only
         self.metrics.observe_engine(engine)
 
     @property
     def ready(self) -> bool:
-        return self.thread is not None and not self.stopping and self.error is None
+        return self.thread is not None and not self.draining and not self.stopping and self.error is None
 
     def not_ready_reason(self) -> str:
         if self.error:
             return self.error
-        if self.stopping:
-            return "the server is shutting down"
+        if self.draining or self.stopping:
+            return "the server is shutting down; retry once it is back"
         return "the engine is not running yet; retry in a moment"
 
     def start(self) -> None:
@@ -123,16 +164,35 @@ class AsyncEngine:
         self.thread = threading.Thread(target=self._run, name="idlm-engine", daemon=True)
         self.thread.start()
 
+    async def drain(self, timeout: float, force: Callable[[], bool] = lambda: False) -> None:
+        """Stops admitting (503), gives the requests in flight `timeout` seconds to finish (less
+        once `force()` is true), then ends the rest with 503."""
+        if self.thread is None or self.closed:
+            return
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while self.in_flight and time.monotonic() < deadline and not force():
+            await asyncio.sleep(DRAIN_POLL_S)
+        self.closed = True
+        if self.in_flight:
+            logger.warning("idlm: shutting down; ending %d requests that did not finish within %g s",
+                           self.in_flight, timeout)
+            self.commands.put(("fail", EngineNotReady(
+                f"the server is shutting down and this request did not finish within its shutdown timeout "
+                f"({timeout:g} s); retry it once the server is back")))
+
     async def stop(self) -> None:
         """Fails what is still in flight and waits for the thread (at most one step)."""
         if self.thread is None or self.stopping:
             return
-        self.stopping = True
+        self.stopping = self.closed = True
         self.commands.put(("stop", None))
         await asyncio.to_thread(self.thread.join, STOP_TIMEOUT_S)
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
     async def submit(self, request: GenerationRequest) -> RequestHandle:
-        """Hands the request to the engine; raises EngineNotReady, QueueFull or RequestRejected."""
+        """Tokenises the request and hands it to the engine; raises EngineNotReady, QueueFull,
+        RequestRejected or RequestFailed."""
         if not self.ready:
             raise EngineNotReady(self.not_ready_reason())
         if self.in_flight >= self.capacity:
@@ -140,8 +200,11 @@ class AsyncEngine:
                             f"retry later")
         handle = RequestHandle(request, self.loop.create_future())
         self.in_flight += 1
-        self.commands.put(("add", handle))
         try:
+            handle.prompt_ids, handle.params = await self._prepare(request)
+            if self.closed or self.error:
+                raise EngineNotReady(self.not_ready_reason())
+            self.commands.put(("add", handle))
             handle.prompt_tokens = await handle.accepted
         except asyncio.CancelledError:
             self.abort(handle)
@@ -169,29 +232,74 @@ class AsyncEngine:
                 self._release(handle)
             handle.results.put_nowait(step)
 
+    async def _prepare(self, request: GenerationRequest) -> tuple[list[int], SamplingParams]:
+        chars = request.num_chars()
+        if chars > self.max_prompt_chars:
+            raise RequestRejected(f"the {request.source} has {chars} characters; this server takes at most "
+                                  f"{self.max_prompt_chars} ({CHARS_PER_TOKEN} per token of its {self.max_model_len}"
+                                  f"-token context); shorten the {request.source}", request.source,
+                                  "context_length_exceeded")
+        work = self.loop.run_in_executor(self.pool, self._tokenize, request)
+        try:
+            return await asyncio.wait_for(work, self.prepare_timeout)
+        except TimeoutError:
+            raise RequestRejected(f"tokenising the {request.source} took more than {self.prepare_timeout:g} s; "
+                                  f"shorten the {request.source}", request.source, "tokenization_timeout") from None
+
+    def _tokenize(self, request: GenerationRequest) -> tuple[list[int], SamplingParams]:
+        """On a pool thread: the prompt's token ids and the params resolved against the engine."""
+        engine, source = self.engine, request.source
+        try:
+            ids = engine.chat_prompt(request.messages) if request.messages is not None else engine.tokenize(
+                request.prompt)
+            params = engine.resolve(request.params)
+        except ValueError as e:
+            raise RequestRejected(str(e), param_named_in(str(e), ("mode", "stride_policy", "stride", "proposal", "branches")) or source) from e
+        except Exception as e:
+            logger.error("request %s: tokenising its %s failed", request.id, source, exc_info=True)
+            raise RequestFailed(f"the server failed to tokenise the {source} of request {request.id} "
+                                f"({type(e).__name__}: {e}); the error is logged; check the {source}'s text, or "
+                                f"report it") from e
+        room = engine.max_model_len - len(ids)
+        if request.max_tokens is not None and request.max_tokens > room:
+            raise RequestRejected(f"the context holds {engine.max_model_len} tokens and the prompt takes {len(ids)}, "
+                                  f"so max_tokens can be at most {room}, got {request.max_tokens}; lower max_tokens or "
+                                  f"shorten the {source}", "max_tokens", "context_length_exceeded")
+        return ids, dataclasses.replace(params, max_tokens=room if request.max_tokens is None else request.max_tokens)
+
+    def _fatal(self) -> None:
+        if self.on_fatal is not None:
+            self.on_fatal()
+
     # everything below runs on the engine thread
 
     def _run(self) -> None:
         while True:
-            idle = self.error is not None or not self.engine.has_unfinished()
-            for kind, handle in self._take_commands(block=idle):
-                if kind == "stop":
-                    self._fail_all(EngineNotReady("the server is shutting down"))
+            try:
+                if not self._turn():
                     return
-                if kind == "add":
-                    self._add(handle)
-                else:
-                    self._abort(handle)
-            if self.error is None and self.engine.has_unfinished():
-                try:
-                    self._step()
-                except Exception as e:
-                    logger.exception("engine step failed")
-                    self.error = f"the engine failed ({type(e).__name__}: {e}); restart the server"
-                    self._fail_all(EngineNotReady(self.error))
-            self.metrics.observe_engine(self.engine)
+            except Exception as e:  # a fault of the loop itself: nothing the engine holds can be trusted
+                self._poison(e)
 
-    def _take_commands(self, block: bool) -> list[tuple[str, RequestHandle | None]]:
+    def _turn(self) -> bool:
+        """Takes the pending commands, then runs one step; False once told to stop."""
+        idle = self.error is not None or not self.engine.has_unfinished()
+        for kind, arg in self._take_commands(block=idle):
+            if kind == "stop":
+                self._fail_all(EngineNotReady("the server is shutting down; retry once it is back"))
+                return False
+            if kind == "add":
+                self._add(arg)
+            elif kind == "abort":
+                self._abort(arg)
+            else:
+                self._fail_all(arg)
+        if self.error is None and self.engine.has_unfinished():
+            self._step()
+        self.metrics.observe_engine(self.engine)
+        return True
+
+    def _take_commands(self, block: bool) -> list[tuple[str, RequestHandle | Exception | None]]:
         commands = [self.commands.get()] if block else []
         while True:
             try:
@@ -203,29 +311,19 @@ class AsyncEngine:
         try:
             if self.error:
                 raise EngineNotReady(self.error)
-            ids, params = self._prepare(handle.request)
-            handle.request_id = self.engine.add_request(ids, params)
+            handle.request_id = self.engine.add_request(handle.prompt_ids, handle.params)
         except (ValueError, EngineNotReady) as e:
             self.loop.call_soon_threadsafe(settle, handle.accepted, e)
             return
+        except Exception as e:
+            logger.error("request %s: the engine failed to take it", handle.request.id, exc_info=True)
+            failure = RequestFailed(f"the engine failed to take request {handle.request.id} ({type(e).__name__}: "
+                                    f"{e}); the error is logged; the server carries on, retry the request")
+            self.loop.call_soon_threadsafe(settle, handle.accepted, failure)
+            return
         self.handles[handle.request_id] = handle
-        self.metrics.prompt_tokens.inc(len(ids))
-        self.loop.call_soon_threadsafe(settle, handle.accepted, len(ids))
-
-    def _prepare(self, req: GenerationRequest) -> tuple[list[int], SamplingParams]:
-        engine = self.engine
-        source = "messages" if req.messages is not None else "prompt"
-        try:
-            ids = engine.chat_prompt(req.messages) if req.messages is not None else engine.tokenize(req.prompt)
-            params = engine.resolve(req.params)
-        except ValueError as e:
-            raise RequestRejected(str(e), param_named_in(str(e), ("mode", "stride", "proposal")) or source) from e
-        room = engine.max_model_len - len(ids)
-        if req.max_tokens is not None and req.max_tokens > room:
-            raise RequestRejected(f"the context holds {engine.max_model_len} tokens and the prompt takes {len(ids)}, "
-                                  f"so max_tokens can be at most {room}, got {req.max_tokens}; lower max_tokens or "
-                                  f"shorten the {source}", "max_tokens")
-        return ids, dataclasses.replace(params, max_tokens=room if req.max_tokens is None else req.max_tokens)
+        self.metrics.prompt_tokens.inc(len(handle.prompt_ids))
+        self.loop.call_soon_threadsafe(settle, handle.accepted, len(handle.prompt_ids))
 
     def _abort(self, handle: RequestHandle) -> None:
         if self.handles.pop(handle.request_id, None) is not None:
@@ -234,7 +332,12 @@ class AsyncEngine:
 
     def _step(self) -> None:
         start = time.perf_counter()
-        outputs = self.engine.step()
+        try:
+            outputs = self.engine.step()
+        except Exception as e:
+            self._step_failed(e)
+            return
+        self.failed_steps = 0
         self.metrics.observe_step(outputs, time.perf_counter() - start)
         steps = []
         for out in outputs:
@@ -247,6 +350,51 @@ class AsyncEngine:
             steps.append((handle, StepOutput(out, pieces)))
         if steps:
             self.loop.call_soon_threadsafe(self._deliver, steps)
+
+    def _step_failed(self, error: Exception) -> None:
+        """Ends the requests the failed step may have touched (every one but those still waiting
+        with no KV), so their KV is freed; poisons the engine if that leaves it inconsistent."""
+        self.failed_steps += 1
+        if self.failed_steps >= MAX_FAILED_STEPS:
+            self._poison(error)
+            return
+        waiting = self.engine.scheduler.waiting
+        untouched = {seq.seq_id for seq in waiting if not seq.block_table and not seq.num_computed}
+        victims = [request_id for request_id in self.handles if request_id not in untouched]
+        names = ", ".join(self.handles[request_id].request.id for request_id in victims) or "none"
+        logger.error("an engine step failed; ending the requests it ran (%s)", names, exc_info=error)
+        steps = []
+        for request_id in victims:
+            self.engine.abort(request_id)
+            handle = self.handles.pop(request_id)
+            steps.append((handle, RequestFailed(
+                f"the engine failed while running request {handle.request.id} ({type(error).__name__}: {error}); "
+                f"the request was stopped and the error logged; the server carries on, retry the request")))
+        if steps:
+            self.loop.call_soon_threadsafe(self._deliver, steps)
+        if not self._consistent():
+            self._poison(RuntimeError("the KV cache bookkeeping is inconsistent after a failed step"))
+
+    def _consistent(self) -> bool:
+        """Every block is either free (once) or held by exactly its live holders."""
+        bm, scheduler = self.engine.block_manager, self.engine.scheduler
+        live = [*scheduler.running, *scheduler.waiting]
+        holders = Counter(block_id for seq in live for block_id in seq.block_table)
+        free = set(bm.free_ids)
+        return (len(free) == len(bm.free_ids) and len({id(seq) for seq in live}) == len(live)
+                and not any(seq.is_finished for seq in live)
+                and all(b.ref_count == holders[b.block_id] and (b.ref_count == 0) == (b.block_id in free)
+                        for b in bm.blocks))
+
+    def _poison(self, error: Exception) -> None:
+        if self.error is None:
+            self.error = (f"the engine failed ({type(error).__name__}: {error}); the server is exiting so that it "
+                          f"can be restarted")
+            logger.error("idlm: the engine failed; ending every request and exiting", exc_info=error)
+            self.loop.call_soon_threadsafe(self._fatal)
+        else:
+            logger.error("idlm: the failed engine raised again", exc_info=error)
+        self._fail_all(EngineNotReady(self.error))
 
     def _pieces(self, out: RequestOutput) -> list[str] | None:
         tokenizer = self.engine.tokenizer
@@ -267,8 +415,7 @@ class AsyncEngine:
             try:
                 self.engine.abort(request_id)
             except Exception:  # the engine may be broken already; the requests still have to end
-                logger.exception("abort failed")
-            self.metrics.requests.labels("aborted").inc()
+                logger.debug("abort of a failed engine's request raised", exc_info=True)
         steps = [(handle, error) for handle in self.handles.values()]
         self.handles.clear()
         if steps:

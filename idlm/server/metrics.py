@@ -11,8 +11,9 @@ TPF_BUCKETS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
 class ServerMetrics:
     def __init__(self):
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("idlm_requests", "Requests by outcome: ok, aborted (client left or shutdown), "
-                                "or the HTTP error status they were answered with", ["status"], registry=r)
+        self.requests = Counter("idlm_requests", "Requests by outcome: ok, aborted (the client left), or the HTTP "
+                                "error status they were answered with (mid-stream errors included)", ["status"],
+                                registry=r)
         self.prompt_tokens = Counter("idlm_prompt_tokens", "Prompt tokens of accepted requests", registry=r)
         self.generation_tokens = Counter("idlm_generation_tokens", "Committed output tokens", registry=r)
         self.forwards = Counter("idlm_engine_forwards", "Engine steps (one batched forward each)", registry=r)

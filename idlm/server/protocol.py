@@ -1,14 +1,23 @@
 """OpenAI request and response bodies, with idlm's extra fields, and the OpenAI error body."""
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from idlm.engine.sampling_params import SamplingParams
+from idlm.config import MAX_STRIDE
+from idlm.decoding.rounds import PROPOSALS
+from idlm.engine.sampling_params import INT64_MAX, MAX_TEMPERATURE, MODES, STRIDE_POLICIES, SamplingParams
 
 ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
                429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+# each stop string and stop token id is checked after every token on the engine thread
+MAX_STOP = 16
+MAX_STOP_TOKEN_IDS = 256
+
+Count = Annotated[int, Field(ge=1, le=INT64_MAX)]
+Int64 = Annotated[int, Field(ge=0, le=INT64_MAX)]
+Penalty = Annotated[float, Field(ge=-2, le=2)]
 
 
 class APIError(Exception):
@@ -31,8 +40,9 @@ def omitted_if_none(value: Any) -> bool:
 
 
 class StrictModel(BaseModel):
-    # strict: "0.5" is not a temperature; forbid: a misspelt field is an error, as in the OpenAI API
-    model_config = ConfigDict(strict=True, extra="forbid")
+    # strict: "0.5" is not a temperature; forbid: a misspelt field is an error, as in the OpenAI API;
+    # NaN and Infinity (which Python's JSON parser accepts) are no numbers of any field
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
 class StreamOptions(StrictModel):
@@ -43,24 +53,30 @@ class SamplingRequest(StrictModel):
     """Fields both routes share; the last group is idlm's own."""
 
     model: str
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    n: int | None = None
+    max_tokens: Count | None = None
+    temperature: float | None = Field(default=None, ge=0, le=MAX_TEMPERATURE, description="0 = greedy")
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: Int64 | None = Field(default=None, description="0 = off")
+    seed: Int64 | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+    n: Count | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
-    mode: str | None = Field(default=None, description="ar, isd or risd (default: the server's)")
-    stride: int | None = Field(default=None, description="N: a round proposes N-1 drafts (2-16)")
-    proposal: str | None = Field(default=None, description="sample, argmax or argmax_exact")
+    stop_token_ids: Annotated[list[Int64], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    mode: Literal[MODES] | None = Field(default=None, description="default: the server's")
+    stride: int | None = Field(default=None, ge=2, le=MAX_STRIDE,
+                               description="N: a round proposes N-1 drafts (a maximum under the adaptive policy)")
+    proposal: Literal[PROPOSALS] | None = None
+    stride_policy: Literal[STRIDE_POLICIES] | None = Field(
+        default=None, description="fixed, or adaptive (N is a maximum, chosen per step for throughput); "
+                                  "default: the server's")
+    branches: int | None = Field(default=None, ge=0, le=MAX_STRIDE - 1,
+                                 description="most branch drafts a round adds (0 = none; default: as many as fit)")
     idlm_provenance: bool = Field(default=False, description="stream chunks carry how each token was produced")
 
     def unsupported(self) -> tuple[str, str] | None:
@@ -78,7 +94,7 @@ class SamplingRequest(StrictModel):
         """Raises ValueError with SamplingParams' message for out-of-range values."""
         fields = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
                       stop=self.stop, stop_token_ids=self.stop_token_ids, mode=self.mode, stride=self.stride,
-                      proposal=self.proposal)
+                      proposal=self.proposal, stride_policy=self.stride_policy, branches=self.branches)
         fields = {k: v for k, v in fields.items() if v is not None}
         # a placeholder when None: the engine loop sets it to the room left in the context
         return SamplingParams(**fields, max_tokens=1 if max_tokens is None else max_tokens,
@@ -90,10 +106,10 @@ class SamplingRequest(StrictModel):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | list[Int64] | list[str] | list[list[Int64]]
     echo: bool | None = None
-    logprobs: int | None = None
-    best_of: int | None = None
+    logprobs: Int64 | None = None
+    best_of: Count | None = None
     suffix: str | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
@@ -136,9 +152,9 @@ class ChatMessage(StrictModel):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: Count | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.logprobs or self.top_logprobs:

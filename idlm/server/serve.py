@@ -1,5 +1,7 @@
-"""`idlm serve`: the app under uvicorn. SIGINT/SIGTERM stop new requests, give the running ones
-`shutdown_timeout` seconds to finish, cancel the rest, then stop the engine loop."""
+"""`idlm serve`: the app under uvicorn. SIGINT/SIGTERM stop admitting requests (503), give the
+running ones `shutdown_timeout` seconds to finish, end the rest with a 503 body or an error chunk
+and `[DONE]`, then stop the engine loop and exit 0. An engine that fails for good stops the server
+the same way and exits 1, so that a supervisor restarts it."""
 
 import signal
 import socket
@@ -12,6 +14,9 @@ from idlm.models.gguf import default_gguf_path
 from idlm.server.app import create_app
 from idlm.server.async_engine import AsyncEngine
 
+# what uvicorn gives the last responses to be written after the drain, before it cancels them
+WRITE_TIMEOUT_S = 5.0
+
 
 def served_model_name(model: str | None) -> str:
     path = Path(model) if model else default_gguf_path()
@@ -21,7 +26,9 @@ def served_model_name(model: str | None) -> str:
 def listen(host: str, port: int) -> socket.socket:
     """The listening socket, bound before uvicorn starts so a taken port is a clear error (and port 0 works)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto named: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and without it
+    # a response written in two parts waits ~40 ms for the client's delayed ACK
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -32,14 +39,26 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 class Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, ready_message: str):
+    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, shutdown_timeout: float, ready_message: str):
         super().__init__(config)
+        self.engine = engine
+        self.shutdown_timeout = shutdown_timeout
         self.ready_message = ready_message
+        engine.on_fatal = self.exit
+
+    def exit(self) -> None:
+        self.should_exit = True
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started:
             print(self.ready_message, flush=True)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # the drain comes first, with the socket still open: a request that arrives meanwhile gets
+        # a 503 body rather than a refused connection, and no response is left for uvicorn to cancel
+        await self.engine.drain(self.shutdown_timeout, force=lambda: self.force_exit)
+        await super().shutdown(sockets)
 
 
 def stop_on_sigterm(signum, frame) -> None:
@@ -48,7 +67,9 @@ def stop_on_sigterm(signum, frame) -> None:
 
 def serve(engine: LLMEngine, model_name: str, host: str = "127.0.0.1", port: int = 8000, max_queue: int = 256,
           shutdown_timeout: float = 10.0) -> None:
-    """Serves until SIGINT or SIGTERM."""
+    """Serves until SIGINT or SIGTERM; raises SystemExit(1) if the engine failed for good."""
+    if not shutdown_timeout >= 0:
+        raise ValueError(f"--shutdown-timeout must be a number of seconds >= 0, got {shutdown_timeout}")
     async_engine = AsyncEngine(engine, max_queue)
     app = create_app(async_engine, model_name)
     sock = listen(host, port)
@@ -56,9 +77,10 @@ def serve(engine: LLMEngine, model_name: str, host: str = "127.0.0.1", port: int
     url = f"http://{f'[{bound_host}]' if ':' in bound_host else bound_host}:{bound_port}"
     print(f"idlm: serving {model_name} at {url} (OpenAI API at {url}/v1, playground at {url}/, "
           f"metrics at {url}/metrics)", flush=True)
-    config = uvicorn.Config(app, timeout_graceful_shutdown=shutdown_timeout, lifespan="on")
-    server = Server(config, ready_message=f"idlm: ready, {async_engine.capacity} requests at most in flight "
-                                          f"(max_num_seqs {engine.config.max_num_seqs} + max_queue {max_queue})")
+    config = uvicorn.Config(app, timeout_graceful_shutdown=WRITE_TIMEOUT_S, lifespan="on")
+    server = Server(config, async_engine, shutdown_timeout,
+                    ready_message=f"idlm: ready, {async_engine.capacity} requests at most in flight "
+                                  f"(max_num_seqs {engine.config.max_num_seqs} + max_queue {max_queue})")
     # uvicorn re-raises the signal that stopped it once it is done; both then end here
     previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
@@ -68,4 +90,6 @@ def serve(engine: LLMEngine, model_name: str, host: str = "127.0.0.1", port: int
     finally:
         signal.signal(signal.SIGTERM, previous)
         sock.close()
+    if async_engine.error:
+        raise SystemExit(f"idlm: error: {async_engine.error}")
     print("idlm: server stopped", flush=True)
