@@ -14,7 +14,7 @@ All per-step integers travel in one pinned host buffer and one host-to-device co
 
 import torch
 
-from idlm.kernels.attention import PagedAttention, PagedBatch, TritonPagedAttention
+from idlm.kernels.attention import PagedAttention, PagedBatch, TritonPagedAttention, padded_block_tables
 from idlm.models.transformer import CausalLM, fused_elementwise
 
 BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
@@ -85,10 +85,7 @@ class DecodeGraphs:
         gate_bits += [False] * (extra * tokens)
         tree_bits += [-1] * (extra * tokens)
         context_lens += [tokens] * extra
-        tables = []
-        for table in block_tables:
-            tables += table[:width] + [scratch] * (width - len(table))
-        tables += [scratch] * (extra * width)
+        tables = padded_block_tables(block_tables, width, scratch, bucket)
 
         # a step with no MASK row of a risd round (e.g. only ar requests) skips the LoRA: its
         # delta would be an exact zero on every row; one without branches is plain causal

@@ -7,7 +7,7 @@ from idlm.decoding.rounds import PROPOSALS, RoundBatch, propose, verify
 from idlm.decoding.sampling import SamplingTensors, token_probs
 from idlm.engine.decode_graphs import DecodeGraphs
 from idlm.engine.sequence import Sequence
-from idlm.kernels.attention import PagedAttention, PagedBatch, TritonPagedAttention
+from idlm.kernels.attention import PagedAttention, PagedBatch, TritonPagedAttention, padded_block_tables
 from idlm.models.transformer import CausalLM
 
 
@@ -97,7 +97,7 @@ class ModelRunner:
         for f in feeds:
             starts.append(starts[-1] + len(f.ids))
         width = max(len(seq.block_table) for seq in seqs)
-        tables = [t for seq in seqs for t in seq.block_table + [-1] * (width - len(seq.block_table))]
+        tables = padded_block_tables([seq.block_table for seq in seqs], width, -1)
         context_lens = [s.num_computed + len(f.ids) for s, f in zip(seqs, feeds)]
         tree = any(f.branched for f in feeds)
         rows = [[x for f in feeds for x in getattr(f, name)] for name in ("ids", "positions", "slots", "gate")]

@@ -47,6 +47,13 @@ class PagedBatch:
     tree_rows: torch.Tensor | None = None  # [batch] int32 rows of the tree at the end of each sequence
 
 
+def padded_block_tables(tables: list[list[int]], width: int, pad: int, rows: int = 0) -> list[int]:
+    """The block tables as one flat [max(len(tables), rows), width] list: each cut or padded to
+    `width` with `pad`, then rows of `pad` (padding sequences) up to `rows`."""
+    flat = [block for table in tables for block in table[:width] + [pad] * (width - len(table))]
+    return flat + [pad] * (max(0, rows - len(tables)) * width)
+
+
 class PagedKVWriter:
     """Writes the new tokens' K/V into the paged cache at their slots (rows with slot -1 write
     nothing); the attention backends below read the cache after it."""

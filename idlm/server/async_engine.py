@@ -254,7 +254,8 @@ class AsyncEngine:
                 request.prompt)
             params = engine.resolve(request.params)
         except ValueError as e:
-            raise RequestRejected(str(e), param_named_in(str(e), ("mode", "stride_policy", "stride", "proposal", "branches")) or source) from e
+            param = param_named_in(str(e), ("mode", "stride_policy", "stride", "proposal", "branches"))
+            raise RequestRejected(str(e), param or source) from e
         except Exception as e:
             logger.error("request %s: tokenising its %s failed", request.id, source, exc_info=True)
             raise RequestFailed(f"the server failed to tokenise the {source} of request {request.id} "
