@@ -442,3 +442,18 @@ def test_adaptive_follows_the_steps_that_ran_over_the_table():
         cost.observe(4, 1, 10.0)
     policy.plan(seqs)
     assert seqs[0].num_new > 0
+
+
+def test_seeded_requests_with_branches_draw_the_same_tokens_alone_or_batched(idlm_dir, tmp_path):
+    """Under either stride policy (adaptive keeps a seeded, sampled request's stride fixed)."""
+    from helpers import make_random_adapter
+
+    llm = LLM(str(idlm_dir), adapter=str(make_random_adapter(idlm_dir, tmp_path / "a")), progress=False,
+              kv_cache_tokens=4096)
+    prompts = [[2 + i % 9, 3, 4 + i % 5] * (1 + i % 3) for i in range(8)]
+    for mode, policy in (("isd", "fixed"), ("risd", "adaptive")):
+        params = [SamplingParams(mode=mode, stride=4, temperature=1.0, seed=i, max_tokens=24, ignore_eos=True,
+                                 stride_policy=policy) for i in range(len(prompts))]
+        batched = llm.generate(prompts, params)
+        assert sum(o.stats["branch_rounds"] for o in batched) > 0
+        assert [o.token_ids for o in batched] == [llm.generate([p], [q])[0].token_ids for p, q in zip(prompts, params)]
