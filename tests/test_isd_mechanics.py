@@ -202,7 +202,8 @@ def test_greedy_rounds_draw_only_acceptance_uniforms(idlm_dir, monkeypatch):
     original = rounds.uniform
     monkeypatch.setattr(rounds, "uniform", lambda s, p, stream: streams.append(stream) or original(s, p, stream))
     llm = LLM(str(idlm_dir), progress=False)
-    llm.generate([[5, 6, 7]], SamplingParams(mode="isd", stride=3, temperature=0, max_tokens=12, ignore_eos=True))
+    llm.generate([[5, 6, 7]], SamplingParams(mode="isd", stride=3, temperature=0, max_tokens=12, ignore_eos=True,
+                                             stride_policy="fixed"))
     assert set(streams) <= {Stream.ACCEPT}
     streams.clear()
     llm.generate([[5, 6, 7]], SamplingParams(mode="isd", stride=3, temperature=1, seed=1, max_tokens=12,

@@ -132,14 +132,15 @@ def test_openai_client_chat_stream_equals_whole(client):
 def test_extra_fields_and_stop_strings(client, offline):
     prompt = "one two three"
     isd = client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0,
-                                    extra_body={"ignore_eos": True})
+                                    extra_body={"ignore_eos": True, "stride_policy": "fixed"})
     ar = client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0,
                                    extra_body={"ignore_eos": True, "mode": "ar"})
     assert isd.choices[0].text == ar.choices[0].text == offline.generate(prompt, greedy(30))[0].text
     assert ar.usage.forwards == 30 and ar.usage.accepted_drafts == 0
     assert isd.usage.forwards < 30 and isd.usage.accepted_drafts > 0  # ISD: several tokens per forward
     stride2 = client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0,
-                                        extra_body={"ignore_eos": True, "stride": 2, "proposal": "argmax_exact"})
+                                        extra_body={"ignore_eos": True, "stride": 2, "proposal": "argmax_exact",
+                                                    "stride_policy": "fixed", "branches": 0})
     assert stride2.choices[0].text == ar.choices[0].text and len(stride2.usage.draft_acceptance) == 1
     words = ar.choices[0].text.split()
     stop = words[len(words) // 2]

@@ -381,7 +381,7 @@ def test_conversion_raises_isd_acceptance(tmp_path):
     prompts = ["three four five", "eight nine ten", "one two three", "six seven eight"]
     def acceptance(llm, mode):
         outs = llm.generate(prompts, SamplingParams(mode=mode, stride=4, temperature=0, max_tokens=12,
-                                                    ignore_eos=True))
+                                                    ignore_eos=True, stride_policy="fixed", branches=0))
         proposed = sum(sum(o.stats["drafts"]["reached"]) for o in outs)
         return sum(sum(o.stats["drafts"]["accepted"]) for o in outs) / proposed
 
