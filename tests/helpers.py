@@ -144,12 +144,13 @@ def counting_data(path: Path, n: int, seed: int = 0, prompt_len: int = 3, comple
 
 
 @contextlib.contextmanager
-def serve_process(model_dir: Path, log: Path, *extra: str):
-    """A real `idlm serve` on a free loopback port; yields (process, base URL), stops it after."""
+def serve_process(model_dir: Path, log: Path, *extra: str, launcher: list[str] | None = None):
+    """A real `idlm serve` on a free loopback port; yields (process, base URL), stops it after
+    (SIGTERM, then SIGKILL). `launcher` replaces the `idlm` command (it gets the arguments after)."""
     exe = Path(sys.executable).with_name("idlm")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "idlm"]
-    cmd += ["serve", str(model_dir), "--port", "0", "--device", "cpu", "--kv-cache-tokens", "4096",
-            "--shutdown-timeout", "1", *extra]
+    cmd = launcher or ([str(exe)] if exe.exists() else [sys.executable, "-m", "idlm"])
+    cmd = [*cmd, "serve", str(model_dir), "--port", "0", "--device", "cpu", "--kv-cache-tokens", "4096",
+           "--shutdown-timeout", "1", *extra]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                 env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
@@ -164,7 +165,7 @@ def serve_process(model_dir: Path, log: Path, *extra: str):
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(15)
+                proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()

@@ -3,9 +3,6 @@ fault injected into its engine, and the checks they share."""
 
 import contextlib
 import json
-import os
-import re
-import signal
 import subprocess
 import sys
 import time
@@ -13,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from helpers import serve_process
 from prometheus_client.parser import text_string_to_metric_families
 
 MODEL = "tiny-idlm"
@@ -36,12 +34,12 @@ class Server:
         return httpx.post(self.url + path, content=content, headers={"Content-Type": "application/json"},
                           timeout=timeout)
 
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(self.get("/metrics").text) for s in family.samples}
+
     def metric(self, name: str, **labels) -> float:
-        for family in text_string_to_metric_families(self.get("/metrics").text):
-            for s in family.samples:
-                if s.name == name and s.labels == labels:
-                    return s.value
-        return 0.0
+        return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
 
     def assert_healthy(self) -> None:
         """/health answers ok, an ordinary request is answered, and every KV block is free again."""
@@ -55,37 +53,16 @@ class Server:
             time.sleep(0.02)
 
 
-def serve_command(model_dir: Path, *extra: str, fault: str | None = None) -> list[str]:
-    """`idlm serve` on a free loopback port; `fault` is Python run first in the server process."""
-    args = ["serve", str(model_dir), "--port", "0", "--device", "cpu", "--kv-cache-tokens", "4096",
-            "--served-model-name", MODEL, *extra]
-    if fault is None:
-        return [sys.executable, "-m", "idlm", *args]
-    run = f"import runpy, sys\nsys.argv = {['idlm', *args]!r}\nrunpy.run_module('idlm', run_name='__main__')\n"
-    return [sys.executable, "-c", fault + "\n" + run]
-
-
 @contextlib.contextmanager
 def running_server(model_dir: Path, log: Path, *extra: str, fault: str | None = None):
-    """Yields a Server once it printed `idlm: ready`; stops it (SIGTERM, then SIGKILL) afterwards."""
-    with open(log, "w") as out:
-        proc = subprocess.Popen(serve_command(model_dir, *extra, fault=fault), stdout=out, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
-    try:
-        deadline = time.monotonic() + 90
-        while "idlm: ready" not in log.read_text():
-            assert proc.poll() is None, f"idlm serve exited with {proc.returncode}:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"idlm serve not ready after 90 s:\n{log.read_text()}"
-            time.sleep(0.1)
-        yield Server(re.search(r"at (http://127\.0\.0\.1:\d+) ", log.read_text()).group(1), proc, log)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    """Yields a Server once it printed `idlm: ready`; stops it afterwards. `fault` is Python run
+    first in the server process."""
+    launcher = None
+    if fault is not None:
+        run = "import runpy, sys\nsys.argv = ['idlm', *sys.argv[1:]]\nrunpy.run_module('idlm', run_name='__main__')\n"
+        launcher = [sys.executable, "-c", fault + "\n" + run]
+    with serve_process(model_dir, log, "--served-model-name", MODEL, *extra, launcher=launcher) as (proc, url):
+        yield Server(url, proc, log)
 
 
 def assert_openai_error(r: httpx.Response, status: int, param: str | None = None, code: str | None = None) -> dict:

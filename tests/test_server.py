@@ -13,21 +13,19 @@ import subprocess
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 import torch
-from helpers import WORDS, make_model, serve_process
-from prometheus_client.parser import text_string_to_metric_families
+from helpers import WORDS, make_model
+from server_helpers import MODEL, running_server
 
 from idlm import LLM, SamplingParams
 
 MAX_NUM_SEQS = 8
 MAX_QUEUE = 32
-MODEL = "tiny-idlm"
 CHROMIUM = "/usr/bin/chromium"
 
 
@@ -44,27 +42,6 @@ def make_isd_model(folder: Path) -> Path:
     return folder
 
 
-@dataclass
-class Server:
-    url: str
-    proc: subprocess.Popen
-    log: Path
-
-    def get(self, path: str, **kwargs) -> httpx.Response:
-        return httpx.get(self.url + path, timeout=30, **kwargs)
-
-    def post(self, path: str, body=None, **kwargs) -> httpx.Response:
-        return httpx.post(self.url + path, json=body, timeout=60, **kwargs)
-
-    def metrics(self) -> dict[tuple[str, tuple], float]:
-        text = self.get("/metrics").text
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for family in text_string_to_metric_families(text) for s in family.samples}
-
-    def metric(self, name: str, **labels) -> float:
-        return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     return make_isd_model(tmp_path_factory.mktemp("isd"))
@@ -73,9 +50,8 @@ def model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with serve_process(model_dir, log, "--max-num-seqs", str(MAX_NUM_SEQS), "--max-queue", str(MAX_QUEUE),
-                       "--served-model-name", MODEL) as (proc, url):
-        yield Server(url, proc, log)
+    with running_server(model_dir, log, "--max-num-seqs", str(MAX_NUM_SEQS), "--max-queue", str(MAX_QUEUE)) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +197,7 @@ def test_bad_request_gets_openai_error(server, route, body, status, param):
     if isinstance(body, bytes):
         r = httpx.post(server.url + path, content=body, headers={"Content-Type": "application/json"}, timeout=30)
     else:
-        r = server.post(path, {k: v for k, v in {"model": MODEL, **body}.items() if v is not None})
+        r = server.raw(path, json.dumps({k: v for k, v in {"model": MODEL, **body}.items() if v is not None}).encode())
     assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith("application/json")
     error = r.json()["error"]
