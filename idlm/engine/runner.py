@@ -151,7 +151,7 @@ class ModelRunner:
         num_k = [lay.num_new for lay in layouts]
         dmax, kmax = max(num_d), max(num_k)
         pad = sum(1 + d for d in num_d) + sum(num_d)  # the zero row appended after all distributions
-        rows, stored, sampling, target_idx, draft_idx, draft_slots = [], [], [], [], [], []
+        rows, stored, target_idx, draft_idx, draft_slots = [], [], [], [], []
         offset, stored_offset = 0, sum(1 + d for d in num_d)
         for b, (seq, start, d) in enumerate(zip(seqs, round_starts, num_d)):
             rows.extend(range(start, start + 1 + d))
@@ -165,8 +165,7 @@ class ModelRunner:
         row_seq = [b for b, d in enumerate(num_d) for _ in range(1 + d)] + [b for b, d in enumerate(num_d)
                                                                             for _ in range(d)]
         params = [s.params for s in seqs]
-        sampling = [(p.temperature, p.top_k, p.top_p, s.seed) for p, s in zip(params, seqs)]
-        temps, top_ks, top_ps, seeds = zip(*sampling)
+        temps, top_ks, top_ps, seeds = zip(*[(p.temperature, p.top_k, p.top_p, s.seed) for p, s in zip(params, seqs)])
         # where each request's new drafts come from: main-chain MASKs after a bonus, branch rows
         # B_1.. (one every K rows) after a correction at a branched position
         main_rows = [start + lay.new_drafts_row for start, lay in zip(round_starts, layouts)]
@@ -232,16 +231,17 @@ class ModelRunner:
         ends = list(accumulate(x.numel() for x in host))
         fields = [values[a:b] for a, b in zip([0] + ends, ends)]
         accepted_h, final_h, final_p_h, draft_q_h = fields[:4]
+        has_new_h, branched_h, new_drafts_h = fields[4:] if kmax else ([0.0] * batch, [0.0] * batch, [])
         outcomes = {}
         for b, (d, k) in enumerate(zip(num_d, num_k)):
-            keep = bool(kmax) and fields[4][b] > 0
+            keep = has_new_h[b] > 0
             outcomes[index[b]] = RoundOutcome(
                 num_drafts=d, accepted=int(accepted_h[b]), final_token=int(final_h[b]), final_p=final_p_h[b],
                 drafts_q=draft_q_h[b * dmax:b * dmax + d],
-                new_drafts=[int(x) for x in fields[6][b * kmax:b * kmax + k]] if keep else [],
+                new_drafts=[int(x) for x in new_drafts_h[b * kmax:b * kmax + k]] if keep else [],
                 new_draft_q=new_q[b, :k] if keep else None,
                 new_draft_hidden=new_hidden[b, :k] if keep else None,
-                from_branch=keep and fields[5][b] > 0,
+                from_branch=keep and branched_h[b] > 0,
             )
         return outcomes
 
