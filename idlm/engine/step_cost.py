@@ -34,6 +34,9 @@ MIN_SEEN = 3  # steps of a shape before their median replaces the scaled table
 # The (K, b) round shapes the adaptive policy chooses among, all measured (and, on a GPU, their
 # graphs captured) before first use: each stride N = 2, 3, 4, 8, 16 with and without branches.
 ROUND_SHAPES = ((0, 0), (1, 0), (1, 1), (2, 0), (2, 2), (3, 0), (3, 3), (7, 0), (7, 7), (15, 0), (15, 2))
+# Without graphs a step's cost is close to linear in its rows, and every measured step is a full
+# forward (on a CPU, tens of milliseconds): three shapes (1, 4 and 16 rows) and one timed run each.
+EAGER_SHAPES = ((0, 0), (1, 1), (3, 3))
 # Rows past the point where a step costs this many 1-row steps can never pay (a round commits at
 # most 1 + K tokens, and rarely that many); the table extrapolates there instead of measuring.
 MAX_COST_RATIO = 4.0
@@ -125,12 +128,15 @@ def monotone(costs: dict[int, float]) -> dict[int, float]:
     return out
 
 
-def measure_step_cost(runner, max_batch: int, repeats: int = 2) -> StepCost:
+def measure_step_cost(runner, max_batch: int) -> StepCost:
     """A StepCost whose batch sizes are measured on the runner's device when first needed."""
+    graphs = runner.decode_graphs
+    with_graphs = graphs is not None and graphs.use_graphs
+    shapes, repeats = (ROUND_SHAPES, 2) if with_graphs else (EAGER_SHAPES, 1)
 
     def measure(batch: int) -> dict[int, float]:
         costs = {}
-        for k, b in sorted(ROUND_SHAPES, key=lambda kb: rows_of_round(*kb)):
+        for k, b in sorted(shapes, key=lambda kb: rows_of_round(*kb)):
             if len(costs) >= 2 and max(costs.values()) > MAX_COST_RATIO * costs[1]:
                 break
             rows = rows_of_round(k, b)
@@ -145,8 +151,7 @@ def measure_step_cost(runner, max_batch: int, repeats: int = 2) -> StepCost:
             costs[rows] = min(times[1:])  # the least disturbed run: a busy host only ever adds time
         return monotone(costs)
 
-    graphs = runner.decode_graphs
-    return StepCost(measure, max_batch, graphs.buckets if graphs is not None and graphs.use_graphs else None)
+    return StepCost(measure, max_batch, graphs.buckets if with_graphs else None)
 
 
 def _dummy(runner, k: int, b: int) -> Sequence:
