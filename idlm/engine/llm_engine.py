@@ -16,7 +16,14 @@ from idlm.engine.stats import EngineStats, request_stats
 from idlm.engine.step_cost import measure_step_cost
 from idlm.engine.stride_policy import StridePolicy
 from idlm.engine.tokenizer import IncrementalDetokenizer, generation_eos_ids, load_tokenizer
-from idlm.models.loader import load_model, parse_dtype, resolve_model_folder
+from idlm.models.loader import (
+    auto_dtype,
+    gguf_source,
+    load_model,
+    parse_dtype,
+    resolve_model_folder,
+    resolve_quantization,
+)
 from idlm.models.lora import DEFAULT_ADAPTER, fuse_for_inference, load_adapter
 from idlm.models.transformer import compile_elementwise
 
@@ -54,8 +61,10 @@ class LLMEngine:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-        dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if self.device.type == "cuda" else "float32")
-        self.model = load_model(self.folder, parse_dtype(dtype), self.device, progress=config.progress)
+        self.quantization = resolve_quantization(config.model, config.quantization, self.device)
+        dtype = config.dtype if config.dtype != "auto" else auto_dtype(self.device, self.quantization)
+        self.model = load_model(self.folder, parse_dtype(dtype), self.device, progress=config.progress,
+                                quantization=self.quantization, gguf_path=gguf_source(config.model))
         self.model_config = self.model.cfg
         if self.device.type == "cpu":
             self.model.store_head_column_major()

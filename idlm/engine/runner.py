@@ -73,7 +73,7 @@ class ModelRunner:
                  banned_token: int | None = None):
         cfg = model.cfg
         self.model = model
-        self.device = model.lm_head.weight.device
+        self.device = next(model.parameters()).device
         self.block_size = block_size
         self.mask_ids = mask_ids
         self.banned_token = banned_token
@@ -180,7 +180,7 @@ class ModelRunner:
         t = dict(zip(ints, self._to_device(list(ints.values()), torch.long)))
         temps_t, top_p_t, alpha_t = self._to_device([temps, top_ps, [float(p.verify_alpha) for p in params]],
                                                     torch.float32)
-        batch, vocab = len(seqs), self.model.lm_head.weight.shape[0]
+        batch, vocab = len(seqs), self.model.cfg.vocab_size
         all_greedy = all(x == 0 for x in temps)
         needs_filter = any(k > 0 or p < 1 for k, p in zip(top_ks, top_ps))
 

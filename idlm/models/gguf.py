@@ -1,4 +1,5 @@
-"""Turn a llama.cpp GGUF file into a float32 Hugging Face Llama folder, cached on disk."""
+"""Read llama.cpp GGUF files: turned into a float32 Hugging Face Llama folder, cached on disk
+(config, tokenizer, dequantised weights), and their quantised blocks read as they are."""
 
 import hashlib
 import importlib.util
@@ -16,6 +17,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoTokenizer
+
+from idlm.models.quant import FORMATS, GroupQuant, from_gguf_blocks
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _GLOBAL_NAMES = {
@@ -152,6 +155,40 @@ def _hf_name(name: str, path: Path) -> str:
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     # Inverse of llama.cpp's convert_hf_to_gguf permute, which interleaves rotary halves per head.
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def quantized_tensors(gguf_path: Path) -> dict[str, GroupQuant | torch.Tensor]:
+    """The file's weights under Hugging Face names, Q4_0 / Q4_1 / Q8_0 blocks as GroupQuant (q and k
+    rows un-permuted), float tensors as float32."""
+    gguf_path = Path(gguf_path).resolve()
+    reader = _open_reader(gguf_path)
+    config = _config(reader, gguf_path)
+    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    out: dict[str, GroupQuant | torch.Tensor] = {}
+    for t in reader.tensors:
+        shape = [int(d) for d in reversed(t.shape)]
+        kind = t.name.split(".")[-2]
+        fmt = t.tensor_type.name
+        if fmt in FORMATS and len(shape) == 2:
+            w = from_gguf_blocks(fmt, t.data, (shape[0], shape[1]))
+            if kind in heads:
+                w = w.rows(torch.from_numpy(_unpermute(np.arange(shape[0]), heads[kind]).copy()))
+        elif fmt in ("F32", "F16", "BF16") or len(shape) == 1:
+            w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+            w = torch.from_numpy(np.array(_unpermute(w, heads[kind]) if kind in heads else w, dtype=np.float32))
+        else:
+            raise ValueError(f"{gguf_path}: tensor {t.name!r} is {fmt}; idlm runs {', '.join(FORMATS)} (and float) "
+                             f"GGUF weights as they are: pass --quantization none to dequantise it to float32, "
+                             f"or use a file quantised to {'/'.join(FORMATS)}")
+        out[_hf_name(t.name, gguf_path)] = w
+    return out
+
+
+def is_quantized(gguf_path: Path) -> bool:
+    """Every matrix of the file is in a format the quantised CPU path runs as it is."""
+    reader = _open_reader(Path(gguf_path))
+    matrices = [t for t in reader.tensors if len(t.shape) == 2]
+    return bool(matrices) and all(t.tensor_type.name in FORMATS for t in matrices)
 
 
 def _state_dict(reader: gguf.GGUFReader, path: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
