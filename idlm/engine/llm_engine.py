@@ -16,6 +16,7 @@ from idlm.engine.stats import EngineStats, request_stats
 from idlm.engine.step_cost import measure_step_cost
 from idlm.engine.stride_policy import StridePolicy
 from idlm.engine.tokenizer import IncrementalDetokenizer, generation_eos_ids, load_tokenizer
+from idlm.kernels.row_attention import RowExactPagedAttention
 from idlm.models.loader import (
     auto_dtype,
     gguf_source,
@@ -97,6 +98,8 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.mask_ids,
                                   banned_token=self.mask_ids["isd"])
+        if self.quantization != "none":
+            self.runner.cpu_attention = RowExactPagedAttention
         if self.device.type == "cuda":
             self.runner.use_padded_decode(config.max_num_seqs, self.max_model_len + MAX_LOOKAHEAD,
                                           cuda_graphs=not config.enforce_eager and self.runner.use_triton)

@@ -85,6 +85,7 @@ class ModelRunner:
         self.kv_cache = torch.zeros(2, cfg.num_layers, num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim,
                                     dtype=param.dtype, device=self.device)
         self.decode_graphs: DecodeGraphs | None = None
+        self.cpu_attention = PagedAttention  # the engine sets RowExactPagedAttention for quantised models
 
     def use_padded_decode(self, max_batch: int, max_positions: int, cuda_graphs: bool) -> None:
         """Decode steps from now on run in the padded [bucket, T] layout, replayed as CUDA graphs
@@ -133,7 +134,7 @@ class ModelRunner:
                 return self._decide(seqs, [b * tokens for b in range(len(seqs))], list(range(len(seqs))),
                                     hidden, logits)
         input_ids, positions, batch, lora_gate = self.prepare(seqs, feeds)
-        backend = TritonPagedAttention if self.use_triton else PagedAttention
+        backend = TritonPagedAttention if self.use_triton else self.cpu_attention
         hidden = self.model(input_ids, positions, backend(self.kv_cache, batch), lora_gate)
         finals = [i for i, f in enumerate(feeds) if f.round_rows]
         if not finals:

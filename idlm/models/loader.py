@@ -6,6 +6,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm import tqdm
 
+from idlm.kernels.cpu_gemm import RowTiledLinear
 from idlm.models import gguf
 from idlm.models.config import ModelConfig
 from idlm.models.gguf import cached_hf_folder, default_gguf_path
@@ -158,7 +159,7 @@ def load_gguf_quantized(folder: Path, gguf_path: Path, dtype: torch.dtype) -> Ca
     # of 0.125 and tie the top tokens.
     embed = tensors.pop("model.embed_tokens.weight")
     head = _float(tensors.pop("lm_head.weight", embed), dtype)
-    model.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="cpu", dtype=dtype)
+    model.lm_head = RowTiledLinear(cfg.hidden_size, cfg.vocab_size, bias=False, device="cpu", dtype=dtype)
     model.lm_head.weight = nn.Parameter(head, requires_grad=False)
     if cfg.tie_word_embeddings:
         model.model.embed_tokens = nn.Embedding.from_pretrained(head, freeze=True)
