@@ -132,7 +132,8 @@ def _load_float_model(folder: Path, dtype: torch.dtype, device: str | torch.devi
 
 
 def quantize_model(model: CausalLM, fmt: str) -> None:
-    """Every projection becomes QuantLinear in `fmt` (the embedding and the head stay float)."""
+    """Every projection becomes QuantLinear in `fmt`; the embedding and the head stay float, the
+    head padded to whole row tiles (kernels/cpu_gemm.py)."""
     if model.lm_head.weight.device.type != "cpu":
         raise ValueError("quantised weights run on the CPU only")
     for layer in model.model.layers:
@@ -140,6 +141,9 @@ def quantize_model(model: CausalLM, fmt: str) -> None:
             owner, _, attr = path.rpartition(".")
             linear = layer.get_submodule(path)
             setattr(layer.get_submodule(owner), attr, QuantLinear(quantize(linear.weight, fmt), linear.bias))
+    head = RowTiledLinear(model.cfg.hidden_size, model.cfg.vocab_size, bias=False, device="meta")
+    head.weight = model.lm_head.weight
+    model.lm_head = head
 
 
 def load_gguf_quantized(folder: Path, gguf_path: Path, dtype: torch.dtype) -> CausalLM:
