@@ -232,6 +232,34 @@ def test_quantised_greedy_isd_risd_equal_ar_and_batched_equals_alone(quant_idlm,
         assert sum(o.stats["drafts"]["accepted"][0] for o in outs) > 0
 
 
+def head_inputs(llm: LLM, prompts: list[list[int]], params: SamplingParams, batched: bool) -> set[bytes]:
+    """The bits of every row the head saw."""
+    rows: list[torch.Tensor] = []
+    hook = llm.engine.model.lm_head.register_forward_hook(
+        lambda module, args, out: rows.extend(args[0].reshape(-1, args[0].shape[-1])))
+    try:
+        if batched:
+            llm.generate(prompts, params)
+        else:
+            for p in prompts:
+                llm.generate([p], params)
+    finally:
+        hook.remove()
+    return {r.float().numpy().tobytes() for r in rows}
+
+
+def test_quantised_rows_are_bit_identical_alone_batched_and_in_rounds(quant_idlm):
+    """Stronger than equal tokens: every hidden row an ar request alone gives its head recurs bit
+    for bit when it runs in a batch and when it runs as risd rounds."""
+    llm = quant_idlm["int4"]
+    prompts = prompts_for(8, 12, seed=8)
+    greedy = dict(temperature=0, max_tokens=24, ignore_eos=True)
+    alone = head_inputs(llm, prompts, SamplingParams(mode="ar", **greedy), batched=False)
+    assert alone <= head_inputs(llm, prompts, SamplingParams(mode="ar", **greedy), batched=True)
+    risd = SamplingParams(mode="risd", stride=4, stride_policy="fixed", **greedy)
+    assert alone <= head_inputs(llm, prompts, risd, batched=True)
+
+
 def test_quantised_seeded_sampling_is_batch_invariant(quant_idlm):
     llm = quant_idlm["int4"]
     prompts = prompts_for(6, 12, seed=6)
