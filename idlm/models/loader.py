@@ -166,7 +166,8 @@ def load_gguf_quantized(folder: Path, gguf_path: Path, dtype: torch.dtype) -> Ca
     model.lm_head = RowTiledLinear(cfg.hidden_size, cfg.vocab_size, bias=False, device="cpu", dtype=dtype)
     model.lm_head.weight = nn.Parameter(head, requires_grad=False)
     if cfg.tie_word_embeddings:
-        model.model.embed_tokens = nn.Embedding.from_pretrained(head, freeze=True)
+        model.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device="meta")
+        model.model.embed_tokens.weight = model.lm_head.weight  # one tensor, also once made column-major
     elif isinstance(embed, GroupQuant):
         model.model.embed_tokens = QuantEmbedding(embed, dtype)
     else:
