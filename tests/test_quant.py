@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from helpers import make_model, make_random_adapter, make_small_idlm, vocab_size
 
 from idlm import LLM, SamplingParams
+from idlm.kernels import cpu_gemm
 from idlm.kernels.attention import PagedBatch
-from idlm.kernels.cpu_gemm import row_tiled_linear
+from idlm.kernels.cpu_gemm import RowTiledLinear
 from idlm.kernels.row_attention import RowExactPagedAttention
 from idlm.models import loader
 from idlm.models.gguf import default_gguf_path
@@ -19,11 +20,9 @@ from idlm.models.quant import FORMATS, GroupQuant, QuantLinear, from_gguf_blocks
 
 
 def rows_invariant(fn, x: torch.Tensor) -> bool:
-    """fn gives every row the same bits whether it runs alone, first among m rows (m = 1..len),
-    or in the middle of the whole batch."""
+    """Also each row alone gives the bits it has in the middle of the batch."""
     full = fn(x)
-    return (all(torch.equal(fn(x[:m]), full[:m]) for m in range(1, len(x) + 1))
-            and all(torch.equal(fn(x[i:i + 1])[0], full[i]) for i in range(len(x))))
+    return cpu_gemm.rows_invariant(fn, x) and all(torch.equal(fn(x[i:i + 1])[0], full[i]) for i in range(len(x)))
 
 
 def split_k_when_batched(w: torch.Tensor):
@@ -107,13 +106,30 @@ def test_quant_linear_is_row_invariant(fmt):
 
 def test_head_gemm_is_row_invariant():
     gen = torch.Generator().manual_seed(3)
-    w = torch.randn(49152, 576, generator=gen)
-    x = torch.randn(24, 576, generator=gen)
-    assert rows_invariant(lambda a: row_tiled_linear(a, w), x)
-    column_major = w.t().contiguous().t()  # how the engine stores the head on the CPU
-    assert rows_invariant(lambda a: row_tiled_linear(a, column_major), x)
-    big = torch.randn(256, 576, generator=gen)
-    assert torch.equal(row_tiled_linear(big, w)[:5], row_tiled_linear(big[:5], w))
+    head = RowTiledLinear(576, 49152, bias=False)
+    torch.nn.init.normal_(head.weight, generator=gen)
+    x = torch.randn(20, 576, generator=gen)
+    for layout in ("row-major", "column-major"):  # column-major: how the engine stores the head on the CPU
+        if layout == "column-major":
+            head.weight.data = head.weight.data.t().contiguous().t()
+        head.calibrate()
+        assert rows_invariant(head, x)
+        big = torch.randn(256, 576, generator=gen)
+        assert torch.equal(head(big)[:5], head(big[:5]))
+
+
+def test_calibration_rejects_tiles_that_break_invariance(monkeypatch):
+    """With a GEMM that computes tails of fewer than 8 rows its own way, tile 8 is chosen."""
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(5))
+
+    def linear(x, weight, bias=None):
+        full = len(x) - len(x) % 8
+        tiles = [x[i:i + 8] @ weight.t() for i in range(0, full, 8)]
+        tail = [split_k_when_batched(weight)(x[full:])] if len(x) > full else []
+        return torch.cat(tiles + tail)
+
+    monkeypatch.setattr(cpu_gemm.F, "linear", linear)
+    assert cpu_gemm.smallest_invariant_tile(w) == 8
 
 
 def test_row_exact_attention_does_not_depend_on_batch_mates():

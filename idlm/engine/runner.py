@@ -8,6 +8,7 @@ from idlm.decoding.sampling import SamplingTensors, token_probs
 from idlm.engine.decode_graphs import DecodeGraphs
 from idlm.engine.sequence import Sequence
 from idlm.kernels.attention import PagedAttention, PagedBatch, TritonPagedAttention
+from idlm.kernels.cpu_memory import zeros
 from idlm.models.transformer import CausalLM
 
 
@@ -82,8 +83,8 @@ class ModelRunner:
         param = next(model.parameters())
         # one block past the pool: the scratch block that padded rows of decode graphs write to
         self.scratch_block = num_blocks
-        self.kv_cache = torch.zeros(2, cfg.num_layers, num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim,
-                                    dtype=param.dtype, device=self.device)
+        self.kv_cache = zeros((2, cfg.num_layers, num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim),
+                              param.dtype, self.device)
         self.decode_graphs: DecodeGraphs | None = None
         self.cpu_attention = PagedAttention  # the engine sets RowExactPagedAttention for quantised models
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from idlm.kernels.cpu_gemm import RowTiledLinear
 from idlm.models.config import ModelConfig
 from idlm.models.lora import GatedLoRA
 
@@ -223,6 +224,8 @@ class CausalLM(nn.Module):
         if isinstance(self.lm_head, nn.Linear):
             with torch.no_grad():
                 self.lm_head.weight.data = self.lm_head.weight.data.t().contiguous().t()
+        if isinstance(self.lm_head, RowTiledLinear):
+            self.lm_head.calibrate()  # for the layout it now has
 
     def shard_sizes(self, fused: str) -> list[int]:
         cfg = self.cfg
