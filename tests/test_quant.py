@@ -301,6 +301,8 @@ def test_default_model_runs_quantised_and_risd_equals_ar():
     llm = LLM(progress=False)
     assert llm.engine.quantization == "gguf"
     assert llm.engine.model.model.layers[0].self_attn.qkv_proj.fmt == "Q4_1"
+    # the cache of decoded blocks stays out of the float loader's way
+    assert loader.safetensors_files(llm.engine.folder) == [llm.engine.folder / "model.safetensors"]
     ids = [llm.engine.chat_prompt([{"role": "user", "content": c}]) for c in CHATS]
     greedy = dict(temperature=0, max_tokens=24)
     ar = [llm.generate([x], SamplingParams(mode="ar", **greedy))[0] for x in ids]

@@ -163,7 +163,8 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-QUANT_CACHE = "quantized.safetensors"  # beside the cached HF folder's files
+# in a subfolder of the cached HF folder, out of the way of loaders that read every *.safetensors
+QUANT_CACHE = "idlm-quantized/blocks.safetensors"
 
 
 def quantized_tensors(gguf_path: Path) -> dict[str, GroupQuant | torch.Tensor]:
@@ -231,6 +232,7 @@ def _write_quant_cache(gguf_path: Path, path: Path) -> None:
             w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
             tensors[name] = torch.from_numpy(np.array(_unpermute(w, heads[kind]) if kind in heads else w,
                                                       dtype=np.float32))
+    path.parent.mkdir(exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     save_file(tensors, tmp, metadata={"formats": json.dumps(formats)})
     tmp.replace(path)

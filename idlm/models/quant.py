@@ -191,8 +191,3 @@ class QuantEmbedding(nn.Module):
                           None if self.offset is None else self.offset[flat])
         return rows.dequantize().to(self.dtype).view(*ids.shape, self.embedding_dim)
 
-
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer (quantised codes and scales included)."""
-    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
