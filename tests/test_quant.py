@@ -112,13 +112,13 @@ def test_head_gemm_is_row_invariant():
     for layout in ("row-major", "column-major"):  # column-major: how the engine stores the head on the CPU
         if layout == "column-major":
             head.weight.data = head.weight.data.t().contiguous().t()
-        head.calibrate()
+        head.prepare()
         assert rows_invariant(head, x)
         big = torch.randn(256, 576, generator=gen)
         assert torch.equal(head(big)[:5], head(big[:5]))
 
 
-def test_calibration_rejects_tiles_that_break_invariance(monkeypatch):
+def test_calibration_rejects_tiles_that_break_invariance():
     """With a GEMM that computes tails of fewer than 8 rows its own way, tile 8 is chosen."""
     w = torch.randn(64, 96, generator=torch.Generator().manual_seed(5))
 
@@ -128,8 +128,7 @@ def test_calibration_rejects_tiles_that_break_invariance(monkeypatch):
         tail = [split_k_when_batched(weight)(x[full:])] if len(x) > full else []
         return torch.cat(tiles + tail)
 
-    monkeypatch.setattr(cpu_gemm.F, "linear", linear)
-    assert cpu_gemm.smallest_invariant_tile(w) == 8
+    assert cpu_gemm.smallest_invariant_tile(lambda a: linear(a, w), 96, torch.float32) == 8
 
 
 def test_row_exact_attention_does_not_depend_on_batch_mates():

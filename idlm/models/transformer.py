@@ -225,7 +225,7 @@ class CausalLM(nn.Module):
             with torch.no_grad():
                 self.lm_head.weight.data = self.lm_head.weight.data.t().contiguous().t()
         if isinstance(self.lm_head, RowTiledLinear):
-            self.lm_head.calibrate()  # for the layout it now has
+            self.lm_head.prepare()
 
     def shard_sizes(self, fused: str) -> list[int]:
         cfg = self.cfg
