@@ -16,7 +16,15 @@ from idlm.kernels.cpu_gemm import RowTiledLinear
 from idlm.kernels.row_attention import RowExactPagedAttention
 from idlm.models import loader
 from idlm.models.gguf import default_gguf_path
-from idlm.models.quant import FORMATS, GroupQuant, QuantLinear, from_gguf_blocks, quantize, to_gguf_blocks
+from idlm.models.quant import (
+    FORMATS,
+    GroupQuant,
+    QuantEmbedding,
+    QuantLinear,
+    from_gguf_blocks,
+    quantize,
+    to_gguf_blocks,
+)
 
 
 def rows_invariant(fn, x: torch.Tensor) -> bool:
@@ -86,6 +94,13 @@ def test_quant_linear_matches_dequantised_reference(fmt, n, k):
         assert out.shape == ref.shape and out.dtype == x.dtype
         # the kernel takes x as bfloat16 and rounds its output to bfloat16
         assert (out - ref).abs().max() <= 1e-2 * ref.abs().max()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quant_embedding_rows_equal_the_dequantised_table(fmt):
+    gq = quantize(torch.randn(50, 64, generator=torch.Generator().manual_seed(9)), fmt)
+    ids = torch.tensor([[3, 0, 49], [7, 7, 1]])
+    assert torch.equal(QuantEmbedding(gq, torch.float32)(ids), gq.dequantize()[ids])
 
 
 def test_invariance_check_fails_for_a_gemm_whose_result_depends_on_m():
