@@ -1,12 +1,15 @@
-"""The embedded default on this CPU: idlm (risd with the shipped adapter, and ar) against
-transformers `generate`, batch 1, greedy, on held-out chat prompts; and the time to start the
-model a second time (GGUF conversion cached).
+"""The embedded default on this CPU: idlm (risd with the shipped adapter, and ar, on the GGUF's own
+quantised weights) against llama.cpp on the same GGUF and transformers `generate`, greedy, on
+held-out chat prompts, at batch 1 and at --batch; the time and resident memory of a second start.
 
     HF_HUB_OFFLINE=1 python benchmarks/cpu_default.py --prompts 8 --max-tokens 128 --strides 4,2 --json out.json
     HF_HUB_OFFLINE=1 python benchmarks/cpu_default.py --model runs/smollm2-idlm/final --mode isd --strides 4,2,3,8
 
 --mode (risd for the default, isd for a converted model given by --model) runs at each stride N
 of --strides; results are keyed by the mode for the first stride and "<mode>_N<N>" for the others.
+llama.cpp runs in its own process from the benchmark venv of benchmarks/llama_cpp_env.sh (skipped
+with a note when that venv is missing or --model is not a GGUF), one sequence at a time: its
+batch-8 aggregate is its batch-1 rate. --fp32 adds our ar on the dequantised float32 weights.
 """
 
 import argparse
@@ -20,11 +23,34 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from idlm import LLM, SamplingParams
-from idlm.models.loader import resolve_model_folder
+from idlm.models.loader import gguf_source, resolve_model_folder
 
-HELDOUT = Path(__file__).resolve().parents[1] / "configs" / "smollm2" / "prompts" / "heldout.jsonl"
+ROOT = Path(__file__).resolve().parents[1]
+HELDOUT = ROOT / "configs" / "smollm2" / "prompts" / "heldout.jsonl"
+LLAMA_PYTHON = ROOT / ".bench-venv" / "llama-cpp" / "bin" / "python"
 START = ("import sys, time; t = time.perf_counter(); from idlm import LLM; LLM(sys.argv[1] or None, progress=False); "
-         "print(time.perf_counter() - t)")
+         "s = time.perf_counter() - t; rss = [l for l in open('/proc/self/status') if l.startswith('VmRSS')]; "
+         "print(s, int(rss[0].split()[1]) / 1024)")
+
+
+def timed(llm: LLM, prompts: list[list[int]], params: SamplingParams, batch: int) -> tuple[dict, list[list[int]]]:
+    t = time.perf_counter()
+    outs = [o for i in range(0, len(prompts), batch) for o in llm.generate(prompts[i:i + batch], params)]
+    seconds = time.perf_counter() - t
+    tokens = sum(len(o.token_ids) for o in outs)
+    tpf = tokens / sum(o.stats["forwards"] for o in outs)
+    return dict(tokens=tokens, seconds=seconds, tok_s=tokens / seconds, tpf=tpf), [o.token_ids for o in outs]
+
+
+def llama_cpp(gguf: Path, prompts: list[list[int]], max_tokens: int, eos: list[int], n_batch: int) -> dict:
+    req = dict(model=str(gguf), prompts=prompts, max_tokens=max_tokens, threads=torch.get_num_threads(),
+               n_batch=n_batch, eos=eos)
+    out = subprocess.run([str(LLAMA_PYTHON), str(ROOT / "benchmarks" / "llama_cpp_run.py")], input=json.dumps(req),
+                         capture_output=True, text=True, check=True)
+    run = json.loads(out.stdout)["runs"][0]
+    tokens = sum(len(o) for o in run["outputs"])
+    return dict(tokens=tokens, seconds=sum(run["seconds"]), tok_s=tokens / sum(run["seconds"]), n_batch=n_batch,
+                outputs=run["outputs"])
 
 
 def main() -> None:
@@ -34,10 +60,15 @@ def main() -> None:
     p.add_argument("--model", default=None, help="a converted model (folder or GGUF); default: the embedded one")
     p.add_argument("--mode", default="risd", choices=["risd", "isd"], help="the multi-token mode (default risd)")
     p.add_argument("--strides", default="4", help="comma-separated N of the --mode runs (default 4)")
+    p.add_argument("--batch", type=int, default=8, help="the batched runs' batch size (0: none)")
+    p.add_argument("--fp32", action="store_true", help="also our ar on the dequantised float32 weights")
+    p.add_argument("--llama-n-batch", type=int, default=512,
+                   help="llama.cpp's prompt batch (1 on AMX Xeons, where its native build crashed with more)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
-    starts = [float(subprocess.run([sys.executable, "-c", START, args.model or ""], capture_output=True, text=True,
-                                   check=True).stdout.split()[-1]) for _ in range(2)]
+    load = open("/proc/loadavg").read().split()[:3]
+    starts = [[float(x) for x in subprocess.run([sys.executable, "-c", START, args.model or ""], capture_output=True,
+                                                text=True, check=True).stdout.split()[-2:]] for _ in range(2)]
     llm = LLM(args.model, progress=False)
     engine = llm.engine
     chats = [[{"role": "user", "content": json.loads(line)["prompt"]}]
@@ -50,15 +81,25 @@ def main() -> None:
     runs.append(("ar", "ar", None))
     for name, mode, stride in runs:
         params = SamplingParams(mode=mode, stride=stride, temperature=0, max_tokens=args.max_tokens)
-        t = time.perf_counter()
-        outs = [llm.generate([x], params)[0] for x in ids]
-        seconds = time.perf_counter() - t
-        tokens = sum(len(o.token_ids) for o in outs)
-        forwards = sum(o.stats["forwards"] for o in outs)
-        outputs[name] = [o.token_ids for o in outs]
-        results[name] = dict(tokens=tokens, seconds=seconds, tok_s=tokens / seconds, tpf=tokens / forwards)
-    hf = AutoModelForCausalLM.from_pretrained(str(resolve_model_folder(args.model)), dtype=torch.float32).eval()
+        results[name], outputs[name] = timed(llm, ids, params, 1)
+        if args.batch > 1:
+            results[f"{name}_batch{args.batch}"], outputs[f"{name}_batch{args.batch}"] = timed(
+                llm, ids, params, args.batch)
     eos = sorted(engine.eos_ids)
+    gguf = gguf_source(args.model)
+    if gguf is not None and LLAMA_PYTHON.is_file():
+        results["llama.cpp"] = llama_cpp(gguf, ids, args.max_tokens, eos, args.llama_n_batch)
+        outputs["llama.cpp"] = results["llama.cpp"].pop("outputs")
+    else:
+        results["llama.cpp"] = dict(skipped="no GGUF model or no benchmarks/llama_cpp_env.sh venv")
+    del llm, engine
+    if args.fp32:
+        fp32 = LLM(args.model, progress=False, quantization="none")
+        fp32.generate([ids[0]], SamplingParams(mode="ar", max_tokens=8))
+        results["ar_fp32"], outputs["ar_fp32"] = timed(fp32, ids, SamplingParams(mode="ar", temperature=0,
+                                                                                 max_tokens=args.max_tokens), 1)
+        del fp32
+    hf = AutoModelForCausalLM.from_pretrained(str(resolve_model_folder(args.model)), dtype=torch.float32).eval()
     tokens, seconds = 0, 0.0
     with torch.inference_mode():
         hf.generate(torch.tensor([ids[0]]), max_new_tokens=8, do_sample=False)
@@ -69,11 +110,12 @@ def main() -> None:
             seconds += time.perf_counter() - t
             tokens += out.shape[1] - len(x)
     results["transformers"] = dict(tokens=tokens, seconds=seconds, tok_s=tokens / seconds)
-    report = dict(date=time.strftime("%Y-%m-%d"), model=args.model or "embedded default",
-                  threads=torch.get_num_threads(), torch=torch.__version__,
-                  second_start_s=starts[1], first_start_s=starts[0], prompts=args.prompts,
-                  max_tokens=args.max_tokens, results=results,
-                  equals_ar={name: outputs[name] == outputs["ar"] for name, mode, _ in runs if mode != "ar"})
+    report = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), model=args.model or "embedded default",
+                  threads=torch.get_num_threads(), torch=torch.__version__, cpu=torch.backends.cpu.get_cpu_capability(),
+                  load_before=load,
+                  second_start_s=starts[1][0], second_start_rss_mb=starts[1][1], first_start_s=starts[0][0],
+                  prompts=args.prompts, max_tokens=args.max_tokens, results=results,
+                  equals_ar={name: outputs[name] == outputs["ar"] for name in outputs if name != "ar"})
     print(json.dumps(report, indent=1))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

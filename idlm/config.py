@@ -31,7 +31,8 @@ class EngineConfig:
     """How the engine is built. None/auto fields are resolved when the engine starts."""
 
     model: str | None = None  # HF folder, .gguf file, or None for the embedded default
-    dtype: str = "auto"  # float32 on CPU, bfloat16 on CUDA
+    dtype: str = "auto"  # bfloat16 on CUDA; CPU: float32, or bfloat16 with quantised weights on a bf16 CPU
+    quantization: str = "auto"  # none | gguf | int8 | int4; auto: gguf for a quantised GGUF on the CPU
     device: str = "auto"  # cuda when available
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048  # prefill tokens per step; longer prompts are chunked

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+from idlm.models.quant import QuantLinear
 from idlm.models.transformer import CausalLM
 
 H100_BANDWIDTH = 3.0e12  # B/s, device-to-device copy measured on the lent H100
@@ -24,8 +25,11 @@ class Roofline:
         params = {id(p): p for p in model.parameters()}
         if model.lm_head.weight is not embed:
             params.pop(id(embed))
-        weight_bytes = sum(p.numel() * p.element_size() for p in params.values())
-        matmul = sum(p.numel() for p in params.values() if p.ndim > 1)
+        quantised = [m for m in model.modules() if isinstance(m, QuantLinear)]
+        weight_bytes = sum(t.numel() * t.element_size() for t in list(params.values()) +
+                           [b for m in quantised for b in m.buffers()])
+        matmul = (sum(p.numel() for p in params.values() if p.ndim > 1)
+                  + sum(m.in_features * m.out_features for m in quantised))
         elem = embed.element_size()
         return cls(weight_bytes=weight_bytes, matmul_params=matmul,
                    kv_bytes_per_token=2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * elem,

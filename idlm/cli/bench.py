@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from idlm.cli.options import ENGINE, add_options
+from idlm.cli.options import ENGINE, QUANTIZATION, add_options
 from idlm.config import MAX_STRIDE
 from idlm.engine.sampling_params import MODES, STRIDE_POLICIES
 from idlm.models.shapes import SHAPES
@@ -31,8 +31,10 @@ def add_parsers(sub) -> None:
                        description="Benchmark the engine: closed-loop runs at each concurrency for each\n"
                                    "decoding mode, optionally against transformers generate.",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_options(p, ENGINE, kv_cache_tokens={"help": "size of the paged KV pool in tokens (default: enough for "
-                                                    "--max-num-seqs requests of the longest prompt + output)"})
+    # the bench loads the model folder it resolved (for a GGUF, its float cache), so no --quantization
+    add_options(p, [o for o in ENGINE if o is not QUANTIZATION],
+                kv_cache_tokens={"help": "size of the paged KV pool in tokens (default: enough for --max-num-seqs "
+                                         "requests of the longest prompt + output)"})
     p.add_argument("--shape", default=None,
                    help=f"random weights of a real model's shape instead of --model: {', '.join(SHAPES)} "
                         "(has a MASK token, so isd runs; speed only)")

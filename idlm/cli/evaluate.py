@@ -4,7 +4,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from idlm.cli.options import DEVICE, DTYPE, ENGINE, MODEL, SAMPLING, add_options, engine_args, option, sampling_params
+from idlm.cli.options import (
+    DEVICE,
+    DTYPE,
+    ENGINE,
+    MODEL,
+    QUANTIZATION,
+    SAMPLING,
+    add_options,
+    engine_args,
+    option,
+    sampling_params,
+)
 
 TASKS_HELP = """tasks:
   alpha        introspective acceptance rate on a prompt file (the model itself; not with --url)
@@ -89,7 +100,7 @@ def add_parsers(sub) -> None:
                                        "of --context tokens that advance by --window-stride; each token is scored "
                                        "once. Reports tokens scored, mean NLL (nats) and perplexity.")
     ppl.add_argument("text", help="UTF-8 text file")
-    add_options(ppl, (MODEL, DEVICE, DTYPE), dtype={"help": "weight dtype (default: float32 on CPU, bfloat16 on CUDA)"})
+    add_options(ppl, (MODEL, DEVICE, DTYPE, QUANTIZATION))
     ppl.add_argument("--context", type=int, default=None,
                      help="window length in tokens (default: min(2048, the model's context))")
     ppl.add_argument("--window-stride", type=int, default=None, help="tokens a window advances (default context/2)")
@@ -162,4 +173,5 @@ def run_jsonl(args: argparse.Namespace) -> dict:
 def run_perplexity(args: argparse.Namespace) -> dict:
     from idlm.eval.perplexity import evaluate
 
-    return evaluate(Path(args.text), args.model, args.device, args.dtype, args.context, args.window_stride)
+    return evaluate(Path(args.text), args.model, args.device, args.dtype, args.context, args.window_stride,
+                    args.quantization)

@@ -10,6 +10,7 @@ from idlm.config import MAX_STRIDE, EngineConfig
 from idlm.decoding.rounds import PROPOSALS
 from idlm.engine.decoding_config import load_decoding_config
 from idlm.engine.sampling_params import MODES, STRIDE_POLICIES, SamplingParams
+from idlm.models.loader import QUANTIZATIONS
 
 MODEL_HELP = "Hugging Face model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -42,12 +43,17 @@ def add_options(parser: argparse.ArgumentParser, options: Iterable[Option], **ch
 MODEL = option("--model", default=None, help=MODEL_HELP)
 DEVICE = option("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
 DTYPE = option("--dtype", default="auto", choices=DTYPES,
-               help="weight and KV dtype (default: float32 on CPU, bfloat16 on CUDA)")
+               help="activation and KV dtype (default: bfloat16 on CUDA; on CPU float32, or bfloat16 with quantised "
+                    "weights where the CPU has AMX or AVX-512 BF16)")
+QUANTIZATION = option("--quantization", default="auto", choices=QUANTIZATIONS,
+                      help="CPU weights: auto (a GGUF's own quantised blocks on the CPU, else as stored), none "
+                           "(dequantise to float), gguf, or int8 / int4 (round a safetensors model's projections "
+                           "to Q8_0 / Q4_1 on load)")
 KV_CACHE_TOKENS = option("--kv-cache-tokens", type=int, default=None, help="size of the paged KV pool in tokens")
 ADAPTER = option("--adapter", default=None,
                  help="gated-LoRA (R-ISD) adapter folder for the model (default: the shipped SmolLM2 adapter when "
                       "--model is not given; 'none' for no adapter)")
-ENGINE = (MODEL, DEVICE, DTYPE, KV_CACHE_TOKENS, ADAPTER)
+ENGINE = (MODEL, DEVICE, DTYPE, QUANTIZATION, KV_CACHE_TOKENS, ADAPTER)
 
 MAX_NUM_SEQS = option("--max-num-seqs", type=int, default=64, help="requests decoded together (default 64)")
 

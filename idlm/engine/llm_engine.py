@@ -16,7 +16,15 @@ from idlm.engine.sequence import Sequence, TokenSource
 from idlm.engine.stats import EngineStats, request_stats
 from idlm.engine.step_cost import measure_step_cost
 from idlm.engine.stride_policy import StridePolicy
-from idlm.models.loader import load_model, parse_dtype, resolve_model_folder
+from idlm.kernels.row_attention import RowExactPagedAttention
+from idlm.models.loader import (
+    auto_dtype,
+    gguf_source,
+    load_model,
+    parse_dtype,
+    resolve_model_folder,
+    resolve_quantization,
+)
 from idlm.models.lora import DEFAULT_ADAPTER, fuse_for_inference, load_adapter
 from idlm.models.tokenizer import generation_eos_ids, load_tokenizer
 from idlm.models.transformer import compile_elementwise
@@ -55,8 +63,10 @@ class LLMEngine:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-        dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if self.device.type == "cuda" else "float32")
-        self.model = load_model(self.folder, parse_dtype(dtype), self.device, progress=config.progress)
+        self.quantization = resolve_quantization(config.model, config.quantization, self.device)
+        dtype = config.dtype if config.dtype != "auto" else auto_dtype(self.device, self.quantization)
+        self.model = load_model(self.folder, parse_dtype(dtype), self.device, progress=config.progress,
+                                quantization=self.quantization, gguf_path=gguf_source(config.model))
         self.model_config = self.model.cfg
         if self.device.type == "cpu":
             self.model.store_head_column_major()
@@ -89,6 +99,8 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.kv_block_size, config.enable_prefix_caching)
         self.runner = ModelRunner(self.model, num_blocks, config.kv_block_size, self.mask_ids,
                                   banned_token=self.mask_ids["isd"])
+        if self.quantization != "none":
+            self.runner.cpu_attention = RowExactPagedAttention
         if self.device.type == "cuda":
             self.runner.use_padded_decode(config.max_num_seqs, self.max_model_len + MAX_LOOKAHEAD,
                                           cuda_graphs=not config.enforce_eager and self.runner.use_triton)

@@ -8,6 +8,7 @@ from idlm.decoding.sampling import SamplingTensors, token_probs
 from idlm.engine.decode_graphs import DecodeGraphs
 from idlm.engine.sequence import Sequence
 from idlm.kernels.attention import PagedAttention, PagedBatch, TritonPagedAttention, padded_block_tables
+from idlm.kernels.cpu_memory import zeros
 from idlm.models.transformer import CausalLM
 
 
@@ -73,7 +74,7 @@ class ModelRunner:
                  banned_token: int | None = None):
         cfg = model.cfg
         self.model = model
-        self.device = model.lm_head.weight.device
+        self.device = next(model.parameters()).device
         self.block_size = block_size
         self.mask_ids = mask_ids
         self.banned_token = banned_token
@@ -82,9 +83,10 @@ class ModelRunner:
         param = next(model.parameters())
         # one block past the pool: the scratch block that padded rows of decode graphs write to
         self.scratch_block = num_blocks
-        self.kv_cache = torch.zeros(2, cfg.num_layers, num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim,
-                                    dtype=param.dtype, device=self.device)
+        self.kv_cache = zeros((2, cfg.num_layers, num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim),
+                              param.dtype, self.device)
         self.decode_graphs: DecodeGraphs | None = None
+        self.cpu_attention = PagedAttention  # the engine sets RowExactPagedAttention for quantised models
 
     def use_padded_decode(self, max_batch: int, max_positions: int, cuda_graphs: bool) -> None:
         """Decode steps from now on run in the padded [bucket, T] layout, replayed as CUDA graphs
@@ -133,7 +135,7 @@ class ModelRunner:
                 return self._decide(seqs, [b * tokens for b in range(len(seqs))], list(range(len(seqs))),
                                     hidden, logits)
         input_ids, positions, batch, lora_gate = self.prepare(seqs, feeds)
-        backend = TritonPagedAttention if self.use_triton else PagedAttention
+        backend = TritonPagedAttention if self.use_triton else self.cpu_attention
         hidden = self.model(input_ids, positions, backend(self.kv_cache, batch), lora_gate)
         finals = [i for i, f in enumerate(feeds) if f.round_rows]
         if not finals:
@@ -179,7 +181,7 @@ class ModelRunner:
         t = dict(zip(ints, self._to_device(list(ints.values()), torch.long)))
         temps_t, top_p_t, alpha_t = self._to_device([temps, top_ps, [float(p.verify_alpha) for p in params]],
                                                     torch.float32)
-        batch, vocab = len(seqs), self.model.lm_head.weight.shape[0]
+        batch, vocab = len(seqs), self.model.cfg.vocab_size
         all_greedy = all(x == 0 for x in temps)
         needs_filter = any(k > 0 or p < 1 for k, p in zip(top_ks, top_ps))
 

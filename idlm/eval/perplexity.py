@@ -18,7 +18,14 @@ from tqdm import tqdm
 
 from idlm.eval.data import read_text
 from idlm.kernels.attention import DenseAttention
-from idlm.models.loader import load_model, parse_dtype, resolve_model_folder
+from idlm.models.loader import (
+    auto_dtype,
+    gguf_source,
+    load_model,
+    parse_dtype,
+    resolve_model_folder,
+    resolve_quantization,
+)
 from idlm.models.tokenizer import load_tokenizer
 from idlm.models.transformer import CausalLM
 
@@ -86,23 +93,25 @@ def perplexity(model: CausalLM, ids: list[int], context: int, stride: int | None
 
 
 def evaluate(text_file: Path, model_path: str | None, device: str = "auto", dtype: str = "auto",
-             context: int | None = None, stride: int | None = None) -> dict[str, Any]:
+             context: int | None = None, stride: int | None = None, quantization: str = "auto") -> dict[str, Any]:
     text = read_text(text_file)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    quantization = resolve_quantization(model_path, quantization, torch.device(device))
     if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+        dtype = auto_dtype(torch.device(device), quantization)
     folder = resolve_model_folder(model_path)
     tokenizer = load_tokenizer(folder)
     if tokenizer is None:
         raise ValueError(f"{folder} has no tokenizer; perplexity needs one to read text")
-    model = load_model(folder, parse_dtype(dtype), device)
+    model = load_model(folder, parse_dtype(dtype), device, quantization=quantization, gguf_path=gguf_source(model_path))
     ids = tokenizer.encode(text, add_special_tokens=True, verbose=False)
     banned = model.cfg.mask_token_id if model.cfg.mask_token_id is not None else model.cfg.sdar_mask_token_id
     if banned is not None and banned >= model.cfg.vocab_size:
         banned = None
     report = perplexity(model, ids, context or DEFAULT_CONTEXT, stride, progress=True, banned_token=banned)
     return {"task": "perplexity", "summary": {"model": str(folder), "file": str(text_file), "dtype": dtype,
+                                              "quantization": quantization,
                                               **asdict(report)}}

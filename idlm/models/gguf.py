@@ -1,4 +1,5 @@
-"""Turn a llama.cpp GGUF file into a float32 Hugging Face Llama folder, cached on disk."""
+"""Read llama.cpp GGUF files: turned into a float32 Hugging Face Llama folder, cached on disk
+(config, tokenizer, dequantised weights), and their quantised blocks read as they are."""
 
 import hashlib
 import importlib.util
@@ -13,11 +14,15 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
+from idlm.models.quant import FORMATS, GroupQuant, from_gguf_blocks
+
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+FLOAT_TYPES = ("F32", "F16", "BF16")
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -49,15 +54,19 @@ def default_gguf_path() -> Path:
 
 
 def cached_hf_folder(gguf_path: Path) -> Path:
+    folder = _cache_folder(gguf_path)
+    if not folder.is_dir():
+        gguf_to_hf_folder(gguf_path, folder)
+    return folder
+
+
+def _cache_folder(gguf_path: Path) -> Path:
     gguf_path = Path(gguf_path).resolve()
     _require_file(gguf_path)
     stat = gguf_path.stat()
     key = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}:{gguf_path}".encode()).hexdigest()[:16]
     root = Path(os.environ.get("IDLM_CACHE") or Path.home() / ".cache" / "idlm")
-    folder = root / "gguf" / f"{gguf_path.stem}-{key}"
-    if not folder.is_dir():
-        gguf_to_hf_folder(gguf_path, folder)
-    return folder
+    return root / "gguf" / f"{gguf_path.stem}-{key}"
 
 
 def gguf_to_hf_folder(gguf_path: Path, out_dir: Path) -> None:
@@ -152,6 +161,87 @@ def _hf_name(name: str, path: Path) -> str:
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     # Inverse of llama.cpp's convert_hf_to_gguf permute, which interleaves rotary halves per head.
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# in a subfolder of the cached HF folder, out of the way of loaders that read every *.safetensors
+QUANT_CACHE = "idlm-quantized/blocks.safetensors"
+
+
+def quantized_tensors(gguf_path: Path) -> dict[str, GroupQuant | torch.Tensor]:
+    """The file's weights under Hugging Face names, Q4_0 / Q4_1 / Q8_0 blocks as GroupQuant (q and k
+    rows un-permuted), float tensors as float32. Read from the GGUF once, then from a safetensors
+    copy of the decoded blocks in the cache (reading the GGUF's metadata takes seconds)."""
+    formats = tensor_formats(gguf_path)
+    unsupported = {name: fmt for name, fmt in formats.items() if fmt not in FORMATS + FLOAT_TYPES}
+    if unsupported:
+        name, fmt = next(iter(unsupported.items()))
+        raise ValueError(f"{gguf_path}: tensor {name!r} is {fmt}; idlm runs {', '.join(FORMATS)} (and float) GGUF "
+                         f"weights as they are: pass --quantization none to dequantise it to float32, or use a "
+                         f"file quantised to {'/'.join(FORMATS)}")
+    path = cached_hf_folder(gguf_path) / QUANT_CACHE
+    if not path.is_file():
+        _write_quant_cache(Path(gguf_path).resolve(), path)
+    out: dict[str, GroupQuant | torch.Tensor] = {}
+    with safe_open(path, framework="pt") as f:
+        for name, fmt in json.loads(f.metadata()["formats"]).items():
+            if fmt in FORMATS:
+                offset = f.get_tensor(f"{name}.offset") if f"{name}.offset" in f.keys() else None
+                out[name] = GroupQuant(fmt, f.get_tensor(f"{name}.codes"), f.get_tensor(f"{name}.scale"), offset)
+            else:
+                out[name] = f.get_tensor(name)
+    return out
+
+
+def is_quantized(gguf_path: Path) -> bool:
+    """Every matrix of the file is in a format the quantised CPU path runs as it is."""
+    formats = tensor_formats(gguf_path)
+    matrices = [fmt for name, fmt in formats.items() if name.endswith(".weight") and "norm" not in name]
+    return bool(matrices) and all(fmt in FORMATS for fmt in matrices)
+
+
+def tensor_formats(gguf_path: Path) -> dict[str, str]:
+    """Hugging Face name -> GGUF tensor type, kept in the cached folder once that exists."""
+    path = _cache_folder(gguf_path) / "gguf_formats.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    gguf_path = Path(gguf_path).resolve()
+    reader = _open_reader(gguf_path)
+    formats = {_hf_name(t.name, gguf_path): t.tensor_type.name for t in reader.tensors}
+    if path.parent.is_dir():
+        _write_atomically(path, json.dumps(formats, indent=1).encode())
+    return formats
+
+
+def _write_quant_cache(gguf_path: Path, path: Path) -> None:
+    reader = _open_reader(gguf_path)
+    config = _config(reader, gguf_path)
+    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    tensors, formats = {}, {}
+    for t in reader.tensors:
+        name, fmt, kind = _hf_name(t.name, gguf_path), t.tensor_type.name, t.name.split(".")[-2]
+        shape = [int(d) for d in reversed(t.shape)]
+        formats[name] = fmt
+        if fmt in FORMATS:
+            w = from_gguf_blocks(fmt, t.data, (shape[0], shape[1]))
+            if kind in heads:
+                w = w.rows(torch.from_numpy(_unpermute(np.arange(shape[0]), heads[kind]).copy()))
+            tensors[f"{name}.codes"], tensors[f"{name}.scale"] = w.codes.contiguous(), w.scale.contiguous()
+            if w.offset is not None:
+                tensors[f"{name}.offset"] = w.offset.contiguous()
+        else:
+            w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+            tensors[name] = torch.from_numpy(np.array(_unpermute(w, heads[kind]) if kind in heads else w,
+                                                      dtype=np.float32))
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    save_file(tensors, tmp, metadata={"formats": json.dumps(formats)})
+    tmp.replace(path)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_bytes(data)
+    tmp.replace(path)
 
 
 def _state_dict(reader: gguf.GGUFReader, path: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -3,13 +3,28 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch import nn
 from tqdm import tqdm
 
+from idlm.kernels.cpu_gemm import RowTiledLinear
+from idlm.models import gguf
 from idlm.models.config import ModelConfig
 from idlm.models.gguf import cached_hf_folder, default_gguf_path
+from idlm.models.quant import GroupQuant, QuantEmbedding, QuantLinear, concat_rows, quantize
 from idlm.models.transformer import CausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# none: float weights; gguf: the GGUF file's own Q4_0/Q4_1/Q8_0 blocks; int8 / int4: float weights
+# rounded on load to Q8_0 / Q4_1; auto: gguf for a quantised GGUF on the CPU, else none
+QUANTIZATIONS = ("auto", "none", "gguf", "int8", "int4")
+QUANT_FORMATS = {"int8": "Q8_0", "int4": "Q4_1"}
+# our (fused) projection -> its Hugging Face parts
+PROJECTIONS = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "self_attn.o_proj": ("self_attn.o_proj",),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp.down_proj": ("mlp.down_proj",),
+}
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
@@ -26,6 +41,45 @@ def resolve_model_folder(model: str | Path | None) -> Path:
             raise ValueError(f"{path} is a file but not .gguf; pass a model folder or a .gguf file")
         return cached_hf_folder(path)
     return path
+
+
+def gguf_source(model: str | Path | None) -> Path | None:
+    """The GGUF file behind `model` (None: the embedded default), or None for a folder."""
+    if model is None:
+        return default_gguf_path()
+    path = Path(model).expanduser()
+    return path if path.suffix == ".gguf" else None
+
+
+def resolve_quantization(model: str | Path | None, quantization: str, device: torch.device) -> str:
+    """none, gguf, int8 or int4 for this model on this device."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
+    source = gguf_source(model)
+    if device.type != "cpu":
+        if quantization in ("auto", "none"):
+            return "none"
+        raise ValueError(f"quantization {quantization} runs on the CPU only; use --device cpu or --quantization none")
+    if quantization == "auto":
+        return "gguf" if source is not None and gguf.is_quantized(source) else "none"
+    if quantization == "gguf" and source is None:
+        raise ValueError("quantization gguf keeps a GGUF file's own blocks; the model is not a .gguf file: "
+                         "use int8 or int4 to quantise its weights on load")
+    return quantization
+
+
+def cpu_has_bf16() -> bool:
+    """bfloat16 arithmetic in hardware: AMX tiles or AVX-512 BF16."""
+    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
+def auto_dtype(device: torch.device, quantization: str) -> str:
+    """bfloat16 on CUDA; on the CPU bfloat16 activations for quantised weights where the CPU
+    computes in bfloat16, else float32 (float32 for float weights: a CPU bfloat16 GEMM's rows
+    depend on how many rows it has)."""
+    if device.type == "cuda":
+        return "bfloat16"
+    return "bfloat16" if quantization != "none" and cpu_has_bf16() else "float32"
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -50,7 +104,19 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def load_model(folder: Path, dtype: torch.dtype, device: str | torch.device, progress: bool = True) -> CausalLM:
+def load_model(folder: Path, dtype: torch.dtype, device: str | torch.device, progress: bool = True,
+               quantization: str = "none", gguf_path: Path | None = None) -> CausalLM:
+    """quantization (resolved: none, gguf, int8, int4): gguf builds the model from gguf_path's
+    quantised blocks; int8 / int4 load float weights and quantise every projection."""
+    if quantization == "gguf":
+        return load_gguf_quantized(folder, gguf_path, dtype)
+    model = _load_float_model(folder, dtype, device, progress)
+    if quantization in QUANT_FORMATS:
+        quantize_model(model, QUANT_FORMATS[quantization])
+    return model
+
+
+def _load_float_model(folder: Path, dtype: torch.dtype, device: str | torch.device, progress: bool) -> CausalLM:
     cfg = ModelConfig.from_folder(folder)
     with torch.device("meta"):
         model = CausalLM(cfg)
@@ -63,6 +129,82 @@ def load_model(folder: Path, dtype: torch.dtype, device: str | torch.device, pro
     else:
         load_weights(model, safetensors_files(folder), progress)
     return model.eval().requires_grad_(False)
+
+
+def quantize_model(model: CausalLM, fmt: str) -> None:
+    """Every projection becomes QuantLinear in `fmt`; the embedding and the head stay float, the
+    head padded to whole row tiles (kernels/cpu_gemm.py)."""
+    if model.lm_head.weight.device.type != "cpu":
+        raise ValueError("quantised weights run on the CPU only")
+    for layer in model.model.layers:
+        for path in PROJECTIONS:
+            owner, _, attr = path.rpartition(".")
+            linear = layer.get_submodule(path)
+            setattr(layer.get_submodule(owner), attr, QuantLinear(quantize(linear.weight, fmt), linear.bias))
+    head = RowTiledLinear(model.cfg.hidden_size, model.cfg.vocab_size, bias=False, device="meta")
+    head.weight = model.lm_head.weight
+    model.lm_head = head
+
+
+def load_gguf_quantized(folder: Path, gguf_path: Path, dtype: torch.dtype) -> CausalLM:
+    """The model of a quantised GGUF (CPU): the projections run on the file's blocks; the head,
+    the norms and a tied embedding are float; an untied quantised embedding dequantises the rows it
+    looks up."""
+    cfg = ModelConfig.from_folder(folder)
+    tensors = gguf.quantized_tensors(gguf_path)
+    with torch.device("meta"):
+        model = CausalLM(cfg).to(dtype)
+    for i, layer in enumerate(model.model.layers):
+        for path, parts in PROJECTIONS.items():
+            owner, _, attr = path.rpartition(".")
+            weights = [tensors.pop(f"model.layers.{i}.{p}.weight") for p in parts]
+            setattr(layer.get_submodule(owner), attr, _linear(concat_weights(weights), dtype))
+    # The head stays float: the int4 kernel's bfloat16 output would round logits near 25 to steps
+    # of 0.125 and tie the top tokens.
+    embed = tensors.pop("model.embed_tokens.weight")
+    head = _float(tensors.pop("lm_head.weight", embed), dtype)
+    model.lm_head = RowTiledLinear(cfg.hidden_size, cfg.vocab_size, bias=False, device="cpu", dtype=dtype)
+    model.lm_head.weight = nn.Parameter(head, requires_grad=False)
+    if cfg.tie_word_embeddings:
+        model.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device="meta")
+        model.model.embed_tokens.weight = model.lm_head.weight  # one tensor, also once made column-major
+    elif isinstance(embed, GroupQuant):
+        model.model.embed_tokens = QuantEmbedding(embed, dtype)
+    else:
+        model.model.embed_tokens = nn.Embedding.from_pretrained(embed.to(dtype), freeze=True)
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.is_meta:
+                setattr(module, name, nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=False))
+    model.rotary.inv_freq = torch.tensor(cfg.rope_inv_freq(), dtype=torch.float32)
+    params = dict(model.named_parameters())
+    for name, tensor in tensors.items():
+        if name not in params or params[name].shape != tensor.shape:
+            raise ValueError(f"{gguf_path}: tensor {name!r} of shape {tuple(tensor.shape)} does not fit the model")
+        with torch.no_grad():
+            params[name].copy_(tensor)
+    return model.eval().requires_grad_(False)
+
+
+def concat_weights(parts: list[GroupQuant | torch.Tensor]) -> GroupQuant | torch.Tensor:
+    if all(isinstance(p, torch.Tensor) for p in parts):
+        return torch.cat(parts)
+    if all(isinstance(p, GroupQuant) for p in parts):
+        return concat_rows(parts)
+    raise ValueError("a fused projection mixes quantised and float weights; pass --quantization none")
+
+
+def _float(w: GroupQuant | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (w.dequantize() if isinstance(w, GroupQuant) else w).to(dtype)
+
+
+def _linear(w: GroupQuant | torch.Tensor, dtype: torch.dtype) -> nn.Module:
+    if isinstance(w, GroupQuant):
+        return QuantLinear(w)
+    linear = nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(w)
+    return linear.requires_grad_(False)
 
 
 def init_random_weights(model: CausalLM, std: float = 0.02, seed: int = 0) -> None:

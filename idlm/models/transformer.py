@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from idlm.kernels.cpu_gemm import RowTiledLinear
 from idlm.models.config import ModelConfig
 from idlm.models.lora import GatedLoRA
 
@@ -138,7 +139,7 @@ class MLP(nn.Module):
         self.down_lora: GatedLoRA | None = None
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-        if x.is_cuda:
+        if x.is_cuda or not isinstance(self.gate_up_proj, nn.Linear):
             gate_up = project(self.gate_up_proj, self.gate_up_lora, x, gate)
             return project(self.down_proj, self.down_lora, elementwise("silu_mul")(gate_up), gate)
         # two GEMMs on halves of the fused weight: faster than one wide GEMM on small CPU batches
@@ -220,8 +221,11 @@ class CausalLM(nn.Module):
         """CPU inference: keep the [vocab, hidden] head weight as the transpose of a contiguous
         [hidden, vocab] tensor. Same values and names; on small batches the CPU GEMM then streams
         the largest matrix of a decode step about 10% faster."""
-        with torch.no_grad():
-            self.lm_head.weight.data = self.lm_head.weight.data.t().contiguous().t()
+        if isinstance(self.lm_head, nn.Linear):
+            with torch.no_grad():
+                self.lm_head.weight.data = self.lm_head.weight.data.t().contiguous().t()
+        if isinstance(self.lm_head, RowTiledLinear):
+            self.lm_head.prepare()
 
     def shard_sizes(self, fused: str) -> list[int]:
         cfg = self.cfg

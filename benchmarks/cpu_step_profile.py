@@ -1,0 +1,67 @@
+"""Where a decode step of the embedded default goes on the CPU: wall time per step split into the
+int4 GEMMs, the float GEMMs (the head, or every projection on float weights), attention, the other
+ATen ops, and the host time outside ATen ops (Python bookkeeping, sampling glue, detokenising),
+for the dequantised float32 path and the quantised one, `ar` and `risd`, batch 1, greedy.
+
+    HF_HUB_OFFLINE=1 python benchmarks/cpu_step_profile.py --tokens 64 --json out.json
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from idlm import LLM, SamplingParams
+
+PROMPT = "Explain how a bicycle stays upright."
+GROUPS = {"int4 GEMMs": ("aten::_weight_int4pack_mm_for_cpu",), "float GEMMs": ("aten::mm", "aten::addmm"),
+          "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                        "aten::_scaled_dot_product_attention_math")}
+
+
+def step_profile(llm: LLM, mode: str, tokens: int) -> dict:
+    ids = llm.engine.chat_prompt([{"role": "user", "content": PROMPT}])
+    params = SamplingParams(mode=mode, temperature=0, max_tokens=tokens, ignore_eos=True)
+    llm.generate([ids], params)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        out = llm.generate([ids], params)[0]
+        wall = time.perf_counter() - t
+    steps = out.stats["forwards"]
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    row = {"steps": steps, "tokens": len(out.token_ids), "tok_s": len(out.token_ids) / wall,
+           "step_ms": 1e3 * wall / steps}
+    grouped = 0.0
+    for name, keys in GROUPS.items():
+        ms = sum(e.self_cpu_time_total for e in events if e.key in keys) / 1e3 / steps
+        row[name] = ms
+        grouped += ms
+    aten = sum(e.self_cpu_time_total for e in events) / 1e3 / steps
+    row["other ATen ops"] = aten - grouped
+    row["host outside ATen"] = row["step_ms"] - aten
+    row["ATen calls per step"] = sum(e.count for e in events) / steps
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": torch.get_num_threads(),
+              "load_before": open("/proc/loadavg").read().split()[:3], "rows": {}}
+    for quantization in ("none", "gguf"):
+        llm = LLM(progress=False, quantization=quantization)
+        for mode in ("ar", "risd"):
+            report["rows"][f"{quantization} {mode}"] = step_profile(llm, mode, args.tokens)
+        del llm
+    print(json.dumps(report, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
