@@ -6,7 +6,8 @@ held-out chat prompts, at batch 1 and at --batch; the time and resident memory o
     HF_HUB_OFFLINE=1 python benchmarks/cpu_default.py --model runs/smollm2-idlm/final --mode isd --strides 4,2,3,8
 
 --mode (risd for the default, isd for a converted model given by --model) runs at each stride N
-of --strides; results are keyed by the mode for the first stride and "<mode>_N<N>" for the others.
+of --strides under each --stride-policy; results are keyed by the mode for the first (stride,
+policy) and "<mode>_N<N>_<policy>" for the others (with every branch that fits unless --branches).
 llama.cpp runs in its own process from the benchmark venv of benchmarks/llama_cpp_env.sh (skipped
 with a note when that venv is missing or --model is not a GGUF), one sequence at a time: its
 batch-8 aggregate is its batch-1 rate. --fp32 adds our ar on the dequantised float32 weights.
@@ -34,12 +35,15 @@ START = ("import sys, time; t = time.perf_counter(); from idlm import LLM; LLM(s
 
 
 def timed(llm: LLM, prompts: list[list[int]], params: SamplingParams, batch: int) -> tuple[dict, list[list[int]]]:
+    chosen = dict(llm.engine.policy.chosen)
     t = time.perf_counter()
     outs = [o for i in range(0, len(prompts), batch) for o in llm.generate(prompts[i:i + batch], params)]
     seconds = time.perf_counter() - t
     tokens = sum(len(o.token_ids) for o in outs)
     tpf = tokens / sum(o.stats["forwards"] for o in outs)
-    return dict(tokens=tokens, seconds=seconds, tok_s=tokens / seconds, tpf=tpf), [o.token_ids for o in outs]
+    chosen_k = {k: n - chosen.get(k, 0) for k, n in sorted(llm.engine.policy.chosen.items()) if n > chosen.get(k, 0)}
+    return (dict(tokens=tokens, seconds=seconds, tok_s=tokens / seconds, tpf=tpf, chosen_k=chosen_k),
+            [o.token_ids for o in outs])
 
 
 def llama_cpp(gguf: Path, prompts: list[list[int]], max_tokens: int, eos: list[int], n_batch: int) -> dict:
@@ -60,6 +64,9 @@ def main() -> None:
     p.add_argument("--model", default=None, help="a converted model (folder or GGUF); default: the embedded one")
     p.add_argument("--mode", default="risd", choices=["risd", "isd"], help="the multi-token mode (default risd)")
     p.add_argument("--strides", default="4", help="comma-separated N of the --mode runs (default 4)")
+    p.add_argument("--stride-policy", default="adaptive",
+                   help="comma-separated: adaptive and/or fixed (default adaptive)")
+    p.add_argument("--branches", type=int, default=None, help="most branch drafts a round adds (default: all that fit)")
     p.add_argument("--batch", type=int, default=8, help="the batched runs' batch size (0: none)")
     p.add_argument("--fp32", action="store_true", help="also our ar on the dequantised float32 weights")
     p.add_argument("--llama-n-batch", type=int, default=512,
@@ -76,11 +83,13 @@ def main() -> None:
     ids = [engine.chat_prompt(c) for c in chats]
     results, outputs = {}, {}
     llm.generate([ids[0]], SamplingParams(mode="ar", max_tokens=8))
-    strides = [int(n) for n in args.strides.split(",")]
-    runs = [(args.mode if i == 0 else f"{args.mode}_N{n}", args.mode, n) for i, n in enumerate(strides)]
-    runs.append(("ar", "ar", None))
-    for name, mode, stride in runs:
-        params = SamplingParams(mode=mode, stride=stride, temperature=0, max_tokens=args.max_tokens)
+    shapes = [(int(n), policy) for n in args.strides.split(",") for policy in args.stride_policy.split(",")]
+    runs = [(args.mode if i == 0 else f"{args.mode}_N{n}_{policy}", args.mode, n, policy)
+            for i, (n, policy) in enumerate(shapes)]
+    runs.append(("ar", "ar", None, None))
+    for name, mode, stride, policy in runs:
+        params = SamplingParams(mode=mode, stride=stride, temperature=0, max_tokens=args.max_tokens,
+                                stride_policy=policy, branches=args.branches)
         results[name], outputs[name] = timed(llm, ids, params, 1)
         if args.batch > 1:
             results[f"{name}_batch{args.batch}"], outputs[f"{name}_batch{args.batch}"] = timed(
@@ -114,7 +123,8 @@ def main() -> None:
                   threads=torch.get_num_threads(), torch=torch.__version__, cpu=torch.backends.cpu.get_cpu_capability(),
                   load_before=load,
                   second_start_s=starts[1][0], second_start_rss_mb=starts[1][1], first_start_s=starts[0][0],
-                  prompts=args.prompts, max_tokens=args.max_tokens, results=results,
+                  prompts=args.prompts, max_tokens=args.max_tokens, runs=[r[0] for r in runs],
+                  stride_policy=args.stride_policy, results=results,
                   equals_ar={name: outputs[name] == outputs["ar"] for name in outputs if name != "ar"})
     print(json.dumps(report, indent=1))
     if args.json:
