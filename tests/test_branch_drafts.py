@@ -410,6 +410,23 @@ def test_adaptive_engine_is_exact_and_reports_its_choices(idlm_dir):
     assert sum(o.stats["forwards"] for o in outs) >= 0.9 * sum(o.stats["tokens"] for o in outs)
 
 
+def test_a_decode_step_costs_until_the_next_step_starts(idlm_dir):
+    """The caller's work between steps (here a sleep) is part of what a decode step costs: the
+    policy must see it, or it underprices rounds whose outputs take longer to handle."""
+    import time
+
+    llm = LLM(str(idlm_dir), progress=False, kv_cache_tokens=4096)
+    engine = llm.engine
+    engine.policy.cost = cost = rigged_cost(0.001, 0.0)
+    cost.measure_up_to(1)
+    engine.add_request([2, 3, 4], SamplingParams(mode="ar", max_tokens=8, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+        time.sleep(0.02)
+    (steps,) = cost.seen.values()  # 8 tokens: 1 prefill step, then decode steps, the last one untimed
+    assert len(steps) == 6 and min(steps) >= 0.02
+
+
 def test_adaptive_looks_at_drafts_now_and_then_when_ar_wins():
     from idlm.engine.stride_policy import EXPLORE_EVERY
 

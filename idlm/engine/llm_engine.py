@@ -108,6 +108,7 @@ class LLMEngine:
                                    measure_step_cost(self.runner, config.max_num_seqs))
         self.scheduler = Scheduler(config, self.block_manager, self.policy)
         self.stats = EngineStats()
+        self._decode_step: tuple[int, int, float] | None = None  # (batch, rows, start) of the step before
         self.seed_source = random.Random(config.seed)
         self.seqs: dict[int, Sequence] = {}
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
@@ -229,10 +230,16 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One forward; returns an output for every request that advanced (finished ones last time)."""
+        start = time.perf_counter()
+        if self._decode_step is not None:
+            # what a decode step costs is the time until the next one can start: scheduling, the
+            # round's bookkeeping and the caller's work on the outputs as well as the forward
+            batch_size, rows, began = self._decode_step
+            self.policy.cost.observe(batch_size, rows, start - began)
+            self._decode_step = None
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        start = time.perf_counter()
         outcomes = self.runner.run(batch.seqs, batch.num_new_tokens)
         self.stats.forwards += 1
         outputs = []
@@ -244,9 +251,9 @@ class LLMEngine:
             first_new = seq.num_output_tokens
             self._apply_round(seq, outcomes[i])
             outputs.append(self._output(seq, first_new))
-        if not batch.is_prefill:  # (the round's one device-to-host copy waited for the device already)
+        if not batch.is_prefill and self.has_unfinished():  # (a last step has no next step to time to)
             rows = max(seq.layout.num_rows for seq in batch.seqs)  # the plan is still the one that ran
-            self.policy.cost.observe(len(batch.seqs), rows, time.perf_counter() - start)
+            self._decode_step = (len(batch.seqs), rows, start)
         return outputs
 
     def _apply_round(self, seq: Sequence, r: RoundOutcome) -> None:

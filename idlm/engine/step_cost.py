@@ -7,7 +7,9 @@ Two sources, the second trusted over the first:
   the scratch block only, so live requests are untouched. It has the right shape (what more rows
   cost) but not the right scale: dummy requests have short contexts and no engine work around
   the runner (outputs, stop strings), and a cold GPU clocks low.
-- the steps that ran, timed whole: per (batch size, rows per request), the median of the last
+- the steps that ran, each timed from its start to the next step's start (so the scheduling,
+  the round's bookkeeping and the caller's work on the outputs count, which grow with the tokens a
+  step commits): per (batch size, rows per request), the median of the last
   few once a shape has been seen a few times (a median, because a step that captures a CUDA
   graph or compiles a kernel takes 10-100 times as long); for shapes not seen, the table plus
   the difference seen - table at that batch size (the engine's work around the runner, mostly),
@@ -88,7 +90,7 @@ class StepCost:
         return d0 if r0 == r1 else d0 + (rows - r0) * (d1 - d0) / (r1 - r0)
 
     def observe(self, batch: int, rows: int, seconds: float) -> None:
-        """A decode step that ran, timed whole (learned only once the policy has asked about this
+        """A decode step that ran, start to the next step's start (learned only once the policy has asked about this
         batch size: observing measures nothing)."""
         lo, hi = self._bracket(batch)
         if lo not in self.table or hi not in self.table:
