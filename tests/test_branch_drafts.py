@@ -386,6 +386,19 @@ def test_step_cost_interpolates_then_trusts_the_steps_that_ran():
     assert cost.seconds(1, 16) == 3.0
 
 
+def test_eager_step_cost_times_few_rows_and_extrapolates_in_proportion(idlm_dir):
+    """Without graphs a step's rows cost about the same each, and timing a step of 16 requests x
+    16 rows took seconds on a CPU: past EAGER_MAX_ROWS rows in all, the table extrapolates."""
+    from idlm.engine.step_cost import EAGER_MAX_ROWS, measure_step_cost
+
+    llm = LLM(str(idlm_dir), progress=False, kv_cache_tokens=4096, max_num_seqs=16)
+    cost = measure_step_cost(llm.engine.runner, 16)
+    cost.measure_up_to(16)
+    assert sorted(cost.table[1]) == [1, 4, 16] and sorted(cost.table[16]) == [1]
+    assert all(batch * rows <= EAGER_MAX_ROWS or rows == 1 for batch, t in cost.table.items() for rows in t)
+    assert cost.seconds(16, 4) == pytest.approx(4 * cost.seconds(16, 1))
+
+
 def test_step_cost_with_graph_buckets_charges_the_padded_bucket():
     cost = StepCost(lambda batch: {1: float(batch), 16: 2.0 * batch}, 8, buckets=[1, 2, 4, 8])
     cost.measure_up_to(3)

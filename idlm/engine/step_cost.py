@@ -42,6 +42,9 @@ EAGER_SHAPES = ((0, 0), (1, 1), (3, 3))
 # Rows past the point where a step costs this many 1-row steps can never pay (a round commits at
 # most 1 + K tokens, and rarely that many); the table extrapolates there instead of measuring.
 MAX_COST_RATIO = 4.0
+# Without graphs a row costs about the same in any step (a CPU's step of 16 requests x 16 rows took
+# seconds to time), so eager shapes past this many rows in all are extrapolated, not measured.
+EAGER_MAX_ROWS = 32
 
 
 def rows_of_round(k: int, b: int) -> int:
@@ -114,8 +117,8 @@ class StepCost:
             self.table[batch] = self.measure(batch)
         costs = self.table[batch]
         xs = sorted(costs)
-        if len(xs) == 1:
-            return costs[xs[0]]
+        if len(xs) == 1:  # only one-row steps were measured: more rows cost in proportion
+            return costs[xs[0]] * max(rows, xs[0]) / xs[0]
         i = min(max(1, next((i for i, x in enumerate(xs) if x >= rows), len(xs) - 1)), len(xs) - 1)
         lo, hi = xs[i - 1], xs[i]
         return max(costs[lo] + (rows - lo) * (costs[hi] - costs[lo]) / (hi - lo), costs[xs[0]])
@@ -139,9 +142,11 @@ def measure_step_cost(runner, max_batch: int) -> StepCost:
     def measure(batch: int) -> dict[int, float]:
         costs = {}
         for k, b in sorted(shapes, key=lambda kb: rows_of_round(*kb)):
+            rows = rows_of_round(k, b)
             if len(costs) >= 2 and max(costs.values()) > MAX_COST_RATIO * costs[1]:
                 break
-            rows = rows_of_round(k, b)
+            if costs and not with_graphs and batch * rows > EAGER_MAX_ROWS:
+                break
             seqs = [_dummy(runner, k, b) for _ in range(batch)]
             times = []
             for _ in range(repeats + 1):  # the first run warms up (and captures a CUDA graph)
