@@ -88,3 +88,36 @@ def test_steps_without_mask_rows_skip_the_lora(dirs):
     llm.generate(prompts, SamplingParams(mode="risd", stride=3, temperature=0, max_tokens=6, ignore_eos=True,
                                          stride_policy="fixed"))
     assert seen and all(lora for tokens, lora in seen if tokens > 1)
+
+
+def test_short_prefill_steps_take_the_padded_layout(dirs):
+    """Prefill steps of at most PREFILL_BATCH prompts of at most PREFILL_ROWS[-1] rows run in the
+    padded layout (prompt chunks and final chunks with their round), longer or larger ones
+    eagerly, with the same tokens as the plain engine either way."""
+    from idlm.engine.decode_graphs import PREFILL_BATCH, PREFILL_ROWS
+
+    model, adapter = dirs
+    # six short prompts arrive together (one prefill step of more than PREFILL_BATCH), then long ones
+    prompts = prompts_for(6, 12, seed=4, lo=2, hi=20) + prompts_for(4, 12, seed=5, lo=150, hi=240)
+    kw = dict(kv_cache_tokens=8192, max_num_seqs=8, max_num_batched_tokens=200)  # chunks the long ones
+    plain = LLM(str(model), adapter=str(adapter), progress=False, **kw)
+    padded = padded_llm(model, adapter, **kw)
+    runner = padded.engine.runner
+    original, steps = runner.decode_graphs.run, []
+    runner.decode_graphs.run = lambda feeds, starts, tables, tokens: (
+        steps.append((len(feeds), tokens)) or original(feeds, starts, tables, tokens))
+    prefills = []
+    padded.engine.scheduler.on_schedule = lambda batch: batch.is_prefill and prefills.append(batch.num_new_tokens)
+    greedy = mixed_params(len(prompts), temperature=0, max_tokens=12, ignore_eos=True)
+    ar = [o.token_ids for o in plain.generate(prompts, SamplingParams(mode="ar", temperature=0, max_tokens=12,
+                                                                      ignore_eos=True))]
+    assert [o.token_ids for o in padded.generate(prompts, greedy)] == ar
+    wide = [n for n, t in steps if t > runner.decode_graphs.max_tokens]
+    assert wide and all(n <= PREFILL_BATCH for n in wide)  # chunks of long prompts took the layout
+    assert max(map(len, prefills)) > PREFILL_BATCH  # and a step of more prompts did not
+    assert len([t for _, t in steps if t in PREFILL_ROWS]) < len(prefills)
+    sampled = mixed_params(len(prompts), temperature=1.0, seed=5, max_tokens=12, ignore_eos=True)
+    for i, p in enumerate(sampled):
+        p.seed = 200 + i
+    assert ([o.token_ids for o in padded.generate(prompts, sampled)]
+            == [o.token_ids for o in plain.generate(prompts, sampled)])

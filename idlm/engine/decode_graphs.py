@@ -9,6 +9,10 @@ pool and reads only scratch or slots after every real query of its row, so (atte
 causal, or a sub-causal tree) no real row sees it. One graph per (bucket, T, LoRA on or off, tree
 or causal) runs the whole model and the head; the decoding round stays eager on the same stream.
 
+A prefill step of a few short prompts takes the same layout, T padded up to one of PREFILL_ROWS
+(a prompt chunk is a causal run of rows like a round): run eagerly it cost ~20 ms on an H200 for
+SmolLM2, a dozen decode steps, and every running request waits for it.
+
 All per-step integers travel in one pinned host buffer and one host-to-device copy.
 """
 
@@ -18,6 +22,8 @@ from idlm.kernels.attention import PagedAttention, PagedBatch, TritonPagedAttent
 from idlm.models.transformer import CausalLM, fused_elementwise
 
 BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+PREFILL_ROWS = (64, 128, 256)  # a prefill step's rows per prompt, padded up to one of these
+PREFILL_BATCH = 4  # prefill steps of more prompts run eagerly (their padded grid and logits grow fast)
 
 
 class DecodeGraphs:
@@ -37,7 +43,7 @@ class DecodeGraphs:
         device = kv_cache.device
         self.device = device
         width = -(-max_positions // self.block_size)
-        rows = max_batch * max_tokens
+        rows = max(max_batch * max_tokens, min(max_batch, PREFILL_BATCH) * PREFILL_ROWS[-1])
         self.ids = torch.zeros(rows, dtype=torch.long, device=device)
         self.positions = torch.zeros(rows, dtype=torch.long, device=device)
         self.slots = torch.full((rows,), self.scratch_slot, dtype=torch.long, device=device)
@@ -47,7 +53,7 @@ class DecodeGraphs:
         self.context_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
         self.tables = torch.full((max_batch, width), scratch_block, dtype=torch.int32, device=device)
         self.query_starts: dict[int, torch.Tensor] = {}
-        self.staging = torch.empty(5 * rows + max_batch * (width + 1), dtype=torch.long,
+        self.staging = torch.empty(5 * rows + max_batch * (width + 2), dtype=torch.long,
                                    pin_memory=device.type == "cuda")
         self.graphs: dict[tuple[int, int, bool, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.pool = None
@@ -55,19 +61,27 @@ class DecodeGraphs:
     def bucket_for(self, batch: int) -> int | None:
         return next((b for b in self.buckets if b >= batch), None)
 
-    def fits(self, batch: int, tokens: int, max_context: int) -> bool:
-        return self.bucket_for(batch) is not None and tokens <= self.max_tokens and max_context <= self.max_positions
+    def rows_for(self, batch: int, rows: int, max_start: int, prefill: bool) -> int | None:
+        """T for a step of `batch` sequences feeding at most `rows` rows each from cache slot
+        max_start at most, or None where the step does not fit the layout."""
+        if prefill:
+            tokens = next((t for t in PREFILL_ROWS if t >= rows), None) if batch <= PREFILL_BATCH else None
+        else:
+            tokens = rows if rows <= self.max_tokens else None
+        if tokens is None or self.bucket_for(batch) is None or max_start + tokens > self.max_positions:
+            return None
+        return tokens
 
-    def run(self, feeds: list, starts: list[int],
-            block_tables: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Runs the padded step over each sequence's FeedRows (runner.feed_rows: one whole round
-        each, starting at cache slot starts[b]); returns (hidden [bucket*T, H], logits
-        [bucket*T, V], T). Row b*T + i is row i of sequence b."""
-        tokens = max(len(f.ids) for f in feeds)
+    def run(self, feeds: list, starts: list[int], block_tables: list[list[int]],
+            tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Runs the padded step over each sequence's FeedRows (runner.feed_rows: a round, or a
+        prompt chunk and on its last chunk the round, starting at cache slot starts[b]), T =
+        tokens rows each (rows_for); returns (hidden [bucket*T, H], logits [bucket*T, V]). Row
+        b*T + i is row i of sequence b."""
         bucket = self.bucket_for(len(feeds))
         rows = bucket * tokens
         bs, scratch = self.block_size, self.scratch_block
-        ids, positions, slots, gate_bits, tree_bits, context_lens = [], [], [], [], [], []
+        ids, positions, slots, gate_bits, tree_bits, context_lens, tree_rows = [], [], [], [], [], [], []
         width = 1
         for f, start in zip(feeds, starts):
             pad = tokens - len(f.ids)
@@ -77,6 +91,7 @@ class DecodeGraphs:
             gate_bits += f.gate + [False] * pad
             tree_bits += f.tree_bits + [-1] * pad
             context_lens.append(start + tokens)
+            tree_rows.append(tokens - len(f.ids) + f.round_rows)  # the round and the padding after it
             width = max(width, -(-(start + tokens) // bs))
         extra = bucket - len(feeds)
         ids += [0] * (extra * tokens)
@@ -85,35 +100,33 @@ class DecodeGraphs:
         gate_bits += [False] * (extra * tokens)
         tree_bits += [-1] * (extra * tokens)
         context_lens += [tokens] * extra
+        tree_rows += [tokens] * extra
         tables = padded_block_tables(block_tables, width, scratch, bucket)
 
         # a step with no MASK row of a risd round (e.g. only ar requests) skips the LoRA: its
         # delta would be an exact zero on every row; one without branches is plain causal
         lora = self.with_lora and any(gate_bits)
         tree = any(f.branched for f in feeds)
-        packed = ids + positions + slots + gate_bits + context_lens + (tree_bits if tree else []) + tables
+        packed = ids + positions + slots + gate_bits + context_lens + (tree_bits + tree_rows if tree else []) + tables
         host = self.staging[:len(packed)]
         host.copy_(torch.tensor(packed, dtype=torch.long))
         dev = host.to(self.device, non_blocking=True)
         o = 0
         buffers = [(self.ids, rows), (self.positions, rows), (self.slots, rows), (self.gate, rows),
-                   (self.context_lens, bucket)] + ([(self.tree_bits, rows)] if tree else [])
+                   (self.context_lens, bucket)] + ([(self.tree_bits, rows), (self.tree_rows, bucket)] if tree else [])
         for buf, n in buffers:
             buf[:n].copy_(dev[o:o + n])
             o += n
         self.tables[:bucket, :width].copy_(dev[o:o + bucket * width].view(bucket, width))
-        if tree:
-            self.tree_rows[:bucket].fill_(tokens)
 
         key = (bucket, tokens, lora, tree)
         if not self.use_graphs:
-            hidden, logits = self._forward(bucket, tokens, lora, tree, max(context_lens))
-            return hidden, logits, tokens
+            return self._forward(bucket, tokens, lora, tree, max(context_lens))
         if key not in self.graphs:
             self.graphs[key] = self._capture(bucket, tokens, lora, tree)
         graph, hidden, logits = self.graphs[key]
         graph.replay()
-        return hidden, logits, tokens
+        return hidden, logits
 
     def _forward(self, bucket: int, tokens: int, lora: bool, tree: bool,
                  max_context: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -126,18 +126,20 @@ class ModelRunner:
         batch index."""
         feeds = [feed_rows(seq, n, self.mask_ids.get(seq.params.mode), self.block_size)
                  for seq, n in zip(seqs, num_new)]
+        finals = [i for i, f in enumerate(feeds) if f.round_rows]
         graphs = self.decode_graphs
-        if graphs is not None and all(n == 1 for n in num_new):  # a decode step: every feed is a whole round
-            tokens = max(len(f.ids) for f in feeds)
-            if graphs.fits(len(seqs), tokens, max(s.num_computed for s in seqs) + tokens):
-                hidden, logits, tokens = graphs.run(feeds, [s.num_computed for s in seqs],
-                                                    [s.block_table for s in seqs])
-                return self._decide(seqs, [b * tokens for b in range(len(seqs))], list(range(len(seqs))),
-                                    hidden, logits)
+        if graphs is not None:
+            prefill = any(n > 1 for n in num_new)  # else a decode step: every feed is a whole round
+            tokens = graphs.rows_for(len(seqs), max(len(f.ids) for f in feeds), max(s.num_computed for s in seqs),
+                                     prefill)
+            if tokens is not None:
+                hidden, logits = graphs.run(feeds, [s.num_computed for s in seqs], [s.block_table for s in seqs],
+                                            tokens)
+                round_starts = [i * tokens + len(feeds[i].ids) - feeds[i].round_rows for i in finals]
+                return self._decide([seqs[i] for i in finals], round_starts, finals, hidden, logits) if finals else {}
         input_ids, positions, batch, lora_gate = self.prepare(seqs, feeds)
         backend = TritonPagedAttention if self.use_triton else self.cpu_attention
         hidden = self.model(input_ids, positions, backend(self.kv_cache, batch), lora_gate)
-        finals = [i for i, f in enumerate(feeds) if f.round_rows]
         if not finals:
             return {}
         round_starts = [batch.query_start[i + 1] - feeds[i].round_rows for i in finals]
