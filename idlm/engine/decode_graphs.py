@@ -73,10 +73,11 @@ class DecodeGraphs:
         return tokens
 
     def run(self, feeds: list, starts: list[int], block_tables: list[list[int]],
-            tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+            tokens: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Runs the padded step over each sequence's FeedRows (runner.feed_rows: a round, or a
         prompt chunk and on its last chunk the round, starting at cache slot starts[b]), T =
-        tokens rows each (rows_for); returns (hidden [bucket*T, H], logits [bucket*T, V]). Row
+        tokens rows each (rows_for); returns (hidden [bucket*T, H], logits [bucket*T, V] or None
+        past the widest round). Row
         b*T + i is row i of sequence b."""
         bucket = self.bucket_for(len(feeds))
         rows = bucket * tokens
@@ -128,8 +129,18 @@ class DecodeGraphs:
         graph.replay()
         return hidden, logits
 
+    def capture_prefill(self) -> None:
+        """Captures every prefill graph now, so that no request waits while one is captured."""
+        if not self.use_graphs:
+            return
+        for bucket in {self.bucket_for(b) for b in range(1, PREFILL_BATCH + 1)} - {None}:
+            for tokens in PREFILL_ROWS:
+                for lora in {False, self.with_lora}:
+                    if (bucket, tokens, lora, False) not in self.graphs:
+                        self.graphs[bucket, tokens, lora, False] = self._capture(bucket, tokens, lora, False)
+
     def _forward(self, bucket: int, tokens: int, lora: bool, tree: bool,
-                 max_context: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 max_context: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         rows = bucket * tokens
         if tokens not in self.query_starts:
             self.query_starts[tokens] = torch.arange(0, (max(self.buckets) + 1) * tokens, tokens, dtype=torch.int32,
@@ -147,7 +158,9 @@ class DecodeGraphs:
         )
         gate = self.gate[:rows] if lora else None
         hidden = self.model(self.ids[:rows], self.positions[:rows], self.backend(self.kv_cache, batch), gate)
-        return hidden, self.model.logits(hidden)
+        # a prefill step wider than any round needs the logits of a few rows only: the runner takes
+        # them from the hidden states, and the graph does not keep [bucket*T, V] logits alive
+        return hidden, self.model.logits(hidden) if tokens <= self.max_tokens else None
 
     def _capture(self, bucket: int, tokens: int, lora: bool, tree: bool):
         torch.cuda.synchronize(self.device)

@@ -93,6 +93,7 @@ class ModelRunner:
         if cuda_graphs (else eagerly: the CPU check of the layout)."""
         self.decode_graphs = DecodeGraphs(self.model, self.kv_cache, self.scratch_block, max_batch, MAX_DECODE_TOKENS,
                                           max_positions, self.use_triton, cuda_graphs, self.with_lora)
+        self.decode_graphs.capture_prefill()
 
     def prepare(self, seqs: list[Sequence], feeds: list[FeedRows]):
         starts = [0]
