@@ -1,6 +1,7 @@
 """`idlm bench` end to end on the tiny random shape, the random-weight loader, and bad input."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -66,6 +67,45 @@ def test_bench_end_to_end(tmp_path, capsys):
     assert plot.read_bytes().startswith(b"\x89PNG")
 
 
+def test_bench_open_loop_and_measured_bandwidth(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main([*TINY_RUN, "--modes", "ar", "--concurrency", "1", "--request-rate", "200,2.5", "-o", str(out)]) == 0
+    assert "200/s" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["settings"]["peak_bandwidth"] is None and result["peak_bandwidth_used"] > 1e8
+    assert result["peak_bandwidth_source"].startswith("measured")
+    closed, fast, slow = result["results"]
+    assert closed["concurrency"] == 1 and "request_rate" not in closed
+    assert (fast["concurrency"], fast["request_rate"], slow["request_rate"]) == (None, 200, 2.5)
+    for r in (fast, slow):
+        assert r["num_requests"] == 3 and r["output_tokens"] == 15 and 0 < r["itl_s_p50"] <= r["itl_s_p99"]
+    # at 2.5 requests/s the three arrive over about a second: the run waits for them, the fast one does not
+    assert slow["elapsed_s"] > 2 * fast["elapsed_s"]
+
+
+def test_open_loop_adds_requests_at_their_times_and_counts_ttft_from_them(tmp_path):
+    from idlm.bench.roofline import Roofline
+    from idlm.bench.runner import poisson_arrivals, run_open_loop
+    from idlm.bench.workload import Request
+
+    engine = LLMEngine(EngineConfig(model=str(shape_folder("tiny")), device="cpu", kv_cache_tokens=512))
+    roofline = Roofline.of(engine.model, 1e12, 1e12)
+    params = SamplingParams(temperature=0, ignore_eos=True, mode="ar")
+    added = []
+    original = engine.add_request
+    engine.add_request = lambda prompt, p: added.append(time.perf_counter()) or original(prompt, p)
+    requests = [Request([5, 6, 7], 4) for _ in range(3)]
+    start = time.perf_counter()
+    result = run_open_loop(engine, requests, [0.0, 0.3, 0.31], params, roofline)
+    # not before its time, nor long after (the loop adds due requests between steps of a few ms)
+    assert all(due <= t - start < due + 0.15 for t, due in zip(added, [0.0, 0.3, 0.31]))
+    assert result["num_requests"] == 3 and result["elapsed_s"] >= 0.31
+    assert all(r["ttft_s"] >= 0 for r in result["requests"])
+    gaps = [b - a for a, b in zip([0.0] + poisson_arrivals(4000, 50.0, 1), poisson_arrivals(4000, 50.0, 1))]
+    assert poisson_arrivals(5, 50.0, 1) == poisson_arrivals(5, 50.0, 1)
+    assert abs(sum(gaps) / len(gaps) - 1 / 50) < 0.002 and min(gaps) >= 0
+
+
 def test_bench_file_workload_and_default_modes(tmp_path, capsys):
     """Token-id prompts from a file with their own max_tokens; without a MASK token only ar runs."""
     work = tmp_path / "w.jsonl"
@@ -122,6 +162,9 @@ def test_shapes_have_the_real_models_sizes(shape, params):
     (["--stride", "1"], "strides must be"),
     (["--stride-policy", "fixed,fast"], "unknown stride policy 'fast'"),
     (["--branches", "16"], "branches must be"),
+    (["--request-rate", "0"], "--request-rate must be"),
+    (["--request-rate", "inf"], "--request-rate must be"),
+    (["--peak-bandwidth", "fast"], "--peak-bandwidth must be auto or a positive number"),
     (["--output-len", "0"], "output-len must be"),
     (["-o", "/nonexistent/r.json"], "folder does not exist"),
     (["--shape", "tiny", "--prompt-len", "2000", "--output-len", "100"], "the model's context is 2048"),

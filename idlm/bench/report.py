@@ -20,6 +20,9 @@ DEFINITIONS = {
     "roofline_fraction": "sum over decode steps of the floor / their measured time; floor = max((weight bytes + "
                          "KV bytes read) / peak bandwidth, FLOPs / peak matmul rate), KV bytes = sum over the "
                          "batch of (cached + fed tokens) * 2 * layers * kv_heads * head_dim * element bytes",
+    "request_rate": "open-loop runs: requests arrive at Poisson times at this mean rate (requests/s), however "
+                    "many are in flight (the engine queues what it cannot take); TTFT counts from the scheduled "
+                    "arrival, output_tok_s over the wall time from the start to the last finished",
     "peak_memory_bytes": "torch.cuda.max_memory_allocated during the timed run (weights and KV pool included)",
     "hf": "transformers generate, greedy, one static left-padded batch of C prompts, min_new_tokens = "
           "max_new_tokens; per-request tok/s = new tokens / the call's wall time",
@@ -43,7 +46,8 @@ def table_rows(result: dict) -> list[tuple[str, ...]]:
     rows = []
     for r in result["results"]:
         mem = r["peak_memory_bytes"] / 2**30 if r["peak_memory_bytes"] is not None else None
-        rows.append((r["mode"], str(r["concurrency"]), str(r["num_requests"]), f"{r['output_tok_s']:.1f}",
+        load = str(r["concurrency"]) if r["concurrency"] is not None else f"{r['request_rate']:g}/s"
+        rows.append((r["mode"], load, str(r["num_requests"]), f"{r['output_tok_s']:.1f}",
                      f"{r['per_request_tok_s']:.1f}", _ms(r["ttft_s_p50"], r["ttft_s_p99"]),
                      _ms(r["itl_s_p50"], r["itl_s_p99"]), _num(r["tokens_per_forward"], ".2f"),
                      _ms(r["decode_step_s_mean"]), _num(r["roofline_fraction"], ".2f"), _num(mem, ".1f")))
@@ -75,7 +79,8 @@ def curves(result: dict) -> dict[str, list[tuple[int, float, float]]]:
     """Per mode (and hf): (C, per-request tok/s, total tok/s) points, by increasing C."""
     out: dict[str, list[tuple[int, float, float]]] = {}
     for r in result["results"]:
-        out.setdefault(r["mode"], []).append((r["concurrency"], r["per_request_tok_s"], r["output_tok_s"]))
+        if r["concurrency"] is not None:  # open-loop runs have no C to place them by
+            out.setdefault(r["mode"], []).append((r["concurrency"], r["per_request_tok_s"], r["output_tok_s"]))
     for r in result.get("hf_baseline") or []:
         out.setdefault("hf", []).append((r["batch_size"], r["per_request_tok_s"], r["output_tok_s"]))
     return {mode: sorted(points) for mode, points in out.items()}

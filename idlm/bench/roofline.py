@@ -1,6 +1,9 @@
 """The fastest a forward can possibly be: max(bytes moved / memory bandwidth, FLOPs / matmul rate)."""
 
+import time
 from dataclasses import dataclass
+
+import torch
 
 from idlm.models.quant import QuantLinear
 from idlm.models.transformer import CausalLM
@@ -43,3 +46,24 @@ class Roofline:
         work = 2 * self.matmul_params * sum(queries)
         work += self.attn_flops_per_pair * sum(q * c for q, c in zip(queries, contexts))
         return max(moved / self.bandwidth, work / self.flops)
+
+
+def measure_copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 10) -> float:
+    """The device's memory bandwidth as a large copy achieves it, B/s, counting bytes read plus
+    bytes written: the best of three timings of `repeats` copies in a row, after a warm-up (a
+    CPU copies 1/8 as many bytes)."""
+    if device.type != "cuda":
+        nbytes //= 8
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    best = float("inf")
+    for trial in range(4):
+        sync()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            dst.copy_(src)
+        sync()
+        if trial:
+            best = min(best, (time.perf_counter() - start) / repeats)
+    return 2 * nbytes / best

@@ -1,4 +1,5 @@
-"""The timed loop: exactly C requests in flight on an `LLMEngine` (closed loop), every step timed."""
+"""The timed loops on an `LLMEngine`, every step timed: exactly C requests in flight (closed
+loop), or requests arriving at Poisson times whatever the engine does (open loop)."""
 
 import dataclasses
 import time
@@ -111,21 +112,45 @@ def _counters(engine: LLMEngine) -> dict:
             "chosen": dict(engine.policy.chosen), **{k: getattr(st, k) for k in ROUND_COUNTERS}}
 
 
+def poisson_arrivals(n: int, rate: float, seed: int) -> list[float]:
+    """Seconds after the start at which n requests arrive at `rate` per second on average."""
+    gaps = np.random.default_rng(seed).exponential(1.0 / rate, n)
+    return np.cumsum(gaps).tolist()
+
+
 def run_closed_loop(engine: LLMEngine, requests: list[Request], concurrency: int, params: SamplingParams,
                     roofline: Roofline) -> dict:
     """Runs `requests` keeping `concurrency` of them in flight: a new one is added as soon as one
     finishes. Returns the run's figures (see idlm.bench.report.DEFINITIONS)."""
+    return _run(engine, requests, params, roofline, concurrency=concurrency)
+
+
+def run_open_loop(engine: LLMEngine, requests: list[Request], arrivals: list[float], params: SamplingParams,
+                  roofline: Roofline) -> dict:
+    """Adds request i at `arrivals[i]` seconds after the start (or at the first moment after it
+    that the loop is not inside a step), however many are in flight; its TTFT counts from that
+    scheduled time, so time spent queued behind a step or the engine's own queue is in it."""
+    return _run(engine, requests, params, roofline, arrivals=arrivals)
+
+
+def _run(engine: LLMEngine, requests: list[Request], params: SamplingParams, roofline: Roofline,
+         concurrency: int | None = None, arrivals: list[float] | None = None) -> dict:
     assert not engine.has_unfinished(), "the engine must be idle before a timed run"
     sync = _synchronizer(engine.device)
     waiting = deque(requests)
+    due = deque(arrivals or [])
     live: dict[int, Trace] = {}
     done: list[Trace] = []
     steps: list[StepTiming] = []
 
-    def admit() -> None:
+    def admit(arrival: float) -> None:
         req = waiting.popleft()
         request_id = engine.add_request(req.prompt, dataclasses.replace(params, max_tokens=req.max_tokens))
-        live[request_id] = Trace(req.max_tokens, len(req.prompt), time.perf_counter())
+        live[request_id] = Trace(req.max_tokens, len(req.prompt), arrival)
+
+    def admit_due(now: float) -> None:
+        while due and start + due[0] <= now:
+            admit(start + due.popleft())
 
     before = _counters(engine)
     if engine.device.type == "cuda":
@@ -133,9 +158,15 @@ def run_closed_loop(engine: LLMEngine, requests: list[Request], concurrency: int
     with StepProbe(engine) as probe:
         sync()
         start = time.perf_counter()
-        while waiting and len(live) < concurrency:
-            admit()
-        while live:
+        if arrivals is None:
+            while waiting and len(live) < concurrency:
+                admit(time.perf_counter())
+        while live or waiting:
+            if arrivals is not None:
+                admit_due(time.perf_counter())
+                if not live:  # idle until the next arrival
+                    time.sleep(max(0.0, start + due[0] - time.perf_counter()))
+                    continue
             probe.last = None
             sync()
             t0 = time.perf_counter()
@@ -153,8 +184,8 @@ def run_closed_loop(engine: LLMEngine, requests: list[Request], concurrency: int
                     trace.counts.append(new)
                 if out.finished:
                     done.append(live.pop(out.request_id))
-                    if waiting:
-                        admit()
+                    if waiting and arrivals is None:
+                        admit(time.perf_counter())
         elapsed = time.perf_counter() - start
     after = _counters(engine)
     result = _figures(done, steps, elapsed, before, after)

@@ -13,8 +13,8 @@ import transformers
 from idlm import __version__
 from idlm.bench.hf_baseline import run_hf_baseline
 from idlm.bench.report import DEFINITIONS
-from idlm.bench.roofline import H100_BANDWIDTH, H100_FLOPS, Roofline
-from idlm.bench.runner import run_closed_loop
+from idlm.bench.roofline import H100_FLOPS, Roofline, measure_copy_bandwidth
+from idlm.bench.runner import poisson_arrivals, run_closed_loop, run_open_loop
 from idlm.bench.workload import Request, cycle, read_workload, synthetic_requests, tokenize_workload
 from idlm.config import MAX_STRIDE, EngineConfig
 from idlm.engine.llm_engine import MAX_LOOKAHEAD, LLMEngine
@@ -37,6 +37,7 @@ class BenchConfig:
     prompt_len: int = 128
     output_len: int = 256
     concurrency: tuple[int, ...] = (1, 4, 16, 64)
+    request_rates: tuple[float, ...] = ()  # open-loop runs besides: Poisson arrivals at each rate (requests/s)
     modes: tuple[str, ...] | None = None  # None = ar, isd where the model has a MASK, risd with an adapter
     strides: tuple[int, ...] = (4,)  # N of isd and risd; each is a run of its own
     stride_policies: tuple[str, ...] = ("adaptive",)  # each multi-token (mode, N) runs under each
@@ -51,7 +52,7 @@ class BenchConfig:
     seed: int = 0
     prefix_caching: bool = False
     enforce_eager: bool = False  # CUDA: decode steps without CUDA graphs
-    peak_bandwidth: float = H100_BANDWIDTH
+    peak_bandwidth: float | None = None  # None: measured on the device in the same call (a large copy)
     peak_flops: float = H100_FLOPS
 
     def validate(self) -> None:
@@ -80,7 +81,9 @@ class BenchConfig:
             raise ValueError(f"max-num-seqs must be >= 1, got {self.max_num_seqs}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.peak_bandwidth <= 0 or self.peak_flops <= 0:
+        if any(not r > 0 for r in self.request_rates):
+            raise ValueError(f"request rates must be > 0 requests/s, got {list(self.request_rates)}")
+        if (self.peak_bandwidth is not None and self.peak_bandwidth <= 0) or self.peak_flops <= 0:
             raise ValueError("peak-bandwidth and peak-flops must be > 0")
 
     def requests_per_run(self, concurrency: int, file_lines: int) -> int:
@@ -150,6 +153,7 @@ def run_bench(cfg: BenchConfig, command: str = "", log: Callable[[str], None] = 
     items = read_workload(Path(cfg.workload)) if cfg.workload else []
     folder = shape_folder(cfg.shape) if cfg.shape else resolve_model_folder(cfg.model)
     counts = {c: cfg.requests_per_run(c, len(items)) for c in cfg.concurrency}
+    rate_count = cfg.requests_per_run(max(cfg.concurrency), len(items))  # requests of an open-loop run
     model_cfg = ModelConfig.from_folder(folder)
     base: list[Request] = []
     if items:
@@ -176,7 +180,8 @@ def run_bench(cfg: BenchConfig, command: str = "", log: Callable[[str], None] = 
     vocab, exclude = random_ids(engine)
     if not items:
         base = synthetic_requests(max(counts.values()), cfg.prompt_len, cfg.output_len, vocab, cfg.seed, exclude)
-    roofline = Roofline.of(engine.model, cfg.peak_bandwidth, cfg.peak_flops)
+    bandwidth = cfg.peak_bandwidth or measure_copy_bandwidth(engine.device)
+    roofline = Roofline.of(engine.model, bandwidth, cfg.peak_flops)
     device, dtype = engine.device, next(engine.model.parameters()).dtype
     result = _header(cfg, command, engine, folder, roofline, modes, max_num_seqs, kv_tokens, items, device, dtype)
     for label, params in runs.items():
@@ -189,6 +194,16 @@ def run_bench(cfg: BenchConfig, command: str = "", log: Callable[[str], None] = 
             log(f"{label} C={c}: {figures['num_requests']} requests, {figures['output_tok_s']:.1f} tok/s, "
                 f"{figures['per_request_tok_s']:.1f} tok/s per request"
                 + (f", K chosen {figures['chosen_k']}" if figures["chosen_k"] else ""))
+        for rate in cfg.request_rates:
+            requests = cycle(base, rate_count)
+            run_closed_loop(engine, warmup_requests(requests[:4], vocab, exclude, cfg.seed + 1), 4, params, roofline)
+            figures = run_open_loop(engine, requests, poisson_arrivals(len(requests), rate, cfg.seed), params,
+                                    roofline)
+            shape = dict(stride=params.stride, stride_policy=params.stride_policy, branches=params.branches)
+            result["results"].append({"mode": label, "decoding": params.mode, **shape, "concurrency": None,
+                                      "request_rate": rate, **figures})
+            log(f"{label} {rate} req/s: {figures['num_requests']} requests, ITL p50/p99 "
+                f"{figures['itl_s_p50'] * 1e3:.1f}/{figures['itl_s_p99'] * 1e3:.1f} ms")
     cost = engine.policy.cost
     result["step_cost"] = {"measured_s": {str(batch): {str(rows): s for rows, s in costs.items()}
                                           for batch, costs in cost.table.items()},
@@ -235,6 +250,9 @@ def _header(cfg: BenchConfig, command: str, engine: LLMEngine, folder: Path, roo
         "workload": workload,
         "settings": dict(asdict(cfg), modes=list(modes), concurrency=list(cfg.concurrency),
                          max_num_seqs=max_num_seqs, kv_cache_tokens=kv_tokens),
+        "peak_bandwidth_used": roofline.bandwidth,
+        "peak_bandwidth_source": ("given" if cfg.peak_bandwidth
+                                  else "measured: a large device copy, read + written bytes"),
         "definitions": DEFINITIONS,
         "results": [],
         "hf_baseline": None,

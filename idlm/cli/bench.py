@@ -22,7 +22,8 @@ output tok/s, per-request tok/s (output tokens / request latency), TTFT and inte
 (per token: the gap between a request's outputs / the tokens the later one carried), tokens per
 forward, mean decode step time (steps without prefill), that step time's roofline fraction
 (floor = max((weights + KV read) / --peak-bandwidth, FLOPs / --peak-flops), over the measured
-time) and peak GPU memory. --output writes every figure, per request too, with the command,
+time) and peak GPU memory. --request-rate adds open-loop runs (Poisson arrivals), shown with
+their rate in the C column. --output writes every figure, per request too, with the command,
 device, versions, date and the definitions."""
 
 
@@ -68,8 +69,12 @@ def add_parsers(sub) -> None:
                    help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
     p.add_argument("--hf-baseline", action="store_true",
                    help="also time transformers generate (greedy, static left-padded batches of C prompts)")
-    p.add_argument("--peak-bandwidth", type=float, default=3.0e12,
-                   help="memory bandwidth of the roofline, B/s (default 3.0e12, the H100's measured copy)")
+    p.add_argument("--request-rate", default=None,
+                   help="comma-separated rates (requests/s): open-loop runs besides the closed ones, requests "
+                        "arriving at Poisson times however many are in flight; reports TTFT and ITL p50/p99")
+    p.add_argument("--peak-bandwidth", default="auto",
+                   help="memory bandwidth of the roofline, B/s, or auto: measured in this call by a large "
+                        "device copy, read + written bytes (default auto; the H200 copies 4.28e12, the H100 3.0e12)")
     p.add_argument("--peak-flops", type=float, default=800e12,
                    help="matmul rate of the roofline, FLOP/s (default 8e14, H100 bf16)")
     p.add_argument("--output", "-o", default=None, help="write all results as JSON to this file")
@@ -90,6 +95,20 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise ValueError(f"{value} is not a positive integer")
     return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{text} is not a positive number")
+    return value
+
+
+def positive_number(text: str, flag: str) -> float:
+    try:
+        return positive_float(text)
+    except ValueError:
+        raise ValueError(f"{flag} must be auto or a positive number of B/s, got {text!r}") from None
 
 
 def one_of(names: tuple[str, ...], what: str) -> Callable[[str], str]:
@@ -132,7 +151,10 @@ def run(args: argparse.Namespace) -> None:
         temperature=args.temperature, hf_baseline=args.hf_baseline, device=args.device, dtype=args.dtype,
         kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs, adapter=args.adapter, seed=args.seed,
         prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
-        peak_bandwidth=args.peak_bandwidth, peak_flops=args.peak_flops)
+        request_rates=comma_list(args.request_rate, "--request-rate", positive_float) if args.request_rate else (),
+        peak_bandwidth=None if args.peak_bandwidth == "auto" else positive_number(args.peak_bandwidth,
+                                                                                 "--peak-bandwidth"),
+        peak_flops=args.peak_flops)
     result = suite.run_bench(cfg, command=command_line(args),
                              log=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
     print(report.format_table(result))
