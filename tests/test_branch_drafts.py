@@ -443,7 +443,7 @@ def test_a_decode_step_costs_until_the_next_step_starts(idlm_dir):
 def test_adaptive_looks_at_drafts_now_and_then_when_ar_wins():
     from idlm.engine.stride_policy import EXPLORE_EVERY
 
-    policy = StridePolicy("adaptive", None, rigged_cost(1.0, 1.0), replan_every=1)
+    policy = StridePolicy("adaptive", None, rigged_cost(1.0, 0.1), replan_every=1)
     seqs = seqs_with([0.1] * 3, 4, stride=4)
     ks = []
     for _ in range(3 * EXPLORE_EVERY):
@@ -451,6 +451,25 @@ def test_adaptive_looks_at_drafts_now_and_then_when_ar_wins():
         ks.append(seqs[0].num_new)
     assert ks.count(0) == 3 * EXPLORE_EVERY - 3 and all(ks[i] > 0 for i in range(EXPLORE_EVERY - 1, len(ks),
                                                                                     EXPLORE_EVERY))
+    # a look lasts one step even when plans are otherwise kept for 16 steps
+    policy = StridePolicy("adaptive", None, rigged_cost(1.0, 0.1))
+    ks = []
+    for _ in range(16 * (EXPLORE_EVERY + 1)):
+        policy.plan(seqs)
+        ks.append(seqs[0].num_new)
+    assert sum(k > 0 for k in ks) == 1
+
+
+def test_adaptive_does_not_look_at_rounds_that_cannot_pay():
+    """Rows so dear that a round loses even if every draft were accepted (as on a CPU, where a
+    round cost 3 AR steps): looking at drafts would only cost."""
+    from idlm.engine.stride_policy import EXPLORE_EVERY
+
+    policy = StridePolicy("adaptive", None, rigged_cost(1.0, 1.0), replan_every=1)
+    seqs = seqs_with([0.1] * 3, 4, stride=4)
+    for _ in range(3 * EXPLORE_EVERY):
+        policy.plan(seqs)
+        assert seqs[0].num_new == 0
 
 
 def test_adaptive_follows_the_steps_that_ran_over_the_table():

@@ -26,7 +26,10 @@ PRIOR_ACCEPTANCE = 0.5  # per draft position, before anything is known
 PRIOR_WEIGHT = 4.0  # pseudo-rounds the prior counts for in a request's own estimate
 MIN_ENGINE_REACHED = 20  # rounds at a position before the engine-wide rate replaces the prior
 BRANCH_ROOM = np.array([max_branches(k, k) for k in range(MAX_STRIDE)])  # by K: the branches that fit
-EXPLORE_EVERY = 16  # after this many plans in a row chose AR, one plan takes the best K > 0 to keep measuring
+# after this many plans in a row chose AR, one step takes the best K > 0 to keep measuring, if a
+# round of that K could pay were every draft accepted (on a CPU a round can cost 3 AR steps: no
+# acceptance makes it pay, and looking would only cost)
+EXPLORE_EVERY = 16
 # A new choice must beat the running one by this factor: switching costs a round (drafts made for
 # the old shape are dropped, or a cold round is needed), and the estimates are noisy.
 HYSTERESIS = 1.03
@@ -126,16 +129,18 @@ class StridePolicy:
         if (key == self._last_batch and self._since_plan < self.replan_every) or (not decode and self._last_batch):
             k, b = self._shared  # a request joining the batch takes the running plan
         else:
-            k, b = self._choose_shared(shared, batch)
-            if decode:
-                self._last_batch, self._since_plan, self._shared = key, 0, (k, b)
+            (k, b), exploring = self._choose_shared(shared, batch)
+            if decode:  # a look lasts one step: the next one chooses again
+                self._last_batch, self._shared = key, (k, b)
+                self._since_plan = self.replan_every if exploring else 0
         for seq in shared:
             seq.num_new = min(k, seq.max_new_drafts)
             seq.num_branches = min(b, self.branch_cap(seq, seq.num_new))
         if decode:
             self.chosen[k] = self.chosen.get(k, 0) + 1
 
-    def _choose_shared(self, shared: list[Sequence], batch: list[Sequence]) -> tuple[int, int]:
+    def _choose_shared(self, shared: list[Sequence], batch: list[Sequence]) -> tuple[tuple[int, int], bool]:
+        """The (K, b) to run, and whether it is a look at drafts rather than the best choice."""
         mine = set(shared)
         others = [seq for seq in batch if seq not in mine]
         floor_rows = max((seq.layout.num_rows for seq in others), default=1)
@@ -152,13 +157,18 @@ class StridePolicy:
         bs = np.minimum(np.minimum(b_c, wanted[None]), BRANCH_ROOM[ks])
         tokens = expected_tokens(self._acceptance(shared, kmax), ks, bs).sum(axis=1) + others_tokens
         rows = np.maximum(rows_of_round(ks, bs).max(axis=1), floor_rows)
-        rates = {kb: t / self.cost.seconds(len(batch), int(r)) for kb, t, r in zip(candidates, tokens, rows)}
+        seconds = [self.cost.seconds(len(batch), int(r)) for r in rows]
+        rates = {kb: t / s for kb, t, s in zip(candidates, tokens, seconds)}
         choice = max(rates, key=lambda kb: (rates[kb], -kb[0], -kb[1]))  # ties keep the smaller K and b
         if self._shared in rates and rates[choice] < HYSTERESIS * rates[self._shared]:
             choice = self._shared
         self._ar_plans = self._ar_plans + 1 if choice[0] == 0 else 0
         if self._ar_plans >= EXPLORE_EVERY:
-            # AR drafts nothing, so the acceptance estimates would never move again: look once
+            # AR drafts nothing, so the acceptance estimates would never move again: look once, at
+            # a round that every draft accepted would make pay
             self._ar_plans = 0
-            choice = max((kb for kb in rates if kb[0]), key=lambda kb: (rates[kb], -kb[0], -kb[1]), default=choice)
-        return choice
+            best_case = (1 + ks).sum(axis=1) + others_tokens
+            could_pay = [kb for kb, t, s in zip(candidates, best_case, seconds) if kb[0] and t / s > rates[choice]]
+            if could_pay:
+                return max(could_pay, key=lambda kb: (rates[kb], -kb[0], -kb[1])), True
+        return choice, False
