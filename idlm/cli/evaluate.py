@@ -36,6 +36,7 @@ CONCURRENCY = option("--concurrency", type=int, default=8, help="requests in fli
 NO_URL = option("--url", default=None, help=argparse.SUPPRESS)  # refused with a clear message
 GENERATION = (*ENGINE, *SAMPLING, OUTPUT, LIMIT, URL, CONCURRENCY)  # the tasks that generate answers
 DEFAULT_MAX_TOKENS = {"help": "most tokens to generate (default 512 here)"}
+GREEDY = {"help": "0 = greedy (default 0 here: pass@1 and accuracy are greedy unless asked)"}
 
 
 def add_parsers(sub) -> None:
@@ -73,7 +74,7 @@ def add_parsers(sub) -> None:
                          "run the reply's first code block (no stop strings)")
     he.add_argument("--timeout", type=float, default=10.0, help="seconds each candidate may run (default 10)")
     he.add_argument("--workers", type=int, default=None, help="candidates executed in parallel (default: CPUs, <= 8)")
-    add_options(he, GENERATION, max_tokens=DEFAULT_MAX_TOKENS)
+    add_options(he, GENERATION, max_tokens=DEFAULT_MAX_TOKENS, temperature=GREEDY)
 
     js = tasks.add_parser("jsonl", help="accuracy on a question/answer JSONL file",
                           description="Each line of FILE is a JSON object with a question and an answer. The "
@@ -93,7 +94,7 @@ def add_parsers(sub) -> None:
     js.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
     js.add_argument("--system", default=None, help="system message (with --chat)")
     js.add_argument("--choices", default="ABCDEFGHIJ", help="option letters for --extract choice (default A-J)")
-    add_options(js, GENERATION, max_tokens=DEFAULT_MAX_TOKENS)
+    add_options(js, GENERATION, max_tokens=DEFAULT_MAX_TOKENS, temperature=GREEDY)
 
     ppl = tasks.add_parser("perplexity", help="clean-stream perplexity of a text file",
                            description="Perplexity of the model's clean causal stream on TEXT, in sliding windows "
@@ -148,7 +149,7 @@ def run_humaneval(args: argparse.Namespace) -> dict:
     from idlm.eval import humaneval
     from idlm.eval.execution import Limits
 
-    params = sampling_params(args, max_tokens=512)
+    params = sampling_params(args, temperature=0.0, max_tokens=512)  # pass@1 is greedy unless asked
     if args.timeout <= 0:
         raise ValueError(f"--timeout must be > 0, got {args.timeout}")
     if args.workers is not None and args.workers < 1:
@@ -161,7 +162,7 @@ def run_humaneval(args: argparse.Namespace) -> dict:
 def run_jsonl(args: argparse.Namespace) -> dict:
     from idlm.eval import jsonl_bench
 
-    params = sampling_params(args, max_tokens=512)
+    params = sampling_params(args, temperature=0.0, max_tokens=512)
     template = args.template.replace("\\n", "\n").replace("\\t", "\t") if args.template else None
     cfg = jsonl_bench.BenchConfig(extraction=args.extract, question_key=args.question_key,
                                   answer_key=args.answer_key, template=template, chat=args.chat,
