@@ -197,7 +197,12 @@ def test_chat_commands(monkeypatch, capsys, llama_dir):
     monkeypatch.setattr("builtins.input", lambda prompt: next(lines))
     sent = []
     real = LLMEngine.chat_prompt
-    monkeypatch.setattr(LLMEngine, "chat_prompt", lambda self, history: sent.append(list(history)) or real(self, history))
+
+    def recorded(self, history):
+        sent.append(list(history))
+        return real(self, history)
+
+    monkeypatch.setattr(LLMEngine, "chat_prompt", recorded)
     assert main(["chat", "--model", str(llama_dir), "--max-tokens", "3", "--kv-cache-tokens", "1024"]) == 0
     err = capsys.readouterr().err
     assert "/reset" in err and "/help" in err and "/exit" in err
