@@ -161,7 +161,7 @@ BAD_REQUESTS = [
     ("missing-prompt", "completions", {"max_tokens": 4}, 400, "prompt"),
     ("missing-messages", "chat", {"max_tokens": 4}, 400, "messages"),
     ("empty-messages", "chat", {"messages": []}, 400, "messages"),
-    ("missing-model", "completions", {"prompt": "hi", "model": None}, 400, "model"),
+    ("model-wrong-type", "completions", {"prompt": "hi", "model": 5}, 400, "model"),  # leaving it out is fine
     ("max-tokens-zero", "completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
     ("max-tokens-beyond-context", "completions", {"prompt": "hi", "max_tokens": 100_000}, 400, "max_tokens"),
     ("max-completion-tokens-beyond-context", "chat",

@@ -123,9 +123,12 @@ def safetensors_files(folder: Path) -> list[Path]:
 def load_model(folder: Path, dtype: torch.dtype, device: str | torch.device, progress: bool = True,
                quantization: str = "none", gguf_path: Path | None = None) -> CausalLM:
     """quantization (resolved: none, gguf, int8, int4): gguf builds the model from gguf_path's
-    quantised blocks; int8 / int4 load float weights and quantise every projection."""
+    quantised blocks; int8 / int4 load float weights and quantise every projection. With a
+    gguf_path, float weights come from its dequantised copy in the cache."""
     if quantization == "gguf":
         return load_gguf_quantized(folder, gguf_path, dtype)
+    if gguf_path is not None:  # int8 / int4 round from the exact float32 values
+        folder = gguf.float_folder(gguf_path, dtype if quantization == "none" else torch.float32)
     model = _load_float_model(folder, dtype, device, progress)
     if quantization in QUANT_FORMATS:
         quantize_model(model, QUANT_FORMATS[quantization])
