@@ -7,9 +7,9 @@ import os
 import sys
 
 from idlm import __version__
-from idlm.cli import bench, distill, evaluate, generate, serve, train
+from idlm.cli import bench, cache, distill, evaluate, generate, serve, train
 
-COMMANDS = (generate, train, distill, serve, evaluate, bench)
+COMMANDS = (generate, train, distill, serve, evaluate, bench, cache)
 
 
 def build_parser() -> argparse.ArgumentParser:

