@@ -221,3 +221,25 @@ def test_gguf_model_is_named_by_its_file(tmp_path):
     assert model_name(None) == DEFAULT_MODEL_NAME
     (tmp_path / "folder").mkdir()
     assert model_name(str(tmp_path / "folder")) == "folder"
+
+
+def test_serve_takes_vllm_options(monkeypatch):
+    from idlm.cli import build_parser
+    from idlm.cli.options import engine_args
+    from idlm.cli.serve import api_key
+
+    args = build_parser().parse_args(["serve", "org/model", "--max-model-len", "2048", "--chat-template", "t.jinja",
+                                      "--generation-config", "vllm", "--max-num-batched-tokens", "512",
+                                      "--gpu-memory-utilization", "0.5", "--enforce-eager"])
+    assert engine_args(args, model=args.model_path) == {
+        "model": "org/model", "device": "auto", "dtype": "auto", "quantization": "auto", "max_model_len": 2048,
+        "chat_template": "t.jinja", "generation_config": "vllm", "max_num_batched_tokens": 512,
+        "gpu_memory_utilization": 0.5, "enforce_eager": True, "max_num_seqs": 64, "proposal": "sample"}
+    monkeypatch.delenv("IDLM_API_KEY", raising=False)
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    assert api_key(args) is None
+    monkeypatch.setenv("VLLM_API_KEY", "from-vllm")
+    assert api_key(args) == "from-vllm"
+    monkeypatch.setenv("IDLM_API_KEY", "from-idlm")
+    assert api_key(args) == "from-idlm"
+    assert api_key(build_parser().parse_args(["serve", "--api-key", "given"])) == "given"

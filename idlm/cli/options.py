@@ -68,6 +68,15 @@ GENERATION_CONFIG = option("--generation-config", default="auto",
 ENGINE = (MODEL, DEVICE, DTYPE, QUANTIZATION, KV_CACHE_TOKENS, ADAPTER, MAX_MODEL_LEN, CHAT_TEMPLATE,
           GENERATION_CONFIG)
 
+MAX_NUM_BATCHED_TOKENS = option("--max-num-batched-tokens", type=int, default=None,
+                                help="prompt tokens prefilled per step; longer prompts are chunked (default 2048)")
+GPU_MEMORY_UTILIZATION = option("--gpu-memory-utilization", type=float, default=None,
+                                help="CUDA: share of the GPU's memory the engine may use, the KV pool sized to fit "
+                                     "(default 0.9)")
+ENFORCE_EAGER = option("--enforce-eager", action="store_true", default=None,
+                       help="CUDA: run decode steps eagerly, without CUDA graphs or compiled kernels")
+SCHEDULING = (MAX_NUM_BATCHED_TOKENS, GPU_MEMORY_UTILIZATION, ENFORCE_EAGER)
+
 MAX_NUM_SEQS = option("--max-num-seqs", type=int, default=64, help="requests decoded together (default 64)")
 
 # None means "not given": the decoding config, then the command's defaults, then SamplingParams decide

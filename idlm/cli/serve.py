@@ -11,6 +11,7 @@ from idlm.cli.options import (
     MODE,
     MODEL_HELP,
     PROPOSAL,
+    SCHEDULING,
     STRIDE,
     STRIDE_POLICY,
     add_options,
@@ -41,7 +42,7 @@ def add_parsers(sub) -> None:
                                        "(default; N is then a maximum, chosen per step for throughput)"},
                 branches={"help": "default most branch drafts per round of requests that name none (0 = none; "
                                   "default: as many as fit)"})
-    add_options(p, (MAX_NUM_SEQS,))
+    add_options(p, (MAX_NUM_SEQS, *SCHEDULING))
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests that may wait for a free slot; beyond that the server answers 429 (default 256)")
     p.add_argument("--served-model-name", default=None,
@@ -77,7 +78,11 @@ def run(args: argparse.Namespace) -> None:
     from idlm.server.serve import serve
 
     check_args(args)
-    api_key = args.api_key or next((os.environ[name] for name in API_KEY_ENV if os.environ.get(name)), None)
     engine = LLMEngine(EngineConfig(**engine_args(args, model=args.model_path or args.model)))
     serve(engine, args.served_model_name or engine.name, host=args.host, port=args.port,
-          max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout, api_key=api_key)
+          max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout, api_key=api_key(args))
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    """--api-key, else the first of API_KEY_ENV that is set, else None (no key asked)."""
+    return args.api_key or next((os.environ[name] for name in API_KEY_ENV if os.environ.get(name)), None)
