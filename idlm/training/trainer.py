@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from idlm.kernels.attention import DenseAttention, FlexAttention
-from idlm.models.loader import gguf_source, load_model, resolve_model_folder
+from idlm.models.loader import gguf_source, load_model, model_name, resolve_model_folder
 from idlm.models.lora import AdapterConfig, attach_lora, load_adapter, read_adapter_config, save_adapter
 from idlm.models.tokenizer import load_tokenizer
 from idlm.training.config import TrainConfig
@@ -78,7 +78,7 @@ class Trainer:
         self.folder = resolve_model_folder(cfg.model)
         self.tokenizer = load_tokenizer(self.folder)
         if self.tokenizer is None:
-            raise ValueError(f"{self.folder} has no tokenizer; training reads text and needs one")
+            raise ValueError(f"{model_name(cfg.model)} has no tokenizer; training reads text and needs one")
         self.model = load_model(self.folder, torch.float32, self.device, progress=cfg.progress and self.is_main,
                                 gguf_path=gguf_source(cfg.model))
         self.mask_id = self._setup_mask_token()
