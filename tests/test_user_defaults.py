@@ -137,6 +137,10 @@ def test_max_model_len_and_chat_template(llama_dir, tmp_path):
     assert engine.chat_prompt([{"role": "user", "content": "the cat"}]) == engine.tokenize("the cat dog")
     with pytest.raises(ValueError, match="neither a file nor a Jinja template"):
         engine._set_chat_template("no/such/template.jinja")
+    with pytest.raises(ValueError, match=f"max_model_len 4096 is beyond {llama_dir.name}'s context of 512 tokens"):
+        LLMEngine(EngineConfig(model=str(llama_dir), progress=False, kv_cache_tokens=1024, max_model_len=4096))
+    with pytest.raises(ValueError, match="max_model_len 500 does not fit the KV pool of 256 tokens"):
+        LLMEngine(EngineConfig(model=str(llama_dir), progress=False, kv_cache_tokens=256, max_model_len=500))
     with pytest.raises(ValueError, match="max_model_len must be an integer >= 2"):
         EngineConfig(max_model_len=0).validate()
 

@@ -85,7 +85,7 @@ def format_stats(out: RequestOutput, params: SamplingParams, timing: Timing) -> 
             f"tokens={tokens} forwards={stats['forwards']} tokens/forward={stats['tokens_per_forward']:.2f} "
             f"ttft={ttft:.3f}s prefill={len(out.prompt_token_ids) / ttft:.1f} tok/s")
     if tokens > 1:
-        line += f" decode={(tokens - 1) / (timing.end - timing.first_token):.1f} tok/s"
+        line += f" decode={(tokens - 1) / max(timing.end - timing.first_token, 1e-9):.1f} tok/s"
     line += f" total={timing.end - timing.start:.2f}s"
     if params.mode == "ar":
         return line

@@ -106,8 +106,14 @@ class LLMEngine:
         pool_len = num_blocks * config.kv_block_size - MAX_LOOKAHEAD
         if pool_len < 1:
             raise ValueError(f"kv_cache_tokens={kv_tokens} is too small; give at least {MAX_LOOKAHEAD + 64}")
-        self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
-                                 self.model_config.max_position_embeddings, pool_len)
+        context = self.model_config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > context:
+            raise ValueError(f"max_model_len {config.max_model_len} is beyond {self.name}'s context of {context} "
+                             f"tokens; give at most {context}")
+        if config.max_model_len is not None and config.max_model_len > pool_len:
+            raise ValueError(f"max_model_len {config.max_model_len} does not fit the KV pool of {kv_tokens} tokens "
+                             f"({pool_len} usable by one request); raise kv_cache_tokens or lower max_model_len")
+        self.max_model_len = min(config.max_model_len or context, context, pool_len)
         self.block_manager = BlockManager(num_blocks, config.kv_block_size, config.enable_prefix_caching)
         self.runner = ModelRunner(self.model, num_blocks, config.kv_block_size, self.mask_ids,
                                   banned_token=self.mask_ids["isd"])
