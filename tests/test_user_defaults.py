@@ -172,7 +172,7 @@ def test_generate_reads_the_prompt_from_stdin(llama_dir, monkeypatch, capsys):
     argv = ["--model", str(llama_dir), "--max-tokens", "5", "--ignore-eos", "--kv-cache-tokens", "1024"]
     assert main(["generate", "the cat sat", *argv]) == 0
     direct = capsys.readouterr().out
-    monkeypatch.setattr("sys.stdin", io.StringIO("the cat sat"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("the cat sat\n"))
     assert main(["generate", "-", *argv]) == 0
     assert capsys.readouterr().out == direct
 

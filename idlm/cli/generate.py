@@ -14,7 +14,7 @@ from idlm.engine.sampling_params import SamplingParams
 def add_parsers(sub) -> None:
     gen = sub.add_parser("generate", help="generate a continuation of one prompt, streamed to the terminal",
                          description="Generate a continuation of PROMPT and stream it to the terminal.")
-    gen.add_argument("prompt", help="the prompt text; - reads it from standard input")
+    gen.add_argument("prompt", help="the prompt text; - reads it from standard input (without its final newline)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     gen.add_argument("--prompt-ids", default=None,
                      help="comma-separated token ids to use instead of the prompt text (for models without a "
@@ -62,7 +62,8 @@ def stream(engine: LLMEngine, prompt_ids: list[int], params: SamplingParams) -> 
 
 
 def prompt_text(args: argparse.Namespace) -> str:
-    return sys.stdin.read() if args.prompt == "-" else args.prompt
+    # the newline that ends `echo`'s or a file's last line is no part of the prompt
+    return sys.stdin.read().removesuffix("\n") if args.prompt == "-" else args.prompt
 
 
 def prompt_ids(engine: LLMEngine, args: argparse.Namespace) -> list[int]:
