@@ -22,7 +22,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from idlm import LLM, SamplingParams
-from idlm.models.gguf import cached_hf_folder, default_gguf_path
+from idlm.models.gguf import default_gguf_path, float_folder
 
 CHATS = [
     "Explain how a hash map handles collisions, and compare chaining with open addressing.",
@@ -204,7 +204,7 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
-    folder = cached_hf_folder(default_gguf_path())
+    folder = float_folder(default_gguf_path())
     tokenizer = AutoTokenizer.from_pretrained(folder)
     hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype)).eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -30,7 +30,7 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
 class EngineConfig:
     """How the engine is built. None/auto fields are resolved when the engine starts."""
 
-    model: str | None = None  # HF folder, .gguf file, or None for the embedded default
+    model: str | None = None  # HF folder, .gguf file, Hugging Face hub id (from its cache), or None: the default
     dtype: str = "auto"  # bfloat16 on CUDA; CPU: float32, or bfloat16 with quantised weights on a bf16 CPU
     quantization: str = "auto"  # none | gguf | int8 | int4; auto: gguf for a quantised GGUF on the CPU
     device: str = "auto"  # cuda when available
@@ -38,7 +38,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # prefill tokens per step; longer prompts are chunked
     kv_cache_tokens: int | None = None
     kv_block_size: int = 16  # tokens per page of the paged KV cache
-    max_model_len: int | None = None
+    max_model_len: int | None = None  # None: the model's context, or what the KV pool holds if less
+    chat_template: str | None = None  # a Jinja file or inline template instead of the tokenizer's
+    generation_config: str = "auto"  # sampling defaults: auto (the model's generation_config.json), vllm, a path
     enable_prefix_caching: bool = True
     seed: int | None = None  # seeds the per-request seeds of requests that bring none
     progress: bool = True
@@ -65,6 +67,9 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
+            raise ValueError(f"max_model_len must be an integer >= 2 (prompt + output tokens), "
+                             f"got {self.max_model_len!r}")
         if self.kv_cache_tokens is not None and (not isinstance(self.kv_cache_tokens, int)
                                                  or self.kv_cache_tokens < self.kv_block_size):
             raise ValueError(f"kv_cache_tokens must be an integer >= kv_block_size ({self.kv_block_size}), "

@@ -53,3 +53,25 @@ def test_default_stride_follows_the_checkpoint(tmp_path):
     llm = LLM(str(folder), progress=False, kv_cache_tokens=1024)
     assert llm.engine.defaults == {"mode": "isd", "stride": 4, "proposal": "sample", "stride_policy": "adaptive",
                                    "branches": None}
+
+
+def test_cache_ls_and_rm(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("IDLM_CACHE", str(tmp_path))
+    entry = tmp_path / "gguf" / "Tiny.Q4_1-0123456789abcdef"
+    (entry / "float32").mkdir(parents=True)
+    (entry / "float32" / "model.safetensors").write_bytes(b"\0" * 3_000_000)
+    (entry / "idlm_source.json").write_text('{"gguf": "/models/Tiny.Q4_1.gguf"}')
+    (tmp_path / "shapes" / "tiny").mkdir(parents=True)
+    (tmp_path / "shapes" / "tiny" / "config.json").write_text("{}")
+    assert main(["cache", "ls"]) == 0
+    out = capsys.readouterr().out
+    assert "2 entries, 3 MB" in out
+    assert "gguf/Tiny.Q4_1-0123456789abcdef" in out and "float32" in out and "/models/Tiny.Q4_1.gguf" in out
+    assert "shapes/tiny" in out
+    assert main(["cache", "rm", "gguf/absent"]) == 1
+    assert "no cache entry 'gguf/absent'" in capsys.readouterr().err
+    assert main(["cache", "rm", "Tiny.Q4_1-0123456789abcdef"]) == 0
+    assert "freed 3 MB" in capsys.readouterr().out and not entry.exists()
+    assert main(["cache", "rm"]) == 1
+    assert main(["cache", "rm", "--all"]) == 0
+    assert not (tmp_path / "shapes" / "tiny").exists()

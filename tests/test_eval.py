@@ -442,7 +442,7 @@ def test_eval_sampling_defaults(tmp_path):
     defaults = {"temperature": 1.0}
     assert params("alpha", "p.txt").temperature == 1.0
     assert params("alpha", "p.txt", "--temperature", "0.5").temperature == 0.5
-    defaults = {"max_tokens": 512}
+    defaults = {"temperature": 0.0, "max_tokens": 512}  # what run_jsonl and run_humaneval pass
     assert params("jsonl", "q.jsonl").max_tokens == 512 and params("jsonl", "q.jsonl").temperature == 0
     config = tmp_path / "decoding.yaml"
     config.write_text("max_new_tokens: 100\n")

@@ -2,6 +2,7 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import hashlib
 import json
 import re
 import time
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from idlm.models import gguf as idlm_gguf
-from idlm.models.gguf import cached_hf_folder, default_gguf_path, gguf_to_hf_folder
+from idlm.models.gguf import cached_hf_folder, default_gguf_path, float_folder, gguf_to_hf_folder
 
 GGUF_PATH = default_gguf_path()
 
@@ -27,9 +28,10 @@ def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def folder(cache_root: Path) -> Path:
+    """The complete float32 Hugging Face folder of the default GGUF."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("IDLM_CACHE", str(cache_root))
-        return cached_hf_folder(GGUF_PATH)
+        return float_folder(GGUF_PATH)
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +56,31 @@ def test_default_gguf_path_without_package(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_cache_layout(folder: Path, cache_root: Path) -> None:
-    assert folder.parent == cache_root / "gguf"
-    assert folder.name.startswith("SmolLM2-135M-Instruct.Q4_1-")
-    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]
+    entry = folder.parent
+    assert entry.parent == cache_root / "gguf" and folder.name == "float32"
+    assert entry.name == f"SmolLM2-135M-Instruct.Q4_1-{hashlib.sha256(GGUF_PATH.read_bytes()).hexdigest()[:16]}"
+    assert sorted(p.name for p in entry.parent.iterdir()) == sorted(["hashes.json", entry.name])
+    assert not list(entry.glob("*.safetensors"))  # the weights are the dtype subfolders'
+    assert load_file(folder / "model.safetensors")["model.norm.weight"].dtype == torch.float32
+
+
+def test_one_cache_entry_per_content_in_the_engines_dtype(cache_root: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy of the file elsewhere (another clone or venv) shares the entry; float weights are
+    written only in the dtype asked for."""
+    monkeypatch.setenv("IDLM_CACHE", str(cache_root))
+    copy = tmp_path / "clone" / GGUF_PATH.name
+    copy.parent.mkdir()
+    copy.write_bytes(GGUF_PATH.read_bytes())
+    monkeypatch.setattr(idlm_gguf, "gguf_to_hf_folder", pytest.fail)
+    assert cached_hf_folder(copy) == cached_hf_folder(GGUF_PATH)
+    monkeypatch.undo()
+    monkeypatch.setenv("IDLM_CACHE", str(cache_root))
+    bf16 = float_folder(copy, torch.bfloat16)
+    assert bf16.name == "bfloat16" and bf16.parent == cached_hf_folder(GGUF_PATH)
+    weights = load_file(bf16 / "model.safetensors")
+    assert all(w.dtype == torch.bfloat16 for w in weights.values())
+    assert json.loads((bf16 / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
 def test_weights_match_transformers(folder: Path, reference_model: torch.nn.Module) -> None:
@@ -111,7 +135,7 @@ def test_second_call_uses_cache(folder: Path, cache_root: Path, monkeypatch: pyt
     monkeypatch.setenv("IDLM_CACHE", str(cache_root))
     monkeypatch.setattr(idlm_gguf, "gguf_to_hf_folder", pytest.fail)
     start = time.perf_counter()
-    assert cached_hf_folder(GGUF_PATH) == folder
+    assert float_folder(GGUF_PATH) == folder
     assert time.perf_counter() - start < 0.5
 
 
@@ -134,7 +158,8 @@ def test_unreadable_file(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPa
         path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=re.escape(str(path))):
         cached_hf_folder(path)
-    assert not (tmp_path / "cache" / "gguf").exists() or not any((tmp_path / "cache" / "gguf").iterdir())
+    entries = (tmp_path / "cache" / "gguf").glob("*")
+    assert not [p for p in entries if p.name != "hashes.json"]  # no entry, not even half of one
 
 
 def test_unsupported_architecture(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from idlm.kernels.attention import PagedBatch
 from idlm.kernels.cpu_gemm import RowTiledLinear
 from idlm.kernels.row_attention import RowExactPagedAttention
 from idlm.models import loader
-from idlm.models.gguf import default_gguf_path
+from idlm.models.gguf import QUANT_CACHE, default_gguf_path
 from idlm.models.quant import (
     FORMATS,
     GroupQuant,
@@ -315,8 +315,8 @@ def test_default_model_runs_quantised_and_risd_equals_ar():
     llm = LLM(progress=False)
     assert llm.engine.quantization == "gguf"
     assert llm.engine.model.model.layers[0].self_attn.qkv_proj.fmt == "Q4_1"
-    # the cache of decoded blocks stays out of the float loader's way
-    assert loader.safetensors_files(llm.engine.folder) == [llm.engine.folder / "model.safetensors"]
+    # the cache entry holds the decoded blocks, out of a float loader's way, and no float weights beside them
+    assert (llm.engine.folder / QUANT_CACHE).is_file() and not list(llm.engine.folder.glob("*.safetensors"))
     ids = [llm.engine.chat_prompt([{"role": "user", "content": c}]) for c in CHATS]
     greedy = dict(temperature=0, max_tokens=24)
     ar = [llm.generate([x], SamplingParams(mode="ar", **greedy))[0] for x in ids]

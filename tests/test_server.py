@@ -161,7 +161,7 @@ BAD_REQUESTS = [
     ("missing-prompt", "completions", {"max_tokens": 4}, 400, "prompt"),
     ("missing-messages", "chat", {"max_tokens": 4}, 400, "messages"),
     ("empty-messages", "chat", {"messages": []}, 400, "messages"),
-    ("missing-model", "completions", {"prompt": "hi", "model": None}, 400, "model"),
+    ("model-wrong-type", "completions", {"prompt": "hi", "model": 5}, 400, "model"),  # leaving it out is fine
     ("max-tokens-zero", "completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
     ("max-tokens-beyond-context", "completions", {"prompt": "hi", "max_tokens": 100_000}, 400, "max_tokens"),
     ("max-completion-tokens-beyond-context", "chat",
@@ -482,6 +482,62 @@ def test_playground_in_headless_chromium(server, client, tmp_path):
     assert len(page["colours"]) == len(set(page["sources"])) and "rgba(0, 0, 0, 0)" not in page["colours"]
     tokens = expected.usage.completion_tokens
     assert re.match(rf"TPF \d+\.\d\d · forwards \d+ · tokens {tokens} ", page["stats"]), page["stats"]
+
+
+# Holds the chat stream after its first chunk with tokens until the page aborts it, so that Stop
+# lands mid-answer whatever the model's speed, and records the request bodies.
+SLOW_STREAM = """
+window.sent = [];
+const realFetch = window.fetch;
+window.fetch = async (url, options = {}) => {
+  const response = await realFetch(url, options);
+  if (!String(url).includes("/chat/completions")) return response;
+  window.sent.push(JSON.parse(options.body));
+  const reader = response.body.getReader();
+  let tokensSent = false;
+  const held = new ReadableStream({async pull(c) {
+    if (tokensSent) {
+      await new Promise((_, fail) => options.signal.addEventListener("abort",
+        () => fail(new DOMException("stopped", "AbortError"))));
+    }
+    const {done, value} = await reader.read();
+    if (done) { c.close(); return; }
+    tokensSent = new TextDecoder().decode(value).includes('"sources"');
+    c.enqueue(value);
+  }});
+  window.held = true;
+  return new Response(held, {status: response.status, headers: response.headers});
+};
+"""
+
+
+def test_playground_stop_keeps_the_answer_system_prompt_and_new_chat(server, tmp_path):
+    if not shutil.which(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is missing")
+    with Chromium(tmp_path / "profile") as browser:
+        browser.call("Page.enable")
+        browser.call("Page.navigate", url=server.url + "/")
+        browser.wait_for(f"document.body?.dataset.model === {json.dumps(MODEL)}")
+        browser.eval(SLOW_STREAM)
+        browser.eval("""document.getElementById('system').value = 'you are a cat';
+                        document.getElementById('input').value = 'hello world';
+                        document.getElementById('send').click();""")
+        browser.wait_for("window.held && document.querySelectorAll('.msg.assistant .tok').length > 0")
+        browser.eval("document.getElementById('stop').click()")
+        browser.wait_for("document.body?.dataset.state === 'done'")
+        page = browser.eval("""(() => ({
+            sent: window.sent[0], history: history.map(m => m.role),
+            answer: history.length > 1 ? history[1].content : null,
+            shown: document.querySelector('.msg.assistant')?.textContent,
+            stopped: document.querySelectorAll('.msg.assistant.stopped').length,
+            errors: document.querySelectorAll('.msg.error').length}))()""")
+        assert page["sent"]["messages"] == [{"role": "system", "content": "you are a cat"},
+                                            {"role": "user", "content": "hello world"}], page
+        assert "temperature" not in page["sent"]  # left to the model's generation config
+        assert page["history"] == ["user", "assistant"] and page["answer"], page
+        assert page["shown"] and page["stopped"] == 1 and page["errors"] == 0, page
+        browser.eval("document.getElementById('new-chat').click()")
+        assert browser.eval("history.length + document.querySelectorAll('#messages .msg').length") == 0
 
 
 def test_sigterm_stops_the_server_cleanly(server):

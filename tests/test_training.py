@@ -369,7 +369,12 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path):
     a, b = final_weights(straight), final_weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "out" / "log.jsonl").read_text().splitlines()]
-    assert steps[-1] == 8 and 5 in steps
+    assert steps == list(range(1, 9))  # steps after the checkpoint, lost with the kill, are not logged twice
+    final = tmp_path / "b" / "out" / "final"
+    stamp = (final / "model.safetensors").stat().st_mtime_ns
+    assert Trainer(load_train_config(cfg_path)).train() == final  # a finished run has nothing left to train
+    assert (final / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (tmp_path / "b" / "out" / "log.jsonl").read_text().count("\n") == 8
 
 
 def test_conversion_raises_isd_acceptance(tmp_path):
@@ -457,3 +462,14 @@ def test_distill_refuses_token_id_prompts(tmp_path):
     path.write_text('{"prompt_ids": [1, 2]}\n')
     with pytest.raises(ValueError, match="not prompt_ids"):
         read_conversations(path)
+
+
+def test_resumed_log_keeps_each_step_once(tmp_path):
+    from idlm.training.trainer import keep_log_until
+
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 7)) + '{"step": 7, "lo')
+    keep_log_until(log, 4)  # resuming from the checkpoint of step 4: steps 5-7 will be trained again
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4]
+    keep_log_until(log, 0)  # a run from scratch
+    assert log.read_text() == ""

@@ -20,7 +20,8 @@ from idlm.config import MAX_STRIDE, EngineConfig
 from idlm.engine.llm_engine import MAX_LOOKAHEAD, LLMEngine
 from idlm.engine.sampling_params import MODES, STRIDE_POLICIES, SamplingParams
 from idlm.models.config import ModelConfig
-from idlm.models.loader import resolve_model_folder
+from idlm.models.gguf import float_folder
+from idlm.models.loader import gguf_source, resolve_model_folder
 from idlm.models.shapes import shape_config, shape_folder
 from idlm.models.tokenizer import load_tokenizer
 
@@ -152,6 +153,8 @@ def run_bench(cfg: BenchConfig, command: str = "", log: Callable[[str], None] = 
     cfg.validate()
     items = read_workload(Path(cfg.workload)) if cfg.workload else []
     folder = shape_folder(cfg.shape) if cfg.shape else resolve_model_folder(cfg.model)
+    if not cfg.shape and gguf_source(cfg.model) is not None:  # the bench (and transformers) run its float weights
+        folder = float_folder(gguf_source(cfg.model), torch.float32)
     counts = {c: cfg.requests_per_run(c, len(items)) for c in cfg.concurrency}
     rate_count = cfg.requests_per_run(max(cfg.concurrency), len(items))  # requests of an open-loop run
     model_cfg = ModelConfig.from_folder(folder)

@@ -7,9 +7,9 @@ import os
 import sys
 
 from idlm import __version__
-from idlm.cli import bench, distill, evaluate, generate, serve, train
+from idlm.cli import bench, cache, distill, evaluate, generate, serve, train
 
-COMMANDS = (generate, train, distill, serve, evaluate, bench)
+COMMANDS = (generate, train, distill, serve, evaluate, bench, cache)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +19,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
         command.add_parsers(sub)
+    remember_parsers(parser)
     return parser
+
+
+def remember_parsers(parser: argparse.ArgumentParser) -> None:
+    """Every (sub)command's parser records itself in the parsed arguments as `parser`, so that an
+    unknown option is reported with the usage of the command it was given to."""
+    parser.set_defaults(parser=parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command_parser in action.choices.values():
+                remember_parsers(command_parser)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not hasattr(args, "overrides"):  # only commands that take free --key value pairs have it
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 2

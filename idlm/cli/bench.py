@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from idlm.cli.options import ENGINE, QUANTIZATION, add_options
+from idlm.cli.options import CHAT_TEMPLATE, ENGINE, GENERATION_CONFIG, MAX_MODEL_LEN, QUANTIZATION, add_options
 from idlm.config import MAX_STRIDE
 from idlm.engine.sampling_params import MODES, STRIDE_POLICIES
 from idlm.models.shapes import SHAPES
@@ -32,8 +32,9 @@ def add_parsers(sub) -> None:
                        description="Benchmark the engine: closed-loop runs at each concurrency for each\n"
                                    "decoding mode, optionally against transformers generate.",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # the bench loads the model folder it resolved (for a GGUF, its float cache), so no --quantization
-    add_options(p, [o for o in ENGINE if o is not QUANTIZATION],
+    # the bench loads the model folder it resolved (for a GGUF, its float cache), so no --quantization; its
+    # requests set every sampling field and use no chat template
+    add_options(p, [o for o in ENGINE if o not in (QUANTIZATION, MAX_MODEL_LEN, CHAT_TEMPLATE, GENERATION_CONFIG)],
                 kv_cache_tokens={"help": "size of the paged KV pool in tokens (default: enough for --max-num-seqs "
                                          "requests of the longest prompt + output)"})
     p.add_argument("--shape", default=None,
@@ -124,7 +125,7 @@ def command_line(args: argparse.Namespace) -> str:
     """The command line that repeats this run, every option spelled out."""
     words = ["idlm", "bench"]
     for name, value in vars(args).items():
-        if name in ("command", "run") or value is None or value is False:
+        if name in ("command", "run", "parser") or value is None or value is False:
             continue
         words.append(f"--{name.replace('_', '-')}")
         if value is not True:

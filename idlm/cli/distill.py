@@ -27,8 +27,9 @@ def add_parsers(sub) -> None:
 def run(args: argparse.Namespace) -> None:
     if args.samples_per_prompt < 1:
         raise ValueError("--samples-per-prompt must be >= 1")
-    params = sampling_params(args)
+    sampling_params(args)  # bad flags fail before the model loads
     llm = LLM(**engine_args(args))
+    params = sampling_params(args, llm.engine.sampling_defaults)
 
     def answer(conversations: list[Conversation]) -> list[str]:
         outputs = llm.chat(conversations, per_request(params, len(conversations)), use_tqdm=True)

@@ -8,6 +8,7 @@ from idlm.cli.options import (
     DEVICE,
     DTYPE,
     ENGINE,
+    GENERATION_CONFIG,
     MODEL,
     QUANTIZATION,
     SAMPLING,
@@ -34,8 +35,13 @@ URL = option("--url", default=None,
                   "model; sampling flags are sent with each request")
 CONCURRENCY = option("--concurrency", type=int, default=8, help="requests in flight at once with --url (default 8)")
 NO_URL = option("--url", default=None, help=argparse.SUPPRESS)  # refused with a clear message
-GENERATION = (*ENGINE, *SAMPLING, OUTPUT, LIMIT, URL, CONCURRENCY)  # the tasks that generate answers
+# evaluations choose their own sampling defaults (greedy, or temperature 1 for alpha), not the model's
+EVAL_ENGINE = tuple(o for o in ENGINE if o is not GENERATION_CONFIG)
+GENERATION = (*EVAL_ENGINE, *SAMPLING, OUTPUT, LIMIT, URL, CONCURRENCY)  # the tasks that generate answers
 DEFAULT_MAX_TOKENS = {"help": "most tokens to generate (default 512 here)"}
+UNFILTERED = {"top_p": {"help": "nucleus sampling mass in (0, 1] (default 1 = off)"},
+              "top_k": {"help": "sample among the k likeliest tokens (default 0 = off)"}}
+GREEDY = {"help": "0 = greedy (default 0 here: pass@1 and accuracy are greedy unless asked)"}
 
 
 def add_parsers(sub) -> None:
@@ -54,8 +60,9 @@ def add_parsers(sub) -> None:
     alpha.add_argument("prompts", help='text file (one prompt per line) or JSONL of {"prompt": str}, '
                                        '{"prompt_ids": [int, ...]} or {"messages": [...]}')
     alpha.add_argument("--chat", action="store_true", help="wrap text prompts as a user message in the chat template")
-    add_options(alpha, (*ENGINE, *SAMPLING, OUTPUT, LIMIT, NO_URL),
-                temperature={"help": "0 = greedy (default 1 here: at greedy alpha is 1 by construction)"})
+    add_options(alpha, (*EVAL_ENGINE, *SAMPLING, OUTPUT, LIMIT, NO_URL),
+                temperature={"help": "0 = greedy (default 1 here: at greedy alpha is 1 by construction)"},
+                max_tokens={"help": "most tokens to generate (default 256)"}, **UNFILTERED)
 
     he = tasks.add_parser("humaneval", help="HumanEval pass@1 (sandboxed execution)",
                           description="The model completes each HumanEval prompt (plain completion, greedy by "
@@ -73,7 +80,7 @@ def add_parsers(sub) -> None:
                          "run the reply's first code block (no stop strings)")
     he.add_argument("--timeout", type=float, default=10.0, help="seconds each candidate may run (default 10)")
     he.add_argument("--workers", type=int, default=None, help="candidates executed in parallel (default: CPUs, <= 8)")
-    add_options(he, GENERATION, max_tokens=DEFAULT_MAX_TOKENS)
+    add_options(he, GENERATION, max_tokens=DEFAULT_MAX_TOKENS, temperature=GREEDY, **UNFILTERED)
 
     js = tasks.add_parser("jsonl", help="accuracy on a question/answer JSONL file",
                           description="Each line of FILE is a JSON object with a question and an answer. The "
@@ -93,7 +100,7 @@ def add_parsers(sub) -> None:
     js.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
     js.add_argument("--system", default=None, help="system message (with --chat)")
     js.add_argument("--choices", default="ABCDEFGHIJ", help="option letters for --extract choice (default A-J)")
-    add_options(js, GENERATION, max_tokens=DEFAULT_MAX_TOKENS)
+    add_options(js, GENERATION, max_tokens=DEFAULT_MAX_TOKENS, temperature=GREEDY, **UNFILTERED)
 
     ppl = tasks.add_parser("perplexity", help="clean-stream perplexity of a text file",
                            description="Perplexity of the model's clean causal stream on TEXT, in sliding windows "
@@ -148,7 +155,7 @@ def run_humaneval(args: argparse.Namespace) -> dict:
     from idlm.eval import humaneval
     from idlm.eval.execution import Limits
 
-    params = sampling_params(args, max_tokens=512)
+    params = sampling_params(args, temperature=0.0, max_tokens=512)  # pass@1 is greedy unless asked
     if args.timeout <= 0:
         raise ValueError(f"--timeout must be > 0, got {args.timeout}")
     if args.workers is not None and args.workers < 1:
@@ -161,7 +168,7 @@ def run_humaneval(args: argparse.Namespace) -> dict:
 def run_jsonl(args: argparse.Namespace) -> dict:
     from idlm.eval import jsonl_bench
 
-    params = sampling_params(args, max_tokens=512)
+    params = sampling_params(args, temperature=0.0, max_tokens=512)
     template = args.template.replace("\\n", "\n").replace("\\t", "\t") if args.template else None
     cfg = jsonl_bench.BenchConfig(extraction=args.extract, question_key=args.question_key,
                                   answer_key=args.answer_key, template=template, chat=args.chat,

@@ -12,7 +12,8 @@ from idlm.engine.decoding_config import load_decoding_config
 from idlm.engine.sampling_params import MODES, STRIDE_POLICIES, SamplingParams
 from idlm.models.loader import QUANTIZATIONS
 
-MODEL_HELP = "Hugging Face model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)"
+MODEL_HELP = ("Hugging Face model folder, .gguf file, or hub id (org/name) already in the Hugging Face cache "
+              "(default: the embedded SmolLM2-135M-Instruct)")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -53,7 +54,28 @@ KV_CACHE_TOKENS = option("--kv-cache-tokens", type=int, default=None, help="size
 ADAPTER = option("--adapter", default=None,
                  help="gated-LoRA (R-ISD) adapter folder for the model (default: the shipped SmolLM2 adapter when "
                       "--model is not given; 'none' for no adapter)")
-ENGINE = (MODEL, DEVICE, DTYPE, QUANTIZATION, KV_CACHE_TOKENS, ADAPTER)
+MAX_MODEL_LEN = option("--max-model-len", type=int, default=None,
+                       help="context length in tokens, prompt and output together (default: the model's, or what "
+                            "the KV pool holds if less)")
+CHAT_TEMPLATE = option("--chat-template", default=None,
+                       help="Jinja chat template, as a file or inline, instead of the tokenizer's")
+GENERATION_CONFIG = option("--generation-config", default="auto",
+                           help="sampling defaults for what a request or flag leaves unset: auto (the model's "
+                                "generation_config.json: temperature, top_p, top_k, max_new_tokens; greedy where it "
+                                "sets none or the model has no such file, as a GGUF), vllm (ignore the file: "
+                                "temperature 1, as the OpenAI API), or a path to such a file or its folder "
+                                "(default auto)")
+ENGINE = (MODEL, DEVICE, DTYPE, QUANTIZATION, KV_CACHE_TOKENS, ADAPTER, MAX_MODEL_LEN, CHAT_TEMPLATE,
+          GENERATION_CONFIG)
+
+MAX_NUM_BATCHED_TOKENS = option("--max-num-batched-tokens", type=int, default=None,
+                                help="prompt tokens prefilled per step; longer prompts are chunked (default 2048)")
+GPU_MEMORY_UTILIZATION = option("--gpu-memory-utilization", type=float, default=None,
+                                help="CUDA: share of the GPU's memory the engine may use, the KV pool sized to fit "
+                                     "(default 0.9)")
+ENFORCE_EAGER = option("--enforce-eager", action="store_true", default=None,
+                       help="CUDA: run decode steps eagerly, without CUDA graphs or compiled kernels")
+SCHEDULING = (MAX_NUM_BATCHED_TOKENS, GPU_MEMORY_UTILIZATION, ENFORCE_EAGER)
 
 MAX_NUM_SEQS = option("--max-num-seqs", type=int, default=64, help="requests decoded together (default 64)")
 
@@ -74,10 +96,13 @@ BRANCHES = option("--branches", type=int, default=None,
                   help="most branch drafts a round adds, each ready for the rejection of one draft so that no "
                        f"round after a rejection is cold (0-{MAX_STRIDE - 1}, 0 = none; default: as many as fit)")
 SAMPLING_FLAGS = (
-    option("--max-tokens", type=int, help="most tokens to generate (default 256)"),
-    option("--temperature", type=float, help="0 = greedy (default 0)"),
-    option("--top-p", type=float, help="nucleus sampling mass in (0, 1] (default 1 = off)"),
-    option("--top-k", type=int, help="sample among the k likeliest tokens (default 0 = off)"),
+    option("--max-tokens", type=int, help="most tokens to generate (default: the generation config's "
+                                          "max_new_tokens, else 256)"),
+    option("--temperature", type=float, help="0 = greedy (default: the generation config's, else 0)"),
+    option("--top-p", type=float, help="nucleus sampling mass in (0, 1] (default: the generation config's, "
+                                       "else 1 = off)"),
+    option("--top-k", type=int, help="sample among the k likeliest tokens (default: the generation config's, "
+                                     "else 0 = off)"),
     option("--seed", type=int, help="seed: the same seed gives the same output"),
     option("--stop", action="append", help="stop string (repeatable); not included in output"),
     option("--ignore-eos", action="store_true", default=None, help="keep generating past the end-of-sequence token"),
@@ -92,8 +117,6 @@ DECODING_CONFIG = option("--decoding-config", default=None,
                               "use_spec_verify, verify_alpha, conditional_lora); command-line flags override it")
 SAMPLING = (*SAMPLING_FLAGS, DECODING_CONFIG)
 
-CLI_DEFAULTS = {"temperature": 0.0}  # the command line is greedy unless asked otherwise
-
 
 def engine_args(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
     """EngineConfig keyword arguments from the parsed arguments: every EngineConfig field that
@@ -102,10 +125,13 @@ def engine_args(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k in names and v is not None} | overrides
 
 
-def sampling_params(args: argparse.Namespace, **defaults: Any) -> SamplingParams:
+def sampling_params(args: argparse.Namespace, model_defaults: dict[str, Any] | None = None,
+                    **defaults: Any) -> SamplingParams:
     """Flags given on the command line override the decoding config, which overrides the
-    command's `defaults`, which override CLI_DEFAULTS."""
-    given = CLI_DEFAULTS | defaults
+    command's `defaults`, which override the model's generation config (`model_defaults`, the
+    engine's `sampling_defaults`; None before the engine is loaded, to check the flags early),
+    which overrides SamplingParams' own defaults."""
+    given = (model_defaults or {}) | defaults
     if args.decoding_config:
         given |= load_decoding_config(args.decoding_config)
     for o in SAMPLING_FLAGS:

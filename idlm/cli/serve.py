@@ -1,6 +1,8 @@
 """`idlm serve [MODEL]`: the OpenAI-compatible server."""
 
 import argparse
+import math
+import os
 
 from idlm.cli.options import (
     BRANCHES,
@@ -9,6 +11,7 @@ from idlm.cli.options import (
     MODE,
     MODEL_HELP,
     PROPOSAL,
+    SCHEDULING,
     STRIDE,
     STRIDE_POLICY,
     add_options,
@@ -16,6 +19,8 @@ from idlm.cli.options import (
 )
 from idlm.config import MAX_STRIDE, EngineConfig
 from idlm.engine.llm_engine import LLMEngine
+
+API_KEY_ENV = ("IDLM_API_KEY", "VLLM_API_KEY")
 
 
 def add_parsers(sub) -> None:
@@ -37,25 +42,47 @@ def add_parsers(sub) -> None:
                                        "(default; N is then a maximum, chosen per step for throughput)"},
                 branches={"help": "default most branch drafts per round of requests that name none (0 = none; "
                                   "default: as many as fit)"})
-    add_options(p, (MAX_NUM_SEQS,))
+    add_options(p, (MAX_NUM_SEQS, *SCHEDULING))
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests that may wait for a free slot; beyond that the server answers 429 (default 256)")
     p.add_argument("--served-model-name", default=None,
-                   help="the model id of the API (default: the model folder or file name)")
+                   help="the model id of the API; requests may also leave out `model` (default: the hub id, the "
+                        "folder's name, the GGUF file's stem, or SmolLM2-135M-Instruct for the embedded default)")
+    p.add_argument("--api-key", default=None,
+                   help=f"require `Authorization: Bearer KEY` on /v1 routes (401 otherwise; /health, /metrics and "
+                        f"the playground page stay open); default: ${API_KEY_ENV[0]}, else ${API_KEY_ENV[1]}, else "
+                        f"none")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds running requests get to finish after SIGINT/SIGTERM before they are cancelled "
                         "(default 10)")
     p.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> None:
-    from idlm.server.serve import serve, served_model_name
-
+def check_args(args: argparse.Namespace) -> None:
+    """What can be refused before the model loads (which takes a while)."""
     if args.model_path and args.model:
         raise ValueError("give the model once: as MODEL or as --model")
-    model = args.model_path or args.model
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
-    engine = LLMEngine(EngineConfig(**engine_args(args, model=model)))
-    serve(engine, args.served_model_name or served_model_name(model), host=args.host, port=args.port,
-          max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout)
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be from 0 to 65535 (0 = any free port), got {args.port}")
+    if not (math.isfinite(args.shutdown_timeout) and args.shutdown_timeout >= 0):
+        raise ValueError(f"--shutdown-timeout must be a number of seconds >= 0, got {args.shutdown_timeout}")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise ValueError("--served-model-name must not be empty")
+    if args.api_key is not None and not args.api_key:
+        raise ValueError("--api-key must not be empty; leave it out to serve without a key")
+
+
+def run(args: argparse.Namespace) -> None:
+    from idlm.server.serve import serve
+
+    check_args(args)
+    engine = LLMEngine(EngineConfig(**engine_args(args, model=args.model_path or args.model)))
+    serve(engine, args.served_model_name or engine.name, host=args.host, port=args.port,
+          max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout, api_key=api_key(args))
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    """--api-key, else the first of API_KEY_ENV that is set, else None (no key asked)."""
+    return args.api_key or next((os.environ[name] for name in API_KEY_ENV if os.environ.get(name)), None)

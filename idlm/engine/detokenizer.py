@@ -4,7 +4,8 @@ from transformers import PreTrainedTokenizerBase
 
 class IncrementalDetokenizer:
     """Text of a growing token list, released only when it is final: never half a UTF-8
-    character, and never the first characters of what may still become a stop string."""
+    character (an output that ends inside one, cut by max_tokens, drops those bytes), and never the
+    first characters of what may still become a stop string."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase | None, stop: list[str]):
         self.tokenizer = tokenizer
@@ -35,8 +36,10 @@ class IncrementalDetokenizer:
             self._find_stop(self.streamed)
             return
         text = self.tokenizer.decode(token_ids[start:], skip_special_tokens=True)  # once per request when streaming
-        if text.endswith("\ufffd") and not final:
-            text = self.text
+        if text.endswith("\ufffd"):
+            # the first bytes of a character the tokens do not finish (yet, or ever, when the output
+            # ends there): never part of the text, streamed or whole
+            text = text.rstrip("\ufffd") if final else self.text
         self._find_stop(text)
 
     def release(self, final: bool) -> str:

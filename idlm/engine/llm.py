@@ -30,9 +30,14 @@ class LLM:
             conversations = [conversations]
         return self._run([self.engine.chat_prompt(c) for c in conversations], sampling_params, use_tqdm)
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What `generate` and `chat` use when given no SamplingParams: the model's generation
+        config (EngineConfig.generation_config), as vLLM does."""
+        return self.engine.default_sampling_params()
+
     def _run(self, prompts: list[list[int]], sampling_params, use_tqdm: bool) -> list[RequestOutput]:
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):

@@ -2,6 +2,7 @@ import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -17,10 +18,12 @@ from idlm.engine.stats import EngineStats, request_stats
 from idlm.engine.step_cost import measure_step_cost
 from idlm.engine.stride_policy import StridePolicy
 from idlm.kernels.row_attention import RowExactPagedAttention
+from idlm.models.generation_config import sampling_defaults
 from idlm.models.loader import (
     auto_dtype,
     gguf_source,
     load_model,
+    model_name,
     parse_dtype,
     resolve_model_folder,
     resolve_quantization,
@@ -58,6 +61,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         config.validate()
         self.config = config
+        self.name = model_name(config.model)  # in messages: the folder may be a cache path the user never gave
         self.folder = resolve_model_folder(config.model)
         device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.device = torch.device(device)
@@ -74,6 +78,14 @@ class LLMEngine:
             compile_elementwise()
             compile_noise(self.device)
         self.tokenizer = load_tokenizer(self.folder)
+        if config.chat_template is not None:
+            self._set_chat_template(config.chat_template)
+        self.sampling_defaults = sampling_defaults(config.generation_config, self.folder)
+        try:
+            SamplingParams(**self.sampling_defaults)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"the generation config of {self.name}: {e}; fix it or pass --generation-config "
+                             f"vllm") from e
         adapter = config.adapter
         if adapter is None and config.model is None:  # the embedded default: SmolLM2 + its R-ISD adapter
             adapter = str(DEFAULT_ADAPTER)
@@ -94,8 +106,14 @@ class LLMEngine:
         pool_len = num_blocks * config.kv_block_size - MAX_LOOKAHEAD
         if pool_len < 1:
             raise ValueError(f"kv_cache_tokens={kv_tokens} is too small; give at least {MAX_LOOKAHEAD + 64}")
-        self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
-                                 self.model_config.max_position_embeddings, pool_len)
+        context = self.model_config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > context:
+            raise ValueError(f"max_model_len {config.max_model_len} is beyond {self.name}'s context of {context} "
+                             f"tokens; give at most {context}")
+        if config.max_model_len is not None and config.max_model_len > pool_len:
+            raise ValueError(f"max_model_len {config.max_model_len} does not fit the KV pool of {kv_tokens} tokens "
+                             f"({pool_len} usable by one request); raise kv_cache_tokens or lower max_model_len")
+        self.max_model_len = min(config.max_model_len or context, context, pool_len)
         self.block_manager = BlockManager(num_blocks, config.kv_block_size, config.enable_prefix_caching)
         self.runner = ModelRunner(self.model, num_blocks, config.kv_block_size, self.mask_ids,
                                   banned_token=self.mask_ids["isd"])
@@ -112,6 +130,29 @@ class LLMEngine:
         self.seed_source = random.Random(config.seed)
         self.seqs: dict[int, Sequence] = {}
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
+
+    def _set_chat_template(self, template: str) -> None:
+        """template: a Jinja file, or the template itself (vLLM's --chat-template)."""
+        if self.tokenizer is None:
+            raise ValueError(f"{self.name} has no tokenizer, so no chat template applies; leave out --chat-template")
+        path = Path(template).expanduser()
+        try:
+            is_file = path.is_file()
+        except (OSError, ValueError):  # inline template text too long, or odd, for a file name
+            is_file = False
+        if is_file:
+            try:
+                template = path.read_text()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"cannot read the chat template {path} ({e})") from e
+        elif "{{" not in template and "{%" not in template:
+            raise ValueError(f"chat template {template!r} is neither a file nor a Jinja template; give a path to a "
+                             f".jinja file or the template text")
+        self.tokenizer.chat_template = template
+
+    def default_sampling_params(self, **fields) -> SamplingParams:
+        """SamplingParams of the model's generation config (see --generation-config), then `fields`."""
+        return SamplingParams(**(self.sampling_defaults | fields))
 
     def _find_mask_token(self) -> int | None:
         if self.model_config.mask_token_id is not None:
@@ -136,12 +177,12 @@ class LLMEngine:
         filled = {k: v for k, v in self.defaults.items() if getattr(params, k) is None}
         params = dataclasses.replace(params, **filled)
         if params.mode == "isd" and self.model_config.block_diffusion:
-            raise ValueError(f"{self.folder} is the SDAR-style baseline (idlm_objective: sdar): its MASKs are trained "
+            raise ValueError(f"{self.name} is the SDAR-style baseline (idlm_objective: sdar): its MASKs are trained "
                              "for block diffusion, not for ISD; use mode ar (scripts/eval_sdar_baseline.py measures "
                              "its own decoding)")
         if params.mode == "isd" and self.mask_ids["isd"] is None:
             raise ValueError(f"mode isd needs an I-DLM checkpoint with a MASK token (mask_token_id in config.json); "
-                             f"{self.folder} has none: use mode ar, or mode risd with an adapter")
+                             f"{self.name} has none: use mode ar, or mode risd with an adapter")
         return params
 
     def _default_kv_tokens(self) -> int:
@@ -186,7 +227,7 @@ class LLMEngine:
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError(f"{self.folder} has no tokenizer; pass prompts as lists of token ids")
+                raise ValueError(f"{self.name} has no tokenizer; pass prompts as lists of token ids")
             ids = self.tokenizer.encode(prompt, add_special_tokens=True)
         else:
             ids = list(prompt)
@@ -202,7 +243,7 @@ class LLMEngine:
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(f"{self.folder} has no chat template; use plain prompts")
+            raise ValueError(f"{self.name} has no chat template; use plain prompts, or give one with --chat-template")
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
                                                      for m in messages):
             raise ValueError("a chat is a list of {'role': ..., 'content': ...} messages")

@@ -73,6 +73,6 @@ def evaluate(llm: LLM, prompts: list, params: SamplingParams) -> dict[str, Any]:
     """`idlm eval alpha`: one seed per prompt when params has a seed."""
     resolved = llm.engine.resolve(params)
     report = introspective_acceptance(llm, prompts, per_request(params, len(prompts)), use_tqdm=True)
-    summary = {"model": str(llm.engine.folder), "mode": resolved.mode, "stride": resolved.stride,
+    summary = {"model": llm.engine.name, "mode": resolved.mode, "stride": resolved.stride,
                "temperature": resolved.temperature, **asdict(report)}
     return {"task": "alpha", "summary": summary, "sampling": asdict(resolved)}

@@ -22,6 +22,7 @@ from idlm.models.loader import (
     auto_dtype,
     gguf_source,
     load_model,
+    model_name,
     parse_dtype,
     resolve_model_folder,
     resolve_quantization,
@@ -105,13 +106,13 @@ def evaluate(text_file: Path, model_path: str | None, device: str = "auto", dtyp
     folder = resolve_model_folder(model_path)
     tokenizer = load_tokenizer(folder)
     if tokenizer is None:
-        raise ValueError(f"{folder} has no tokenizer; perplexity needs one to read text")
+        raise ValueError(f"{model_name(model_path)} has no tokenizer; perplexity needs one to read text")
     model = load_model(folder, parse_dtype(dtype), device, quantization=quantization, gguf_path=gguf_source(model_path))
     ids = tokenizer.encode(text, add_special_tokens=True, verbose=False)
     banned = model.cfg.mask_token_id if model.cfg.mask_token_id is not None else model.cfg.sdar_mask_token_id
     if banned is not None and banned >= model.cfg.vocab_size:
         banned = None
     report = perplexity(model, ids, context or DEFAULT_CONTEXT, stride, progress=True, banned_token=banned)
-    return {"task": "perplexity", "summary": {"model": str(folder), "file": str(text_file), "dtype": dtype,
+    return {"task": "perplexity", "summary": {"model": model_name(model_path), "file": str(text_file), "dtype": dtype,
                                               "quantization": quantization,
                                               **asdict(report)}}

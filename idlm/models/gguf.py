@@ -1,5 +1,6 @@
-"""Read llama.cpp GGUF files: turned into a float32 Hugging Face Llama folder, cached on disk
-(config, tokenizer, dequantised weights), and their quantised blocks read as they are."""
+"""Read llama.cpp GGUF files: turned into a Hugging Face Llama folder cached on disk under the
+file's content hash (config and tokenizer; dequantised weights in a subfolder per dtype, written
+only when a float model is asked for), and their quantised blocks read as they are."""
 
 import hashlib
 import importlib.util
@@ -19,9 +20,11 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
+from idlm.models.cache import SOURCE_FILE, cache_root
 from idlm.models.quant import FORMATS, GroupQuant, from_gguf_blocks
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HASH_INDEX = "hashes.json"
 FLOAT_TYPES = ("F32", "F16", "BF16")
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -54,23 +57,70 @@ def default_gguf_path() -> Path:
 
 
 def cached_hf_folder(gguf_path: Path) -> Path:
+    """The file's config and tokenizer as a Hugging Face folder (no weights: those are
+    `float_folder`'s, or the quantised blocks of `quantized_tensors`)."""
     folder = _cache_folder(gguf_path)
     if not folder.is_dir():
-        gguf_to_hf_folder(gguf_path, folder)
+        gguf_to_hf_folder(gguf_path, folder, weights=False)
+    return folder
+
+
+def float_folder(gguf_path: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """A complete Hugging Face folder of the dequantised weights in `dtype` (the dtype the model
+    runs in, so nothing larger is kept), written on first use beside the entry's config and
+    tokenizer, which it copies."""
+    entry = cached_hf_folder(gguf_path)
+    folder = entry / str(dtype).removeprefix("torch.")
+    if folder.is_dir():
+        return folder
+    gguf_path = Path(gguf_path).resolve()
+    reader = _open_reader(gguf_path)
+    config = json.loads((entry / "config.json").read_text()) | {"torch_dtype": folder.name}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=entry))
+    try:
+        save_file(_state_dict(reader, gguf_path, config, dtype), tmp / "model.safetensors")
+        for file in entry.iterdir():
+            if file.is_file() and file.name != "gguf_formats.json":
+                shutil.copy(file, tmp / file.name)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        _publish(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
 def _cache_folder(gguf_path: Path) -> Path:
+    """Keyed by the file's content, so every clone, venv or copy of one file shares one entry."""
     gguf_path = Path(gguf_path).resolve()
     _require_file(gguf_path)
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}:{gguf_path}".encode()).hexdigest()[:16]
-    root = Path(os.environ.get("IDLM_CACHE") or Path.home() / ".cache" / "idlm")
-    return root / "gguf" / f"{gguf_path.stem}-{key}"
+    return cache_root() / "gguf" / f"{gguf_path.stem}-{content_hash(gguf_path)[:16]}"
 
 
-def gguf_to_hf_folder(gguf_path: Path, out_dir: Path) -> None:
-    """Write model.safetensors, config.json and the tokenizer into out_dir, all or nothing."""
+def content_hash(path: Path) -> str:
+    """sha256 of the file, remembered per (path, size, mtime) in the cache so a file is read once."""
+    stat = path.stat()
+    index_path = cache_root() / "gguf" / HASH_INDEX
+    seen = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    if isinstance(index, dict) and isinstance(index.get(seen), str):
+        return index[seen]
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    index = index if isinstance(index, dict) else {}
+    index[seen] = digest.hexdigest()
+    index_path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomically(index_path, json.dumps(index, indent=1).encode())
+    return index[seen]
+
+
+def gguf_to_hf_folder(gguf_path: Path, out_dir: Path, weights: bool = True) -> None:
+    """Write config.json, the tokenizer and (weights) float32 model.safetensors into out_dir,
+    all or nothing."""
     gguf_path, out_dir = Path(gguf_path).resolve(), Path(out_dir)
     reader = _open_reader(gguf_path)
     arch = _field(reader, gguf_path, "general.architecture")
@@ -80,8 +130,10 @@ def gguf_to_hf_folder(gguf_path: Path, out_dir: Path) -> None:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        save_file(_state_dict(reader, gguf_path, config), tmp / "model.safetensors")
+        if weights:
+            save_file(_state_dict(reader, gguf_path, config, torch.float32), tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        (tmp / SOURCE_FILE).write_text(json.dumps({"gguf": str(gguf_path)}))
         _save_tokenizer(reader, gguf_path, tmp)
         _publish(tmp, out_dir)
     finally:
@@ -244,7 +296,8 @@ def _write_atomically(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
-def _state_dict(reader: gguf.GGUFReader, path: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _state_dict(reader: gguf.GGUFReader, path: Path, config: dict[str, Any],
+                dtype: torch.dtype) -> dict[str, torch.Tensor]:
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     tensors = {}
     for t in tqdm(reader.tensors, desc="dequantising GGUF", unit="tensor"):
@@ -253,7 +306,7 @@ def _state_dict(reader: gguf.GGUFReader, path: Path, config: dict[str, Any]) -> 
         kind = t.name.split(".")[-2]
         if kind in heads:
             w = _unpermute(w, heads[kind])
-        tensors[_hf_name(t.name, path)] = torch.from_numpy(np.array(w, dtype=np.float32))
+        tensors[_hf_name(t.name, path)] = torch.from_numpy(np.array(w, dtype=np.float32)).to(dtype)
     return tensors
 
 

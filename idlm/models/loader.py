@@ -10,6 +10,7 @@ from idlm.kernels.cpu_gemm import RowTiledLinear
 from idlm.models import gguf
 from idlm.models.config import ModelConfig
 from idlm.models.gguf import cached_hf_folder, default_gguf_path
+from idlm.models.hub import hub_folder, is_hub_id
 from idlm.models.quant import GroupQuant, QuantEmbedding, QuantLinear, concat_rows, quantize
 from idlm.models.transformer import CausalLM
 
@@ -17,6 +18,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # none: float weights; gguf: the GGUF file's own Q4_0/Q4_1/Q8_0 blocks; int8 / int4: float weights
 # rounded on load to Q8_0 / Q4_1; auto: gguf for a quantised GGUF on the CPU, else none
 QUANTIZATIONS = ("auto", "none", "gguf", "int8", "int4")
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # the embedded default (its GGUF is Q4_1)
 QUANT_FORMATS = {"int8": "Q8_0", "int4": "Q4_1"}
 # our (fused) projection -> its Hugging Face parts
 PROJECTIONS = {
@@ -30,17 +32,31 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 def resolve_model_folder(model: str | Path | None) -> Path:
     """A Hugging Face folder for `model`: the folder itself, a cached conversion of a .gguf file,
-    or (None) the embedded default model."""
+    a hub id's snapshot in the Hugging Face cache, or (None) the embedded default model."""
     if model is None:
         return cached_hf_folder(default_gguf_path())
     path = Path(model).expanduser()
+    if not path.exists() and is_hub_id(str(model)):
+        return hub_folder(str(model))
     if not path.exists():
-        raise ValueError(f"model path {str(path)!r} does not exist; pass a model folder or a .gguf file")
+        raise ValueError(f"model path {str(path)!r} does not exist; pass a model folder, a .gguf file or a Hugging "
+                         f"Face hub id (org/name)")
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"{path} is a file but not .gguf; pass a model folder or a .gguf file")
         return cached_hf_folder(path)
     return path
+
+
+def model_name(model: str | Path | None) -> str:
+    """What users call the model: a hub id as given, a folder's name, a GGUF file's stem, or the
+    embedded default's own name."""
+    if model is None:
+        return DEFAULT_MODEL_NAME
+    path = Path(model).expanduser()
+    if not path.exists() and is_hub_id(str(model)):
+        return str(model)
+    return path.stem if path.suffix == ".gguf" else path.resolve().name
 
 
 def gguf_source(model: str | Path | None) -> Path | None:
@@ -107,9 +123,12 @@ def safetensors_files(folder: Path) -> list[Path]:
 def load_model(folder: Path, dtype: torch.dtype, device: str | torch.device, progress: bool = True,
                quantization: str = "none", gguf_path: Path | None = None) -> CausalLM:
     """quantization (resolved: none, gguf, int8, int4): gguf builds the model from gguf_path's
-    quantised blocks; int8 / int4 load float weights and quantise every projection."""
+    quantised blocks; int8 / int4 load float weights and quantise every projection. With a
+    gguf_path, float weights come from its dequantised copy in the cache."""
     if quantization == "gguf":
         return load_gguf_quantized(folder, gguf_path, dtype)
+    if gguf_path is not None:  # int8 / int4 round from the exact float32 values
+        folder = gguf.float_folder(gguf_path, dtype if quantization == "none" else torch.float32)
     model = _load_float_model(folder, dtype, device, progress)
     if quantization in QUANT_FORMATS:
         quantize_model(model, QUANT_FORMATS[quantization])

@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from idlm.models.cache import cache_root
+
 RANDOM_WEIGHTS_KEY = "idlm_random_weights"
 
 _QWEN3 = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, head_dim=128,
@@ -40,7 +42,7 @@ def shape_config(name: str) -> dict[str, Any]:
 def shape_folder(name: str) -> Path:
     """$IDLM_CACHE/shapes/<name> (default ~/.cache/idlm), holding the shape's config.json."""
     text = json.dumps(shape_config(name), indent=2) + "\n"
-    folder = Path(os.environ.get("IDLM_CACHE") or Path.home() / ".cache" / "idlm") / "shapes" / name
+    folder = cache_root() / "shapes" / name
     path = folder / "config.json"
     if not path.is_file() or path.read_text() != text:
         folder.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """The OpenAI-compatible routes, the health and metrics routes, and the playground page."""
 
 import asyncio
+import hmac
 import json
 import logging
 import re
@@ -58,7 +59,7 @@ logger = logging.getLogger("idlm.server")
 MAX_BODY_BYTES = 4 << 20
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "max_tokens", "stop_token_ids", "stop", "mode",
                    "stride_policy", "stride", "proposal", "branches")
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 413, 429, 500, 503)}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503)}
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # a JSON escape of half a UTF-16 pair, or a false alarm
 
 
@@ -171,6 +172,26 @@ class BodyGuard:
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
+
+
+class APIKeyGuard:
+    """401 with the OpenAI body for a /v1 request without `Authorization: Bearer <key>`; the
+    health, metrics and playground routes stay open (the playground asks for the key)."""
+
+    def __init__(self, app: ASGIApp, api_key: str, metrics: ServerMetrics):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                error = APIError(401, "missing or wrong API key; send the server's --api-key as "
+                                      "`Authorization: Bearer KEY` (the openai client's api_key)",
+                                 code="invalid_api_key")
+                return await error_response(error, self.metrics)(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class LastResort:
@@ -288,9 +309,12 @@ async def client_gone(request: Request) -> None:
         pass
 
 
-def create_app(engine: AsyncEngine, model_name: str, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    """The app; its lifespan starts and stops the engine loop."""
+def create_app(engine: AsyncEngine, model_name: str, max_body_bytes: int = MAX_BODY_BYTES,
+               api_key: str | None = None) -> FastAPI:
+    """The app; its lifespan starts and stops the engine loop. Requests leave out the fields they
+    want the model's generation config (engine.sampling_defaults) to decide."""
     metrics = engine.metrics
+    defaults = engine.engine.sampling_defaults
     playground = files("idlm.server").joinpath("playground.html").read_text(encoding="utf-8")
 
     @asynccontextmanager
@@ -303,6 +327,8 @@ def create_app(engine: AsyncEngine, model_name: str, max_body_bytes: int = MAX_B
                   description="OpenAI-compatible server for Introspective Diffusion Language Models")
     app.add_middleware(BodyGuard, max_bytes=max_body_bytes, metrics=metrics)
     app.add_middleware(LastResort, metrics=metrics)
+    if api_key is not None:
+        app.add_middleware(APIKeyGuard, api_key=api_key, metrics=metrics)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:
@@ -331,7 +357,7 @@ def create_app(engine: AsyncEngine, model_name: str, max_body_bytes: int = MAX_B
         return error_response(APIError(e.status_code, str(message)), metrics)
 
     def check(req: SamplingRequest) -> None:
-        if req.model != model_name:
+        if req.model is not None and req.model != model_name:
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves {model_name!r}",
                            param="model", code="model_not_found")
         unsupported = req.unsupported()
@@ -340,7 +366,7 @@ def create_app(engine: AsyncEngine, model_name: str, max_body_bytes: int = MAX_B
 
     def generation_request(req: SamplingRequest, max_tokens: int | None, chat: bool, **prompt) -> GenerationRequest:
         try:
-            params = req.sampling_params(max_tokens)
+            params = req.sampling_params(max_tokens, defaults)
         except ValueError as e:
             raise APIError(400, str(e), param=param_named_in(str(e), SAMPLING_FIELDS)) from e
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -406,7 +432,8 @@ def create_app(engine: AsyncEngine, model_name: str, max_body_bytes: int = MAX_B
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
     async def completions(req: CompletionRequest, request: Request) -> Response:
         check(req)
-        max_tokens = req.max_tokens if req.max_tokens is not None else COMPLETION_MAX_TOKENS
+        max_tokens = req.max_tokens if req.max_tokens is not None else defaults.get("max_tokens",
+                                                                                      COMPLETION_MAX_TOKENS)
         gen = generation_request(req, max_tokens, chat=False, prompt=req.single_prompt())
         return await respond(request, req, gen, chat=False)
 

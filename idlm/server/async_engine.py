@@ -70,7 +70,7 @@ class GenerationRequest:
 
     id: str  # the response id, which names the request in logs too
     params: SamplingParams
-    max_tokens: int | None  # None: up to the end of the context
+    max_tokens: int | None  # None: up to the end of the context (or the generation config's max_new_tokens)
     prompt: str | list[int] | None = None
     messages: list[dict[str, str]] | None = None
     provenance: bool = False
@@ -266,7 +266,10 @@ class AsyncEngine:
             raise RequestRejected(f"the context holds {engine.max_model_len} tokens and the prompt takes {len(ids)}, "
                                   f"so max_tokens can be at most {room}, got {request.max_tokens}; lower max_tokens or "
                                   f"shorten the {source}", "max_tokens", "context_length_exceeded")
-        return ids, dataclasses.replace(params, max_tokens=room if request.max_tokens is None else request.max_tokens)
+        if request.max_tokens is None:  # the rest of the context, or less if the model's generation config says so
+            max_tokens = min(room, engine.sampling_defaults.get("max_tokens", room))
+            return ids, dataclasses.replace(params, max_tokens=max_tokens)
+        return ids, dataclasses.replace(params, max_tokens=request.max_tokens)
 
     def _fatal(self) -> None:
         if self.on_fatal is not None:

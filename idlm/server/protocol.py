@@ -8,8 +8,8 @@ from idlm.config import MAX_STRIDE
 from idlm.decoding.rounds import PROPOSALS
 from idlm.engine.sampling_params import INT64_MAX, MAX_TEMPERATURE, MODES, STRIDE_POLICIES, SamplingParams
 
-ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
-               429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+               413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 # each stop string and stop token id is checked after every token on the engine thread
 MAX_STOP = 16
@@ -52,7 +52,7 @@ class StreamOptions(StrictModel):
 class SamplingRequest(StrictModel):
     """Fields both routes share; the last group is idlm's own."""
 
-    model: str
+    model: str | None = Field(default=None, description="may be left out: the server serves one model")
     max_tokens: Count | None = None
     temperature: float | None = Field(default=None, ge=0, le=MAX_TEMPERATURE, description="0 = greedy")
     top_p: float | None = Field(default=None, gt=0, le=1)
@@ -90,12 +90,14 @@ class SamplingRequest(StrictModel):
             return "logit_bias", "logit_bias is not supported; leave it out"
         return None
 
-    def sampling_params(self, max_tokens: int | None) -> SamplingParams:
-        """Raises ValueError with SamplingParams' message for out-of-range values."""
+    def sampling_params(self, max_tokens: int | None, defaults: dict[str, Any]) -> SamplingParams:
+        """The request's fields over `defaults` (the model's generation config); raises ValueError
+        with SamplingParams' message for out-of-range values."""
         fields = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
                       stop=self.stop, stop_token_ids=self.stop_token_ids, mode=self.mode, stride=self.stride,
                       proposal=self.proposal, stride_policy=self.stride_policy, branches=self.branches)
-        fields = {k: v for k, v in fields.items() if v is not None}
+        fields = {k: v for k, v in defaults.items() if k != "max_tokens"} | {
+            k: v for k, v in fields.items() if v is not None}
         # a placeholder when None: the engine loop sets it to the room left in the context
         return SamplingParams(**fields, max_tokens=1 if max_tokens is None else max_tokens,
                               ignore_eos=self.ignore_eos)

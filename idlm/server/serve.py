@@ -5,22 +5,15 @@ the same way and exits 1, so that a supervisor restarts it."""
 
 import signal
 import socket
-from pathlib import Path
 
 import uvicorn
 
 from idlm.engine.llm_engine import LLMEngine
-from idlm.models.gguf import default_gguf_path
 from idlm.server.app import create_app
 from idlm.server.async_engine import AsyncEngine
 
 # what uvicorn gives the last responses to be written after the drain, before it cancels them
 WRITE_TIMEOUT_S = 5.0
-
-
-def served_model_name(model: str | None) -> str:
-    path = Path(model) if model else default_gguf_path()
-    return path.stem if path.suffix == ".gguf" else path.resolve().name
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -66,12 +59,12 @@ def stop_on_sigterm(signum, frame) -> None:
 
 
 def serve(engine: LLMEngine, model_name: str, host: str = "127.0.0.1", port: int = 8000, max_queue: int = 256,
-          shutdown_timeout: float = 10.0) -> None:
+          shutdown_timeout: float = 10.0, api_key: str | None = None) -> None:
     """Serves until SIGINT or SIGTERM; raises SystemExit(1) if the engine failed for good."""
     if not shutdown_timeout >= 0:
         raise ValueError(f"--shutdown-timeout must be a number of seconds >= 0, got {shutdown_timeout}")
     async_engine = AsyncEngine(engine, max_queue)
-    app = create_app(async_engine, model_name)
+    app = create_app(async_engine, model_name, api_key=api_key)
     sock = listen(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
     url = f"http://{f'[{bound_host}]' if ':' in bound_host else bound_host}:{bound_port}"

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from idlm.kernels.attention import DenseAttention, FlexAttention
-from idlm.models.loader import load_model, resolve_model_folder
+from idlm.models.loader import gguf_source, load_model, model_name, resolve_model_folder
 from idlm.models.lora import AdapterConfig, attach_lora, load_adapter, read_adapter_config, save_adapter
 from idlm.models.tokenizer import load_tokenizer
 from idlm.training.config import TrainConfig
@@ -78,8 +78,9 @@ class Trainer:
         self.folder = resolve_model_folder(cfg.model)
         self.tokenizer = load_tokenizer(self.folder)
         if self.tokenizer is None:
-            raise ValueError(f"{self.folder} has no tokenizer; training reads text and needs one")
-        self.model = load_model(self.folder, torch.float32, self.device, progress=cfg.progress and self.is_main)
+            raise ValueError(f"{model_name(cfg.model)} has no tokenizer; training reads text and needs one")
+        self.model = load_model(self.folder, torch.float32, self.device, progress=cfg.progress and self.is_main,
+                                gguf_path=gguf_source(cfg.model))
         self.mask_id = self._setup_mask_token()
         self.adapter_cfg = None
         if cfg.mode == "lora":
@@ -208,13 +209,21 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def train(self) -> Path:
+        """Trains to total_steps; a run whose final checkpoint already has them returns it as it is."""
         cfg = self.cfg
+        final = self.out / "final"
         if cfg.resume:
             self._resume()
+        if self.step >= self.total_steps and (final / DONE_MARKER).is_file():
+            if self.is_main:
+                print(f"{final} already holds all {self.total_steps} steps; nothing to train (resume: false, or "
+                      f"another output_dir, starts afresh)", flush=True)
+            return final
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             print(f"training data: {self.report.summary()}; {len(self.rows)} rows, {self.total_steps} steps of "
                   f"{self.rows_per_step} rows", flush=True)
+            keep_log_until(self.out / "log.jsonl", self.step)
         log = (self.out / "log.jsonl").open("a") if self.is_main else None
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train ({cfg.mode})", unit="step",
                    disable=not (cfg.progress and self.is_main))
@@ -229,7 +238,6 @@ class Trainer:
                 self.save(self.out / "checkpoints" / f"step-{self.step:07d}")
                 self._prune_checkpoints()
         bar.close()
-        final = self.out / "final"
         self.save(final)
         if self.is_main:
             log.close()
@@ -360,6 +368,9 @@ class Trainer:
 
         checkpoints = sorted((self.out / "checkpoints").glob("step-*")) if (self.out / "checkpoints").is_dir() else []
         complete = [c for c in checkpoints if (c / DONE_MARKER).is_file()]
+        final = self.out / "final"
+        if (final / DONE_MARKER).is_file():  # a finished run, perhaps to be continued with more steps
+            complete = sorted(complete + [final], key=lambda c: int((c / DONE_MARKER).read_text()))
         if not complete:
             return
         state = torch.load(complete[-1] / STATE_FILE, map_location="cpu", weights_only=False)
@@ -375,6 +386,21 @@ class Trainer:
         self.step = state["step"]
         if self.is_main:
             print(f"resuming from {complete[-1]} at step {self.step}", flush=True)
+
+
+def keep_log_until(log_path: Path, step: int) -> None:
+    """Drops the log lines of steps after `step` (trained after the checkpoint a run resumes from,
+    then lost), so that they are not logged twice; a run from step 0 starts a new log."""
+    if not log_path.is_file():
+        return
+    kept = []
+    for line in log_path.read_text().splitlines(keepends=True) if step else []:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # a line cut short by the kill
+            continue
+    log_path.write_text("".join(kept))
 
 
 def plot_loss_curve(log_path: Path, png: Path) -> None:
