@@ -48,6 +48,10 @@ class RequestOutput:
     # of every output token, on the finished output only (copying them every step is O(length)):
     token_sources: list[int] = field(default_factory=list)  # TokenSource
     token_q: list[float] = field(default_factory=list)  # probability it was proposed (drafts) or drawn with
+    # params.logprobs set: (log p, [(token id, log p) of the likeliest tokens]) of each token, under
+    # the model's raw distribution; this step's tokens, and every token on the finished output
+    new_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
 
 
@@ -138,6 +142,10 @@ class LLMEngine:
             raise ValueError(f"{self.folder} is the SDAR-style baseline (idlm_objective: sdar): its MASKs are trained "
                              "for block diffusion, not for ISD; use mode ar (scripts/eval_sdar_baseline.py measures "
                              "its own decoding)")
+        vocab = self.model_config.vocab_size
+        if any(t >= vocab for t in params.logit_bias):
+            raise ValueError(f"logit_bias names token ids the model does not have; its vocabulary has ids 0 to "
+                             f"{vocab - 1}")
         if params.mode == "isd" and self.mask_ids["isd"] is None:
             raise ValueError(f"mode isd needs an I-DLM checkpoint with a MASK token (mask_token_id in config.json); "
                              f"{self.folder} has none: use mode ar, or mode risd with an adapter")
@@ -255,6 +263,8 @@ class LLMEngine:
             TokenSource.CORRECTION if r.accepted < r.num_drafts else TokenSource.TARGET]
         seq.token_sources.extend(sources)
         seq.token_q.extend(r.drafts_q[:r.accepted] + [r.final_p])
+        if r.logprobs is not None:
+            seq.token_logprobs.extend(r.logprobs)
         for st in (seq.stats, self.stats):
             if r.num_drafts:
                 st.verify_rounds += 1
@@ -271,6 +281,7 @@ class LLMEngine:
         seq.drafts_from_branch = r.from_branch
         self._append(seq, tokens)
         del seq.token_sources[seq.num_output_tokens:], seq.token_q[seq.num_output_tokens:]
+        del seq.token_logprobs[seq.num_output_tokens:]
         if not seq.is_finished:
             self.block_manager.commit(seq, computed)
 
@@ -310,6 +321,8 @@ class LLMEngine:
             new_token_sources=seq.token_sources[first_new:],
             token_sources=list(seq.token_sources) if seq.is_finished else [],
             token_q=list(seq.token_q) if seq.is_finished else [],
+            new_logprobs=seq.token_logprobs[first_new:],
+            logprobs=list(seq.token_logprobs) if seq.is_finished else [],
             stats=request_stats(seq),
         )
         if seq.is_finished:

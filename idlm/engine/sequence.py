@@ -77,6 +77,8 @@ class Sequence:
         self.stats = SequenceStats()
         self.token_sources: list[int] = []  # TokenSource of each output token
         self.token_q: list[float] = []  # probability each output token was proposed or drawn with
+        # params.logprobs set: (log p, [(token, log p) of the likeliest]) of each output token
+        self.token_logprobs: list[tuple[float, list[tuple[int, float]]]] = []
         # ISD drafts for the positions after the pending token; they outlive preemption
         self.drafts: list[int] = []
         self.draft_q: torch.Tensor | None = None  # [D] q_j(d_j) at proposal time
