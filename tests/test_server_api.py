@@ -151,6 +151,8 @@ def test_latency_histograms(server):
     ("chat", {"messages": CHAT, "repetition_penalty": 0}, "repetition_penalty"),
     ("chat", {"messages": CHAT, "min_p": 1.5}, "min_p"),
     ("chat", {"messages": CHAT, "frequency_penalty": 2.5}, "frequency_penalty"),
+    # a word-level vocabulary has no "{": refused before it reaches the engine
+    ("chat", {"messages": CHAT, "response_format": {"type": "json_object"}}, "response_format"),
 ])
 def test_bad_fields_get_one_clear_400(server, route, body, param):
     path = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}[route]

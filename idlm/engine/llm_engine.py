@@ -16,6 +16,7 @@ from idlm.engine.sequence import Sequence, TokenSource
 from idlm.engine.stats import EngineStats, request_stats
 from idlm.engine.step_cost import measure_step_cost
 from idlm.engine.stride_policy import StridePolicy
+from idlm.engine.structured import Grammars
 from idlm.kernels.row_attention import RowExactPagedAttention
 from idlm.models.loader import (
     auto_dtype,
@@ -93,6 +94,7 @@ class LLMEngine:
         self.eos_ids = set(self.model_config.eos_token_ids) | generation_eos_ids(self.folder)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.grammars = Grammars(self.tokenizer, self.model_config.vocab_size, self.eos_ids)
         kv_tokens = config.kv_cache_tokens or self._default_kv_tokens()
         num_blocks = kv_tokens // config.kv_block_size
         pool_len = num_blocks * config.kv_block_size - MAX_LOOKAHEAD
@@ -146,6 +148,8 @@ class LLMEngine:
         if any(t >= vocab for t in params.logit_bias):
             raise ValueError(f"logit_bias names token ids the model does not have; its vocabulary has ids 0 to "
                              f"{vocab - 1}")
+        if params.json_schema is not None:
+            self.grammars.compile(params.json_schema)
         if params.mode == "isd" and self.mask_ids["isd"] is None:
             raise ValueError(f"mode isd needs an I-DLM checkpoint with a MASK token (mask_token_id in config.json); "
                              f"{self.folder} has none: use mode ar, or mode risd with an adapter")
@@ -221,6 +225,8 @@ class LLMEngine:
         ids = self.tokenize(prompt)
         seed = params.seed if params.seed is not None else self.seed_source.getrandbits(63)
         seq = Sequence(ids, params, seed)
+        if params.json_schema is not None:
+            seq.constraint = self.grammars.constraint(params.json_schema)
         self.seqs[seq.seq_id] = seq
         self.detokenizers[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, params.stop)
         self.scheduler.add(seq)
@@ -291,6 +297,8 @@ class LLMEngine:
         detok = self.detokenizers[seq.seq_id]
         for i, token in enumerate(new_tokens):
             seq.token_ids.append(token)
+            if seq.constraint is not None:
+                seq.constraint.accept(token)
             if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
                 reason = "stop"
             elif seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len:

@@ -214,6 +214,19 @@ class ModelRunner:
             at, owners, extra = self._to_device([[r for r, _, _ in picked], [owner[b] for _, b, _ in picked],
                                                     [x for e in extra for x in e]], torch.long)
             logits[at] = pen[1].apply(logits[at], owners, extra.view(len(picked), dmax))
+        constrained = [b for b, seq in enumerate(seqs) if seq.constraint is not None]
+        if constrained:  # the grammar's masks after each row's history: target row j and d_{j+1}'s proposal
+            logits = logits.float()
+            starts = list(accumulate([1 + d for d in num_d], initial=0))
+            stored_starts = list(accumulate(num_d, initial=starts[-1]))
+            at, allowed = [], []
+            for b in constrained:
+                d = num_d[b]
+                masks = seqs[b].constraint.masks(seqs[b].drafts[:d])
+                at += list(range(starts[b], starts[b] + d + 1)) + list(range(stored_starts[b], stored_starts[b] + d))
+                allowed += [masks, masks[:d]]
+            at = torch.tensor(at, dtype=torch.long).to(self.device)
+            logits[at] = logits[at].masked_fill(~torch.cat(allowed).to(self.device), float("-inf"))
         probs = probs_of(logits, t["row_seq"])
         probs = torch.cat([probs, probs.new_zeros(1, vocab)])
         draft_q = torch.ones(batch * dmax, device=probs.device)
@@ -255,13 +268,14 @@ class ModelRunner:
             new_rows = (first[:, None] + k[None]).clamp(max=hidden.shape[0] - 1).flatten()
             new_hidden = hidden[new_rows]
             new_logits = self._logits(hidden, all_logits, new_rows, new_hidden)
-            if pen is None:
+            if pen is None and not constrained:
                 new_probs = probs_of(new_logits, torch.arange(batch, device=first.device).repeat_interleave(kmax))
                 new_drafts, new_q = propose(new_probs.view(batch, kmax, vocab), rb.seeds, verdict.final_pos,
                                             rb.proposal, all_greedy)
             else:
-                new_drafts, new_q = self._propose_in_order(new_logits.view(batch, kmax, vocab), pen, rb, verdict,
-                                                           probs_of)
+                new_drafts, new_q = self._propose_in_order(new_logits.view(batch, kmax, vocab), pen,
+                                                           [(b, seqs[b].constraint) for b in constrained], seqs, rb,
+                                                           verdict, probs_of)
             new_hidden = new_hidden.view(batch, kmax, -1)
             host.update(has_new=has_new, branched=branched, new_drafts=new_drafts.flatten())
         values = torch.cat([x.double() for x in host.values()]).tolist()
@@ -296,28 +310,49 @@ class ModelRunner:
             [p.logit_bias for p in ps], self.model.cfg.vocab_size, self.device)
 
     @staticmethod
-    def _propose_in_order(logits: torch.Tensor, pen: tuple[list[int], Penalties], rb: RoundBatch, verdict,
-                          probs_of) -> tuple[torch.Tensor, torch.Tensor]:
-        """propose() one position at a time, so that each penalised row follows the drafts drawn
-        before it: logits [B, K, V]; the same draws as propose() where no request is penalised."""
-        penalised, state = pen
+    def _propose_in_order(logits: torch.Tensor, pen: tuple[list[int], Penalties] | None, constrained: list,
+                          seqs: list[Sequence], rb: RoundBatch, verdict, probs_of) -> tuple[torch.Tensor, torch.Tensor]:
+        """propose() one position at a time, so that each penalised or constrained row follows the
+        drafts drawn before it: logits [B, K, V]; the same draws as propose() for the other rows.
+        A constrained request's grammar state is advanced on the host (one device-to-host copy
+        per position, for such batches only) and rolled back at the end."""
         batch, kmax, vocab = logits.shape
-        rows = torch.tensor(penalised, dtype=torch.long, device=logits.device)
-        drafts = rb.drafts[rows]
-        taken = torch.arange(drafts.shape[1], device=logits.device)[None] < verdict.accepted[rows, None]
-        state.advance(torch.cat([torch.where(taken, drafts, vocab), verdict.final_token[rows, None]], 1))
-        owners = torch.arange(len(penalised), device=logits.device)
-        none = torch.full((len(penalised), 1), vocab, dtype=torch.long, device=logits.device)
-        every = torch.arange(batch, device=logits.device)
+        device = logits.device
+        every = torch.arange(batch, device=device)
+        if pen is not None:
+            penalised, state = pen
+            rows = torch.tensor(penalised, dtype=torch.long, device=device)
+            drafts = rb.drafts[rows]
+            taken = torch.arange(drafts.shape[1], device=device)[None] < verdict.accepted[rows, None]
+            state.advance(torch.cat([torch.where(taken, drafts, vocab), verdict.final_token[rows, None]], 1))
+            owners = torch.arange(len(penalised), device=device)
+            none = torch.full((len(penalised), 1), vocab, dtype=torch.long, device=device)
+        tried = []
+        if constrained:
+            grammar_rows = torch.tensor([b for b, _ in constrained], dtype=torch.long, device=device)
+            outcome = torch.stack([verdict.accepted, verdict.final_token], 1)[grammar_rows].tolist()
+            tried = [c.try_tokens(seqs[b].drafts[:acc] + [final]) for (b, c), (acc, final) in zip(constrained, outcome)]
         new_drafts, new_q = [], []
-        for j in range(kmax):
-            row = logits[:, j].float()
-            row[rows] = state.apply(row[rows], owners, none)
-            d, q = propose(probs_of(row, every)[:, None], rb.seeds, verdict.final_pos + j, rb.proposal,
-                           rb.all_greedy)
-            state.advance(d[rows])
-            new_drafts.append(d)
-            new_q.append(q)
+        try:
+            for j in range(kmax):
+                row = logits[:, j].float()
+                if pen is not None:
+                    row[rows] = state.apply(row[rows], owners, none)
+                if constrained:
+                    allowed = torch.cat([c.masks([]) for _, c in constrained]).to(device)
+                    row[grammar_rows] = row[grammar_rows].masked_fill(~allowed, float("-inf"))
+                d, q = propose(probs_of(row, every)[:, None], rb.seeds, verdict.final_pos + j, rb.proposal,
+                               rb.all_greedy)
+                if pen is not None:
+                    state.advance(d[rows])
+                if constrained:
+                    for i, ((_, c), token) in enumerate(zip(constrained, d[grammar_rows].flatten().tolist())):
+                        tried[i] += c.try_tokens([token])
+                new_drafts.append(d)
+                new_q.append(q)
+        finally:
+            for (_, c), taken in zip(constrained, tried):
+                c.rollback(taken)
         return torch.cat(new_drafts, 1), torch.cat(new_q, 1)
 
     @staticmethod

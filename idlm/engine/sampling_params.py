@@ -54,6 +54,7 @@ class SamplingParams:
     min_p: float = 0.0  # drops tokens whose probability is below min_p times the likeliest one's
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to the logits of these token ids
     logprobs: int | None = None  # the model's log-probability of each output token, and of its top `logprobs`
+    json_schema: str | None = None  # the output is JSON valid under this schema (its text), masked by a grammar
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -115,6 +116,8 @@ class SamplingParams:
             if not is_int(token, 0) or not is_real(bias) or abs(bias) > MAX_LOGIT_BIAS:
                 raise ValueError(f"logit_bias maps token ids (integers >= 0) to numbers from -{MAX_LOGIT_BIAS:g} to "
                                  f"{MAX_LOGIT_BIAS:g}, got {token!r}: {bias!r}")
+        if self.json_schema is not None and not isinstance(self.json_schema, str):
+            raise ValueError(f"json_schema must be a JSON schema as text, got {type(self.json_schema).__name__}")
         if self.logprobs is not None and not is_int(self.logprobs, 0, MAX_LOGPROBS):
             raise ValueError(f"logprobs must be an integer from 0 to {MAX_LOGPROBS} (the alternatives returned per "
                              f"token), got {self.logprobs!r}")

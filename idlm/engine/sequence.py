@@ -79,6 +79,7 @@ class Sequence:
         self.token_q: list[float] = []  # probability each output token was proposed or drawn with
         # params.logprobs set: (log p, [(token, log p) of the likeliest]) of each output token
         self.token_logprobs: list[tuple[float, list[tuple[int, float]]]] = []
+        self.constraint = None  # params.json_schema set: the grammar state at the committed tokens
         # ISD drafts for the positions after the pending token; they outlive preemption
         self.drafts: list[int] = []
         self.draft_q: torch.Tensor | None = None  # [D] q_j(d_j) at proposal time

@@ -290,7 +290,8 @@ class AsyncEngine:
                 request.prompt)
             params = engine.resolve(request.params)
         except ValueError as e:
-            param = param_named_in(str(e), ("mode", "stride_policy", "stride", "proposal", "branches", "logit_bias"))
+            param = param_named_in(str(e), ("mode", "stride_policy", "stride", "proposal", "branches", "logit_bias",
+                                            "response_format"))
             raise RequestRejected(str(e), param or source) from e
         except Exception as e:
             logger.error("request %s: tokenising its %s failed", request.id, source, exc_info=True)

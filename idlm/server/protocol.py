@@ -1,5 +1,6 @@
 """OpenAI request and response bodies, with idlm's extra fields, and the OpenAI error body."""
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -60,6 +61,20 @@ class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(StrictModel):
+    name: str = "schema"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(StrictModel):
+    """text (free), json_object (any JSON object) or json_schema (JSON valid under the schema)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class SamplingRequest(StrictModel):
     """Fields both routes share; the last group is idlm's own."""
 
@@ -81,6 +96,7 @@ class SamplingRequest(StrictModel):
         default=None, description="token id (as a string) -> bias added to its logit")
     repetition_penalty: float | None = Field(default=None, gt=0, le=MAX_REPETITION_PENALTY, description="1 = off")
     min_p: float | None = Field(default=None, ge=0, le=1, description="0 = off")
+    response_format: ResponseFormat | None = None
     ignore_eos: bool = False
     stop_token_ids: Annotated[list[Int64], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     mode: Literal[MODES] | None = Field(default=None, description="default: the server's")
@@ -96,7 +112,17 @@ class SamplingRequest(StrictModel):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, message) for the first OpenAI option set to something idlm does not do."""
+        if self.response_format is not None and (self.response_format.type == "json_schema") != (
+                self.response_format.json_schema is not None):
+            return "response_format", "response_format: json_schema (the object) goes with type json_schema, and only"
         return None
+
+    def json_schema(self) -> str | None:
+        """The schema the output must satisfy, as text."""
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        return json.dumps(fmt.json_schema.schema_ if fmt.json_schema is not None else {"type": "object"})
 
     @property
     def num_logprobs(self) -> int | None:
@@ -121,6 +147,7 @@ class SamplingRequest(StrictModel):
                       repetition_penalty=self.repetition_penalty, min_p=self.min_p, logprobs=self.num_logprobs)
         fields = {k: v for k, v in fields.items() if v is not None}
         fields["logit_bias"] = self.token_bias()
+        fields["json_schema"] = self.json_schema()
         # a placeholder when None: the engine loop sets it to the room left in the context
         return SamplingParams(**fields, max_tokens=1 if max_tokens is None else max_tokens,
                               ignore_eos=self.ignore_eos)
