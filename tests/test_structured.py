@@ -8,10 +8,14 @@ import pytest
 import torch
 from helpers import CHAT_TEMPLATE, make_random_adapter, make_small_idlm
 from server_helpers import MODEL, assert_openai_error, running_server
+from test_isd import N_SAMPLES, pooled_chi_square
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from idlm import LLM, SamplingParams
+from idlm.decoding.sampling import SamplingTensors, token_probs
+from idlm.engine.structured import allowed
+from idlm.kernels.attention import DenseAttention
 
 pytest.importorskip("xgrammar")
 
@@ -62,7 +66,7 @@ def adapter(folder, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(folder, adapter):
-    return LLM(str(folder), adapter=str(adapter), progress=False, kv_cache_tokens=8192, max_num_seqs=32)
+    return LLM(str(folder), adapter=str(adapter), progress=False, kv_cache_tokens=8192, max_num_seqs=512)
 
 
 def valid(value) -> bool:
@@ -134,3 +138,42 @@ def test_response_format_over_the_api(folder, adapter, tmp_path):
         assert_openai_error(server.post("/v1/completions", {"prompt": "abc",
                                                             "response_format": {"type": "json_schema"}}), 400,
                             "response_format")
+
+
+def exact_under_grammar(llm, schema: str, prompt: list[int], depth: int, temperature: float) -> dict:
+    """P(x_1..x_depth | prompt) of AR sampling under the grammar, for every sequence it allows."""
+    engine, model = llm.engine, llm.engine.model
+    constraint = engine.grammars.constraint(schema)
+    law = {(): 1.0}
+    for _ in range(depth):
+        prefixes = list(law)
+        ids = torch.tensor([prompt + list(p) for p in prefixes])
+        with torch.no_grad():
+            logits = model.logits(model(ids, torch.arange(ids.shape[1]).expand_as(ids), DenseAttention()))[:, -1]
+        ok = allowed(torch.cat([constraint.bitmask(list(p))[-1:] for p in prefixes]), logits.shape[1],
+                     constraint.stop_ids)
+        st = SamplingTensors.build([(temperature, 0, 1.0, 0)] * len(prefixes), torch.device("cpu"))
+        probs = token_probs(logits.masked_fill(~ok, float("-inf")), st, engine.mask_ids["isd"]).double()
+        law = {p + (t,): law[p] * probs[k, t].item() for k, p in enumerate(prefixes)
+               for t in probs[k].nonzero().flatten().tolist()}
+    return law
+
+
+def test_grammar_masks_keep_the_ar_distribution(llm):
+    """The joint law of the first four tokens under a grammar, risd with branches against AR. The
+    allowed letters depend on the ones before them, so a draft masked with another history than
+    its verifier's would show."""
+    schema = json.dumps({"enum": ["ab", "ba", "bb", "cc", "cab", "acd", "cba"]})
+    prompt = llm.engine.tokenize("xyz")
+    exact = exact_under_grammar(llm, schema, prompt, 4, 1.0)
+    cells = {seq: i for i, seq in enumerate(exact)}
+    expected = torch.tensor(list(exact.values()), dtype=torch.float64)
+    params = [SamplingParams(mode="risd", stride=3, stride_policy="fixed", temperature=1.0, seed=i, max_tokens=4,
+                             json_schema=schema) for i in range(N_SAMPLES)]
+    outs = llm.generate([prompt] * N_SAMPLES, params)
+    counts = torch.bincount(torch.tensor([cells[tuple(o.token_ids)] for o in outs]), minlength=len(cells)).double()
+    tv = 0.5 * float((counts / N_SAMPLES - expected).abs().sum())
+    bound = 0.5 * float((expected / N_SAMPLES).sqrt().sum()) + 0.015  # as tests/test_isd.py's
+    _, _, p_value = pooled_chi_square(counts, expected * N_SAMPLES)
+    assert sum(sum(o.stats["drafts"]["accepted"]) for o in outs) > N_SAMPLES // 2
+    assert tv < bound and p_value > 1e-3, (tv, bound, p_value)

@@ -8,6 +8,7 @@ from idlm.decoding.rounds import PROPOSALS, RoundBatch, propose, verify
 from idlm.decoding.sampling import SamplingTensors, token_probs
 from idlm.engine.decode_graphs import DecodeGraphs
 from idlm.engine.sequence import Sequence
+from idlm.engine.structured import allowed
 from idlm.kernels.attention import PagedAttention, PagedBatch, TritonPagedAttention, padded_block_tables
 from idlm.kernels.cpu_memory import zeros
 from idlm.models.transformer import CausalLM
@@ -219,14 +220,15 @@ class ModelRunner:
             logits = logits.float()
             starts = list(accumulate([1 + d for d in num_d], initial=0))
             stored_starts = list(accumulate(num_d, initial=starts[-1]))
-            at, allowed = [], []
+            at, bitmasks = [], []
             for b in constrained:
                 d = num_d[b]
-                masks = seqs[b].constraint.masks(seqs[b].drafts[:d])
+                bitmask = seqs[b].constraint.bitmask(seqs[b].drafts[:d])
                 at += list(range(starts[b], starts[b] + d + 1)) + list(range(stored_starts[b], stored_starts[b] + d))
-                allowed += [masks, masks[:d]]
+                bitmasks += [bitmask, bitmask[:d]]
             at = torch.tensor(at, dtype=torch.long).to(self.device)
-            logits[at] = logits[at].masked_fill(~torch.cat(allowed).to(self.device), float("-inf"))
+            ok = allowed(torch.cat(bitmasks).to(self.device), vocab, seqs[constrained[0]].constraint.stop_ids)
+            logits[at] = logits[at].masked_fill(~ok, float("-inf"))
         probs = probs_of(logits, t["row_seq"])
         probs = torch.cat([probs, probs.new_zeros(1, vocab)])
         draft_q = torch.ones(batch * dmax, device=probs.device)
@@ -339,8 +341,9 @@ class ModelRunner:
                 if pen is not None:
                     row[rows] = state.apply(row[rows], owners, none)
                 if constrained:
-                    allowed = torch.cat([c.masks([]) for _, c in constrained]).to(device)
-                    row[grammar_rows] = row[grammar_rows].masked_fill(~allowed, float("-inf"))
+                    bitmask = torch.cat([c.bitmask([]) for _, c in constrained]).to(device)
+                    ok = allowed(bitmask, vocab, constrained[0][1].stop_ids)
+                    row[grammar_rows] = row[grammar_rows].masked_fill(~ok, float("-inf"))
                 d, q = propose(probs_of(row, every)[:, None], rb.seeds, verdict.final_pos + j, rb.proposal,
                                rb.all_greedy)
                 if pen is not None:

@@ -2,15 +2,17 @@
 
 ISD stays exact when p and q of a position are masked by the grammar's state after that
 position's own history (committed tokens, then the drafts before it): the runner asks
-`Constraint.masks` for the masks of a round's rows and advances the matcher speculatively,
+`Constraint.bitmask` for the masks of a round's rows and advances the matcher speculatively,
 rolling back what was not committed."""
 
 import json
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
+MAX_CACHED = 64  # compiled schemas kept
 MAX_WHITESPACE = 8  # a run of whitespace the grammar allows between JSON tokens (a random model loops on it)
 
 
@@ -31,6 +33,7 @@ class Grammars:
         self.stop_ids = sorted(stop_ids)
         self.compiler = None
         self.lock = threading.Lock()  # the server compiles on its tokenizer threads and the engine thread
+        self.compiled: OrderedDict[str, object] = OrderedDict()  # schema text -> checked compiled grammar
 
     def compile(self, schema: str):
         """The compiled grammar of a JSON schema (text); ValueError for an invalid one."""
@@ -38,6 +41,9 @@ class Grammars:
             raise ValueError("structured output needs the model's tokenizer; this model has none")
         xgr = _xgrammar()
         with self.lock:
+            if schema in self.compiled:
+                self.compiled.move_to_end(schema)
+                return self.compiled[schema]
             if self.compiler is None:
                 info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
                                                           stop_token_ids=self.stop_ids)
@@ -48,8 +54,13 @@ class Grammars:
                                                          max_whitespace_cnt=MAX_WHITESPACE)
         except Exception as e:  # xgrammar raises RuntimeError and its own errors for bad schemas
             raise ValueError(f"response_format: the JSON schema cannot be compiled ({str(e).splitlines()[0]})") from e
-        if not Constraint(xgr.GrammarMatcher(compiled), self.vocab_size, self.stop_ids).masks([], ends=False).any():
+        start = Constraint(xgr.GrammarMatcher(compiled), self.vocab_size, self.stop_ids).bitmask([])
+        if not allowed(start, self.vocab_size, []).any():
             raise ValueError("response_format: no token of this model's vocabulary can start that JSON")
+        with self.lock:
+            self.compiled[schema] = compiled
+            if len(self.compiled) > MAX_CACHED:
+                self.compiled.popitem(last=False)
         return compiled
 
     def constraint(self, schema: str) -> "Constraint":
@@ -69,17 +80,15 @@ class Constraint:
         if not self.matcher.is_terminated():
             self.matcher.accept_token(token)
 
-    def masks(self, tokens: list[int], ends: bool = True) -> torch.Tensor:
-        """[len(tokens) + 1, V] bool: the tokens allowed after the committed ones and after each
-        prefix of `tokens` (all allowed once the grammar has ended). The state is left unchanged.
-        ends: where the vocabulary cannot continue the grammar, the stop tokens are allowed, so
-        the output ends there instead of drawing from nothing."""
+    def bitmask(self, tokens: list[int]) -> torch.Tensor:
+        """xgrammar's int32 bitmask [len(tokens) + 1, ceil(V / 32)] of the tokens allowed after the
+        committed ones and after each prefix of `tokens` (all allowed once the grammar has ended);
+        `allowed` unpacks it. The state is left unchanged."""
         xgr = _xgrammar()
         bitmask = xgr.allocate_token_bitmask(len(tokens) + 1, self.vocab_size)
         taken, ended = 0, False
         for i in range(len(tokens) + 1):
-            if self.matcher.is_terminated():
-                ended = True
+            ended = ended or self.matcher.is_terminated()
             if ended:
                 bitmask[i] = -1
             else:
@@ -91,11 +100,7 @@ class Constraint:
                 taken += 1
         if taken:
             self.matcher.rollback(taken)
-        allowed = unpack(bitmask, self.vocab_size)
-        if ends:
-            stuck = ~allowed.any(dim=1)
-            allowed[stuck.nonzero()[:, :1], torch.tensor(self.stop_ids, dtype=torch.long)[None]] = True
-        return allowed
+        return bitmask
 
     def try_tokens(self, tokens: list[int]) -> int:
         """Advances over tokens speculatively; returns how many to roll back."""
@@ -111,7 +116,13 @@ class Constraint:
             self.matcher.rollback(taken)
 
 
-def unpack(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
-    """xgrammar's int32 bitmask [rows, ceil(V / 32)] as bool [rows, V]."""
-    bits = torch.arange(32, dtype=torch.int32)
-    return ((bitmask[:, :, None] >> bits) & 1).bool().flatten(1)[:, :vocab]
+def allowed(bitmask: torch.Tensor, vocab: int, stop_ids: list[int]) -> torch.Tensor:
+    """Bitmasks [rows, ceil(V / 32)] (on any device) as bool [rows, V]. Where the vocabulary cannot
+    continue the grammar, the stop tokens are allowed, so the output ends there instead of drawing
+    from nothing."""
+    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    mask = ((bitmask[:, :, None] >> bits) & 1).bool().flatten(1)[:, :vocab]
+    stuck = ~mask.any(dim=1, keepdim=True)
+    stops = torch.zeros(vocab, dtype=torch.bool, device=mask.device)
+    stops[stop_ids] = True
+    return mask | (stuck & stops)
