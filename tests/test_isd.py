@@ -118,6 +118,26 @@ def test_logprobs_are_the_clean_streams(llm, temperature):
             assert [[t for t, _ in alt] for _, alt in out.logprobs] == top.indices.tolist()
 
 
+def test_prompt_logprobs_through_chunks_and_prefix_cache(idlm_dir):
+    """Each prompt token after the first gets a dense forward's log-softmax, with the prompt split
+    into chunks and a cached prefix that must not skip its rows."""
+    llm = LLM(str(idlm_dir), progress=False, kv_cache_tokens=4096, kv_block_size=8, max_num_batched_tokens=16,
+              enable_prefix_caching=True)
+    prompts = prompts_for(6, 12, seed=6, lo=20, hi=60)
+    params = SamplingParams(mode="isd", temperature=0, max_tokens=4, ignore_eos=True, prompt_logprobs=3)
+    llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=2))  # caches the first prompt's blocks
+    model = llm.engine.model
+    for prompt, out in zip(prompts, llm.generate(prompts, params)):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            dense = model.logits(model(ids, torch.arange(len(prompt))[None], DenseAttention()))[0]
+        dense = dense[:-1].double().log_softmax(-1)
+        assert len(out.prompt_logprobs) == len(prompt) - 1
+        torch.testing.assert_close(torch.tensor([lp for lp, _ in out.prompt_logprobs], dtype=torch.float64),
+                                   dense.gather(1, torch.tensor(prompt[1:])[:, None]).squeeze(1), atol=1e-4, rtol=0)
+        assert [[t for t, _ in alt] for _, alt in out.prompt_logprobs] == dense.topk(3, dim=-1).indices.tolist()
+
+
 def test_greedy_with_penalties_and_logit_bias_equals_ar(llm):
     prompts = prompts_for(16, 12, seed=5)
     greedy = dict(temperature=0, max_tokens=30, ignore_eos=True, min_p=0.1, **PENALTIES)

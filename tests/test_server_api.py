@@ -58,10 +58,18 @@ def test_completion_logprobs_and_echo(client, offline):
         pytest.approx(lp.token_logprobs)
     echoed = client.completions.create(**{**args, "echo": True})
     assert echoed.choices[0].text == prompt + whole.choices[0].text
-    assert echoed.choices[0].logprobs.text_offset[0] == len(prompt)
-    streamed = "".join(c.choices[0].text for c in client.completions.create(**args, echo=True, stream=True)
-                       if c.choices)
-    assert streamed == prompt + whole.choices[0].text
+    prompt_ids = offline.tokenizer.encode(prompt)
+    with_prompt = offline.generate(prompt, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=3))[0]
+    elp = echoed.choices[0].logprobs
+    assert elp.tokens == [offline.tokenizer.decode([t]) for t in prompt_ids] + lp.tokens
+    assert elp.token_logprobs[0] is None and elp.top_logprobs[0] is None
+    assert elp.token_logprobs[1:] == pytest.approx([v for v, _ in with_prompt.prompt_logprobs] + lp.token_logprobs,
+                                                   abs=1e-5)
+    assert elp.text_offset[len(prompt_ids)] == len(prompt)
+    chunks = [c for c in client.completions.create(**args, echo=True, stream=True) if c.choices]
+    assert "".join(c.choices[0].text for c in chunks) == prompt + whole.choices[0].text
+    assert [v for c in chunks if c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs] == \
+        pytest.approx(elp.token_logprobs)
 
 
 def test_chat_logprobs_stream_equals_whole(client):

@@ -53,6 +53,8 @@ class RequestOutput:
     # the model's raw distribution; this step's tokens, and every token on the finished output
     new_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    # params.prompt_logprobs set: the same for prompt tokens 1.. (on the first and the finished output)
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
 
 
@@ -331,6 +333,7 @@ class LLMEngine:
             token_q=list(seq.token_q) if seq.is_finished else [],
             new_logprobs=seq.token_logprobs[first_new:],
             logprobs=list(seq.token_logprobs) if seq.is_finished else [],
+            prompt_logprobs=list(seq.prompt_logprobs) if seq.is_finished or first_new == 0 else [],
             stats=request_stats(seq),
         )
         if seq.is_finished:

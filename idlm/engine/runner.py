@@ -132,7 +132,8 @@ class ModelRunner:
         feeds = [feed_rows(seq, n, self.mask_ids.get(seq.params.mode), self.block_size)
                  for seq, n in zip(seqs, num_new)]
         graphs = self.decode_graphs
-        if graphs is not None and all(n == 1 for n in num_new):  # a decode step: every feed is a whole round
+        prompt_rows = [i for i, seq in enumerate(seqs) if seq.needs_prompt_rows]
+        if graphs is not None and all(n == 1 for n in num_new) and not prompt_rows:  # a decode step
             tokens = max(len(f.ids) for f in feeds)
             if graphs.fits(len(seqs), tokens, max(s.num_computed for s in seqs) + tokens):
                 hidden, logits, tokens = graphs.run(feeds, [s.num_computed for s in seqs],
@@ -142,6 +143,8 @@ class ModelRunner:
         input_ids, positions, batch, lora_gate = self.prepare(seqs, feeds)
         backend = TritonPagedAttention if self.use_triton else self.cpu_attention
         hidden = self.model(input_ids, positions, backend(self.kv_cache, batch), lora_gate)
+        for i in prompt_rows:
+            self._prompt_logprobs(seqs[i], num_new[i], hidden[batch.query_start[i]:batch.query_start[i] + num_new[i]])
         finals = [i for i, f in enumerate(feeds) if f.round_rows]
         if not finals:
             return {}
@@ -357,6 +360,19 @@ class ModelRunner:
             for (_, c), taken in zip(constrained, tried):
                 c.rollback(taken)
         return torch.cat(new_drafts, 1), torch.cat(new_q, 1)
+
+    def _prompt_logprobs(self, seq: Sequence, n: int, hidden: torch.Tensor) -> None:
+        """The prompt tokens' logprobs that this chunk's rows (positions num_computed ..) predict;
+        a chunk recomputed after preemption only fills what is missing."""
+        assert seq.num_computed <= len(seq.prompt_logprobs), "a prompt row was skipped"
+        start, end = len(seq.prompt_logprobs), min(seq.num_computed + n, seq.num_prompt_tokens - 1)
+        if start >= end:
+            return
+        lp = self.model.logits(hidden[start - seq.num_computed:end - seq.num_computed]).float().log_softmax(-1)
+        targets = torch.tensor(seq.token_ids[start + 1:end + 1], device=lp.device)
+        top = lp.topk(min(seq.params.prompt_logprobs, lp.shape[1]), dim=-1)
+        chosen, values, ids = (x.tolist() for x in (lp.gather(1, targets[:, None]).squeeze(1), top.values, top.indices))
+        seq.prompt_logprobs += [(c, list(zip(i, v))) for c, v, i in zip(chosen, values, ids)]
 
     @staticmethod
     def _token_logprobs(h: dict[str, list[float]], b: int, n: int, rows: int, top_n: int | None,

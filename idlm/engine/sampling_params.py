@@ -54,6 +54,7 @@ class SamplingParams:
     min_p: float = 0.0  # drops tokens whose probability is below min_p times the likeliest one's
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to the logits of these token ids
     logprobs: int | None = None  # the model's log-probability of each output token, and of its top `logprobs`
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first (echo)
     json_schema: str | None = None  # the output is JSON valid under this schema (its text), masked by a grammar
 
     def __post_init__(self):
@@ -118,9 +119,11 @@ class SamplingParams:
                                  f"{MAX_LOGIT_BIAS:g}, got {token!r}: {bias!r}")
         if self.json_schema is not None and not isinstance(self.json_schema, str):
             raise ValueError(f"json_schema must be a JSON schema as text, got {type(self.json_schema).__name__}")
-        if self.logprobs is not None and not is_int(self.logprobs, 0, MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be an integer from 0 to {MAX_LOGPROBS} (the alternatives returned per "
-                             f"token), got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not is_int(value, 0, MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an integer from 0 to {MAX_LOGPROBS} (the alternatives returned per "
+                                 f"token), got {value!r}")
 
     @property
     def greedy(self) -> bool:

@@ -303,6 +303,20 @@ class Reply:
             top_logprobs=[{**{self.token_text(t): v for t, v in top}, text: lp}
                           for text, (lp, top) in zip(texts, entries)])
 
+    def _with_prompt(self, out: RequestOutput, part: CompletionLogprobs | None) -> CompletionLogprobs | None:
+        """Echo: the prompt's tokens before the output's; the first has no logprob (None)."""
+        if part is None or self.echo is None:
+            return part
+        ids = out.prompt_token_ids
+        texts = [self.token_text(t) for t in ids]
+        entries = [None, *out.prompt_logprobs]
+        return CompletionLogprobs(
+            tokens=texts + part.tokens,
+            token_logprobs=[e and e[0] for e in entries] + part.token_logprobs,
+            top_logprobs=[e and {**{self.token_text(t): v for t, v in e[1]}, text: e[0]}
+                          for text, e in zip(texts, entries)] + part.top_logprobs,
+            text_offset=self._offsets(ids, [], 0) + part.text_offset)
+
     def response(self, outs: list[RequestOutput], pieces: list[list[str] | None]) -> BaseModel:
         head = dict(id=self.id, created=self.created, model=self.model, usage=usage(outs, self.prompt_tokens),
                     idlm=self._provenance(outs[0], outs[0].token_sources, pieces[0]))
@@ -313,7 +327,8 @@ class Reply:
             return ChatCompletionResponse(**head, choices=choices)
         echo = self.echo or ""
         choices = [CompletionChoice(index=i, text=echo + out.text, finish_reason=out.finish_reason,
-                                    logprobs=self._logprobs(out.token_ids, out.logprobs, len(echo)))
+                                    logprobs=self._with_prompt(out, self._logprobs(out.token_ids, out.logprobs,
+                                                                                   len(echo))))
                    for i, out in enumerate(outs)]
         return CompletionResponse(**head, choices=choices)
 
@@ -342,10 +357,12 @@ class Reply:
                                      finish_reason=out.finish_reason, logprobs=self._logprobs(ids, entries, 0))
             return ChatCompletionChunk(**head, choices=[choice])
         sent = self.offset.get(index, 0)  # generated characters sent before this chunk
-        text = self.echo + out.new_text if self.echo is not None and index not in self.offset else out.new_text
+        first = index not in self.offset
+        text = self.echo + out.new_text if self.echo is not None and first else out.new_text
         self.offset[index] = sent + len(out.new_text)
+        logprobs = self._logprobs(ids, entries, len(self.echo or "") + sent, before)
         choice = CompletionChoice(index=index, text=text, finish_reason=out.finish_reason,
-                                  logprobs=self._logprobs(ids, entries, len(self.echo or "") + sent, before))
+                                  logprobs=self._with_prompt(out, logprobs) if first else logprobs)
         return CompletionResponse(**head, choices=[choice])
 
     def usage_chunk(self, outs: list[RequestOutput]) -> BaseModel:

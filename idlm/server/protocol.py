@@ -169,6 +169,12 @@ class CompletionRequest(SamplingRequest):
     def num_logprobs(self) -> int | None:
         return self.logprobs
 
+    def sampling_params(self, max_tokens: int | None) -> SamplingParams:
+        params = super().sampling_params(max_tokens)
+        if self.echo and self.logprobs is not None:
+            params.prompt_logprobs = self.logprobs
+        return params
+
     def unsupported(self) -> tuple[str, str] | None:
         if self.best_of not in (None, 1):
             return "best_of", "best_of must be 1"
