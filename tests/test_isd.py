@@ -98,8 +98,8 @@ def test_logprobs_are_the_clean_streams(llm, temperature):
     prompts = prompts_for(12, 12, seed=4)
     model = llm.engine.model
     for mode in ("ar", "isd", "risd"):
-        params = SamplingParams(mode=mode, stride=4, temperature=temperature, seed=3, max_tokens=24, ignore_eos=True,
-                                logprobs=5)
+        params = SamplingParams(mode=mode, stride=4, stride_policy="fixed", temperature=temperature, seed=3,
+                                max_tokens=24, ignore_eos=True, logprobs=5)
         outs = llm.generate(prompts, params)
         if mode != "ar":
             assert sum(sum(o.stats["drafts"]["accepted"]) for o in outs) > 20
@@ -147,7 +147,8 @@ def test_greedy_with_penalties_and_logit_bias_equals_ar(llm):
     for mode, stride, shape in (("isd", 4, "branches"), ("risd", 3, "plain"), ("isd", 8, "adaptive")):
         outs = llm.generate(prompts, SamplingParams(mode=mode, stride=stride, **SHAPES[shape], **greedy))
         assert [o.token_ids for o in outs] == ar
-        assert sum(sum(o.stats["drafts"]["accepted"]) for o in outs) > 0
+        if shape != "adaptive":  # (the adaptive policy may choose K = 0 on a loaded machine)
+            assert sum(sum(o.stats["drafts"]["accepted"]) for o in outs) > 0
 
 
 # ---------------------------------------------------------------- sampled: in distribution
