@@ -487,21 +487,28 @@ def create_app(engine: AsyncEngine, model_name: str, max_body_bytes: int = MAX_B
 
         if req.stream:
             return EventStream(events(handles, reply, req.include_usage), on_close=abort_all)
-        collect = asyncio.ensure_future(asyncio.gather(*(last_output(handle) for handle in handles)))
+        collect = [asyncio.ensure_future(last_output(handle)) for handle in handles]
         gone = asyncio.ensure_future(client_gone(request))
         try:
-            await asyncio.wait((collect, gone), return_when=asyncio.FIRST_COMPLETED)
-            if not collect.done():
-                return Response(status_code=499)  # nobody is listening any more
-            try:
-                results = collect.result()
-            except ENGINE_ERRORS as e:
-                raise engine_error(e) from e
+            waiting = set(collect)
+            while waiting:
+                done, _ = await asyncio.wait(waiting | {gone}, return_when=asyncio.FIRST_COMPLETED)
+                if gone in done:
+                    return Response(status_code=499)  # nobody is listening any more
+                waiting -= done
+                failed = next((e for e in [task.exception() for task in done] if e is not None), None)
+                if isinstance(failed, ENGINE_ERRORS):
+                    raise engine_error(failed) from failed
+                if failed is not None:
+                    raise failed
+            results = [task.result() for task in collect]
             body = reply.response([out for out, _ in results], [pieces for _, pieces in results])
             return JSONResponse(body.model_dump(mode="json"))
         finally:
-            collect.cancel()
-            gone.cancel()
+            for task in [*collect, gone]:
+                task.cancel()
+                if task.done() and not task.cancelled():
+                    task.exception()  # retrieved: one failed choice already answers for the others
             abort_all()
 
     async def last_output(handle: RequestHandle):
