@@ -47,6 +47,7 @@ class FeedRows:
 
 
 MAX_DECODE_TOKENS = 64  # decoding.layout.MAX_ROUND_ROWS: the widest decode step per request
+PROMPT_LOGPROB_ROWS = 256  # prompt rows scored at once
 
 
 def feed_rows(seq: Sequence, n: int, mask_id: int | None, block_size: int) -> FeedRows:
@@ -368,11 +369,14 @@ class ModelRunner:
         start, end = len(seq.prompt_logprobs), min(seq.num_computed + n, seq.num_prompt_tokens - 1)
         if start >= end:
             return
-        lp = self.model.logits(hidden[start - seq.num_computed:end - seq.num_computed]).float().log_softmax(-1)
-        targets = torch.tensor(seq.token_ids[start + 1:end + 1], device=lp.device)
-        top = lp.topk(min(seq.params.prompt_logprobs, lp.shape[1]), dim=-1)
-        chosen, values, ids = (x.tolist() for x in (lp.gather(1, targets[:, None]).squeeze(1), top.values, top.indices))
-        seq.prompt_logprobs += [(c, list(zip(i, v))) for c, v, i in zip(chosen, values, ids)]
+        for a in range(start, end, PROMPT_LOGPROB_ROWS):  # a long prompt's [rows, vocab] would not fit at once
+            b = min(a + PROMPT_LOGPROB_ROWS, end)
+            lp = self.model.logits(hidden[a - seq.num_computed:b - seq.num_computed]).float().log_softmax(-1)
+            targets = torch.tensor(seq.token_ids[a + 1:b + 1], device=lp.device)
+            top = lp.topk(min(seq.params.prompt_logprobs, lp.shape[1]), dim=-1)
+            chosen, values, ids = (x.tolist() for x in (lp.gather(1, targets[:, None]).squeeze(1), top.values,
+                                                        top.indices))
+            seq.prompt_logprobs += [(c, list(zip(i, v))) for c, v, i in zip(chosen, values, ids)]
 
     @staticmethod
     def _token_logprobs(h: dict[str, list[float]], b: int, n: int, rows: int, top_n: int | None,
