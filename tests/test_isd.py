@@ -91,23 +91,104 @@ def test_risd_greedy_on_base_model_equals_base_ar(model_dirs, tmp_path):
                                                                         ignore_eos=True))] == ar
 
 
+@pytest.mark.parametrize("temperature", [0, 0.8])
+def test_logprobs_are_the_clean_streams(llm, temperature):
+    """Each output token's logprob and top alternatives are a dense causal forward's log-softmax
+    over prompt + output, whichever mode produced them (drafts, corrections and bonus alike)."""
+    prompts = prompts_for(12, 12, seed=4)
+    model = llm.engine.model
+    for mode in ("ar", "isd", "risd"):
+        params = SamplingParams(mode=mode, stride=4, stride_policy="fixed", temperature=temperature, seed=3,
+                                max_tokens=24, ignore_eos=True, logprobs=5)
+        outs = llm.generate(prompts, params)
+        if mode != "ar":
+            assert sum(sum(o.stats["drafts"]["accepted"]) for o in outs) > 20
+        for prompt, out in zip(prompts, outs):
+            ids = torch.tensor([prompt + out.token_ids])
+            with torch.no_grad():
+                dense = model.logits(model(ids, torch.arange(ids.shape[1])[None], DenseAttention()))[0]
+            dense = dense[len(prompt) - 1:-1].double().log_softmax(-1)
+            assert len(out.logprobs) == len(out.token_ids)
+            got = torch.tensor([lp for lp, _ in out.logprobs], dtype=torch.float64)
+            torch.testing.assert_close(got, dense.gather(1, torch.tensor(out.token_ids)[:, None]).squeeze(1),
+                                       atol=1e-4, rtol=0)
+            top = dense.topk(5, dim=-1)
+            torch.testing.assert_close(torch.tensor([[v for _, v in alt] for _, alt in out.logprobs],
+                                                    dtype=torch.float64), top.values, atol=1e-4, rtol=0)
+            assert [[t for t, _ in alt] for _, alt in out.logprobs] == top.indices.tolist()
+
+
+def test_prompt_logprobs_through_chunks_and_prefix_cache(idlm_dir):
+    """Each prompt token after the first gets a dense forward's log-softmax, with the prompt split
+    into chunks and a cached prefix that must not skip its rows."""
+    llm = LLM(str(idlm_dir), progress=False, kv_cache_tokens=4096, kv_block_size=8, max_num_batched_tokens=16,
+              enable_prefix_caching=True)
+    prompts = prompts_for(6, 12, seed=6, lo=20, hi=60)
+    params = SamplingParams(mode="isd", temperature=0, max_tokens=4, ignore_eos=True, prompt_logprobs=3)
+    llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=2))  # caches the first prompt's blocks
+    model = llm.engine.model
+    for prompt, out in zip(prompts, llm.generate(prompts, params)):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            dense = model.logits(model(ids, torch.arange(len(prompt))[None], DenseAttention()))[0]
+        dense = dense[:-1].double().log_softmax(-1)
+        assert len(out.prompt_logprobs) == len(prompt) - 1
+        torch.testing.assert_close(torch.tensor([lp for lp, _ in out.prompt_logprobs], dtype=torch.float64),
+                                   dense.gather(1, torch.tensor(prompt[1:])[:, None]).squeeze(1), atol=1e-4, rtol=0)
+        assert [[t for t, _ in alt] for _, alt in out.prompt_logprobs] == dense.topk(3, dim=-1).indices.tolist()
+
+
+def test_greedy_with_penalties_and_logit_bias_equals_ar(llm):
+    prompts = prompts_for(16, 12, seed=5)
+    greedy = dict(temperature=0, max_tokens=30, ignore_eos=True, min_p=0.1, **PENALTIES)
+    ar = [o.token_ids for o in llm.generate(prompts, SamplingParams(mode="ar", **greedy))]
+    plain = SamplingParams(mode="ar", temperature=0, max_tokens=30, ignore_eos=True)
+    assert ar != [o.token_ids for o in llm.generate(prompts, plain)]
+    for mode, stride, shape in (("isd", 4, "branches"), ("risd", 3, "plain"), ("isd", 8, "adaptive")):
+        outs = llm.generate(prompts, SamplingParams(mode=mode, stride=stride, **SHAPES[shape], **greedy))
+        assert [o.token_ids for o in outs] == ar
+        if shape != "adaptive":  # (the adaptive policy may choose K = 0 on a loaded machine)
+            assert sum(sum(o.stats["drafts"]["accepted"]) for o in outs) > 0
+
+
 # ---------------------------------------------------------------- sampled: in distribution
 
 N_SAMPLES = 20000
 PROMPT = [2, 3, 4, 5]
 
 
-def exact_first_three(llm, temperature, top_k, top_p) -> torch.Tensor:
+def reference_penalties(logits: torch.Tensor, outputs: torch.Tensor, presence_penalty=0.0, frequency_penalty=0.0,
+                        repetition_penalty=1.0, logit_bias=None) -> torch.Tensor:
+    """vLLM's logit_bias and penalties, written out: logits [S, V] of rows that follow PROMPT and
+    outputs [S, i]."""
+    logits = logits.double().clone()
+    for token, bias in (logit_bias or {}).items():
+        logits[:, token] += bias
+    counts = torch.zeros_like(logits)
+    for c in range(outputs.shape[1]):
+        counts[torch.arange(len(logits)), outputs[:, c]] += 1
+    seen = counts > 0
+    seen[:, PROMPT] = True
+    r = repetition_penalty
+    logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
+    return logits - frequency_penalty * counts - presence_penalty * (counts > 0).double()
+
+
+def exact_first_three(llm, temperature, top_k, top_p, min_p=0.0, **penalties) -> torch.Tensor:
     """P(x1 x2 x3 | PROMPT) under AR sampling with the request's transform, indexed by the
     base-V number x1 x2 x3."""
     model, vocab = llm.engine.model, llm.engine.model_config.vocab_size
     seqs = torch.tensor([PROMPT + list(c) for c in itertools.product(range(vocab), repeat=3)])
     with torch.no_grad():
         logits = model.logits(model(seqs, torch.arange(seqs.shape[1]).expand_as(seqs), DenseAttention()))
-    st = SamplingTensors.build([(temperature, top_k, top_p, 0)] * len(seqs), torch.device("cpu"))
+    st = SamplingTensors.build([(temperature, top_k, top_p, 0)] * len(seqs), torch.device("cpu"),
+                               min_p=[min_p] * len(seqs))
     total = torch.ones(len(seqs), dtype=torch.float64)
     for i in range(3):
-        probs = token_probs(logits[:, len(PROMPT) - 1 + i], st, llm.engine.mask_ids["isd"]).double()
+        row = logits[:, len(PROMPT) - 1 + i]
+        if penalties:
+            row = reference_penalties(row, seqs[:, len(PROMPT):len(PROMPT) + i], **penalties).float()
+        probs = token_probs(row, st, llm.engine.mask_ids["isd"]).double()
         total *= probs.gather(1, seqs[:, len(PROMPT) + i, None]).squeeze(1)
     return total
 
@@ -130,10 +211,11 @@ def pooled_chi_square(counts: torch.Tensor, expected: torch.Tensor) -> tuple[flo
     return stat, dof, float(torch.special.gammaincc(torch.tensor(dof / 2.0), torch.tensor(stat / 2.0)))
 
 
-def sampled_fit(llm, mode, stride, temperature, top_k=0, top_p=1.0, proposal="sample", shape="plain"):
-    exact = exact_first_three(llm, temperature, top_k, top_p)
+def sampled_fit(llm, mode, stride, temperature, top_k=0, top_p=1.0, proposal="sample", shape="plain",
+                **processing):
+    exact = exact_first_three(llm, temperature, top_k, top_p, **processing)
     params = [SamplingParams(mode=mode, stride=stride, proposal=proposal, temperature=temperature, top_k=top_k,
-                             top_p=top_p, seed=i, max_tokens=3, ignore_eos=True, **SHAPES[shape])
+                             top_p=top_p, seed=i, max_tokens=3, ignore_eos=True, **SHAPES[shape], **processing)
               for i in range(N_SAMPLES)]
     outs = llm.generate([PROMPT] * N_SAMPLES, params)
     vocab = llm.engine.model_config.vocab_size
@@ -163,6 +245,29 @@ def test_sampled_output_has_the_ar_distribution(llm, mode, stride, temperature, 
                                                                                 top_p, shape=shape)
     assert accepted > N_SAMPLES // 10  # the verify path really ran
     if shape == "branches":  # and, in the third token, drafts proposed by a branch
+        assert branch_accepted > N_SAMPLES // 20
+    assert tv < bound, f"TV {tv:.4f} >= bound {bound:.4f}"
+    assert p_value > 1e-3, f"chi-square {stat:.1f} on {dof} dof, p = {p_value:.2g}"
+
+
+# each penalty moves the distribution of the second and third tokens, the bias that of the first
+PENALTIES = dict(presence_penalty=0.8, frequency_penalty=0.5, repetition_penalty=1.6, logit_bias={3: 1.0, 7: -1.5})
+
+
+@pytest.mark.parametrize("mode, stride, temperature, top_k, top_p, min_p, shape", [
+    ("isd", 3, 1.0, 0, 1.0, 0.05, "branches"),
+    ("risd", 2, 0.7, 6, 0.9, 0.0, "plain"),
+])
+def test_penalties_and_logit_bias_keep_the_ar_distribution(llm, mode, stride, temperature, top_k, top_p, min_p,
+                                                           shape):
+    """p and q of every position are processed with the tokens it follows, drafts included."""
+    processing = dict(PENALTIES, min_p=min_p)
+    assert (exact_first_three(llm, temperature, top_k, top_p, **processing)
+            - exact_first_three(llm, temperature, top_k, top_p)).abs().sum() > 0.2  # the test can tell them apart
+    tv, bound, (stat, dof, p_value), (accepted, branch_accepted) = sampled_fit(
+        llm, mode, stride, temperature, top_k, top_p, shape=shape, **processing)
+    assert accepted > N_SAMPLES // 10
+    if shape == "branches":
         assert branch_accepted > N_SAMPLES // 20
     assert tv < bound, f"TV {tv:.4f} >= bound {bound:.4f}"
     assert p_value > 1e-3, f"chi-square {stat:.1f} on {dof} dof, p = {p_value:.2g}"

@@ -59,24 +59,28 @@ VALID = {
     "stream": st.booleans(),
     "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
     "idlm_provenance": st.booleans(),
-    "n": st.just(1),
+    "n": st.integers(1, 2),
     "user": words,
-    "presence_penalty": st.just(0),
-    "logit_bias": st.just({}),
+    "presence_penalty": st.floats(-2, 2),
+    "frequency_penalty": st.floats(-2, 2),
+    "repetition_penalty": st.floats(0.5, 2),
+    "min_p": st.floats(0, 1),
+    "logit_bias": st.dictionaries(st.integers(0, vocab_size() - 1).map(str), st.floats(-100, 100), max_size=2),
 }
 COMPLETION = {"prompt": st.one_of(words, token_ids, st.lists(words, min_size=1, max_size=1),
                                   st.lists(token_ids, min_size=1, max_size=1)),
-              "echo": st.just(False), "best_of": st.just(1), "suffix": st.just("")}
+              "echo": st.booleans(), "logprobs": st.integers(0, 5), "best_of": st.just(1), "suffix": st.just("")}
 part = st.fixed_dictionaries({"type": st.just("text"), "text": words})
 message = st.fixed_dictionaries(
     {"role": st.sampled_from(["system", "user", "assistant", "developer"]),
      "content": st.one_of(words, st.lists(part, min_size=1, max_size=2))},
     optional={"name": words})
 CHAT = {"messages": st.lists(message, min_size=1, max_size=3), "max_completion_tokens": st.integers(1, MAX_GENERATED),
-        "logprobs": st.just(False)}
+        "logprobs": st.booleans(), "top_logprobs": st.just(0)}
 
 
-NUMERIC = ["max_tokens", "temperature", "top_p", "top_k", "seed", "stride", "presence_penalty", "n"]
+NUMERIC = ["max_tokens", "temperature", "top_p", "top_k", "seed", "stride", "presence_penalty", "n",
+           "repetition_penalty", "min_p", "logprobs"]
 extreme = st.one_of(st.floats(), st.sampled_from([2**63 - 1, 2**63, 2**64, -2**63 - 1, 1e308, 1e-300, 5e-324, 1e-7]))
 
 
@@ -160,7 +164,7 @@ def encode(payload, how: str, cut: float) -> bytes:
 
 OTHERS = [("GET", "/health"), ("GET", "/v1/models"), ("GET", "/metrics"), ("GET", "/openapi.json"), ("GET", "/"),
           ("GET", "/v1/completions"), ("POST", "/health"), ("DELETE", "/v1/models"), ("GET", "/v1/nothing"),
-          ("POST", "/v1/embeddings")]
+          ("POST", "/v1/embeddings"), ("GET", "/version"), ("POST", "/tokenize"), ("POST", "/detokenize")]
 requests = st.one_of(
     post("/v1/completions", COMPLETION, "prompt"),
     post("/v1/chat/completions", CHAT, "messages"),

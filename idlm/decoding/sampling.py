@@ -16,9 +16,11 @@ class SamplingTensors:
     seeds: torch.Tensor  # [rows] int64
     needs_filter: bool
     all_greedy: bool
+    min_p: torch.Tensor | None = None  # [rows] float32, 0 = off; None: off for every row
 
     @classmethod
-    def build(cls, rows: list[tuple[float, int, float, int]], device: torch.device) -> "SamplingTensors":
+    def build(cls, rows: list[tuple[float, int, float, int]], device: torch.device,
+              min_p: list[float] | None = None) -> "SamplingTensors":
         """rows: (temperature, top_k, top_p, seed) per output row."""
         temps, ks, ps, seeds = zip(*rows, strict=True)
         return cls(
@@ -28,12 +30,13 @@ class SamplingTensors:
             seeds=torch.tensor(seeds, dtype=torch.long, device=device),
             needs_filter=any(k > 0 or p < 1 for _, k, p, _ in rows),
             all_greedy=all(t == 0 for t, _, _, _ in rows),
+            min_p=torch.tensor(min_p, dtype=torch.float32, device=device) if min_p and any(min_p) else None,
         )
 
 
 def token_probs(logits: torch.Tensor, st: SamplingTensors, banned_token: int | None = None) -> torch.Tensor:
-    """The distribution each row samples from: temperature, then top-k, then top-p; greedy rows
-    are one-hot at the argmax. float32 [rows, vocab]."""
+    """The distribution each row samples from: temperature, then min-p, then top-k, then top-p;
+    greedy rows are one-hot at the argmax. float32 [rows, vocab]."""
     logits = logits.float()
     if banned_token is not None:
         logits[:, banned_token] = float("-inf")
@@ -42,6 +45,9 @@ def token_probs(logits: torch.Tensor, st: SamplingTensors, banned_token: int | N
         return one_hot
     greedy = st.temperature == 0
     scaled = logits / torch.where(greedy, 1.0, st.temperature)[:, None]
+    if st.min_p is not None:  # p(x) < min_p * max p  <=>  logit(x) < max logit + log(min_p)
+        floor = scaled.max(dim=-1, keepdim=True).values + st.min_p.log()[:, None]
+        scaled = scaled.masked_fill(scaled < floor, float("-inf"))
     if st.needs_filter:
         scaled = _top_k_top_p(scaled, st.top_k, st.top_p)
     return torch.where(greedy[:, None], one_hot, scaled.softmax(dim=-1))

@@ -17,6 +17,7 @@ from idlm.engine.sequence import Sequence, TokenSource
 from idlm.engine.stats import EngineStats, request_stats
 from idlm.engine.step_cost import measure_step_cost
 from idlm.engine.stride_policy import StridePolicy
+from idlm.engine.structured import Grammars
 from idlm.kernels.row_attention import RowExactPagedAttention
 from idlm.models.generation_config import sampling_defaults
 from idlm.models.loader import (
@@ -51,6 +52,12 @@ class RequestOutput:
     # of every output token, on the finished output only (copying them every step is O(length)):
     token_sources: list[int] = field(default_factory=list)  # TokenSource
     token_q: list[float] = field(default_factory=list)  # probability it was proposed (drafts) or drawn with
+    # params.logprobs set: (log p, [(token id, log p) of the likeliest tokens]) of each token, under
+    # the model's raw distribution; this step's tokens, and every token on the finished output
+    new_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    # params.prompt_logprobs set: the same for prompt tokens 1.. (on the first and the finished output)
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
 
 
@@ -101,6 +108,7 @@ class LLMEngine:
         self.eos_ids = set(self.model_config.eos_token_ids) | generation_eos_ids(self.folder)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.grammars = Grammars(self.tokenizer, self.model_config.vocab_size, self.eos_ids)
         kv_tokens = config.kv_cache_tokens or self._default_kv_tokens()
         num_blocks = kv_tokens // config.kv_block_size
         pool_len = num_blocks * config.kv_block_size - MAX_LOOKAHEAD
@@ -180,6 +188,12 @@ class LLMEngine:
             raise ValueError(f"{self.name} is the SDAR-style baseline (idlm_objective: sdar): its MASKs are trained "
                              "for block diffusion, not for ISD; use mode ar (scripts/eval_sdar_baseline.py measures "
                              "its own decoding)")
+        vocab = self.model_config.vocab_size
+        if any(t >= vocab for t in params.logit_bias):
+            raise ValueError(f"logit_bias names token ids the model does not have; its vocabulary has ids 0 to "
+                             f"{vocab - 1}")
+        if params.json_schema is not None:
+            self.grammars.compile(params.json_schema)
         if params.mode == "isd" and self.mask_ids["isd"] is None:
             raise ValueError(f"mode isd needs an I-DLM checkpoint with a MASK token (mask_token_id in config.json); "
                              f"{self.name} has none: use mode ar, or mode risd with an adapter")
@@ -255,6 +269,8 @@ class LLMEngine:
         ids = self.tokenize(prompt)
         seed = params.seed if params.seed is not None else self.seed_source.getrandbits(63)
         seq = Sequence(ids, params, seed)
+        if params.json_schema is not None:
+            seq.constraint = self.grammars.constraint(params.json_schema)
         self.seqs[seq.seq_id] = seq
         self.detokenizers[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, params.stop)
         self.scheduler.add(seq)
@@ -303,6 +319,8 @@ class LLMEngine:
             TokenSource.CORRECTION if r.accepted < r.num_drafts else TokenSource.TARGET]
         seq.token_sources.extend(sources)
         seq.token_q.extend(r.drafts_q[:r.accepted] + [r.final_p])
+        if r.logprobs is not None:
+            seq.token_logprobs.extend(r.logprobs)
         for st in (seq.stats, self.stats):
             if r.num_drafts:
                 st.verify_rounds += 1
@@ -319,6 +337,7 @@ class LLMEngine:
         seq.drafts_from_branch = r.from_branch
         self._append(seq, tokens)
         del seq.token_sources[seq.num_output_tokens:], seq.token_q[seq.num_output_tokens:]
+        del seq.token_logprobs[seq.num_output_tokens:]
         if not seq.is_finished:
             self.block_manager.commit(seq, computed)
 
@@ -328,6 +347,8 @@ class LLMEngine:
         detok = self.detokenizers[seq.seq_id]
         for i, token in enumerate(new_tokens):
             seq.token_ids.append(token)
+            if seq.constraint is not None:
+                seq.constraint.accept(token)
             if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
                 reason = "stop"
             elif seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
@@ -358,6 +379,9 @@ class LLMEngine:
             new_token_sources=seq.token_sources[first_new:],
             token_sources=list(seq.token_sources) if seq.is_finished else [],
             token_q=list(seq.token_q) if seq.is_finished else [],
+            new_logprobs=seq.token_logprobs[first_new:],
+            logprobs=list(seq.token_logprobs) if seq.is_finished else [],
+            prompt_logprobs=list(seq.prompt_logprobs) if seq.is_finished or first_new == 0 else [],
             stats=request_stats(seq),
         )
         if seq.is_finished:

@@ -3,10 +3,12 @@ from itertools import accumulate
 
 import torch
 
+from idlm.decoding.penalties import Penalties
 from idlm.decoding.rounds import PROPOSALS, RoundBatch, propose, verify
 from idlm.decoding.sampling import SamplingTensors, token_probs
 from idlm.engine.decode_graphs import DecodeGraphs
 from idlm.engine.sequence import Sequence
+from idlm.engine.structured import allowed
 from idlm.kernels.attention import PagedAttention, PagedBatch, TritonPagedAttention, padded_block_tables
 from idlm.kernels.cpu_memory import zeros
 from idlm.models.transformer import CausalLM
@@ -25,6 +27,9 @@ class RoundOutcome:
     new_draft_q: torch.Tensor | None
     new_draft_hidden: torch.Tensor | None
     from_branch: bool  # the new drafts came from the branch of the rejected draft
+    # per committed token (accepted drafts, then the final one): its log-probability under the
+    # model's raw distribution and the (token, log-probability) pairs of the likeliest tokens there
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 @dataclass(slots=True)
@@ -42,6 +47,7 @@ class FeedRows:
 
 
 MAX_DECODE_TOKENS = 64  # decoding.layout.MAX_ROUND_ROWS: the widest decode step per request
+PROMPT_LOGPROB_ROWS = 256  # prompt rows scored at once
 
 
 def feed_rows(seq: Sequence, n: int, mask_id: int | None, block_size: int) -> FeedRows:
@@ -129,7 +135,8 @@ class ModelRunner:
                  for seq, n in zip(seqs, num_new)]
         finals = [i for i, f in enumerate(feeds) if f.round_rows]
         graphs = self.decode_graphs
-        if graphs is not None:
+        prompt_rows = [i for i, seq in enumerate(seqs) if seq.needs_prompt_rows]
+        if graphs is not None and not prompt_rows:
             prefill = any(n > 1 for n in num_new)  # else a decode step: every feed is a whole round
             tokens = graphs.rows_for(len(seqs), max(len(f.ids) for f in feeds), max(s.num_computed for s in seqs),
                                      prefill)
@@ -141,6 +148,8 @@ class ModelRunner:
         input_ids, positions, batch, lora_gate = self.prepare(seqs, feeds)
         backend = TritonPagedAttention if self.use_triton else self.cpu_attention
         hidden = self.model(input_ids, positions, backend(self.kv_cache, batch), lora_gate)
+        for i in prompt_rows:
+            self._prompt_logprobs(seqs[i], num_new[i], hidden[batch.query_start[i]:batch.query_start[i] + num_new[i]])
         if not finals:
             return {}
         round_starts = [batch.query_start[i + 1] - feeds[i].round_rows for i in finals]
@@ -182,20 +191,51 @@ class ModelRunner:
                     proposal=[PROPOSALS.index(p.proposal) for p in params], seeds=seeds,
                     positions=[len(s) - 1 for s in seqs], spec=[int(p.spec_verify) for p in params], top_k=top_ks)
         t = dict(zip(ints, self._to_device(list(ints.values()), torch.long)))
-        temps_t, top_p_t, alpha_t = self._to_device([temps, top_ps, [float(p.verify_alpha) for p in params]],
-                                                    torch.float32)
+        min_ps = [float(p.min_p) for p in params]
+        temps_t, top_p_t, alpha_t, min_p_t = self._to_device(
+            [temps, top_ps, [float(p.verify_alpha) for p in params], min_ps], torch.float32)
+        use_min_p = any(min_ps)
         batch, vocab = len(seqs), self.model.cfg.vocab_size
         all_greedy = all(x == 0 for x in temps)
         needs_filter = any(k > 0 or p < 1 for k, p in zip(top_ks, top_ps))
 
         def probs_of(logits: torch.Tensor, seq_of_row: torch.Tensor) -> torch.Tensor:
             st = SamplingTensors(temps_t[seq_of_row], t["top_k"][seq_of_row], top_p_t[seq_of_row],
-                                 t["seeds"][seq_of_row], needs_filter=needs_filter, all_greedy=all_greedy)
+                                 t["seeds"][seq_of_row], needs_filter=needs_filter, all_greedy=all_greedy,
+                                 min_p=min_p_t[seq_of_row] if use_min_p else None)
             return token_probs(logits, st, self.banned_token)
 
         logits = self._logits(hidden, all_logits, t["rows"])
         if stored:
             logits = torch.cat([logits, self.model.logits(torch.cat(stored))])
+        num_target = sum(1 + d for d in num_d)
+        top_n = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+        raw_logprobs = None if top_n is None else logits[:num_target].float().log_softmax(-1)
+        pen = self._penalties(seqs) if any(p.penalised for p in params) else None
+        if pen is not None:  # every target and stored row, with the drafts it follows
+            penalised, logits = pen[0], logits.float()
+            owner = {b: i for i, b in enumerate(penalised)}
+            target_rows = [(b, j) for b, d in enumerate(num_d) for j in range(1 + d)]
+            stored_rows = [(b, j) for b, d in enumerate(num_d) for j in range(d)]
+            picked = [(r, b, j) for r, (b, j) in enumerate(target_rows + stored_rows) if b in owner]
+            extra = [seqs[b].drafts[:j] + [vocab] * (dmax - j) for _, b, j in picked]
+            at, owners, extra = self._to_device([[r for r, _, _ in picked], [owner[b] for _, b, _ in picked],
+                                                    [x for e in extra for x in e]], torch.long)
+            logits[at] = pen[1].apply(logits[at], owners, extra.view(len(picked), dmax))
+        constrained = [b for b, seq in enumerate(seqs) if seq.constraint is not None]
+        if constrained:  # the grammar's masks after each row's history: target row j and d_{j+1}'s proposal
+            logits = logits.float()
+            starts = list(accumulate([1 + d for d in num_d], initial=0))
+            stored_starts = list(accumulate(num_d, initial=starts[-1]))
+            at, bitmasks = [], []
+            for b in constrained:
+                d = num_d[b]
+                bitmask = seqs[b].constraint.bitmask(seqs[b].drafts[:d])
+                at += list(range(starts[b], starts[b] + d + 1)) + list(range(stored_starts[b], stored_starts[b] + d))
+                bitmasks += [bitmask, bitmask[:d]]
+            at = torch.tensor(at, dtype=torch.long).to(self.device)
+            ok = allowed(torch.cat(bitmasks).to(self.device), vocab, seqs[constrained[0]].constraint.stop_ids)
+            logits[at] = logits[at].masked_fill(~ok, float("-inf"))
         probs = probs_of(logits, t["row_seq"])
         probs = torch.cat([probs, probs.new_zeros(1, vocab)])
         draft_q = torch.ones(batch * dmax, device=probs.device)
@@ -215,7 +255,17 @@ class ModelRunner:
             all_greedy=all_greedy,
         )
         verdict = verify(rb)
-        host = [verdict.accepted, verdict.final_token, verdict.final_p, rb.draft_q.flatten()]
+        host = dict(accepted=verdict.accepted, final=verdict.final_token, final_p=verdict.final_p,
+                    draft_q=rb.draft_q.flatten())
+        if raw_logprobs is not None:  # of the committed tokens: drafts up to the accepted ones, then the final
+            lp = torch.cat([raw_logprobs, raw_logprobs.new_zeros(1, vocab)])[t["target"]].view(batch, dmax + 1, vocab)
+            committed = torch.cat([rb.drafts, verdict.final_token[:, None]], 1)
+            committed.scatter_(1, verdict.accepted[:, None], verdict.final_token[:, None])
+            host["logprob"] = lp.gather(2, committed[..., None]).flatten()
+            top_n = min(top_n, vocab)
+            if top_n:
+                top = lp.topk(top_n, dim=-1)
+                host["top_logprob"], host["top_id"] = top.values.flatten(), top.indices.flatten()
         new_hidden = None
         if kmax:
             accepted = verdict.accepted
@@ -227,28 +277,120 @@ class ModelRunner:
             new_rows = (first[:, None] + k[None]).clamp(max=hidden.shape[0] - 1).flatten()
             new_hidden = hidden[new_rows]
             new_logits = self._logits(hidden, all_logits, new_rows, new_hidden)
-            new_probs = probs_of(new_logits, torch.arange(batch, device=first.device).repeat_interleave(kmax))
-            new_drafts, new_q = propose(new_probs.view(batch, kmax, vocab), rb.seeds, verdict.final_pos, rb.proposal,
-                                        all_greedy)
+            if pen is None and not constrained:
+                new_probs = probs_of(new_logits, torch.arange(batch, device=first.device).repeat_interleave(kmax))
+                new_drafts, new_q = propose(new_probs.view(batch, kmax, vocab), rb.seeds, verdict.final_pos,
+                                            rb.proposal, all_greedy)
+            else:
+                new_drafts, new_q = self._propose_in_order(new_logits.view(batch, kmax, vocab), pen,
+                                                           [(b, seqs[b].constraint) for b in constrained], seqs, rb,
+                                                           verdict, probs_of)
             new_hidden = new_hidden.view(batch, kmax, -1)
-            host += [has_new, branched, new_drafts.flatten()]
-        values = torch.cat([x.double() for x in host]).tolist()
-        ends = list(accumulate(x.numel() for x in host))
-        fields = [values[a:b] for a, b in zip([0] + ends, ends)]
-        accepted_h, final_h, final_p_h, draft_q_h = fields[:4]
-        has_new_h, branched_h, new_drafts_h = fields[4:] if kmax else ([0.0] * batch, [0.0] * batch, [])
+            host.update(has_new=has_new, branched=branched, new_drafts=new_drafts.flatten())
+        values = torch.cat([x.double() for x in host.values()]).tolist()
+        ends = list(accumulate(x.numel() for x in host.values()))
+        h = {name: values[a:b] for name, a, b in zip(host, [0] + ends, ends)}
+        accepted_h, final_h, final_p_h, draft_q_h = h["accepted"], h["final"], h["final_p"], h["draft_q"]
+        has_new_h, branched_h, new_drafts_h = (h["has_new"], h["branched"], h["new_drafts"]) if kmax else (
+            [0.0] * batch, [0.0] * batch, [])
         outcomes = {}
         for b, (d, k) in enumerate(zip(num_d, num_k)):
             keep = has_new_h[b] > 0
+            accepted_b = int(accepted_h[b])
             outcomes[index[b]] = RoundOutcome(
-                num_drafts=d, accepted=int(accepted_h[b]), final_token=int(final_h[b]), final_p=final_p_h[b],
+                num_drafts=d, accepted=accepted_b, final_token=int(final_h[b]), final_p=final_p_h[b],
                 drafts_q=draft_q_h[b * dmax:b * dmax + d],
                 new_drafts=[int(x) for x in new_drafts_h[b * kmax:b * kmax + k]] if keep else [],
                 new_draft_q=new_q[b, :k] if keep else None,
                 new_draft_hidden=new_hidden[b, :k] if keep else None,
                 from_branch=keep and branched_h[b] > 0,
+                logprobs=None if params[b].logprobs is None else self._token_logprobs(
+                    h, b, accepted_b + 1, dmax + 1, top_n, params[b].logprobs),
             )
         return outcomes
+
+    def _penalties(self, seqs: list[Sequence]) -> tuple[list[int], Penalties]:
+        """The batch indices of the penalised requests, and their state at the pending token."""
+        picked = [b for b, seq in enumerate(seqs) if seq.params.penalised]
+        ps = [seqs[b].params for b in picked]
+        return picked, Penalties.build(
+            [seqs[b].output_token_ids for b in picked], [seqs[b].prompt_token_ids for b in picked],
+            [(p.presence_penalty, p.frequency_penalty, p.repetition_penalty) for p in ps],
+            [p.logit_bias for p in ps], self.model.cfg.vocab_size, self.device)
+
+    @staticmethod
+    def _propose_in_order(logits: torch.Tensor, pen: tuple[list[int], Penalties] | None, constrained: list,
+                          seqs: list[Sequence], rb: RoundBatch, verdict, probs_of) -> tuple[torch.Tensor, torch.Tensor]:
+        """propose() one position at a time, so that each penalised or constrained row follows the
+        drafts drawn before it: logits [B, K, V]; the same draws as propose() for the other rows.
+        A constrained request's grammar state is advanced on the host (one device-to-host copy
+        per position, for such batches only) and rolled back at the end."""
+        batch, kmax, vocab = logits.shape
+        device = logits.device
+        every = torch.arange(batch, device=device)
+        if pen is not None:
+            penalised, state = pen
+            rows = torch.tensor(penalised, dtype=torch.long, device=device)
+            drafts = rb.drafts[rows]
+            taken = torch.arange(drafts.shape[1], device=device)[None] < verdict.accepted[rows, None]
+            state.advance(torch.cat([torch.where(taken, drafts, vocab), verdict.final_token[rows, None]], 1))
+            owners = torch.arange(len(penalised), device=device)
+            none = torch.full((len(penalised), 1), vocab, dtype=torch.long, device=device)
+        tried = []
+        if constrained:
+            grammar_rows = torch.tensor([b for b, _ in constrained], dtype=torch.long, device=device)
+            outcome = torch.stack([verdict.accepted, verdict.final_token], 1)[grammar_rows].tolist()
+            tried = [c.try_tokens(seqs[b].drafts[:acc] + [final]) for (b, c), (acc, final) in zip(constrained, outcome)]
+        new_drafts, new_q = [], []
+        try:
+            for j in range(kmax):
+                row = logits[:, j].float()
+                if pen is not None:
+                    row[rows] = state.apply(row[rows], owners, none)
+                if constrained:
+                    bitmask = torch.cat([c.bitmask([]) for _, c in constrained]).to(device)
+                    ok = allowed(bitmask, vocab, constrained[0][1].stop_ids)
+                    row[grammar_rows] = row[grammar_rows].masked_fill(~ok, float("-inf"))
+                d, q = propose(probs_of(row, every)[:, None], rb.seeds, verdict.final_pos + j, rb.proposal,
+                               rb.all_greedy)
+                if pen is not None:
+                    state.advance(d[rows])
+                if constrained:
+                    for i, ((_, c), token) in enumerate(zip(constrained, d[grammar_rows].flatten().tolist())):
+                        tried[i] += c.try_tokens([token])
+                new_drafts.append(d)
+                new_q.append(q)
+        finally:
+            for (_, c), taken in zip(constrained, tried):
+                c.rollback(taken)
+        return torch.cat(new_drafts, 1), torch.cat(new_q, 1)
+
+    def _prompt_logprobs(self, seq: Sequence, n: int, hidden: torch.Tensor) -> None:
+        """The prompt tokens' logprobs that this chunk's rows (positions num_computed ..) predict;
+        a chunk recomputed after preemption only fills what is missing."""
+        assert seq.num_computed <= len(seq.prompt_logprobs), "a prompt row was skipped"
+        start, end = len(seq.prompt_logprobs), min(seq.num_computed + n, seq.num_prompt_tokens - 1)
+        if start >= end:
+            return
+        for a in range(start, end, PROMPT_LOGPROB_ROWS):  # a long prompt's [rows, vocab] would not fit at once
+            b = min(a + PROMPT_LOGPROB_ROWS, end)
+            lp = self.model.logits(hidden[a - seq.num_computed:b - seq.num_computed]).float().log_softmax(-1)
+            targets = torch.tensor(seq.token_ids[a + 1:b + 1], device=lp.device)
+            top = lp.topk(min(seq.params.prompt_logprobs, lp.shape[1]), dim=-1)
+            chosen, values, ids = (x.tolist() for x in (lp.gather(1, targets[:, None]).squeeze(1), top.values,
+                                                        top.indices))
+            seq.prompt_logprobs += [(c, list(zip(i, v))) for c, v, i in zip(chosen, values, ids)]
+
+    @staticmethod
+    def _token_logprobs(h: dict[str, list[float]], b: int, n: int, rows: int, top_n: int | None,
+                        wanted: int) -> list[tuple[float, list[tuple[int, float]]]]:
+        """The first n committed tokens' entries of request b, with its `wanted` alternatives."""
+        out = []
+        for j in range(b * rows, b * rows + n):
+            top = [(int(h["top_id"][j * top_n + i]), h["top_logprob"][j * top_n + i])
+                   for i in range(min(wanted, top_n))]
+            out.append((h["logprob"][j], top))
+        return out
 
     def _logits(self, hidden: torch.Tensor, all_logits: torch.Tensor | None, rows: torch.Tensor,
                 picked: torch.Tensor | None = None) -> torch.Tensor:

@@ -10,6 +10,10 @@ INT64_MAX = 2**63 - 1  # seeds and top-k travel to the device as int64
 MAX_TEMPERATURE = 100.0
 MIN_TEMPERATURE = 1e-6  # a positive temperature below this overflows float32 logits (use 0 for greedy)
 MIN_TOP_P = 2.0**-126  # float32's smallest normal number: the sampler holds top_p in float32
+MAX_LOGPROBS = 20  # most alternatives a token's logprobs list (OpenAI's and vLLM's default limit)
+MAX_PENALTY = 2.0  # presence and frequency penalties, as OpenAI
+MAX_REPETITION_PENALTY = 100.0
+MAX_LOGIT_BIAS = 100.0
 
 
 def is_int(value, lo: int, hi: int = INT64_MAX) -> bool:
@@ -42,12 +46,23 @@ class SamplingParams:
     branches: int | None = None  # most branch drafts a round may add (None: as many as fit)
     verify_alpha: float = 1.0
     spec_verify: bool = True
+    # the processing applied to p and q alike, in this order: logit_bias, the penalties, temperature,
+    # min_p, top-k, top-p (docs/ARCHITECTURE.md, "Logit processing")
+    presence_penalty: float = 0.0  # subtracted once from the logit of every token already in the output
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the output
+    repetition_penalty: float = 1.0  # divides positive (multiplies negative) logits of prompt and output tokens
+    min_p: float = 0.0  # drops tokens whose probability is below min_p times the likeliest one's
+    logit_bias: dict[int, float] = field(default_factory=dict)  # added to the logits of these token ids
+    logprobs: int | None = None  # the model's log-probability of each output token, and of its top `logprobs`
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first (echo)
+    json_schema: str | None = None  # the output is JSON valid under this schema (its text), masked by a grammar
 
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
+        self.logit_bias = dict(self.logit_bias)
         self.validate()
 
     def validate(self) -> None:
@@ -89,10 +104,36 @@ class SamplingParams:
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
         if not all(is_int(t, 0) for t in self.stop_token_ids):
             raise ValueError("stop_token_ids must be a list of integers from 0 to 2**63 - 1")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not is_real(value) or abs(value) > MAX_PENALTY:
+                raise ValueError(f"{name} must be a number from -{MAX_PENALTY:g} to {MAX_PENALTY:g}, got {value!r}")
+        r = self.repetition_penalty
+        if not is_real(r) or not 0 < r <= MAX_REPETITION_PENALTY:
+            raise ValueError(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}] (1 = off), got {r!r}")
+        if not is_real(self.min_p) or not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1] (0 = off), got {self.min_p!r}")
+        for token, bias in self.logit_bias.items():
+            if not is_int(token, 0) or not is_real(bias) or abs(bias) > MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias maps token ids (integers >= 0) to numbers from -{MAX_LOGIT_BIAS:g} to "
+                                 f"{MAX_LOGIT_BIAS:g}, got {token!r}: {bias!r}")
+        if self.json_schema is not None and not isinstance(self.json_schema, str):
+            raise ValueError(f"json_schema must be a JSON schema as text, got {type(self.json_schema).__name__}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not is_int(value, 0, MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an integer from 0 to {MAX_LOGPROBS} (the alternatives returned per "
+                                 f"token), got {value!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalised(self) -> bool:
+        """The request's logits depend on the tokens before them (penalties) or carry a bias."""
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+                or bool(self.logit_bias))
 
     @property
     def lossy(self) -> bool:

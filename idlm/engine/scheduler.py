@@ -47,7 +47,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.block_table:
+            if not seq.block_table and not seq.needs_prompt_rows:
                 bm.match_prefix(seq)
             room = (len(seq.block_table) + bm.num_free) * bm.block_size - seq.num_computed
             remaining = len(seq) - seq.num_computed

@@ -77,6 +77,10 @@ class Sequence:
         self.stats = SequenceStats()
         self.token_sources: list[int] = []  # TokenSource of each output token
         self.token_q: list[float] = []  # probability each output token was proposed or drawn with
+        # params.logprobs set: (log p, [(token, log p) of the likeliest]) of each output token
+        self.token_logprobs: list[tuple[float, list[tuple[int, float]]]] = []
+        self.prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] = []  # of prompt tokens 1..
+        self.constraint = None  # params.json_schema set: the grammar state at the committed tokens
         # ISD drafts for the positions after the pending token; they outlive preemption
         self.drafts: list[int] = []
         self.draft_q: torch.Tensor | None = None  # [D] q_j(d_j) at proposal time
@@ -101,6 +105,11 @@ class Sequence:
     def num_lookahead(self) -> int:
         """Rows fed after the pending one: drafts under test, MASKs, branches."""
         return self.layout.num_rows - 1
+
+    @property
+    def needs_prompt_rows(self) -> bool:
+        """Prompt logprobs are asked for and not all computed: no prefix-cache hit may skip a row."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
 
     def __len__(self) -> int:
         return len(self.token_ids)

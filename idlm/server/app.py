@@ -1,6 +1,7 @@
 """The OpenAI-compatible routes, the health and metrics routes, and the playground page."""
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -22,7 +23,9 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from idlm import __version__
+from idlm.engine.llm_engine import RequestOutput
 from idlm.server.async_engine import (
+    PIECE_CONTEXT,
     AsyncEngine,
     EngineNotReady,
     GenerationRequest,
@@ -43,22 +46,33 @@ from idlm.server.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatLogprobs,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     Delta,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
     Provenance,
     SamplingRequest,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenLogprob,
+    TopLogprob,
     Usage,
+    VersionResponse,
 )
 
 logger = logging.getLogger("idlm.server")
 MAX_BODY_BYTES = 4 << 20
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "max_tokens", "stop_token_ids", "stop", "mode",
-                   "stride_policy", "stride", "proposal", "branches")
+                   "stride_policy", "stride", "proposal", "branches", "presence_penalty", "frequency_penalty",
+                   "repetition_penalty", "min_p", "logit_bias", "logprobs")
+SEED_STEP = 0x9E3779B97F4A7C15  # choice i of a seeded request draws with seed + i * this (mod 2^63)
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503)}
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # a JSON escape of half a UTF-16 pair, or a false alarm
 
@@ -239,26 +253,41 @@ class EventStream(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-def usage(out, prompt_tokens: int) -> Usage:
-    stats = out.stats
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=len(out.token_ids),
-                 total_tokens=prompt_tokens + len(out.token_ids), forwards=stats["forwards"],
-                 tokens_per_forward=stats["tokens_per_forward"], accepted_drafts=sum(stats["drafts"]["accepted"]),
-                 draft_acceptance=stats["drafts"]["acceptance"])
+def usage(outs: list[RequestOutput], prompt_tokens: int) -> Usage:
+    """Of all choices: their tokens, forwards and draft counts added up."""
+    tokens = sum(len(out.token_ids) for out in outs)
+    forwards = sum(out.stats["forwards"] for out in outs)
+    reached, accepted = [], []
+    for out in outs:
+        for mine, theirs in ((reached, out.stats["drafts"]["reached"]), (accepted, out.stats["drafts"]["accepted"])):
+            mine.extend([0] * (len(theirs) - len(mine)))
+            for j, count in enumerate(theirs):
+                mine[j] += count
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=tokens, total_tokens=prompt_tokens + tokens,
+                 forwards=forwards, tokens_per_forward=tokens / forwards if forwards else 0.0,
+                 accepted_drafts=sum(accepted),
+                 draft_acceptance=[a / r if r else 0.0 for a, r in zip(accepted, reached)])
 
 
 @dataclass
 class Reply:
-    """Builds the bodies answering one request: the whole response, or its stream chunks."""
+    """Builds the bodies answering one request: the whole response, or its stream chunks, for
+    each of its choices."""
 
     chat: bool
     model: str
     id: str
     prompt_tokens: int
     provenance: bool
+    token_text: Callable[[int], str]  # one token's text, decoded alone
+    decode: Callable[[list[int]], str]  # token ids' text as the output's text has it
+    logprobs: int | None = None  # alternatives per token; None: no logprobs
+    echo: str | None = None  # completions: the prompt's text, before the first text of each choice
 
     def __post_init__(self):
         self.created = int(time.time())
+        self.held: dict[int, list] = {}  # per choice: logprobs of tokens whose text no chunk carried yet
+        self.offset: dict[int, int] = {}  # per choice: text characters sent so far (completions' text_offset)
 
     def _provenance(self, out, sources: list[int], pieces: list[str] | None) -> Provenance | None:
         if not self.provenance:
@@ -267,36 +296,100 @@ class Reply:
         return Provenance(sources=sources, tokens=pieces, token_ids=ids, forwards=out.stats["forwards"],
                           tokens_per_forward=out.stats["tokens_per_forward"])
 
-    def response(self, out, pieces: list[str] | None) -> BaseModel:
-        head = dict(id=self.id, created=self.created, model=self.model, usage=usage(out, self.prompt_tokens),
-                    idlm=self._provenance(out, out.token_sources, pieces))
-        if self.chat:
-            choice = ChatChoice(message=AssistantMessage(content=out.text), finish_reason=out.finish_reason)
-            return ChatCompletionResponse(**head, choices=[choice])
-        return CompletionResponse(**head, choices=[CompletionChoice(text=out.text, finish_reason=out.finish_reason)])
+    def _offsets(self, ids: list[int], before: list[int], offset: int) -> list[int]:
+        """Where each token's text starts in the choice's text, each measured in the context of the
+        tokens before it (byte-level BPE, leading spaces), as the detokenizer produces it."""
+        offsets, context = [], before[-PIECE_CONTEXT:]
+        for token in ids:
+            offsets.append(offset)
+            previous, text = self.decode(context), self.decode([*context, token])
+            offset += len(text) - len(previous) if text.startswith(previous) else len(self.decode([token]))
+            context = [*context, token][-PIECE_CONTEXT:]
+        return offsets
 
-    def first_chunk(self) -> BaseModel | None:
-        if not self.chat:
+    def _logprobs(self, ids: list[int], entries: list, offset: int,
+                  before: list[int] = ()) -> CompletionLogprobs | ChatLogprobs | None:
+        if self.logprobs is None:
             return None
-        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
-                                   choices=[ChatChunkChoice(delta=Delta(role="assistant", content=""))])
+        texts = [self.token_text(i) for i in ids]
+        if self.chat:
+            return ChatLogprobs(content=[
+                TokenLogprob(token=text, logprob=lp, bytes=list(text.encode()), top_logprobs=[
+                    TopLogprob(token=alt, logprob=v, bytes=list(alt.encode()))
+                    for alt, v in ((self.token_text(t), v) for t, v in top)])
+                for text, (lp, top) in zip(texts, entries)])
+        return CompletionLogprobs(
+            tokens=texts, token_logprobs=[lp for lp, _ in entries],
+            text_offset=self._offsets(ids, list(before), offset),
+            top_logprobs=[{**{self.token_text(t): v for t, v in top}, text: lp}
+                          for text, (lp, top) in zip(texts, entries)])
 
-    def chunk(self, step: StepOutput) -> BaseModel | None:
+    def _with_prompt(self, out: RequestOutput, part: CompletionLogprobs | None) -> CompletionLogprobs | None:
+        """Echo: the prompt's tokens before the output's; the first has no logprob (None)."""
+        if part is None or self.echo is None:
+            return part
+        ids = out.prompt_token_ids
+        texts = [self.token_text(t) for t in ids]
+        entries = [None, *out.prompt_logprobs]
+        return CompletionLogprobs(
+            tokens=texts + part.tokens,
+            token_logprobs=[e and e[0] for e in entries] + part.token_logprobs,
+            top_logprobs=[e and {**{self.token_text(t): v for t, v in e[1]}, text: e[0]}
+                          for text, e in zip(texts, entries)] + part.top_logprobs,
+            text_offset=self._offsets(ids, [], 0) + part.text_offset)
+
+    def response(self, outs: list[RequestOutput], pieces: list[list[str] | None]) -> BaseModel:
+        head = dict(id=self.id, created=self.created, model=self.model, usage=usage(outs, self.prompt_tokens),
+                    idlm=self._provenance(outs[0], outs[0].token_sources, pieces[0]))
+        if self.chat:
+            choices = [ChatChoice(index=i, message=AssistantMessage(content=out.text), finish_reason=out.finish_reason,
+                                  logprobs=self._logprobs(out.token_ids, out.logprobs, 0))
+                       for i, out in enumerate(outs)]
+            return ChatCompletionResponse(**head, choices=choices)
+        echo = self.echo or ""
+        choices = [CompletionChoice(index=i, text=echo + out.text, finish_reason=out.finish_reason,
+                                    logprobs=self._with_prompt(out, self._logprobs(out.token_ids, out.logprobs,
+                                                                                   len(echo))))
+                   for i, out in enumerate(outs)]
+        return CompletionResponse(**head, choices=choices)
+
+    def first_chunks(self, n: int) -> list[BaseModel]:
+        if not self.chat:
+            return []
+        return [ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
+                                    choices=[ChatChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
+                for i in range(n)]
+
+    def chunk(self, step: StepOutput, index: int = 0) -> BaseModel | None:
         out = step.output
+        held = self.held.setdefault(index, [])
+        if self.logprobs is not None and out.new_logprobs:
+            start = len(out.token_ids) - len(out.new_logprobs)
+            held.extend((k, out.token_ids[k], entry) for k, entry in enumerate(out.new_logprobs, start))
         if not (out.new_text or out.finished or (self.provenance and out.new_token_sources)):
             return None
         head = dict(id=self.id, created=self.created, model=self.model,
                     idlm=self._provenance(out, out.new_token_sources, step.pieces))
+        ids, entries = [t for _, t, _ in held], [e for _, _, e in held]
+        before = out.token_ids[:held[0][0]] if held else []
+        held.clear()
         if self.chat:
-            choice = ChatChunkChoice(delta=Delta(content=out.new_text or None), finish_reason=out.finish_reason)
+            choice = ChatChunkChoice(index=index, delta=Delta(content=out.new_text or None),
+                                     finish_reason=out.finish_reason, logprobs=self._logprobs(ids, entries, 0))
             return ChatCompletionChunk(**head, choices=[choice])
-        choice = CompletionChoice(text=out.new_text, finish_reason=out.finish_reason)
+        sent = self.offset.get(index, 0)  # generated characters sent before this chunk
+        first = index not in self.offset
+        text = self.echo + out.new_text if self.echo is not None and first else out.new_text
+        self.offset[index] = sent + len(out.new_text)
+        logprobs = self._logprobs(ids, entries, len(self.echo or "") + sent, before)
+        choice = CompletionChoice(index=index, text=text, finish_reason=out.finish_reason,
+                                  logprobs=self._with_prompt(out, logprobs) if first else logprobs)
         return CompletionResponse(**head, choices=[choice])
 
-    def usage_chunk(self, out) -> BaseModel:
+    def usage_chunk(self, outs: list[RequestOutput]) -> BaseModel:
         cls = ChatCompletionChunk if self.chat else CompletionResponse
         return cls(id=self.id, created=self.created, model=self.model, choices=[],
-                   usage=usage(out, self.prompt_tokens))
+                   usage=usage(outs, self.prompt_tokens))
 
 
 def sse(body: BaseModel | dict) -> str:
@@ -356,48 +449,93 @@ def create_app(engine: AsyncEngine, model_name: str, max_body_bytes: int = MAX_B
         message = e.detail if e.status_code != 404 else f"no route {request.method} {request.url.path}"
         return error_response(APIError(e.status_code, str(message)), metrics)
 
-    def check(req: SamplingRequest) -> None:
-        if req.model is not None and req.model != model_name:
-            raise APIError(404, f"the model {req.model!r} does not exist; this server serves {model_name!r}",
+    tokenizer = engine.engine.tokenizer
+
+    def token_text(token: int) -> str:
+        return tokenizer.decode([token]) if tokenizer is not None else f"token_id:{token}"
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else ""
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}",
                            param="model", code="model_not_found")
+
+    def check(req: SamplingRequest) -> None:
+        check_model(req.model)
         unsupported = req.unsupported()
         if unsupported:
             raise APIError(400, unsupported[1], param=unsupported[0], code="unsupported")
+        if (req.n or 1) > engine.capacity:
+            raise APIError(400, f"n is {req.n} but this server holds at most {engine.capacity} requests at once; "
+                                f"lower n", param="n")
 
-    def generation_request(req: SamplingRequest, max_tokens: int | None, chat: bool, **prompt) -> GenerationRequest:
+    def generation_requests(req: SamplingRequest, max_tokens: int | None, chat: bool,
+                            **prompt) -> list[GenerationRequest]:
+        """One engine request per choice; a seeded request's choice i draws with its own seed."""
         try:
             params = req.sampling_params(max_tokens, defaults)
         except ValueError as e:
             raise APIError(400, str(e), param=param_named_in(str(e), SAMPLING_FIELDS)) from e
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        return GenerationRequest(request_id, params, max_tokens, provenance=req.idlm_provenance, **prompt)
+        choices = []
+        for i in range(req.n or 1):
+            seed = None if params.seed is None else (params.seed + i * SEED_STEP) % 2**63
+            choices.append(GenerationRequest(request_id, dataclasses.replace(params, seed=seed), max_tokens,
+                                             provenance=req.idlm_provenance, **prompt))
+        return choices
 
-    async def submit(gen: GenerationRequest) -> RequestHandle:
+    async def submit(gens: list[GenerationRequest]) -> list[RequestHandle]:
+        handles = []
         try:
-            return await engine.submit(gen)
+            for gen in gens:
+                handles.append(await engine.submit(gen))
         except ENGINE_ERRORS as e:
+            for handle in handles:
+                engine.abort(handle)
             raise engine_error(e) from e
+        except BaseException:
+            for handle in handles:
+                engine.abort(handle)
+            raise
+        return handles
 
-    async def respond(request: Request, req: SamplingRequest, gen: GenerationRequest, chat: bool) -> Response:
-        handle = await submit(gen)
-        reply = Reply(chat, model_name, gen.id, handle.prompt_tokens, req.idlm_provenance)
+    async def respond(request: Request, req: SamplingRequest, gens: list[GenerationRequest], chat: bool,
+                      echo: str | None = None) -> Response:
+        handles = await submit(gens)
+        reply = Reply(chat, model_name, gens[0].id, handles[0].prompt_tokens, req.idlm_provenance, token_text,
+                      decode, logprobs=req.num_logprobs, echo=echo)
+
+        def abort_all() -> None:
+            for handle in handles:
+                engine.abort(handle)
+
         if req.stream:
-            return EventStream(events(handle, reply, req.include_usage), on_close=lambda: engine.abort(handle))
-        collect = asyncio.ensure_future(last_output(handle))
+            return EventStream(events(handles, reply, req.include_usage), on_close=abort_all)
+        collect = [asyncio.ensure_future(last_output(handle)) for handle in handles]
         gone = asyncio.ensure_future(client_gone(request))
         try:
-            await asyncio.wait((collect, gone), return_when=asyncio.FIRST_COMPLETED)
-            if not collect.done():
-                return Response(status_code=499)  # nobody is listening any more
-            try:
-                out, pieces = collect.result()
-            except ENGINE_ERRORS as e:
-                raise engine_error(e) from e
-            return JSONResponse(reply.response(out, pieces).model_dump(mode="json"))
+            waiting = set(collect)
+            while waiting:
+                done, _ = await asyncio.wait(waiting | {gone}, return_when=asyncio.FIRST_COMPLETED)
+                if gone in done:
+                    return Response(status_code=499)  # nobody is listening any more
+                waiting -= done
+                failed = next((e for e in [task.exception() for task in done] if e is not None), None)
+                if isinstance(failed, ENGINE_ERRORS):
+                    raise engine_error(failed) from failed
+                if failed is not None:
+                    raise failed
+            results = [task.result() for task in collect]
+            body = reply.response([out for out, _ in results], [pieces for _, pieces in results])
+            return JSONResponse(body.model_dump(mode="json"))
         finally:
-            collect.cancel()
-            gone.cancel()
-            engine.abort(handle)
+            for task in [*collect, gone]:
+                task.cancel()
+                if task.done() and not task.cancelled():
+                    task.exception()  # retrieved: one failed choice already answers for the others
+            abort_all()
 
     async def last_output(handle: RequestHandle):
         pieces: list[str] | None = [] if handle.request.provenance else None
@@ -406,17 +544,46 @@ def create_app(engine: AsyncEngine, model_name: str, max_body_bytes: int = MAX_B
                 pieces += step.pieces
         return step.output, pieces
 
-    async def events(handle: RequestHandle, reply: Reply, include_usage: bool) -> AsyncIterator[str]:
-        first = reply.first_chunk()
-        if first is not None:
-            yield sse(first)
+    async def merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, StepOutput]]:
+        """The steps of every choice, as they come."""
+        if len(handles) == 1:
+            async for step in handles[0].outputs():
+                yield 0, step
+            return
+        steps: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, handle: RequestHandle) -> None:
+            try:
+                async for step in handle.outputs():
+                    await steps.put((i, step))
+            except Exception as e:
+                await steps.put((i, e))
+
+        tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
         try:
-            async for step in handle.outputs():
-                chunk = reply.chunk(step)
+            unfinished = len(handles)
+            while unfinished:
+                i, step = await steps.get()
+                if isinstance(step, Exception):
+                    raise step
+                unfinished -= step.output.finished
+                yield i, step
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def events(handles: list[RequestHandle], reply: Reply, include_usage: bool) -> AsyncIterator[str]:
+        for first in reply.first_chunks(len(handles)):
+            yield sse(first)
+        last = {}
+        try:
+            async for i, step in merged(handles):
+                last[i] = step.output
+                chunk = reply.chunk(step, i)
                 if chunk is not None:
                     yield sse(chunk)
             if include_usage:
-                yield sse(reply.usage_chunk(step.output))
+                yield sse(reply.usage_chunk([last[i] for i in sorted(last)]))
         except ENGINE_ERRORS as e:
             yield stream_error(engine_error(e))
         except Exception:
@@ -429,19 +596,53 @@ def create_app(engine: AsyncEngine, model_name: str, max_body_bytes: int = MAX_B
         metrics.requests.labels(str(error.status)).inc()
         return sse(error.body())
 
+    def echoed(prompt: str | list[int]) -> str:
+        if isinstance(prompt, str):
+            return prompt
+        if tokenizer is None:
+            raise APIError(400, "echo of a token-id prompt needs a tokenizer, and this model has none", param="echo")
+        return tokenizer.decode(prompt)
+
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
     async def completions(req: CompletionRequest, request: Request) -> Response:
         check(req)
         max_tokens = req.max_tokens if req.max_tokens is not None else defaults.get("max_tokens",
                                                                                       COMPLETION_MAX_TOKENS)
-        gen = generation_request(req, max_tokens, chat=False, prompt=req.single_prompt())
-        return await respond(request, req, gen, chat=False)
+        prompt = req.single_prompt()
+        gens = generation_requests(req, max_tokens, chat=False, prompt=prompt)
+        return await respond(request, req, gens, chat=False, echo=echoed(prompt) if req.echo else None)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
         check(req)
-        gen = generation_request(req, req.requested_max_tokens, chat=True, messages=[m.as_dict() for m in req.messages])
-        return await respond(request, req, gen, chat=True)
+        gens = generation_requests(req, req.requested_max_tokens, chat=True,
+                                   messages=[m.as_dict() for m in req.messages])
+        return await respond(request, req, gens, chat=True)
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
+    async def tokenize(req: TokenizeRequest) -> TokenizeResponse:
+        check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give either prompt or messages", param="prompt")
+        messages = None if req.messages is None else [m.as_dict() for m in req.messages]
+        try:
+            ids = await engine.tokenize(req.prompt, messages, req.add_special_tokens, req.add_generation_prompt)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages" if messages is not None else "prompt") from e
+        strs = [token_text(t) for t in ids] if req.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids, token_strs=strs)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
+    async def detokenize(req: DetokenizeRequest) -> DetokenizeResponse:
+        check_model(req.model)
+        try:
+            return DetokenizeResponse(prompt=await engine.detokenize(req.tokens))
+        except ValueError as e:
+            raise APIError(400, str(e), param="tokens") from e
+
+    @app.get("/version", response_model=VersionResponse)
+    async def version() -> VersionResponse:
+        return VersionResponse(version=__version__)
 
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> ModelList:

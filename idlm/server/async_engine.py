@@ -101,6 +101,8 @@ class RequestHandle:
     request_id: int | None = None  # written by the engine thread before `accepted` resolves
     prompt_tokens: int = 0
     finished: bool = False  # event-loop view: finished, aborted or rejected
+    arrival: float = field(default_factory=time.perf_counter)
+    last_token_at: float | None = None  # engine thread: when its last tokens came out
 
     async def outputs(self) -> AsyncIterator[StepOutput]:
         while True:
@@ -214,6 +216,40 @@ class AsyncEngine:
             raise
         return handle
 
+    async def tokenize(self, prompt: str | None, messages: list[dict[str, str]] | None,
+                       add_special_tokens: bool | None, add_generation_prompt: bool) -> list[int]:
+        """A prompt's token ids, or a chat's under the chat template (/tokenize); ValueError if
+        this model cannot, or the text is too long to tokenise."""
+        chars = len(prompt) if prompt is not None else sum(len(m["content"]) for m in messages)
+        if chars > self.max_prompt_chars:
+            raise ValueError(f"the text has {chars} characters; this server tokenises at most {self.max_prompt_chars}")
+        work = asyncio.get_running_loop().run_in_executor(
+            self.pool, self._encode, prompt, messages, add_special_tokens, add_generation_prompt)
+        try:
+            return await asyncio.wait_for(work, self.prepare_timeout)
+        except TimeoutError:
+            raise ValueError(f"tokenising took more than {self.prepare_timeout:g} s; shorten the text") from None
+
+    async def detokenize(self, ids: list[int]) -> str:
+        tokenizer, vocab = self.engine.tokenizer, self.engine.model_config.vocab_size
+        if tokenizer is None:
+            raise ValueError("this model has no tokenizer")
+        if any(t >= vocab for t in ids):
+            raise ValueError(f"token ids must be below the vocabulary size, {vocab}")
+        return await asyncio.get_running_loop().run_in_executor(self.pool, tokenizer.decode, ids)
+
+    def _encode(self, prompt: str | None, messages: list[dict[str, str]] | None, add_special_tokens: bool | None,
+                add_generation_prompt: bool) -> list[int]:
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise ValueError("this model has no tokenizer; its prompts are token ids")
+        if prompt is not None:
+            return tokenizer.encode(prompt, add_special_tokens=add_special_tokens is not False)
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("this model has no chat template; tokenise a prompt instead")
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.encode(text, add_special_tokens=bool(add_special_tokens))
+
     def abort(self, handle: RequestHandle) -> None:
         """Stops an unfinished request (client gone); its KV is freed before the next step."""
         if handle.finished:
@@ -254,7 +290,8 @@ class AsyncEngine:
                 request.prompt)
             params = engine.resolve(request.params)
         except ValueError as e:
-            param = param_named_in(str(e), ("mode", "stride_policy", "stride", "proposal", "branches"))
+            param = param_named_in(str(e), ("mode", "stride_policy", "stride", "proposal", "branches", "logit_bias",
+                                            "response_format"))
             raise RequestRejected(str(e), param or source) from e
         except Exception as e:
             logger.error("request %s: tokenising its %s failed", request.id, source, exc_info=True)
@@ -342,12 +379,18 @@ class AsyncEngine:
             self._step_failed(e)
             return
         self.failed_steps = 0
-        self.metrics.observe_step(outputs, time.perf_counter() - start)
+        now = time.perf_counter()
+        self.metrics.observe_step(outputs, now - start)
         steps = []
         for out in outputs:
             handle = self.handles.get(out.request_id)
             if handle is None:
                 continue
+            if out.new_token_sources:
+                self.metrics.observe_latency(handle.arrival, handle.last_token_at, now, len(out.new_token_sources))
+                handle.last_token_at = now
+            if out.finished:
+                self.metrics.request_seconds.observe(now - handle.arrival)
             if out.finished:
                 del self.handles[out.request_id]
             pieces = self._pieces(out) if handle.request.provenance else None

@@ -6,6 +6,12 @@ from idlm.engine.llm_engine import LLMEngine, RequestOutput
 
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 TPF_BUCKETS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0)
+ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
+               0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
+                   960.0)
 
 
 class ServerMetrics:
@@ -41,6 +47,13 @@ class ServerMetrics:
         self.kv_total = Gauge("idlm_kv_blocks_total", "KV cache blocks in the pool", registry=r)
         self.step_seconds = Histogram("idlm_step_seconds", "Wall time of one engine step", buckets=STEP_BUCKETS,
                                       registry=r)
+        self.ttft = Histogram("idlm_time_to_first_token_seconds", "From a request's arrival (before tokenising) "
+                              "to its first output token", buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("idlm_inter_token_latency_seconds", "Per output token after the first: the time since "
+                             "the request's previous output over the tokens this output carried (a round "
+                             "commits several at once)", buckets=ITL_BUCKETS, registry=r)
+        self.request_seconds = Histogram("idlm_request_latency_seconds", "From a request's arrival to its last "
+                                         "token (finished requests)", buckets=LATENCY_BUCKETS, registry=r)
         self._reached: list[int] = []
         self._accepted: list[int] = []
         self._seen: dict[tuple, int] = {}
@@ -53,6 +66,14 @@ class ServerMetrics:
             if out.finished:
                 self.requests.labels("ok").inc()
                 self.request_tpf.observe(out.stats["tokens_per_forward"])
+
+    def observe_latency(self, arrival: float, previous: float | None, now: float, tokens: int) -> None:
+        """An output of `tokens` tokens of one request at `now`."""
+        if previous is None:
+            self.ttft.observe(now - arrival)
+            previous, tokens = now, tokens - 1  # the first token's wait is TTFT; the rest came with it
+        for _ in range(tokens):
+            self.itl.observe((now - previous) / tokens)
 
     def observe_engine(self, engine: LLMEngine) -> None:
         bm = engine.block_manager
