@@ -171,8 +171,8 @@ class CompletionRequest(SamplingRequest):
     def num_logprobs(self) -> int | None:
         return self.logprobs
 
-    def sampling_params(self, max_tokens: int | None) -> SamplingParams:
-        params = super().sampling_params(max_tokens)
+    def sampling_params(self, max_tokens: int | None, defaults: dict[str, Any]) -> SamplingParams:
+        params = super().sampling_params(max_tokens, defaults)
         if self.echo and self.logprobs is not None:
             params.prompt_logprobs = self.logprobs
         return params
