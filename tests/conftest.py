@@ -23,3 +23,19 @@ def model_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def llama_dir(model_dirs):
     return model_dirs["llama"][0]
+
+
+@pytest.fixture(scope="module")
+def offline(model_dir):
+    """The offline engine on the module's `model_dir`, to compare a served answer with."""
+    from idlm import LLM
+
+    return LLM(str(model_dir), progress=False, kv_cache_tokens=4096)
+
+
+@pytest.fixture
+def client(server):
+    """The official OpenAI client on the module's `server` (a server_helpers.Server)."""
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)

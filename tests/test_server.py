@@ -22,7 +22,7 @@ import torch
 from helpers import WORDS, make_model
 from server_helpers import MODEL, running_server
 
-from idlm import LLM, SamplingParams
+from idlm import SamplingParams
 
 MAX_NUM_SEQS = 8
 MAX_QUEUE = 32
@@ -52,16 +52,6 @@ def server(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with running_server(model_dir, log, "--max-num-seqs", str(MAX_NUM_SEQS), "--max-queue", str(MAX_QUEUE)) as s:
         yield s
-
-
-@pytest.fixture(scope="module")
-def offline(model_dir) -> LLM:
-    return LLM(str(model_dir), progress=False, kv_cache_tokens=4096)
-
-
-@pytest.fixture
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
 
 def prompts(n: int, seed: int, lo: int = 2, hi: int = 12) -> list[str]:

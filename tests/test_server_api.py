@@ -4,12 +4,11 @@ logprobs and top_logprobs, n, penalties, min_p and logit_bias, echo; vLLM's /tok
 
 from pathlib import Path
 
-import openai
 import pytest
 from server_helpers import MODEL, assert_openai_error, running_server
 from test_server import make_isd_model
 
-from idlm import LLM, SamplingParams, __version__
+from idlm import SamplingParams, __version__
 
 CHAT = [{"role": "user", "content": "hello what is the sun"}]
 
@@ -23,16 +22,6 @@ def model_dir(tmp_path_factory) -> Path:
 def server(model_dir, tmp_path_factory):
     with running_server(model_dir, tmp_path_factory.mktemp("serve") / "serve.log", "--max-num-seqs", "8") as s:
         yield s
-
-
-@pytest.fixture(scope="module")
-def offline(model_dir) -> LLM:
-    return LLM(str(model_dir), progress=False, kv_cache_tokens=4096)
-
-
-@pytest.fixture
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
 
 def test_completion_logprobs_and_echo(client, offline):
