@@ -188,12 +188,13 @@ def run_bench(cfg: BenchConfig, command: str = "", log: Callable[[str], None] = 
     device, dtype = engine.device, next(engine.model.parameters()).dtype
     result = _header(cfg, command, engine, folder, roofline, modes, max_num_seqs, kv_tokens, items, device, dtype)
     for label, params in runs.items():
+        run = dict(mode=label, decoding=params.mode, stride=params.stride, stride_policy=params.stride_policy,
+                   branches=params.branches)
         for c in cfg.concurrency:
             requests = cycle(base, counts[c])
             run_closed_loop(engine, warmup_requests(requests[:c], vocab, exclude, cfg.seed + 1), c, params, roofline)
             figures = run_closed_loop(engine, requests, c, params, roofline)
-            shape = dict(stride=params.stride, stride_policy=params.stride_policy, branches=params.branches)
-            result["results"].append({"mode": label, "decoding": params.mode, **shape, "concurrency": c, **figures})
+            result["results"].append({**run, "concurrency": c, **figures})
             log(f"{label} C={c}: {figures['num_requests']} requests, {figures['output_tok_s']:.1f} tok/s, "
                 f"{figures['per_request_tok_s']:.1f} tok/s per request"
                 + (f", K chosen {figures['chosen_k']}" if figures["chosen_k"] else ""))
@@ -202,9 +203,7 @@ def run_bench(cfg: BenchConfig, command: str = "", log: Callable[[str], None] = 
             run_closed_loop(engine, warmup_requests(requests[:4], vocab, exclude, cfg.seed + 1), 4, params, roofline)
             figures = run_open_loop(engine, requests, poisson_arrivals(len(requests), rate, cfg.seed), params,
                                     roofline)
-            shape = dict(stride=params.stride, stride_policy=params.stride_policy, branches=params.branches)
-            result["results"].append({"mode": label, "decoding": params.mode, **shape, "concurrency": None,
-                                      "request_rate": rate, **figures})
+            result["results"].append({**run, "concurrency": None, "request_rate": rate, **figures})
             log(f"{label} {rate} req/s: {figures['num_requests']} requests, ITL p50/p99 "
                 f"{figures['itl_s_p50'] * 1e3:.1f}/{figures['itl_s_p99'] * 1e3:.1f} ms")
     cost = engine.policy.cost

@@ -211,31 +211,15 @@ class ModelRunner:
         num_target = sum(1 + d for d in num_d)
         top_n = max((p.logprobs for p in params if p.logprobs is not None), default=None)
         raw_logprobs = None if top_n is None else logits[:num_target].float().log_softmax(-1)
+        # the drafts each row follows, (b, j): seqs[b].drafts[:j]; target rows first, then stored ones
+        history = ([(b, j) for b, d in enumerate(num_d) for j in range(1 + d)]
+                   + [(b, j) for b, d in enumerate(num_d) for j in range(d)])
         pen = self._penalties(seqs) if any(p.penalised for p in params) else None
-        if pen is not None:  # every target and stored row, with the drafts it follows
-            penalised, logits = pen[0], logits.float()
-            owner = {b: i for i, b in enumerate(penalised)}
-            target_rows = [(b, j) for b, d in enumerate(num_d) for j in range(1 + d)]
-            stored_rows = [(b, j) for b, d in enumerate(num_d) for j in range(d)]
-            picked = [(r, b, j) for r, (b, j) in enumerate(target_rows + stored_rows) if b in owner]
-            extra = [seqs[b].drafts[:j] + [vocab] * (dmax - j) for _, b, j in picked]
-            at, owners, extra = self._to_device([[r for r, _, _ in picked], [owner[b] for _, b, _ in picked],
-                                                    [x for e in extra for x in e]], torch.long)
-            logits[at] = pen[1].apply(logits[at], owners, extra.view(len(picked), dmax))
+        if pen is not None:
+            logits = self._penalise(logits.float(), seqs, pen, history, dmax)
         constrained = [b for b, seq in enumerate(seqs) if seq.constraint is not None]
-        if constrained:  # the grammar's masks after each row's history: target row j and d_{j+1}'s proposal
-            logits = logits.float()
-            starts = list(accumulate([1 + d for d in num_d], initial=0))
-            stored_starts = list(accumulate(num_d, initial=starts[-1]))
-            at, bitmasks = [], []
-            for b in constrained:
-                d = num_d[b]
-                bitmask = seqs[b].constraint.bitmask(seqs[b].drafts[:d])
-                at += list(range(starts[b], starts[b] + d + 1)) + list(range(stored_starts[b], stored_starts[b] + d))
-                bitmasks += [bitmask, bitmask[:d]]
-            at = torch.tensor(at, dtype=torch.long).to(self.device)
-            ok = allowed(torch.cat(bitmasks).to(self.device), vocab, seqs[constrained[0]].constraint.stop_ids)
-            logits[at] = logits[at].masked_fill(~ok, float("-inf"))
+        if constrained:
+            logits = self._mask_grammar(logits.float(), seqs, constrained, history, num_d)
         probs = probs_of(logits, t["row_seq"])
         probs = torch.cat([probs, probs.new_zeros(1, vocab)])
         draft_q = torch.ones(batch * dmax, device=probs.device)
@@ -308,6 +292,30 @@ class ModelRunner:
                     h, b, accepted_b + 1, dmax + 1, top_n, params[b].logprobs),
             )
         return outcomes
+
+    def _penalise(self, logits: torch.Tensor, seqs: list[Sequence], pen: tuple[list[int], Penalties],
+                  history: list[tuple[int, int]], dmax: int) -> torch.Tensor:
+        """The penalties and bias of every row of a penalised request, each after its own history."""
+        penalised, state = pen
+        owner = {b: i for i, b in enumerate(penalised)}
+        picked = [(r, b, j) for r, (b, j) in enumerate(history) if b in owner]
+        vocab = logits.shape[-1]
+        extra = [x for _, b, j in picked for x in seqs[b].drafts[:j] + [vocab] * (dmax - j)]
+        at, owners, extra = self._to_device([[r for r, _, _ in picked], [owner[b] for _, b, _ in picked], extra],
+                                            torch.long)
+        logits[at] = state.apply(logits[at], owners, extra.view(len(picked), dmax))
+        return logits
+
+    def _mask_grammar(self, logits: torch.Tensor, seqs: list[Sequence], constrained: list[int],
+                      history: list[tuple[int, int]], num_d: list[int]) -> torch.Tensor:
+        """The grammar's mask of every row of a constrained request, after its own history."""
+        masks = {b: seqs[b].constraint.bitmask(seqs[b].drafts[:num_d[b]]) for b in constrained}  # [1 + D, words]
+        picked = [(r, b, j) for r, (b, j) in enumerate(history) if b in masks]
+        at = torch.tensor([r for r, _, _ in picked], dtype=torch.long).to(self.device)
+        bitmask = torch.cat([masks[b][j:j + 1] for _, b, j in picked]).to(self.device)
+        ok = allowed(bitmask, logits.shape[-1], seqs[constrained[0]].constraint.stop_ids)
+        logits[at] = logits[at].masked_fill(~ok, float("-inf"))
+        return logits
 
     def _penalties(self, seqs: list[Sequence]) -> tuple[list[int], Penalties]:
         """The batch indices of the penalised requests, and their state at the pending token."""
