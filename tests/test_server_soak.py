@@ -61,7 +61,9 @@ async def call(http: httpx.AsyncClient, route: str, body: dict, stream: bool, le
     if not stream:
         try:
             r = await http.post(ROUTES[route], json=payload, timeout=0.05 if leave else 60)
-        except httpx.ReadTimeout:
+        except httpx.TimeoutException:  # read, or on a busy machine even connect: either way it left
+            if not leave:
+                raise
             return "left"
         assert r.status_code == 200, r.text
         return answer_text(route, r, False)
