@@ -58,7 +58,7 @@ class RequestOutput:
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     # params.prompt_logprobs set: the same for prompt tokens 1.. (on the first and the finished output)
     prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
-    stats: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)  # stats.request_stats: its counters; every one when finished
 
 
 class LLMEngine:
@@ -382,7 +382,7 @@ class LLMEngine:
             new_logprobs=seq.token_logprobs[first_new:],
             logprobs=list(seq.token_logprobs) if seq.is_finished else [],
             prompt_logprobs=list(seq.prompt_logprobs) if seq.is_finished or first_new == 0 else [],
-            stats=request_stats(seq),
+            stats=request_stats(seq, full=seq.is_finished),
         )
         if seq.is_finished:
             self.stats.record_finished(seq)

@@ -1,12 +1,12 @@
 from dataclasses import dataclass
-from itertools import accumulate
 
 import torch
 
 from idlm.decoding.penalties import Penalties
-from idlm.decoding.rounds import PROPOSALS, RoundBatch, propose, verify
-from idlm.decoding.sampling import SamplingTensors, token_probs
+from idlm.decoding.rounds import RoundBatch, propose
 from idlm.engine.decode_graphs import DecodeGraphs
+from idlm.engine.round_graphs import RoundGraphs
+from idlm.engine.round_step import RoundExtras, round_inputs, round_shape, run_round
 from idlm.engine.sequence import Sequence
 from idlm.engine.structured import allowed
 from idlm.kernels.attention import PagedAttention, PagedBatch, TritonPagedAttention, padded_block_tables
@@ -92,6 +92,7 @@ class ModelRunner:
         self.kv_cache = zeros((2, cfg.num_layers, num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim),
                               param.dtype, self.device)
         self.decode_graphs: DecodeGraphs | None = None
+        self.round_graphs: RoundGraphs | None = None
         self.cpu_attention = PagedAttention  # the engine sets RowExactPagedAttention for quantised models
 
     def use_padded_decode(self, max_batch: int, max_positions: int, cuda_graphs: bool) -> None:
@@ -100,6 +101,7 @@ class ModelRunner:
         self.decode_graphs = DecodeGraphs(self.model, self.kv_cache, self.scratch_block, max_batch, MAX_DECODE_TOKENS,
                                           max_positions, self.use_triton, cuda_graphs, self.with_lora)
         self.decode_graphs.capture_prefill()
+        self.round_graphs = RoundGraphs(self.model, self.banned_token, capture=cuda_graphs)
 
     def prepare(self, seqs: list[Sequence], feeds: list[FeedRows]):
         starts = [0]
@@ -144,7 +146,8 @@ class ModelRunner:
                 hidden, logits = graphs.run(feeds, [s.num_computed for s in seqs], [s.block_table for s in seqs],
                                             tokens)
                 round_starts = [i * tokens + len(feeds[i].ids) - feeds[i].round_rows for i in finals]
-                return self._decide([seqs[i] for i in finals], round_starts, finals, hidden, logits) if finals else {}
+                return self._decide([seqs[i] for i in finals], round_starts, finals, hidden, logits,
+                                    graphed=True) if finals else {}
         input_ids, positions, batch, lora_gate = self.prepare(seqs, feeds)
         backend = TritonPagedAttention if self.use_triton else self.cpu_attention
         hidden = self.model(input_ids, positions, backend(self.kv_cache, batch), lora_gate)
@@ -156,142 +159,85 @@ class ModelRunner:
         return self._decide([seqs[i] for i in finals], round_starts, finals, hidden)
 
     def _decide(self, seqs: list[Sequence], round_starts: list[int], index: list[int], hidden: torch.Tensor,
-                all_logits: torch.Tensor | None = None) -> dict[int, RoundOutcome]:
+                all_logits: torch.Tensor | None = None, graphed: bool = False) -> dict[int, RoundOutcome]:
         """The round of each sequence whose pending row is hidden[round_starts[b]]: verify its
-        drafts, then draw new ones from the rows that follow the final token. Every host value
-        goes to the device in one copy per dtype, and the decisions come back in one copy."""
-        layouts = [seq.layout for seq in seqs]
-        num_d = [lay.num_drafts for lay in layouts]
-        num_k = [lay.num_new for lay in layouts]
-        dmax, kmax = max(num_d), max(num_k)
-        pad = sum(1 + d for d in num_d) + sum(num_d)  # the zero row appended after all distributions
-        rows, stored, target_idx, draft_idx, draft_slots = [], [], [], [], []
-        offset, stored_offset = 0, sum(1 + d for d in num_d)
-        for b, (seq, start, d) in enumerate(zip(seqs, round_starts, num_d)):
-            rows.extend(range(start, start + 1 + d))
-            target_idx.extend([offset + j for j in range(d + 1)] + [pad] * (dmax - d))
-            draft_idx.extend([stored_offset + j for j in range(d)] + [pad] * (dmax - d))
-            if d:
-                stored.append(seq.draft_hidden[:d])
-                draft_slots.extend(range(b * dmax, b * dmax + d))
-            offset += 1 + d
-            stored_offset += d
-        row_seq = [b for b, d in enumerate(num_d) for _ in range(1 + d)] + [b for b, d in enumerate(num_d)
-                                                                            for _ in range(d)]
-        params = [s.params for s in seqs]
-        temps, top_ks, top_ps, seeds = zip(*[(p.temperature, p.top_k, p.top_p, s.seed) for p, s in zip(params, seqs)])
-        # where each request's new drafts come from: main-chain MASKs after a bonus, branch rows
-        # B_1.. (one every K rows) after a correction at a branched position
-        main_rows = [start + lay.new_drafts_row for start, lay in zip(round_starts, layouts)]
-        branch_rows = [start + lay.new_drafts_row + lay.num_new for start, lay in zip(round_starts, layouts)]
-        ints = dict(rows=rows, target=target_idx, draft=draft_idx, draft_slots=draft_slots, row_seq=row_seq,
-                    drafts=[t for s, d in zip(seqs, num_d) for t in s.drafts[:d] + [0] * (dmax - d)],
-                    num_d=num_d, num_k=num_k, branches=[lay.num_branches for lay in layouts],
-                    main_rows=main_rows, branch_rows=branch_rows,
-                    proposal=[PROPOSALS.index(p.proposal) for p in params], seeds=seeds,
-                    positions=[len(s) - 1 for s in seqs], spec=[int(p.spec_verify) for p in params], top_k=top_ks)
-        t = dict(zip(ints, self._to_device(list(ints.values()), torch.long)))
-        min_ps = [float(p.min_p) for p in params]
-        temps_t, top_p_t, alpha_t, min_p_t = self._to_device(
-            [temps, top_ps, [float(p.verify_alpha) for p in params], min_ps], torch.float32)
-        use_min_p = any(min_ps)
-        batch, vocab = len(seqs), self.model.cfg.vocab_size
-        all_greedy = all(x == 0 for x in temps)
-        needs_filter = any(k > 0 or p < 1 for k, p in zip(top_ks, top_ps))
-
-        def probs_of(logits: torch.Tensor, seq_of_row: torch.Tensor) -> torch.Tensor:
-            st = SamplingTensors(temps_t[seq_of_row], t["top_k"][seq_of_row], top_p_t[seq_of_row],
-                                 t["seeds"][seq_of_row], needs_filter=needs_filter, all_greedy=all_greedy,
-                                 min_p=min_p_t[seq_of_row] if use_min_p else None)
-            return token_probs(logits, st, self.banned_token)
-
-        logits = self._logits(hidden, all_logits, t["rows"])
-        if stored:
-            logits = torch.cat([logits, self.model.logits(torch.cat(stored))])
-        num_target = sum(1 + d for d in num_d)
-        top_n = max((p.logprobs for p in params if p.logprobs is not None), default=None)
-        raw_logprobs = None if top_n is None else logits[:num_target].float().log_softmax(-1)
-        # the drafts each row follows, (b, j): seqs[b].drafts[:j]; target rows first, then stored ones
-        history = ([(b, j) for b, d in enumerate(num_d) for j in range(1 + d)]
-                   + [(b, j) for b, d in enumerate(num_d) for j in range(d)])
-        pen = self._penalties(seqs) if any(p.penalised for p in params) else None
-        if pen is not None:
-            logits = self._penalise(logits.float(), seqs, pen, history, dmax)
-        constrained = [b for b, seq in enumerate(seqs) if seq.constraint is not None]
-        if constrained:
-            logits = self._mask_grammar(logits.float(), seqs, constrained, history, num_d)
-        probs = probs_of(logits, t["row_seq"])
-        probs = torch.cat([probs, probs.new_zeros(1, vocab)])
-        draft_q = torch.ones(batch * dmax, device=probs.device)
-        if stored:
-            draft_q[t["draft_slots"]] = torch.cat([s.draft_q[:d] for s, d in zip(seqs, num_d) if d]).float()
-        rb = RoundBatch(
-            target_probs=probs[t["target"]].view(batch, dmax + 1, vocab),
-            draft_probs=probs[t["draft"]].view(batch, dmax, vocab),
-            drafts=t["drafts"].view(batch, dmax),
-            draft_q=draft_q.view(batch, dmax),
-            num_drafts=t["num_d"],
-            proposal=t["proposal"],
-            seeds=t["seeds"],
-            positions=t["positions"],
-            verify_alpha=alpha_t,
-            spec_verify=t["spec"].bool(),
-            all_greedy=all_greedy,
-        )
-        verdict = verify(rb)
-        host = dict(accepted=verdict.accepted, final=verdict.final_token, final_p=verdict.final_p,
-                    draft_q=rb.draft_q.flatten())
-        if raw_logprobs is not None:  # of the committed tokens: drafts up to the accepted ones, then the final
-            lp = torch.cat([raw_logprobs, raw_logprobs.new_zeros(1, vocab)])[t["target"]].view(batch, dmax + 1, vocab)
-            committed = torch.cat([rb.drafts, verdict.final_token[:, None]], 1)
-            committed.scatter_(1, verdict.accepted[:, None], verdict.final_token[:, None])
-            host["logprob"] = lp.gather(2, committed[..., None]).flatten()
-            top_n = min(top_n, vocab)
-            if top_n:
-                top = lp.topk(top_n, dim=-1)
-                host["top_logprob"], host["top_id"] = top.values.flatten(), top.indices.flatten()
-        new_hidden = None
-        if kmax:
-            accepted = verdict.accepted
-            bonus = accepted == rb.num_drafts
-            branched = accepted < t["branches"]
-            first = torch.where(bonus, t["main_rows"], t["branch_rows"] + accepted * t["num_k"])
-            has_new = (bonus | branched) & (t["num_k"] > 0)
-            k = torch.arange(kmax, device=first.device)
-            new_rows = (first[:, None] + k[None]).clamp(max=hidden.shape[0] - 1).flatten()
-            new_hidden = hidden[new_rows]
-            new_logits = self._logits(hidden, all_logits, new_rows, new_hidden)
-            if pen is None and not constrained:
-                new_probs = probs_of(new_logits, torch.arange(batch, device=first.device).repeat_interleave(kmax))
-                new_drafts, new_q = propose(new_probs.view(batch, kmax, vocab), rb.seeds, verdict.final_pos,
-                                            rb.proposal, all_greedy)
-            else:
-                new_drafts, new_q = self._propose_in_order(new_logits.view(batch, kmax, vocab), pen,
-                                                           [(b, seqs[b].constraint) for b in constrained], seqs, rb,
-                                                           verdict, probs_of)
-            new_hidden = new_hidden.view(batch, kmax, -1)
-            host.update(has_new=has_new, branched=branched, new_drafts=new_drafts.flatten())
-        values = torch.cat([x.double() for x in host.values()]).tolist()
-        ends = list(accumulate(x.numel() for x in host.values()))
-        h = {name: values[a:b] for name, a, b in zip(host, [0] + ends, ends)}
-        accepted_h, final_h, final_p_h, draft_q_h = h["accepted"], h["final"], h["final_p"], h["draft_q"]
-        has_new_h, branched_h, new_drafts_h = (h["has_new"], h["branched"], h["new_drafts"]) if kmax else (
-            [0.0] * batch, [0.0] * batch, [])
+        drafts, then draw new ones from the rows that follow the final token (round_step.py).
+        graphed: a step in the padded layout (decode_graphs.py), whose round may be replayed as
+        a graph too (round_graphs.py)."""
+        extras = self._extras(seqs)
+        graphs = self.round_graphs if graphed and extras is None else None
+        batch = len(seqs) if graphs is None else self.decode_graphs.bucket_for(len(seqs))
+        shape = round_shape(seqs, batch, pad_drafts=graphs is not None)
+        ints, floats = round_inputs(seqs, round_starts, shape)
+        num_d = [seq.layout.num_drafts for seq in seqs]
+        stored = [seq.draft_hidden[:d] for seq, d in zip(seqs, num_d) if d]
+        stored_q = [seq.draft_q[:d] for seq, d in zip(seqs, num_d) if d]
+        slots = [b * shape.dmax + j for b, d in enumerate(num_d) for j in range(d)]
+        if graphs is not None:
+            ints_h, floats_h = self._pinned(ints, torch.long), self._pinned(floats, torch.float32)
+            slots_t = self._to_device([slots], torch.long)[0] if stored else None
+            graph = graphs.get(hidden, all_logits, shape)
+            result = graph.replay(hidden, all_logits, ints_h, floats_h, stored, stored_q, slots_t)
+        else:
+            ints_t, slots_t = self._to_device([ints, slots], torch.long)
+            (floats_t,) = self._to_device([floats], torch.float32)
+            stored_hidden = hidden.new_zeros(batch * shape.dmax, hidden.shape[-1])
+            draft_q = torch.ones(batch * shape.dmax, device=hidden.device)
+            if stored:
+                stored_hidden.index_copy_(0, slots_t, torch.cat(stored))
+                draft_q.index_copy_(0, slots_t, torch.cat(stored_q).float())
+            result = run_round(self.model, hidden, all_logits, ints_t, floats_t, stored_hidden, draft_q, shape,
+                               self.banned_token, extras)
+        h = result.read()
+        dmax, kmax = shape.dmax, shape.kmax
+        top_n = extras.top_n if extras is not None else None
         outcomes = {}
-        for b, (d, k) in enumerate(zip(num_d, num_k)):
-            keep = has_new_h[b] > 0
-            accepted_b = int(accepted_h[b])
+        for b, seq in enumerate(seqs):
+            d, k = num_d[b], seq.layout.num_new
+            keep = bool(kmax) and h["has_new"][b] > 0
+            accepted = int(h["accepted"][b])
             outcomes[index[b]] = RoundOutcome(
-                num_drafts=d, accepted=accepted_b, final_token=int(final_h[b]), final_p=final_p_h[b],
-                drafts_q=draft_q_h[b * dmax:b * dmax + d],
-                new_drafts=[int(x) for x in new_drafts_h[b * kmax:b * kmax + k]] if keep else [],
-                new_draft_q=new_q[b, :k] if keep else None,
-                new_draft_hidden=new_hidden[b, :k] if keep else None,
-                from_branch=keep and branched_h[b] > 0,
-                logprobs=None if params[b].logprobs is None else self._token_logprobs(
-                    h, b, accepted_b + 1, dmax + 1, top_n, params[b].logprobs),
+                num_drafts=d, accepted=accepted, final_token=int(h["final"][b]), final_p=h["final_p"][b],
+                drafts_q=h["draft_q"][b * dmax:b * dmax + d],
+                new_drafts=[int(x) for x in h["new_drafts"][b * kmax:b * kmax + k]] if keep else [],
+                new_draft_q=result.new_q[b, :k] if keep else None,
+                new_draft_hidden=result.new_hidden[b, :k] if keep else None,
+                from_branch=keep and h["branched"][b] > 0,
+                logprobs=None if seq.params.logprobs is None else self._token_logprobs(
+                    h, b, accepted + 1, dmax + 1, top_n, seq.params.logprobs),
             )
         return outcomes
+
+    def _extras(self, seqs: list[Sequence]) -> RoundExtras | None:
+        """The host-driven parts of this batch's round (round_step.RoundExtras), or None."""
+        params = [seq.params for seq in seqs]
+        top_n = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+        pen = self._penalties(seqs) if any(p.penalised for p in params) else None
+        constrained = [b for b, seq in enumerate(seqs) if seq.constraint is not None]
+        if top_n is None and pen is None and not constrained:
+            return None
+        top_n = None if top_n is None else min(top_n, self.model.cfg.vocab_size)
+        if pen is None and not constrained:
+            return RoundExtras(top_n=top_n)
+        num_d = [seq.layout.num_drafts for seq in seqs]
+        dmax = max(num_d)
+        # the drafts each row follows, (b, j): seqs[b].drafts[:j]; target rows first, then draft
+        # rows (rows past a request's own drafts are padding: any history does)
+        history = ([(b, min(j, d)) for b, d in enumerate(num_d) for j in range(dmax + 1)]
+                   + [(b, min(j, d)) for b, d in enumerate(num_d) for j in range(dmax)])
+
+        def adjust(logits: torch.Tensor) -> torch.Tensor:
+            if pen is not None:
+                logits = self._penalise(logits, seqs, pen, history, dmax)
+            if constrained:
+                logits = self._mask_grammar(logits, seqs, constrained, history, num_d)
+            return logits
+
+        def propose_in_order(logits, rb, verdict, probs_of):
+            return self._propose_in_order(logits, pen, [(b, seqs[b].constraint) for b in constrained], seqs, rb,
+                                          verdict, probs_of)
+
+        return RoundExtras(adjust=adjust, propose=propose_in_order, top_n=top_n)
 
     def _penalise(self, logits: torch.Tensor, seqs: list[Sequence], pen: tuple[list[int], Penalties],
                   history: list[tuple[int, int]], dmax: int) -> torch.Tensor:
@@ -400,15 +346,12 @@ class ModelRunner:
             out.append((h["logprob"][j], top))
         return out
 
-    def _logits(self, hidden: torch.Tensor, all_logits: torch.Tensor | None, rows: torch.Tensor,
-                picked: torch.Tensor | None = None) -> torch.Tensor:
-        if all_logits is not None:  # the graph computed the logits of every row
-            return all_logits[rows]
-        return self.model.logits(hidden[rows] if picked is None else picked)
+    def _pinned(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        """values as a host tensor that can be copied to the device asynchronously."""
+        host = torch.tensor(values, dtype=dtype)
+        return host.pin_memory() if self.device.type == "cuda" else host
 
     def _to_device(self, lists: list, dtype: torch.dtype) -> list[torch.Tensor]:
         """The lists as device tensors, through one (pinned, asynchronous) host-to-device copy."""
-        host = torch.tensor([x for values in lists for x in values], dtype=dtype)
-        if self.device.type == "cuda":
-            host = host.pin_memory()
+        host = self._pinned([x for values in lists for x in values], dtype)
         return list(host.to(self.device, non_blocking=True).split([len(values) for values in lists]))

@@ -89,6 +89,8 @@ class Sequence:
         # the next round's shape, set by the stride policy before each schedule
         self.num_new = 0  # K: drafts it proposes (0: an AR step)
         self.num_branches = 0
+        self._layout_key: tuple[int, int, int] | None = None
+        self._layout: RoundLayout | None = None
 
     @property
     def max_new_drafts(self) -> int:
@@ -98,8 +100,12 @@ class Sequence:
     @property
     def layout(self) -> RoundLayout:
         """The next round: the leading drafts it can test (at most K), K MASKs, the branches."""
-        num_drafts = min(len(self.drafts), self.num_new)
-        return round_layout(num_drafts, self.num_new, min(self.num_branches, num_drafts))
+        key = (len(self.drafts), self.num_new, self.num_branches)
+        if key != self._layout_key:  # asked for several times a step by every part of the engine
+            num_drafts = min(key[0], self.num_new)
+            self._layout = round_layout(num_drafts, self.num_new, min(self.num_branches, num_drafts))
+            self._layout_key = key
+        return self._layout
 
     @property
     def num_lookahead(self) -> int:

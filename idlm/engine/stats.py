@@ -3,13 +3,15 @@ from dataclasses import dataclass, field
 from idlm.engine.sequence import DraftCounts, Sequence
 
 
-def request_stats(seq: Sequence) -> dict:
+def request_stats(seq: Sequence, full: bool = True) -> dict:
+    """full=False: the counters only (what a stream chunk carries; every step builds one)."""
     st = seq.stats
     tokens = seq.num_output_tokens
-    return {
-        "forwards": st.forwards,
-        "tokens": tokens,
-        "tokens_per_forward": tokens / st.forwards if st.forwards else 0.0,
+    counters = {"forwards": st.forwards, "tokens": tokens, "tokens_per_forward": tokens / st.forwards if st.forwards
+                else 0.0}
+    if not full:
+        return counters
+    return counters | {
         "preemptions": st.preemptions,
         "cold_rounds": st.cold_rounds,
         "verify_rounds": st.verify_rounds,

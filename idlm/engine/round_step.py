@@ -1,0 +1,208 @@
+"""A batch's decoding round on the device, in fixed shapes: B requests x Dmax drafts under test x
+Kmax new drafts (decoding/rounds.py has the algorithm, decoding/layout.py where the rows sit).
+
+`round_inputs` lays out every per-request value of the round as named host lists of fixed size
+(requests past the batch, and drafts past a request's own D, are padding that nothing reads);
+`run_round` turns the forward's hidden states (and its logits, where the step computed them)
+into the round's outcome: named device tensors plus one packed float64 tensor holding every
+value the host reads, so that a round costs one device-to-host copy. With fixed shapes and no
+host sync inside, a round with no penalties, grammars or logprobs is replayed as one CUDA graph
+(engine/round_graphs.py); with them, the same code runs eagerly with those extras hooked in.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from idlm.decoding.rounds import PROPOSALS, RoundBatch, Verdict, propose, verify
+from idlm.decoding.sampling import SamplingTensors, token_probs
+from idlm.engine.sequence import Sequence
+from idlm.models.transformer import CausalLM
+
+PER_REQUEST_INTS = ("num_drafts", "num_new", "branches", "main_rows", "branch_rows", "proposal", "seeds",
+                    "positions", "spec_verify", "top_k")
+FLOATS = ("temperature", "top_p", "verify_alpha", "min_p")
+PROPOSAL_INDEX = {name: i for i, name in enumerate(PROPOSALS)}
+
+
+@dataclass(frozen=True, slots=True)
+class RoundShape:
+    """What fixes a round's tensor shapes and code path (the key of its CUDA graph)."""
+
+    batch: int  # B, requests (a graph's bucket: requests past the real ones are padding)
+    dmax: int  # drafts under test, the most of any request
+    kmax: int  # new drafts, the most of any request
+    all_greedy: bool
+    needs_filter: bool  # some request has top-k or top-p
+    use_min_p: bool
+
+    def int_sizes(self) -> list[int]:
+        b, d = self.batch, self.dmax
+        return [b * (d + 1), b * d] + [b] * len(PER_REQUEST_INTS)
+
+
+INTS = ("target_rows", "drafts") + PER_REQUEST_INTS
+
+
+def round_shape(seqs: list[Sequence], batch: int, pad_drafts: bool = False) -> RoundShape:
+    """pad_drafts: Dmax = Kmax (a request tests at most K drafts), so that a cold round and the
+    verify rounds after it share one shape, and one CUDA graph."""
+    layouts = [seq.layout for seq in seqs]
+    params = [seq.params for seq in seqs]
+    kmax = max(lay.num_new for lay in layouts)
+    return RoundShape(batch, kmax if pad_drafts else max(lay.num_drafts for lay in layouts), kmax,
+                      all(p.temperature == 0 for p in params), any(p.top_k > 0 or p.top_p < 1 for p in params),
+                      any(p.min_p for p in params))
+
+
+def round_inputs(seqs: list[Sequence], round_starts: list[int], shape: RoundShape) -> tuple[list[int], list[float]]:
+    """Every integer, then every float, of the round's inputs in INTS / FLOATS order and
+    shape.int_sizes(); round_starts[b]: the row of request b's pending token. Requests past the
+    batch are greedy, draftless padding."""
+    d_max, pad = shape.dmax, shape.batch - len(seqs)
+    rows, drafts = [], []
+    num_d, num_new, branches, main_rows, branch_rows = [], [], [], [], []
+    proposal, seeds, positions, spec, top_k = [], [], [], [], []
+    temperature, top_p, alpha, min_p = [], [], [], []
+    for seq, start in zip(seqs, round_starts):  # a step's host work is per request: kept to plain appends
+        lay, p = seq.layout, seq.params
+        d = lay.num_drafts
+        # rows past a request's own drafts repeat its pending row: a distribution nothing reads
+        rows += range(start, start + 1 + d)
+        rows += [start] * (d_max - d)
+        drafts += seq.drafts[:d]
+        drafts += [0] * (d_max - d)
+        num_d.append(d)
+        num_new.append(lay.num_new)
+        branches.append(lay.num_branches)
+        main_rows.append(start + lay.new_drafts_row)
+        branch_rows.append(start + lay.new_drafts_row + lay.num_new)
+        proposal.append(PROPOSAL_INDEX[p.proposal])
+        seeds.append(seq.seed)
+        positions.append(len(seq.token_ids) - 1)
+        spec.append(int(p.spec_verify))
+        top_k.append(p.top_k)
+        temperature.append(p.temperature)
+        top_p.append(p.top_p)
+        alpha.append(p.verify_alpha)
+        min_p.append(p.min_p)
+    zeros = [0] * pad
+    ints = (rows + [0] * (pad * (d_max + 1)) + drafts + [0] * (pad * d_max) + num_d + zeros + num_new + zeros
+            + branches + zeros + main_rows + zeros + branch_rows + zeros + proposal + zeros + seeds + zeros
+            + positions + zeros + spec + [1] * pad + top_k + zeros)
+    ones = [1.0] * pad
+    floats = temperature + zeros + top_p + ones + alpha + ones + min_p + zeros
+    return ints, floats
+
+
+@dataclass
+class RoundExtras:
+    """The parts of a round that follow a request's own history on the host: penalties and
+    grammar masks (adjust: the logits of target and draft rows), drafts proposed one position
+    at a time (propose), and the logprobs of the committed tokens (top_n alternatives)."""
+
+    adjust: Callable[[torch.Tensor], torch.Tensor] | None = None
+    propose: Callable | None = None  # (logits [B, K, V], RoundBatch, Verdict, probs_of) -> (drafts, q)
+    top_n: int | None = None
+
+
+@dataclass
+class RoundResult:
+    packed: torch.Tensor  # float64, every host value, in `names` order
+    names: list[tuple[str, int]]  # (name, size) of each packed value
+    new_q: torch.Tensor | None  # [B, K] q of the new drafts
+    new_hidden: torch.Tensor | None  # [B, K, H] the rows whose logits give the new drafts' q
+
+    def read(self) -> dict[str, list[float]]:
+        """The host values by name, in one device-to-host copy."""
+        values = self.packed.tolist()
+        out, at = {}, 0
+        for name, size in self.names:
+            out[name] = values[at:at + size]
+            at += size
+        return out
+
+
+def run_round(model: CausalLM, hidden: torch.Tensor, all_logits: torch.Tensor | None, ints: torch.Tensor,
+              floats: torch.Tensor, stored_hidden: torch.Tensor | None, draft_q: torch.Tensor, shape: RoundShape,
+              banned_token: int | None, extras: RoundExtras | None = None) -> RoundResult:
+    """The round of every request: ints/floats as round_inputs() laid them out, on the device;
+    stored_hidden [B*D, H] and draft_q [B*D]: the rows and q of the drafts under test."""
+    b, d, k = shape.batch, shape.dmax, shape.kmax
+    t = dict(zip(INTS, ints.split(shape.int_sizes())))
+    f = dict(zip(FLOATS, floats.split(b)))
+    vocab = model.cfg.vocab_size
+    device = hidden.device
+    requests = torch.arange(b, device=device)
+
+    def probs_of(logits: torch.Tensor, request_of_row: torch.Tensor) -> torch.Tensor:
+        st = SamplingTensors(f["temperature"][request_of_row], t["top_k"][request_of_row],
+                             f["top_p"][request_of_row], t["seeds"][request_of_row], needs_filter=shape.needs_filter,
+                             all_greedy=shape.all_greedy,
+                             min_p=f["min_p"][request_of_row] if shape.use_min_p else None)
+        return token_probs(logits, st, banned_token)
+
+    rows = t["target_rows"]
+    logits = all_logits[rows] if all_logits is not None else model.logits(hidden[rows])
+    if d:  # the drafts' own distributions, from the rows that proposed them a round ago
+        logits = torch.cat([logits, model.logits(stored_hidden)])
+    raw_logprobs = None
+    if extras is not None and extras.top_n is not None:
+        raw_logprobs = logits[:b * (d + 1)].float().log_softmax(-1).view(b, d + 1, vocab)
+    if extras is not None and extras.adjust is not None:
+        logits = extras.adjust(logits.float())
+    request_of_row = torch.cat([requests.repeat_interleave(d + 1), requests.repeat_interleave(d)])
+    probs = probs_of(logits, request_of_row)
+    rb = RoundBatch(
+        target_probs=probs[:b * (d + 1)].view(b, d + 1, vocab),
+        draft_probs=probs[b * (d + 1):].view(b, d, vocab),
+        drafts=t["drafts"].view(b, d),
+        draft_q=draft_q.view(b, d),
+        num_drafts=t["num_drafts"],
+        proposal=t["proposal"],
+        seeds=t["seeds"],
+        positions=t["positions"],
+        verify_alpha=f["verify_alpha"],
+        spec_verify=t["spec_verify"].bool(),
+        all_greedy=shape.all_greedy,
+    )
+    verdict = verify(rb)
+    host = dict(accepted=verdict.accepted, final=verdict.final_token, final_p=verdict.final_p, draft_q=draft_q)
+    if raw_logprobs is not None:
+        host.update(_committed_logprobs(raw_logprobs, rb.drafts, verdict, extras.top_n))
+    new_q = new_hidden = None
+    if k:
+        accepted = verdict.accepted
+        bonus = accepted == rb.num_drafts
+        branched = accepted < t["branches"]
+        first = torch.where(bonus, t["main_rows"], t["branch_rows"] + accepted * t["num_new"])
+        offsets = torch.arange(k, device=device)
+        new_rows = (first[:, None] + offsets[None]).clamp(max=hidden.shape[0] - 1).flatten()
+        new_hidden = hidden[new_rows]
+        new_logits = all_logits[new_rows] if all_logits is not None else model.logits(new_hidden)
+        if extras is not None and extras.propose is not None:
+            new_drafts, new_q = extras.propose(new_logits.view(b, k, vocab), rb, verdict, probs_of)
+        else:
+            new_probs = probs_of(new_logits, requests.repeat_interleave(k))
+            new_drafts, new_q = propose(new_probs.view(b, k, vocab), rb.seeds, verdict.final_pos, rb.proposal,
+                                        shape.all_greedy)
+        new_hidden = new_hidden.view(b, k, -1)
+        host.update(has_new=(bonus | branched) & (t["num_new"] > 0), branched=branched, new_drafts=new_drafts)
+    packed = torch.cat([x.double().flatten() for x in host.values()])
+    return RoundResult(packed, [(name, x.numel()) for name, x in host.items()], new_q, new_hidden)
+
+
+def _committed_logprobs(raw_logprobs: torch.Tensor, drafts: torch.Tensor, verdict: Verdict,
+                        top_n: int) -> dict[str, torch.Tensor]:
+    """Of the committed tokens (drafts up to the accepted ones, then the final one): their
+    log-probability and the top_n likeliest tokens, [B, D + 1] each (the host reads the first
+    accepted + 1)."""
+    committed = torch.cat([drafts, verdict.final_token[:, None]], 1)
+    committed.scatter_(1, verdict.accepted[:, None], verdict.final_token[:, None])
+    out = {"logprob": raw_logprobs.gather(2, committed[..., None])}
+    top_n = min(top_n, raw_logprobs.shape[-1])
+    if top_n:
+        top = raw_logprobs.topk(top_n, dim=-1)
+        out.update(top_logprob=top.values, top_id=top.indices)
+    return out
