@@ -9,7 +9,13 @@ from idlm.decoding.sampling import SamplingTensors, token_probs
 from idlm.engine.decode_graphs import DecodeGraphs
 from idlm.engine.sequence import Sequence
 from idlm.engine.structured import allowed
-from idlm.kernels.attention import PagedAttention, PagedBatch, TritonPagedAttention, padded_block_tables
+from idlm.kernels.attention import (
+    FixedSplitPagedAttention,
+    PagedAttention,
+    PagedBatch,
+    TritonPagedAttention,
+    padded_block_tables,
+)
 from idlm.kernels.cpu_memory import zeros
 from idlm.models.transformer import CausalLM
 
@@ -77,7 +83,7 @@ class ModelRunner:
     decoding round. One device-to-host copy per step: the round's decisions."""
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, mask_ids: dict[str, int | None],
-                 banned_token: int | None = None):
+                 banned_token: int | None = None, deterministic: bool = False):
         cfg = model.cfg
         self.model = model
         self.device = next(model.parameters()).device
@@ -93,12 +99,14 @@ class ModelRunner:
                               param.dtype, self.device)
         self.decode_graphs: DecodeGraphs | None = None
         self.cpu_attention = PagedAttention  # the engine sets RowExactPagedAttention for quantised models
+        self.gpu_attention = FixedSplitPagedAttention if deterministic else TritonPagedAttention
 
     def use_padded_decode(self, max_batch: int, max_positions: int, cuda_graphs: bool) -> None:
         """Decode steps from now on run in the padded [bucket, T] layout, replayed as CUDA graphs
         if cuda_graphs (else eagerly: the CPU check of the layout)."""
         self.decode_graphs = DecodeGraphs(self.model, self.kv_cache, self.scratch_block, max_batch, MAX_DECODE_TOKENS,
-                                          max_positions, self.use_triton, cuda_graphs, self.with_lora)
+                                          max_positions, self.use_triton, cuda_graphs, self.with_lora,
+                                          triton_attention=self.gpu_attention)
         self.decode_graphs.capture_prefill()
 
     def prepare(self, seqs: list[Sequence], feeds: list[FeedRows]):
@@ -146,7 +154,7 @@ class ModelRunner:
                 round_starts = [i * tokens + len(feeds[i].ids) - feeds[i].round_rows for i in finals]
                 return self._decide([seqs[i] for i in finals], round_starts, finals, hidden, logits) if finals else {}
         input_ids, positions, batch, lora_gate = self.prepare(seqs, feeds)
-        backend = TritonPagedAttention if self.use_triton else self.cpu_attention
+        backend = self.gpu_attention if self.use_triton else self.cpu_attention
         hidden = self.model(input_ids, positions, backend(self.kv_cache, batch), lora_gate)
         for i in prompt_rows:
             self._prompt_logprobs(seqs[i], num_new[i], hidden[batch.query_start[i]:batch.query_start[i] + num_new[i]])
