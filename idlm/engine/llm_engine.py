@@ -99,10 +99,11 @@ class LLMEngine:
             adapter = str(DEFAULT_ADAPTER)
         self.adapter = load_adapter(self.model, adapter) if adapter and adapter != "none" else None
         fuse_for_inference(self.model)
-        if config.deterministic and self.device.type == "cuda":
-            if not TritonPagedAttention.supports(self.device, self.model_config.head_dim):
+        if config.deterministic:
+            head_dim = self.model_config.head_dim
+            if self.device.type == "cuda" and not TritonPagedAttention.supports(self.device, head_dim):
                 raise ValueError(f"deterministic mode needs the Triton attention kernel, which takes power-of-two "
-                                 f"head dims of at least 16; {self.name} has {self.model_config.head_dim}")
+                                 f"head dims of at least 16; {self.name} has {head_dim}")
             self.model.use_batch_invariant()
         self.mask_ids = {"isd": self._find_mask_token(), "risd": None}
         self.mask_ids["risd"] = self._risd_mask_token()

@@ -18,6 +18,7 @@ tests check against the oracle.
 import math
 
 import torch
+import torch.nn.functional as F
 
 KV_CHUNK = 256  # keys per attention chunk: chunk c holds key positions [c * KV_CHUNK, (c + 1) * KV_CHUNK)
 MATMUL_BLOCK_N = 64  # output columns per matmul program
@@ -68,6 +69,9 @@ def chunked_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     heads, dim = q.shape
     scale = dim ** -0.5
     q = q.float()
+    pad = -keys.shape[0] % block_n  # the kernel's blocks are always block_n wide, the tail masked
+    keys, values = F.pad(keys, (0, 0, 0, 0, 0, pad)), F.pad(values, (0, 0, 0, 0, 0, pad))
+    visible = F.pad(visible, (0, pad), value=False)
     big_m = torch.full((heads,), -math.inf)
     big_l, big_acc = torch.zeros(heads), torch.zeros(heads, dim)
     for c0 in range(0, keys.shape[0], chunk):

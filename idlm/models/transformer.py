@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from idlm.kernels.cpu_gemm import RowTiledLinear
+from idlm.kernels.cpu_gemm import RowTiledLinear, row_tiled_linear
 from idlm.models.config import ModelConfig
 from idlm.models.lora import GatedLoRA
 
@@ -151,7 +151,7 @@ class MLP(nn.Module):
         self.down_lora: GatedLoRA | None = None
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-        if x.is_cuda or not isinstance(self.gate_up_proj, nn.Linear):
+        if x.is_cuda or type(self.gate_up_proj) is not nn.Linear:
             gate_up = project(self.gate_up_proj, self.gate_up_lora, x, gate)
             return project(self.down_proj, self.down_lora, elementwise("silu_mul", self.batch_invariant)(gate_up),
                            gate)
@@ -231,19 +231,24 @@ class CausalLM(nn.Module):
         return self.lm_head(hidden)
 
     def use_batch_invariant(self) -> None:
-        """Deterministic mode (CUDA): every linear, the head, the norms and the elementwise steps
-        run the fixed-configuration Triton kernels of kernels/batch_invariant.py, and the gated
-        LoRA a fixed row tile, so that each row's bits do not depend on the rest of the forward."""
-        from idlm.kernels.batch_invariant import invariant_linear
-
+        """Deterministic mode: each row's bits stop depending on the rest of the forward. On CUDA
+        every linear, the head, the norms and the elementwise steps run the fixed-configuration
+        Triton kernels of kernels/batch_invariant.py, and the gated LoRA a fixed row tile. On the
+        CPU float linears are padded to whole row tiles (kernels/cpu_gemm.py; quantised ones
+        already are invariant), and the elementwise steps are plain per-row ops already."""
+        if self.lm_head.weight.is_cuda:
+            from idlm.kernels.batch_invariant import invariant_linear as convert
+        else:
+            convert = row_tiled_linear
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            attn.qkv_proj, attn.o_proj = invariant_linear(attn.qkv_proj), invariant_linear(attn.o_proj)
-            mlp.gate_up_proj, mlp.down_proj = invariant_linear(mlp.gate_up_proj), invariant_linear(mlp.down_proj)
-        self.lm_head = invariant_linear(self.lm_head)
-        for module in self.modules():
-            if isinstance(module, RMSNorm | SelfAttention | MLP | GatedLoRA):
-                module.batch_invariant = True
+            attn.qkv_proj, attn.o_proj = convert(attn.qkv_proj), convert(attn.o_proj)
+            mlp.gate_up_proj, mlp.down_proj = convert(mlp.gate_up_proj), convert(mlp.down_proj)
+        self.lm_head = convert(self.lm_head)
+        if self.lm_head.weight.is_cuda:
+            for module in self.modules():
+                if isinstance(module, RMSNorm | SelfAttention | MLP | GatedLoRA):
+                    module.batch_invariant = True
 
     def store_head_column_major(self) -> None:
         """CPU inference: keep the [vocab, hidden] head weight as the transpose of a contiguous
