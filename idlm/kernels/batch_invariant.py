@@ -38,7 +38,7 @@ def _matmul(
     M, N, K, stride_xm, stride_wn, stride_om,
     chunk_k, num_chunks, chunks_per_program,
     HAS_BIAS: tl.constexpr, PARTIALS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -57,13 +57,15 @@ def _matmul(
                         mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptr + rn[None, :].to(tl.int64) * stride_wn + kk[:, None],
                         mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-            acc = tl.dot(x, w, acc)
+            acc = tl.dot(x, w, acc, input_precision=PRECISION)
         if PARTIALS:  # chunk c's fp32 sum, for _sum_chunks
             tl.store(part_ptr + (c * M + rm[:, None]).to(tl.int64) * N + rn[None, :], acc,
                      mask=m_ok[:, None] & n_ok[None, :])
         else:
             total += acc
-    if not PARTIALS:
+    if PARTIALS:
+        pass  # _sum_chunks finishes
+    else:
         if HAS_BIAS:
             total += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :], total.to(out_ptr.dtype.element_ty),
@@ -107,6 +109,7 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         chunk_k, num_chunks, 1 if partials else num_chunks,
         HAS_BIAS=bias is not None, PARTIALS=partials,
         BLOCK_M=MATMUL_BLOCK_M, BLOCK_N=MATMUL_BLOCK_N, BLOCK_K=MATMUL_BLOCK_K,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=MATMUL_WARPS, num_stages=MATMUL_STAGES,
     )
     if partials:

@@ -148,13 +148,15 @@ def _paged_attention(
                 tl.zeros([BLOCK_M, HEAD_DIM], tl.float32), stride_kb, stride_ks, stride_kh, stride_bt,
                 PAGE, BLOCK_N, PRECISION, TREE)
             if CHUNK_PARTIALS:  # chunk c of each row, for _merge_chunks
-                part = (t * num_heads + head) * total_chunks + c
+                part = ((t * num_heads + head) * total_chunks + c).to(tl.int64)
                 tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc_c, mask=row_ok[:, None])
                 tl.store(part_ml_ptr + part * 2, m_c, mask=row_ok)
                 tl.store(part_ml_ptr + part * 2 + 1, l_c, mask=row_ok)
             else:
                 big_m, big_l, big_acc = _combine(big_m, big_l, big_acc, m_c, l_c, acc_c)
-        if not CHUNK_PARTIALS:
+        if CHUNK_PARTIALS:
+            pass  # _merge_chunks combines them
+        else:
             out = big_acc / tl.where(big_l == 0.0, 1.0, big_l)[:, None]
             tl.store(out_ptr + t[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
                      out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -180,7 +182,7 @@ def _merge_chunks(
     big_l = tl.zeros([BLOCK_M], tl.float32)
     big_acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for c in range(0, tl.cdiv(keys_end, CHUNK)):
-        part = (t * num_heads + head) * total_chunks + c
+        part = ((t * num_heads + head) * total_chunks + c).to(tl.int64)
         m_c = tl.load(part_ml_ptr + part * 2, mask=row_ok, other=float("-inf"))
         l_c = tl.load(part_ml_ptr + part * 2 + 1, mask=row_ok, other=0.0)
         acc_c = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], mask=row_ok[:, None], other=0.0)
