@@ -4,6 +4,7 @@ the oracle, the flag through config, CLI and server, and on the CPU the end-to-e
 by benchmarks/check_deterministic.py."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from idlm.bench.suite import BenchConfig
 from idlm.cli import build_parser
 from idlm.cli.options import engine_args
 from idlm.config import EngineConfig
+from idlm.kernels.attention import PagedAttention, PagedBatch
 from idlm.kernels.cpu_gemm import RowTiledLinear
 from idlm.kernels.fixed_split import (
     KV_CHUNK,
@@ -201,3 +203,37 @@ def test_server_reports_the_flag(float_idlm, tmp_path):
     with running_server(folder, tmp_path / "serve.log", "--deterministic", "--quantization", "none") as server:
         assert server.get("/version").json()["deterministic"] is True
         assert "deterministic" in server.log.read_text()
+
+
+# ---------------------------------------------------------------- the Triton kernels, interpreted
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton kernels on the CPU need triton and "
+                    "TRITON_INTERPRET=1 (the GPU check is benchmarks/check_deterministic.py)")
+def test_triton_kernels_in_the_interpreter():
+    """The kernels' chunk logic: one program per chunk (partials, then a second kernel) gives the
+    same bits as one program walking every chunk, and both are close to the oracle."""
+    pytest.importorskip("triton")
+    from idlm.kernels import batch_invariant as bi
+    from idlm.kernels.triton_attention import paged_attention
+
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(70, 600, generator=gen), torch.randn(130, 600, generator=gen), torch.randn(130, generator=gen)
+    walked = bi.matmul(x, w, b, chunking=(320, 2), partials=False)
+    assert torch.equal(bi.matmul(x, w, b, chunking=(320, 2), partials=True), walked)
+    torch.testing.assert_close(walked, F.linear(x, w, b), atol=1e-4, rtol=1e-4)
+    page, heads, kv_heads, dim = 16, 6, 2, 16
+    ctxs, q_len = [700, 300], 7
+    tables = torch.arange(sum(-(-c // page) for c in ctxs)).split([-(-c // page) for c in ctxs])
+    block_tables = torch.stack([F.pad(t, (0, 44 - len(t))) for t in tables]).int()
+    cache = torch.randn(2, 1, 64, page, kv_heads, dim, generator=gen)
+    q = torch.randn(2 * q_len, heads, dim, generator=gen)
+    starts = torch.tensor([0, q_len, 2 * q_len], dtype=torch.int32)
+    outs = [paged_attention(q, cache[0, 0], cache[1, 0], block_tables, starts, torch.tensor(ctxs, dtype=torch.int32),
+                            q_len, max(ctxs), num_splits=s, kv_chunk=KV_CHUNK) for s in (1, 2, 3)]
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    batch = PagedBatch(slot_mapping=torch.full((2 * q_len,), -1), query_start=starts.tolist(),
+                       context_lens=torch.tensor(ctxs), block_tables=block_tables, max_context_len=max(ctxs),
+                       max_query_len=q_len, all_written=False)
+    empty = torch.zeros(2 * q_len, kv_heads, dim)
+    torch.testing.assert_close(outs[0], PagedAttention(cache, batch)(0, q, empty, empty), atol=1e-5, rtol=1e-5)

@@ -87,8 +87,11 @@ def _sum_chunks(part_ptr, bias_ptr, out_ptr, M, N, stride_om, num_chunks, HAS_BI
     tl.store(out_ptr + row * stride_om + col, total.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ weight[N, K]^T (+ bias), every row's bits independent of the other rows."""
+def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           chunking: tuple[int, int] | None = None, partials: bool | None = None) -> torch.Tensor:
+    """x [..., K] @ weight[N, K]^T (+ bias), every row's bits independent of the other rows.
+    chunking (chunk_k, num_chunks) and partials (one program per K chunk) override the plan, for
+    tests: the bits must not change with `partials`."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
@@ -99,9 +102,11 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out.view(*x.shape[:-1], n)
-    chunk_k, num_chunks = matmul_chunks(n, k)
+    chunk_k, num_chunks = chunking or matmul_chunks(n, k)
     tiles = (cdiv(m, MATMUL_BLOCK_M), cdiv(n, MATMUL_BLOCK_N))
-    partials = num_chunks > 1 and tiles[0] * tiles[1] < SPLIT_BELOW_PROGRAMS
+    if partials is None:
+        partials = tiles[0] * tiles[1] < SPLIT_BELOW_PROGRAMS
+    partials = partials and num_chunks > 1
     part = torch.empty(num_chunks * m * n if partials else 1, dtype=torch.float32, device=x.device)
     b = bias if bias is not None else out
     _matmul[(*tiles, num_chunks if partials else 1)](

@@ -16,6 +16,7 @@ tests check against the oracle.
 """
 
 import math
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@lru_cache
 def matmul_chunks(n: int, k: int) -> tuple[int, int]:
     """(chunk_k, num_chunks) of the K axis of an [n, k] weight: a function of its shape only."""
     k_blocks = cdiv(k, MATMUL_BLOCK_K)
