@@ -98,7 +98,7 @@ class ModelRunner:
         self.kv_cache = zeros((2, cfg.num_layers, num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim),
                               param.dtype, self.device)
         self.decode_graphs: DecodeGraphs | None = None
-        self.cpu_attention = PagedAttention  # the engine sets RowExactPagedAttention for quantised models
+        self.cpu_attention = PagedAttention  # RowExactPagedAttention for quantised models and deterministic mode
         self.gpu_attention = FixedSplitPagedAttention if deterministic else TritonPagedAttention
 
     def use_padded_decode(self, max_batch: int, max_positions: int, cuda_graphs: bool) -> None:
