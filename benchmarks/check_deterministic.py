@@ -117,6 +117,16 @@ def check_elementwise() -> None:
     ok, bad = rows_invariant(lambda a, _: bi.silu_mul(a), gu)
     diff = float((bi.silu_mul(gu).float() - silu_mul(gu).float()).abs().max())
     record("silu_mul rows", ok and diff < 0.05, max_abs_diff_vs_eager=diff, row_sets_differing=bad)
+    from idlm.kernels.triton_lora import gated_lora_add_
+
+    a = (0.05 * torch.randn(2 * 16, 576, device="cuda", generator=gen)).bfloat16()
+    b = (0.05 * torch.randn(3072, 2 * 16, device="cuda", generator=gen)).bfloat16()
+    xs = torch.randn(1024, 576, device="cuda", generator=gen).bfloat16()
+    base = torch.randn(1024, 3072, device="cuda", generator=gen).bfloat16()
+    gate = (torch.rand(1024, device="cuda", generator=gen) < 0.5).bfloat16()
+    ok, bad = rows_invariant(lambda a_, rows: gated_lora_add_(base[rows].clone(), a_, a, b, gate[rows], invariant=True),
+                             xs)
+    record("gated LoRA rows (fixed row tile)", ok, row_sets_differing=bad)
 
 
 def attention_scenarios(heads: int, kv_heads: int, dim: int, kv_chunk: int) -> tuple[dict, float]:
@@ -305,7 +315,7 @@ def load_prompts(llm: LLM, count: int) -> list[list[int]]:
 
 # no prefix caching (every run computes its prompts in its own batches), a small prefill budget
 # (a burst of prompts is chunked), a KV pool that leaves the GPU to the next engine
-ENGINE = dict(max_num_seqs=64, progress=False, enable_prefix_caching=False, max_num_batched_tokens=512,
+ENGINE = dict(max_num_seqs=64, progress=False, enable_prefix_caching=False, max_num_batched_tokens=256,
               kv_cache_tokens=64 * 512)
 
 
