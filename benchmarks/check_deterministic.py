@@ -321,7 +321,8 @@ ENGINE = dict(max_num_seqs=64, progress=False, enable_prefix_caching=False, max_
 
 def smollm2_checks(args, deterministic: bool) -> dict:
     t0 = time.perf_counter()
-    llm = LLM(args.model, adapter=args.adapter, deterministic=deterministic, **ENGINE)
+    llm = LLM(args.model, adapter=args.adapter, deterministic=deterministic, enforce_eager=args.enforce_eager,
+              **ENGINE)
     print(f"engine (deterministic={deterministic}) ready in {time.perf_counter() - t0:.0f} s", flush=True)
     return engine_checks(llm, load_prompts(llm, args.prompts), args.tokens, deterministic, ("risd",))
 
@@ -329,7 +330,7 @@ def smollm2_checks(args, deterministic: bool) -> dict:
 def isd_checks(args) -> dict:
     from idlm.models.shapes import shape_folder
 
-    llm = LLM(str(shape_folder(args.isd_shape)), deterministic=True, **ENGINE)
+    llm = LLM(str(shape_folder(args.isd_shape)), deterministic=True, enforce_eager=args.enforce_eager, **ENGINE)
     mask = llm.engine.mask_ids["isd"]
     gen = torch.Generator().manual_seed(3)
     prompts = [[t for t in torch.randint(0, 150000, (int(k),), generator=gen).tolist() if t != mask]
@@ -337,13 +338,19 @@ def isd_checks(args) -> dict:
     return engine_checks(llm, prompts, args.isd_tokens, True, ("isd",), label=args.isd_shape)
 
 
-def run_engine(args) -> None:
-    for deterministic in (True, False):  # each engine lives only inside its call, freed before the next
-        RESULTS["engine"][f"smollm2 deterministic={deterministic}"] = smollm2_checks(args, deterministic)
-        gc.collect()
-        torch.cuda.empty_cache()
-    if args.isd_shape:
+def engine_steps(args) -> list:
+    """One step per engine (each engine lives only inside its call, freed before the next)."""
+    def smollm2(deterministic):
+        def step():
+            RESULTS["engine"][f"smollm2 deterministic={deterministic}"] = smollm2_checks(args, deterministic)
+        step.__name__ = f"smollm2 engine (deterministic={deterministic})"
+        return step
+
+    def isd():
         RESULTS["engine"][f"{args.isd_shape} deterministic=True"] = isd_checks(args)
+
+    isd.__name__ = f"{args.isd_shape} engine"
+    return [smollm2(True), smollm2(False)] + ([isd] if args.isd_shape else [])
 
 
 # ---------------------------------------------------------------- speed
@@ -388,6 +395,8 @@ def main() -> int:
     parser.add_argument("--isd-tokens", type=int, default=32)
     parser.add_argument("--speed-models", default="smollm2,qwen3-8b")
     parser.add_argument("--speed-tokens", type=int, default=128)
+    parser.add_argument("--enforce-eager", action="store_true", help="engines without CUDA graphs (to tell a "
+                                                                         "graph problem from a kernel one)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     parts = args.parts.split(",")
@@ -397,7 +406,7 @@ def main() -> int:
     if "kernels" in parts:
         steps += [check_matmul, check_elementwise, check_attention, lambda: RESULTS.update(matmul_speed=matmul_speed())]
     if "engine" in parts:
-        steps.append(lambda: run_engine(args))
+        steps += engine_steps(args)
     if "speed" in parts:
         steps.append(lambda: run_speed(args))
     for step in steps:
@@ -406,6 +415,8 @@ def main() -> int:
         except Exception as e:  # one broken part must not hide the others' results
             traceback.print_exc()
             record(f"{getattr(step, '__name__', 'step')} raised {type(e).__name__}: {e}", False)
+        gc.collect()
+        torch.cuda.empty_cache()
     must = [c for c in RESULTS["checks"] if c["must_pass"]]
     shown = [c for c in RESULTS["checks"] if not c["must_pass"]]
     print(f"\nSUMMARY: {sum(c['ok'] for c in must)}/{len(must)} deterministic checks passed; without the flag "
