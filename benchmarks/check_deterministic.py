@@ -94,29 +94,32 @@ def check_matmul() -> None:
     torch.cuda.empty_cache()
 
 
+def rel_err(ours: torch.Tensor, eager: torch.Tensor) -> float:
+    return float((ours.float() - eager.float()).norm() / eager.float().norm())
+
+
 def check_elementwise() -> None:
     gen = torch.Generator("cuda").manual_seed(1)
     x = torch.randn(1024, 4096, device="cuda", generator=gen).bfloat16()
     w = (1 + 0.1 * torch.randn(4096, device="cuda", generator=gen)).bfloat16()
     ok, bad = rows_invariant(lambda a, _: bi.rms_norm(a, w, 1e-6), x)
-    err = float((bi.rms_norm(x, w, 1e-6).float() - rms_norm(x, w, 1e-6).float()).abs().max())
-    record("rms_norm rows", ok and err < 0.05, max_abs_diff_vs_eager=err, row_sets_differing=bad)
+    err = rel_err(bi.rms_norm(x, w, 1e-6), rms_norm(x, w, 1e-6))
+    record("rms_norm rows", ok and err < 1e-2, rel_err_vs_eager=err, row_sets_differing=bad)
     qkv = torch.randn(1024, 48 * 128, device="cuda", generator=gen).bfloat16()
     q = qkv[:, :32 * 128].view(1024, 32, 128)  # a strided view, as the model's
     hw = (1 + 0.1 * torch.randn(128, device="cuda", generator=gen)).bfloat16()
     ok, bad = rows_invariant(lambda a, _: bi.rms_norm(a, hw, 1e-6), q)
-    record("rms_norm per head (qk-norm)", ok and torch.allclose(bi.rms_norm(q, hw, 1e-6).float(),
-                                                                rms_norm(q, hw, 1e-6).float(), atol=0.05),
-           row_sets_differing=bad)
+    err = rel_err(bi.rms_norm(q, hw, 1e-6), rms_norm(q, hw, 1e-6))
+    record("rms_norm per head (qk-norm)", ok and err < 1e-2, rel_err_vs_eager=err, row_sets_differing=bad)
     pos = torch.arange(1024, device="cuda").float()[:, None] * (1e4 ** (-torch.arange(64, device="cuda") / 64))
     cos, sin = torch.cat([pos, pos], -1).cos(), torch.cat([pos, pos], -1).sin()
     ok, bad = rows_invariant(lambda a, rows: bi.apply_rotary(a, cos[rows], sin[rows]), q)
-    diff = float((bi.apply_rotary(q, cos, sin).float() - apply_rotary(q, cos, sin).float()).abs().max())
-    record("rotary rows", ok and diff < 0.05, max_abs_diff_vs_eager=diff, row_sets_differing=bad)
+    err = rel_err(bi.apply_rotary(q, cos, sin), apply_rotary(q, cos, sin))
+    record("rotary rows", ok and err < 1e-2, rel_err_vs_eager=err, row_sets_differing=bad)
     gu = torch.randn(1024, 2 * 1536, device="cuda", generator=gen).bfloat16()
     ok, bad = rows_invariant(lambda a, _: bi.silu_mul(a), gu)
-    diff = float((bi.silu_mul(gu).float() - silu_mul(gu).float()).abs().max())
-    record("silu_mul rows", ok and diff < 0.05, max_abs_diff_vs_eager=diff, row_sets_differing=bad)
+    err = rel_err(bi.silu_mul(gu), silu_mul(gu))
+    record("silu_mul rows", ok and err < 1e-2, rel_err_vs_eager=err, row_sets_differing=bad)
     from idlm.kernels.triton_lora import gated_lora_add_
 
     a = (0.05 * torch.randn(2 * 16, 576, device="cuda", generator=gen)).bfloat16()
