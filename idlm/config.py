@@ -52,6 +52,9 @@ class EngineConfig:
     branches: int | None = None  # most branch drafts per round (None: as many as fit; 0: none)
     enforce_eager: bool = False  # CUDA: run decode steps eagerly instead of replaying CUDA graphs
     gpu_memory_utilization: float = 0.9  # CUDA: share of the GPU memory the engine may use in all
+    # batch-invariant kernels: a request's tokens do not depend on what shares its batch, and greedy
+    # isd/risd equal ar bit for bit (CUDA: kernels/batch_invariant.py; CPU: row-exact attention)
+    deterministic: bool = False
     block_size: InitVar[int | None] = None  # deprecated name of kv_block_size
 
     def __post_init__(self, block_size: int | None) -> None:
@@ -67,6 +70,8 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.deterministic, bool):
+            raise ValueError(f"deterministic must be true or false, got {self.deterministic!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ValueError(f"max_model_len must be an integer >= 2 (prompt + output tokens), "
                              f"got {self.max_model_len!r}")

@@ -53,6 +53,7 @@ class BenchConfig:
     seed: int = 0
     prefix_caching: bool = False
     enforce_eager: bool = False  # CUDA: decode steps without CUDA graphs
+    deterministic: bool = False  # batch-invariant kernels (EngineConfig.deterministic)
     peak_bandwidth: float | None = None  # None: measured on the device in the same call (a large copy)
     peak_flops: float = H100_FLOPS
 
@@ -172,7 +173,7 @@ def run_bench(cfg: BenchConfig, command: str = "", log: Callable[[str], None] = 
     engine = LLMEngine(EngineConfig(model=str(folder), device=cfg.device, dtype=cfg.dtype, max_num_seqs=max_num_seqs,
                                     kv_cache_tokens=kv_tokens, kv_block_size=KV_BLOCK_SIZE, seed=cfg.seed,
                                     enable_prefix_caching=cfg.prefix_caching, adapter=cfg.adapter,
-                                    enforce_eager=cfg.enforce_eager))
+                                    enforce_eager=cfg.enforce_eager, deterministic=cfg.deterministic))
     if longest > engine.max_model_len:
         raise ValueError(f"a request needs {longest} tokens (prompt + output) but the KV pool holds "
                          f"{engine.max_model_len}; raise --kv-cache-tokens")

@@ -152,6 +152,7 @@ def run(args: argparse.Namespace) -> None:
         temperature=args.temperature, hf_baseline=args.hf_baseline, device=args.device, dtype=args.dtype,
         kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs, adapter=args.adapter, seed=args.seed,
         prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
+        deterministic=bool(args.deterministic),
         request_rates=comma_list(args.request_rate, "--request-rate", positive_float) if args.request_rate else (),
         peak_bandwidth=None if args.peak_bandwidth == "auto" else positive_number(args.peak_bandwidth,
                                                                                  "--peak-bandwidth"),

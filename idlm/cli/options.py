@@ -65,8 +65,12 @@ GENERATION_CONFIG = option("--generation-config", default="auto",
                                 "sets none or the model has no such file, as a GGUF), vllm (ignore the file: "
                                 "temperature 1, as the OpenAI API), or a path to such a file or its folder "
                                 "(default auto)")
+DETERMINISTIC = option("--deterministic", action="store_true", default=None,
+                       help="batch-invariant kernels: a request decodes the same tokens alone or in any batch, and "
+                            "greedy isd/risd equal ar bit for bit, in bfloat16 on the GPU too (CUDA: fixed-tile "
+                            "Triton matmuls, norms and attention instead of cuBLAS and compiled kernels)")
 ENGINE = (MODEL, DEVICE, DTYPE, QUANTIZATION, KV_CACHE_TOKENS, ADAPTER, MAX_MODEL_LEN, CHAT_TEMPLATE,
-          GENERATION_CONFIG)
+          GENERATION_CONFIG, DETERMINISTIC)
 
 MAX_NUM_BATCHED_TOKENS = option("--max-num-batched-tokens", type=int, default=None,
                                 help="prompt tokens prefilled per step; longer prompts are chunked (default 2048)")

@@ -28,7 +28,8 @@ PREFILL_BATCH = 4  # prefill steps of more prompts run eagerly (their padded gri
 
 class DecodeGraphs:
     def __init__(self, model: CausalLM, kv_cache: torch.Tensor, scratch_block: int, max_batch: int, max_tokens: int,
-                 max_positions: int, use_triton: bool, use_graphs: bool, with_lora: bool):
+                 max_positions: int, use_triton: bool, use_graphs: bool, with_lora: bool,
+                 triton_attention: type = TritonPagedAttention):
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = kv_cache.shape[3]
@@ -37,7 +38,7 @@ class DecodeGraphs:
         self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
         self.max_tokens = max_tokens
         self.max_positions = max_positions  # the context bound the kernels' launch shapes are fixed for
-        self.backend = TritonPagedAttention if use_triton else PagedAttention
+        self.backend = triton_attention if use_triton else PagedAttention
         self.use_graphs = use_graphs
         self.with_lora = with_lora
         device = kv_cache.device

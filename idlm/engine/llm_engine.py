@@ -18,6 +18,7 @@ from idlm.engine.stats import EngineStats, request_stats
 from idlm.engine.step_cost import measure_step_cost
 from idlm.engine.stride_policy import StridePolicy
 from idlm.engine.structured import Grammars
+from idlm.kernels.attention import TritonPagedAttention
 from idlm.kernels.row_attention import RowExactPagedAttention
 from idlm.models.generation_config import sampling_defaults
 from idlm.models.loader import (
@@ -98,6 +99,12 @@ class LLMEngine:
             adapter = str(DEFAULT_ADAPTER)
         self.adapter = load_adapter(self.model, adapter) if adapter and adapter != "none" else None
         fuse_for_inference(self.model)
+        if config.deterministic:
+            head_dim = self.model_config.head_dim
+            if self.device.type == "cuda" and not TritonPagedAttention.supports(self.device, head_dim):
+                raise ValueError(f"deterministic mode needs the Triton attention kernel, which takes power-of-two "
+                                 f"head dims of at least 16; {self.name} has {head_dim}")
+            self.model.use_batch_invariant()
         self.mask_ids = {"isd": self._find_mask_token(), "risd": None}
         self.mask_ids["risd"] = self._risd_mask_token()
         default_mode = config.mode or ("risd" if self.adapter else "isd" if self.mask_ids["isd"] is not None else "ar")
@@ -124,8 +131,8 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or context, context, pool_len)
         self.block_manager = BlockManager(num_blocks, config.kv_block_size, config.enable_prefix_caching)
         self.runner = ModelRunner(self.model, num_blocks, config.kv_block_size, self.mask_ids,
-                                  banned_token=self.mask_ids["isd"])
-        if self.quantization != "none":
+                                  banned_token=self.mask_ids["isd"], deterministic=config.deterministic)
+        if self.quantization != "none" or config.deterministic:
             self.runner.cpu_attention = RowExactPagedAttention
         if self.device.type == "cuda":
             self.runner.use_padded_decode(config.max_num_seqs, self.max_model_len + MAX_LOOKAHEAD,

@@ -9,7 +9,13 @@ from idlm.engine.round_graphs import RoundGraphs
 from idlm.engine.round_step import RoundExtras, round_inputs, round_shape, run_round
 from idlm.engine.sequence import Sequence
 from idlm.engine.structured import allowed
-from idlm.kernels.attention import PagedAttention, PagedBatch, TritonPagedAttention, padded_block_tables
+from idlm.kernels.attention import (
+    FixedSplitPagedAttention,
+    PagedAttention,
+    PagedBatch,
+    TritonPagedAttention,
+    padded_block_tables,
+)
 from idlm.kernels.cpu_memory import zeros
 from idlm.models.transformer import CausalLM
 
@@ -77,7 +83,7 @@ class ModelRunner:
     decoding round. One device-to-host copy per step: the round's decisions."""
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, mask_ids: dict[str, int | None],
-                 banned_token: int | None = None):
+                 banned_token: int | None = None, deterministic: bool = False):
         cfg = model.cfg
         self.model = model
         self.device = next(model.parameters()).device
@@ -93,13 +99,15 @@ class ModelRunner:
                               param.dtype, self.device)
         self.decode_graphs: DecodeGraphs | None = None
         self.round_graphs: RoundGraphs | None = None
-        self.cpu_attention = PagedAttention  # the engine sets RowExactPagedAttention for quantised models
+        self.cpu_attention = PagedAttention  # RowExactPagedAttention for quantised models and deterministic mode
+        self.gpu_attention = FixedSplitPagedAttention if deterministic else TritonPagedAttention
 
     def use_padded_decode(self, max_batch: int, max_positions: int, cuda_graphs: bool) -> None:
         """Decode steps from now on run in the padded [bucket, T] layout, replayed as CUDA graphs
         if cuda_graphs (else eagerly: the CPU check of the layout)."""
         self.decode_graphs = DecodeGraphs(self.model, self.kv_cache, self.scratch_block, max_batch, MAX_DECODE_TOKENS,
-                                          max_positions, self.use_triton, cuda_graphs, self.with_lora)
+                                          max_positions, self.use_triton, cuda_graphs, self.with_lora,
+                                          triton_attention=self.gpu_attention)
         self.decode_graphs.capture_prefill()
         self.round_graphs = RoundGraphs(self.model, self.banned_token, capture=cuda_graphs)
 
@@ -149,7 +157,7 @@ class ModelRunner:
                 return self._decide([seqs[i] for i in finals], round_starts, finals, hidden, logits,
                                     graphed=True) if finals else {}
         input_ids, positions, batch, lora_gate = self.prepare(seqs, feeds)
-        backend = TritonPagedAttention if self.use_triton else self.cpu_attention
+        backend = self.gpu_attention if self.use_triton else self.cpu_attention
         hidden = self.model(input_ids, positions, backend(self.kv_cache, batch), lora_gate)
         for i in prompt_rows:
             self._prompt_logprobs(seqs[i], num_new[i], hidden[batch.query_start[i]:batch.query_start[i] + num_new[i]])

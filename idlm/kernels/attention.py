@@ -5,6 +5,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from idlm.kernels.fixed_split import KV_CHUNK
+
 
 class DenseAttention:
     """Attention over the tokens of the forward itself, q/k/v shaped [batch, length, heads, dim].
@@ -132,6 +134,8 @@ class PagedAttention(PagedKVWriter):
 class TritonPagedAttention(PagedKVWriter):
     """The same attention with the Triton kernel of `triton_attention.py` (CUDA only)."""
 
+    kv_chunk = 0  # > 0: deterministic mode's fixed KV chunks (FixedSplitPagedAttention)
+
     @staticmethod
     def supports(device: torch.device, head_dim: int) -> bool:
         """The kernel's tiles need a power-of-two head dim of at least 16 (tl.dot's minimum)."""
@@ -152,7 +156,15 @@ class TritonPagedAttention(PagedKVWriter):
         k_cache, v_cache = self.write(layer, k, v)
         b = self.batch
         return self.kernel(q, k_cache, v_cache, b.block_tables, self.query_start, self.context_lens,
-                           b.max_query_len, b.max_context_len, tree_bits=b.tree_bits, tree_rows=self.tree_rows)
+                           b.max_query_len, b.max_context_len, tree_bits=b.tree_bits, tree_rows=self.tree_rows,
+                           kv_chunk=self.kv_chunk)
+
+
+class FixedSplitPagedAttention(TritonPagedAttention):
+    """Deterministic mode: every row computed with fixed tiles and KV chunks (kernels/fixed_split.py),
+    so its bits do not depend on the batch, its round or its prefill chunk."""
+
+    kv_chunk = KV_CHUNK
 
 
 class FlexAttention:

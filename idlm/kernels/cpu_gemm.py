@@ -29,9 +29,15 @@ def row_tiled(gemm: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, til
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-def row_tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                     tile: int = 4) -> torch.Tensor:
-    return row_tiled(lambda a: F.linear(a, weight, bias), x, tile)
+def row_tiled_linear(linear: nn.Module) -> nn.Module:
+    """A float nn.Linear as a prepared RowTiledLinear on the same parameters; other modules (a
+    quantised QuantLinear, a RowTiledLinear) as they are."""
+    if type(linear) is not nn.Linear:
+        return linear
+    tiled = RowTiledLinear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+    tiled.weight, tiled.bias = linear.weight, linear.bias
+    tiled.prepare()
+    return tiled
 
 
 def rows_invariant(fn, x: torch.Tensor) -> bool:
@@ -72,4 +78,4 @@ class RowTiledLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return row_tiled(onednn_gemm(self.packed), x, self.tile)
-        return row_tiled_linear(x, self.weight, self.bias, self.tile)
+        return row_tiled(lambda a: F.linear(a, self.weight, self.bias), x, self.tile)

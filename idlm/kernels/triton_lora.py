@@ -6,7 +6,8 @@ the B GEMM, the add), which doubles a risd round's forward. Here one program tak
 and BLOCK_N output columns: it computes the rank-R product of its rows (cheap, recomputed by each
 column block) and adds its columns of the delta into `out` in place. Rows whose gate is 0 are
 never written, so they stay the base projection's output bit for bit; the PyTorch path of
-`GatedLoRA` is the oracle for the rows that are.
+`GatedLoRA` is the oracle for the rows that are. With invariant=True (deterministic mode) the
+row tile is fixed, so a gated row's delta does not depend on how many rows the launch has.
 """
 
 import torch
@@ -45,18 +46,22 @@ def _gated_lora_add(
     tl.store(out_ptrs, (base.to(tl.float32) + delta).to(base.dtype), mask=write)
 
 
+INVARIANT_BLOCK_M = 32
+
+
 def gated_lora_add_(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, fused_b: torch.Tensor,
-                    gate: torch.Tensor) -> torch.Tensor:
+                    gate: torch.Tensor, invariant: bool = False) -> torch.Tensor:
     """Adds the gated delta into out ([..., out_features], contiguous) in place and returns it.
     x [..., in_features]; lora_a [R, in]; fused_b [out, R] (scaled); gate [...] of 0/1."""
     x2 = x.reshape(-1, x.shape[-1])
+    assert out.is_contiguous(), "the delta is added into a contiguous output"
     out2 = out.view(-1, out.shape[-1])
     gate = gate.reshape(-1)
     rows, in_features = x2.shape
     out_features, rank = fused_b.shape
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
+    block_m = INVARIANT_BLOCK_M if invariant else 16 if rows <= 16 else 32 if rows <= 32 else 64
     block_n = 64
     grid = (triton.cdiv(rows, block_m), triton.cdiv(out_features, block_n))
     _gated_lora_add[grid](

@@ -42,6 +42,8 @@ MAX_IN_FEATURES = 2048
 class GatedLoRA(nn.Module):
     """delta(x) = gate * scaling * B_s(A_s x), shard by shard of a fused projection."""
 
+    batch_invariant = False  # deterministic mode: always the Triton kernel, with a fixed row tile
+
     def __init__(self, in_features: int, out_sizes: list[int], rank: int, scaling: float):
         super().__init__()
         self.rank, self.scaling = rank, scaling
@@ -65,11 +67,11 @@ class GatedLoRA(nn.Module):
         """out + delta(x); on a GPU, fused for inference, one Triton kernel adds it in place
         (idlm/kernels/triton_lora.py)."""
         rows, in_features = x.numel() // x.shape[-1], x.shape[-1]
-        if (self.fused_B is not None and x.is_cuda and out.is_contiguous() and rows <= MAX_ROWS
-                and in_features <= MAX_IN_FEATURES):
+        if self.batch_invariant or (self.fused_B is not None and x.is_cuda and out.is_contiguous()
+                                    and rows <= MAX_ROWS and in_features <= MAX_IN_FEATURES):
             from idlm.kernels.triton_lora import gated_lora_add_
 
-            return gated_lora_add_(out, x, self.lora_A, self.fused_B, gate)
+            return gated_lora_add_(out, x, self.lora_A, self.fused_B, gate, invariant=self.batch_invariant)
         return out + self(x, gate)
 
 

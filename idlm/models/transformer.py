@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from idlm.kernels.cpu_gemm import RowTiledLinear
+from idlm.kernels.cpu_gemm import RowTiledLinear, row_tiled_linear
 from idlm.models.config import ModelConfig
 from idlm.models.lora import GatedLoRA
 
@@ -72,18 +72,26 @@ def fused_elementwise():
         _fusing[0] = False
 
 
-def elementwise(name: str) -> Callable:
+def elementwise(name: str, invariant: bool = False) -> Callable:
+    """The step `name`: the batch-invariant Triton kernel (deterministic mode, eager and in graphs
+    alike), else the compiled version inside fused_elementwise(), else the plain ops."""
+    if invariant:
+        from idlm.kernels.batch_invariant import OPS
+
+        return OPS[name]
     return FUSED[name] if _fusing[0] and name in FUSED else ELEMENTWISE[name]
 
 
 class RMSNorm(nn.Module):
+    batch_invariant = False  # CausalLM.use_batch_invariant() sets it
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return elementwise("rms_norm")(x, self.weight, self.eps)
+        return elementwise("rms_norm", self.batch_invariant)(x, self.weight, self.eps)
 
 
 class Rotary(nn.Module):
@@ -98,6 +106,8 @@ class Rotary(nn.Module):
 
 
 class SelfAttention(nn.Module):
+    batch_invariant = False
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
@@ -124,13 +134,15 @@ class SelfAttention(nn.Module):
         v = v.view(*lead, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        rotary = elementwise("apply_rotary")
+        rotary = elementwise("apply_rotary", self.batch_invariant)
         q, k = rotary(q, *rope), rotary(k, *rope)
         out = attn(self.layer, q, k, v)
         return project(self.o_proj, self.o_lora, out.reshape(*lead, self.q_size), gate)
 
 
 class MLP(nn.Module):
+    batch_invariant = False
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
@@ -139,9 +151,10 @@ class MLP(nn.Module):
         self.down_lora: GatedLoRA | None = None
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-        if x.is_cuda or not isinstance(self.gate_up_proj, nn.Linear):
+        if x.is_cuda or type(self.gate_up_proj) is not nn.Linear:
             gate_up = project(self.gate_up_proj, self.gate_up_lora, x, gate)
-            return project(self.down_proj, self.down_lora, elementwise("silu_mul")(gate_up), gate)
+            return project(self.down_proj, self.down_lora, elementwise("silu_mul", self.batch_invariant)(gate_up),
+                           gate)
         # two GEMMs on halves of the fused weight: faster than one wide GEMM on small CPU batches
         w, b = self.gate_up_proj.weight, self.gate_up_proj.bias
         half = w.shape[0] // 2
@@ -216,6 +229,26 @@ class CausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+    def use_batch_invariant(self) -> None:
+        """Deterministic mode: each row's bits stop depending on the rest of the forward. On CUDA
+        every linear, the head, the norms and the elementwise steps run the fixed-configuration
+        Triton kernels of kernels/batch_invariant.py, and the gated LoRA a fixed row tile. On the
+        CPU float linears are padded to whole row tiles (kernels/cpu_gemm.py; quantised ones
+        already are invariant), and the elementwise steps are plain per-row ops already."""
+        if self.lm_head.weight.is_cuda:
+            from idlm.kernels.batch_invariant import invariant_linear as convert
+        else:
+            convert = row_tiled_linear
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.qkv_proj, attn.o_proj = convert(attn.qkv_proj), convert(attn.o_proj)
+            mlp.gate_up_proj, mlp.down_proj = convert(mlp.gate_up_proj), convert(mlp.down_proj)
+        self.lm_head = convert(self.lm_head)
+        if self.lm_head.weight.is_cuda:
+            for module in self.modules():
+                if isinstance(module, RMSNorm | SelfAttention | MLP | GatedLoRA):
+                    module.batch_invariant = True
 
     def store_head_column_major(self) -> None:
         """CPU inference: keep the [vocab, hidden] head weight as the transpose of a contiguous

@@ -642,7 +642,7 @@ def create_app(engine: AsyncEngine, model_name: str, max_body_bytes: int = MAX_B
 
     @app.get("/version", response_model=VersionResponse)
     async def version() -> VersionResponse:
-        return VersionResponse(version=__version__)
+        return VersionResponse(version=__version__, deterministic=engine.engine.config.deterministic)
 
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> ModelList:

@@ -378,6 +378,7 @@ class DetokenizeResponse(BaseModel):
 
 class VersionResponse(BaseModel):
     version: str
+    deterministic: bool  # batch-invariant kernels (--deterministic): a request's tokens do not depend on its batch
 
 
 class ErrorInfo(BaseModel):

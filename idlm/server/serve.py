@@ -73,7 +73,9 @@ def serve(engine: LLMEngine, model_name: str, host: str = "127.0.0.1", port: int
     config = uvicorn.Config(app, timeout_graceful_shutdown=WRITE_TIMEOUT_S, lifespan="on")
     server = Server(config, async_engine, shutdown_timeout,
                     ready_message=f"idlm: ready, {async_engine.capacity} requests at most in flight "
-                                  f"(max_num_seqs {engine.config.max_num_seqs} + max_queue {max_queue})")
+                                  f"(max_num_seqs {engine.config.max_num_seqs} + max_queue {max_queue})"
+                                  + (", deterministic (batch-invariant kernels)" if engine.config.deterministic
+                                     else ""))
     # uvicorn re-raises the signal that stopped it once it is done; both then end here
     previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
