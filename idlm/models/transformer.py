@@ -56,6 +56,9 @@ _fusing = [False]
 def compile_elementwise() -> None:
     """Fuse each elementwise step into one kernel with torch.compile (CUDA inference), for the
     forwards run under fused_elementwise()."""
+    # each model a process loads (a benchmark loads several) adds specialisations, for its eps
+    # and its shapes; past dynamo's default of 8 a fullgraph compile fails instead of running
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for name, fn in ELEMENTWISE.items():
         if name not in FUSED:
             FUSED[name] = torch.compile(fn, dynamic=True, fullgraph=True)
