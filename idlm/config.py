@@ -52,6 +52,7 @@ class EngineConfig:
     branches: int | None = None  # most branch drafts per round (None: as many as fit; 0: none)
     enforce_eager: bool = False  # CUDA: run decode steps eagerly instead of replaying CUDA graphs
     gpu_memory_utilization: float = 0.9  # CUDA: share of the GPU memory the engine may use in all
+    tensor_parallel_size: int = 1  # processes (GPUs) one model is split over; the engine starts the others
     block_size: InitVar[int | None] = None  # deprecated name of kv_block_size
 
     def __post_init__(self, block_size: int | None) -> None:
@@ -63,7 +64,7 @@ class EngineConfig:
     def validate(self) -> None:
         if not (isinstance(self.gpu_memory_utilization, int | float) and 0 < self.gpu_memory_utilization <= 1):
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "kv_block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "kv_block_size", "tensor_parallel_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
