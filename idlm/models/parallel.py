@@ -30,6 +30,9 @@ from idlm.models.config import ModelConfig
 from idlm.models.lora import GatedLoRA
 from idlm.models.transformer import CausalLM
 
+# the newer name of all_gather_into_tensor (which torch 2.13 deprecates), with the same arguments
+ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 def check_shardable(cfg: ModelConfig, size: int, name: str = "the model") -> None:
     """ValueError unless `cfg` splits over `size` ranks."""
@@ -88,7 +91,7 @@ class VocabParallelHead(nn.Module):
         lead, shard = hidden.shape[:-1], self.weight.shape[0]
         local = F.linear(hidden.reshape(-1, hidden.shape[-1]), self.weight)
         gathered = local.new_empty(self.size * local.shape[0], shard)
-        dist.all_gather_into_tensor(gathered, local.contiguous(), group=self.group)
+        ALL_GATHER(gathered, local.contiguous(), group=self.group)
         logits = gathered.view(self.size, -1, shard).transpose(0, 1).reshape(-1, self.size * shard)
         return logits[:, :self.vocab_size].reshape(*lead, self.vocab_size)
 
