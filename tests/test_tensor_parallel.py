@@ -131,3 +131,18 @@ def test_clear_errors_before_anything_starts(qwen3):
 
 def cfg_dict(model) -> dict:
     return json.loads((model[0] / "config.json").read_text())
+
+
+def test_bench_compares_tensor_parallel_sizes_in_one_call(tmp_path, monkeypatch, capsys):
+    from idlm.cli import main
+
+    monkeypatch.setenv("IDLM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "r.json"
+    assert main(["bench", "--shape", "tiny", "--device", "cpu", "--concurrency", "2", "--num-prompts", "2",
+                 "--prompt-len", "8", "--output-len", "4", "--modes", "ar,isd", "--stride-policy", "fixed",
+                 "-tp", "1,2", "-o", str(out)]) == 0
+    assert "ar tp=2" in capsys.readouterr().out
+    results = json.loads(out.read_text())["results"]
+    assert [(r["mode"], r["tensor_parallel_size"]) for r in results] == [
+        ("ar tp=1", 1), ("isd N=4 fixed tp=1", 1), ("ar tp=2", 2), ("isd N=4 fixed tp=2", 2)]
+    assert all(r["output_tokens"] == 8 for r in results)

@@ -65,8 +65,11 @@ GENERATION_CONFIG = option("--generation-config", default="auto",
                                 "sets none or the model has no such file, as a GGUF), vllm (ignore the file: "
                                 "temperature 1, as the OpenAI API), or a path to such a file or its folder "
                                 "(default auto)")
+TENSOR_PARALLEL_SIZE = option("--tensor-parallel-size", "-tp", type=int, default=None,
+                              help="GPUs to split the model over (tensor parallel, on GPUs of one host; on the CPU, "
+                                   "processes): the engine starts a worker process per extra GPU (default 1)")
 ENGINE = (MODEL, DEVICE, DTYPE, QUANTIZATION, KV_CACHE_TOKENS, ADAPTER, MAX_MODEL_LEN, CHAT_TEMPLATE,
-          GENERATION_CONFIG)
+          GENERATION_CONFIG, TENSOR_PARALLEL_SIZE)
 
 MAX_NUM_BATCHED_TOKENS = option("--max-num-batched-tokens", type=int, default=None,
                                 help="prompt tokens prefilled per step; longer prompts are chunked (default 2048)")
