@@ -4,11 +4,14 @@ risd, greedy and seeded; a killed worker ends the engine with a clear error with
 import json
 import os
 import signal
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_model, make_random_adapter
+from helpers import make_model, make_random_adapter, serve_process
+from server_helpers import MODEL, Server, assert_openai_error
 
 from idlm import LLM, SamplingParams
 from idlm.config import EngineConfig
@@ -146,3 +149,29 @@ def test_bench_compares_tensor_parallel_sizes_in_one_call(tmp_path, monkeypatch,
     assert [(r["mode"], r["tensor_parallel_size"]) for r in results] == [
         ("ar tp=1", 1), ("isd N=4 fixed tp=1", 1), ("ar tp=2", 2), ("isd N=4 fixed tp=2", 2)]
     assert all(r["output_tokens"] == 8 for r in results)
+
+
+def spawned_workers(pid: int) -> list[int]:
+    """The tensor-parallel workers among a process's children (not multiprocessing's resource tracker)."""
+    children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    cmdlines = {c: Path(f"/proc/{c}/cmdline").read_bytes() for c in children}
+    return [c for c, line in cmdlines.items() if b"spawn_main" in line and b"resource_tracker" not in line]
+
+
+def test_the_server_answers_503_and_exits_when_a_worker_dies(qwen3, tmp_path):
+    launcher = [sys.executable, "-m", "idlm"]  # the idlm of the working folder, as in this process
+    log = tmp_path / "serve.log"
+    with serve_process(qwen3[0], log, "--served-model-name", MODEL, "--tensor-parallel-size", "2", "--adapter", "none",
+                       launcher=launcher) as (proc, url):
+        s = Server(url, proc, log)
+        body = {"model": MODEL, "prompt": "the cat", "max_tokens": 8, "temperature": 0, "mode": "ar"}
+        assert s.post("/v1/completions", body, timeout=30).status_code == 200
+        (worker,) = spawned_workers(s.proc.pid)
+        os.kill(worker, signal.SIGKILL)
+        start = time.monotonic()
+        r = s.post("/v1/completions", {**body, "max_tokens": 200, "ignore_eos": True}, timeout=30)
+        error = assert_openai_error(r, 503, code="engine_not_ready")
+        assert "worker rank 1" in error["message"] and "died" in error["message"]
+        assert s.proc.wait(30) == 1
+        assert time.monotonic() - start < 30
+        assert "tensor-parallel worker rank 1" in s.log.read_text()
