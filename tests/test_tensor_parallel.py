@@ -15,6 +15,7 @@ from server_helpers import MODEL, Server, assert_openai_error
 
 from idlm import LLM, SamplingParams
 from idlm.config import EngineConfig
+from idlm.engine.llm_engine import MAX_LOOKAHEAD
 from idlm.engine.tensor_parallel import EngineDead, check_tensor_parallel, rank_devices
 from idlm.models.config import ModelConfig
 from idlm.models.parallel import check_shardable
@@ -90,6 +91,10 @@ def test_two_ranks_give_the_tokens_of_one(name, request):
         try:
             assert llm.engine.model.cfg.num_heads == 2 and llm.engine.model.cfg.num_kv_heads == 1
             two = outputs(llm)
+            # the padded layout of CUDA graphs, run eagerly: every step goes to the worker packed, as on a GPU
+            e = llm.engine
+            e.runner.use_padded_decode(e.config.max_num_seqs, e.max_model_len + MAX_LOOKAHEAD, cuda_graphs=False)
+            assert_same(one, outputs(llm))
         finally:
             llm.close()
     assert_same(one, two)

@@ -38,7 +38,7 @@ def add_parsers(sub) -> None:
     add_options(p, [o for o in ENGINE if o not in (QUANTIZATION, MAX_MODEL_LEN, CHAT_TEMPLATE, GENERATION_CONFIG)],
                 kv_cache_tokens={"help": "size of the paged KV pool in tokens (default: enough for --max-num-seqs "
                                          "requests of the longest prompt + output)"},
-                tensor_parallel_size={"type": str, "default": "1",
+                tensor_parallel_size={"type": str, "default": "1", "metavar": "N[,N..]",
                                       "help": "comma-separated tensor-parallel sizes, an engine each running every "
                                               "run, e.g. 1,2 to compare one GPU with two in one call (default 1)"})
     p.add_argument("--shape", default=None,

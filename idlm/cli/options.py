@@ -65,7 +65,7 @@ GENERATION_CONFIG = option("--generation-config", default="auto",
                                 "sets none or the model has no such file, as a GGUF), vllm (ignore the file: "
                                 "temperature 1, as the OpenAI API), or a path to such a file or its folder "
                                 "(default auto)")
-TENSOR_PARALLEL_SIZE = option("--tensor-parallel-size", "-tp", type=int, default=None,
+TENSOR_PARALLEL_SIZE = option("--tensor-parallel-size", "-tp", type=int, default=None, metavar="N",
                               help="GPUs to split the model over (tensor parallel, on GPUs of one host; on the CPU, "
                                    "processes): the engine starts a worker process per extra GPU (default 1)")
 ENGINE = (MODEL, DEVICE, DTYPE, QUANTIZATION, KV_CACHE_TOKENS, ADAPTER, MAX_MODEL_LEN, CHAT_TEMPLATE,

@@ -199,6 +199,9 @@ class DecodeGraphs:
             graph = torch.cuda.CUDAGraph()
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(graph, pool=self.pool):
+            # tensor parallel: NCCL's watchdog thread queries events while a graph is captured,
+            # which the default ("global") mode forbids to every thread
+            mode = "thread_local" if torch.distributed.is_initialized() else "global"
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode=mode):
                 hidden, logits = self._forward(bucket, tokens, lora, tree, self.max_positions)
         return graph, hidden, logits

@@ -46,6 +46,7 @@ from idlm.models.transformer import CausalLM
 START_TIMEOUT_S = 600.0  # loading a large checkpoint on every rank
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)  # a rank that hangs (a dead one fails at once)
 DEATH_GRACE_S = 5.0  # after a failed collective: how long a dying worker may take to be seen dead
+_LIVE: list[weakref.ref] = []  # the tensor-parallel engine of this process (rank 0), weakly
 BACKENDS = {cls.__name__: cls for cls in (PagedAttention, TritonPagedAttention)}
 
 
@@ -161,8 +162,11 @@ class TensorParallel:
     def __init__(self, folder, dtype: torch.dtype, device: torch.device, size: int, adapter: str | None,
                  gguf, compile: bool, progress: bool):
         if dist.is_initialized():
-            raise ValueError("this process already belongs to a torch.distributed group (another tensor-parallel "
-                             "engine, or torchrun); run one tensor-parallel engine per process")
+            if _LIVE and _LIVE[0]() is None:  # the group of an engine dropped without close(): ours to end
+                dist.destroy_process_group()
+            else:
+                raise ValueError("this process already belongs to a torch.distributed group (a live tensor-parallel "
+                                 "engine, or torchrun); close() the other engine, or run one per process")
         self.size = size
         self.spec = ShardSpec(str(folder), dtype, rank_devices(device, size), size, free_port(), adapter,
                               None if gguf is None else str(gguf), compile, progress)
@@ -178,10 +182,12 @@ class TensorParallel:
             self.conns.append(ours)
             self.procs.append(proc)
         self.dead: str | None = None
+        self.closing = False
         self._closer = weakref.finalize(self, _close, self.conns, self.procs)
         try:
             self._expect("hello")
             init_group(self.spec, 0)
+            _LIVE[:] = [weakref.ref(self)]
             local, self.adapter = load_shard(self.spec, 0)
             self._expect("ready")
         except BaseException:
@@ -189,7 +195,7 @@ class TensorParallel:
             raise
         self.model = LeaderModel(local, self)
         if self.spec.devices[0].startswith("cuda"):
-            threading.Thread(target=self._watch, name="idlm-tp-watch", daemon=True).start()
+            threading.Thread(target=self._watch, args=(dist.group.WORLD,), name="idlm-tp-watch", daemon=True).start()
 
     def _expect(self, what: str) -> None:
         """Waits for every worker's `what` message, failing fast on a worker that dies or errs."""
@@ -255,17 +261,21 @@ class TensorParallel:
         """DecodeGraphs.run's packed step, for the workers to replay too."""
         self.send("graph_step", step)
 
-    def _watch(self) -> None:
+    def _watch(self, group) -> None:
         """CUDA: a dead worker leaves NCCL collectives waiting for ever; aborting the communicator ends them."""
         wait([p.sentinel for p in self.procs])
+        if self.closing:  # the workers were told to stop
+            return
         with contextlib.suppress(Exception):
             self.check()
         with contextlib.suppress(Exception):
-            dist.distributed_c10d._abort_process_group()
+            dist.distributed_c10d._abort_process_group(group)
 
     def close(self) -> None:
+        self.closing = True
         self._closer()
-        if dist.is_initialized():
+        if _LIVE and _LIVE[0]() is self:
+            _LIVE.clear()
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
 
