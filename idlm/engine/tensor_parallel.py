@@ -163,7 +163,8 @@ class TensorParallel:
                  gguf, compile: bool, progress: bool):
         if dist.is_initialized():
             if _LIVE and _LIVE[0]() is None:  # the group of an engine dropped without close(): ours to end
-                dist.destroy_process_group()
+                with contextlib.suppress(Exception):
+                    dist.destroy_process_group()
             else:
                 raise ValueError("this process already belongs to a torch.distributed group (a live tensor-parallel "
                                  "engine, or torchrun); close() the other engine, or run one per process")
@@ -182,8 +183,8 @@ class TensorParallel:
             self.conns.append(ours)
             self.procs.append(proc)
         self.dead: str | None = None
-        self.closing = False
-        self._closer = weakref.finalize(self, _close, self.conns, self.procs)
+        self.closing = threading.Event()
+        self._closer = weakref.finalize(self, _close, self.conns, self.procs, self.closing)
         try:
             self._expect("hello")
             init_group(self.spec, 0)
@@ -195,7 +196,8 @@ class TensorParallel:
             raise
         self.model = LeaderModel(local, self)
         if self.spec.devices[0].startswith("cuda"):
-            threading.Thread(target=self._watch, args=(dist.group.WORLD,), name="idlm-tp-watch", daemon=True).start()
+            threading.Thread(target=_abort_on_death, args=(self.procs, self.closing, dist.group.WORLD),
+                             name="idlm-tp-watch", daemon=True).start()
 
     def _expect(self, what: str) -> None:
         """Waits for every worker's `what` message, failing fast on a worker that dies or errs."""
@@ -261,18 +263,7 @@ class TensorParallel:
         """DecodeGraphs.run's packed step, for the workers to replay too."""
         self.send("graph_step", step)
 
-    def _watch(self, group) -> None:
-        """CUDA: a dead worker leaves NCCL collectives waiting for ever; aborting the communicator ends them."""
-        wait([p.sentinel for p in self.procs])
-        if self.closing:  # the workers were told to stop
-            return
-        with contextlib.suppress(Exception):
-            self.check()
-        with contextlib.suppress(Exception):
-            dist.distributed_c10d._abort_process_group(group)
-
     def close(self) -> None:
-        self.closing = True
         self._closer()
         if _LIVE and _LIVE[0]() is self:
             _LIVE.clear()
@@ -280,7 +271,17 @@ class TensorParallel:
                 dist.destroy_process_group()
 
 
-def _close(conns, procs) -> None:
+def _abort_on_death(procs, closing: threading.Event, group) -> None:
+    """CUDA: a dead worker leaves NCCL collectives waiting for ever; aborting the communicator ends
+    them (the step then fails its liveness check). Holds no reference to the engine."""
+    wait([p.sentinel for p in procs])
+    if not closing.is_set():  # (at close the workers were told to stop)
+        with contextlib.suppress(Exception):
+            dist.distributed_c10d._abort_process_group(group)
+
+
+def _close(conns, procs, closing: threading.Event) -> None:
+    closing.set()
     message = pickle.dumps(("stop", ()))
     for conn in conns:
         with contextlib.suppress(OSError):
