@@ -239,25 +239,30 @@ class TensorParallel:
                 self._died(e)
 
     def _died(self, error: BaseException):
-        """Raises EngineDead from `error` if a worker is dead or dies within DEATH_GRACE_S."""
+        """Raises EngineDead naming the worker if one is dead or dies within DEATH_GRACE_S (a failed
+        collective may be seen before the death that caused it), else `error`."""
         deadline = time.monotonic() + DEATH_GRACE_S
         while time.monotonic() < deadline:
             try:
                 self.check()
             except EngineDead as dead:
-                raise dead from error
+                raise dead from error.__cause__ or error
             wait([p.sentinel for p in self.procs], timeout=0.1)
         raise error
 
     @contextlib.contextmanager
     def guard(self):
-        """A failing collective becomes EngineDead when a worker's death caused it."""
+        """A step that fails on rank 0 may leave the ranks out of step (a worker waiting in a
+        collective that rank 0 never reached): EngineDead, naming the worker if one died."""
         try:
             yield
-        except RuntimeError as e:
-            if isinstance(e, EngineDead):
-                raise
-            self._died(e)
+        except EngineDead:
+            raise
+        except Exception as e:
+            failed = EngineDead(f"a tensor-parallel step failed on rank 0 ({type(e).__name__}: {e}), which may "
+                                f"leave the ranks out of step; restart the engine")
+            failed.__cause__ = e
+            self._died(failed)
 
     def mirror_step(self, step) -> None:
         """DecodeGraphs.run's packed step, for the workers to replay too."""
