@@ -355,6 +355,10 @@ def worker_main(spec: ShardSpec, rank: int, conn, parent: int) -> None:
                     runner.use_padded_decode(*args)
                 elif command == "graph_step":
                     runner.decode_graphs.step(*args)
+                    if device.type == "cuda":
+                        # the next step refills the pinned staging buffer its copy to the device reads
+                        # from; rank 0 syncs every step, and so, at no cost, does this rank
+                        torch.cuda.current_stream(device).synchronize()
                 elif command == "forward":
                     ids, positions, gate, kind, meta = args
                     attn = device_batch(kind, meta, None if runner is None else runner.kv_cache, device)
