@@ -22,6 +22,7 @@ from idlm.engine.sampling_params import MODES, STRIDE_POLICIES, SamplingParams
 from idlm.models.config import ModelConfig
 from idlm.models.gguf import float_folder
 from idlm.models.loader import gguf_source, resolve_model_folder
+from idlm.models.parallel import check_shardable
 from idlm.models.shapes import shape_config, shape_folder
 from idlm.models.tokenizer import load_tokenizer
 
@@ -170,6 +171,8 @@ def run_bench(cfg: BenchConfig, command: str = "", log: Callable[[str], None] = 
     if longest > model_cfg.max_position_embeddings:
         raise ValueError(f"a request needs {longest} tokens (prompt + output) but the model's context is "
                          f"{model_cfg.max_position_embeddings}; lower --prompt-len/--output-len")
+    for tp in cfg.tensor_parallel_sizes:  # before any engine runs
+        check_shardable(model_cfg, tp, cfg.shape or folder.name)
     max_num_seqs = cfg.max_num_seqs or max(cfg.concurrency)
     kv_tokens = cfg.kv_cache_tokens or kv_tokens_for(longest, max_num_seqs)
     result = None
