@@ -20,6 +20,7 @@ tensors too (random-weight shapes shard first, then allocate only their slice).
 """
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -56,7 +57,9 @@ def local_config(cfg: ModelConfig, size: int) -> ModelConfig:
                                intermediate_size=cfg.intermediate_size // size)
 
 
-def all_reduce_fn(group) -> callable:
+def all_reduce_fn(group) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The hook that sums a row-parallel projection's partial outputs over the ranks, in place."""
+
     def all_reduce(x: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(x, group=group)
         return x
