@@ -80,7 +80,7 @@ def llama_tp2(llama):
 
 
 @pytest.mark.parametrize("name", ["qwen3", "llama"])
-def test_two_ranks_give_the_tokens_of_one(name, request):
+def test_two_ranks_give_the_tokens_of_one(name, request, monkeypatch):
     model = request.getfixturevalue(name)
     single = engine(model, 1)
     one = outputs(single)
@@ -95,6 +95,12 @@ def test_two_ranks_give_the_tokens_of_one(name, request):
             e = llm.engine
             e.runner.use_padded_decode(e.config.max_num_seqs, e.max_model_len + MAX_LOOKAHEAD, cuda_graphs=False)
             assert_same(one, outputs(llm))
+            # a step that fails on rank 0 may leave a worker inside a collective: the engine ends
+            monkeypatch.setattr("idlm.engine.tensor_parallel.DEATH_GRACE_S", 0.2)
+            monkeypatch.setattr(e.runner, "_decide", lambda *args: 1 / 0)
+            e.add_request(PROMPTS[0], SamplingParams(max_tokens=4))
+            with pytest.raises(EngineDead, match="failed on rank 0 .ZeroDivisionError"):
+                e.step()
         finally:
             llm.close()
     assert_same(one, two)

@@ -316,6 +316,12 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One forward; returns an output for every request that advanced (finished ones last time)."""
+        if self.tp is None:
+            return self._step()
+        with self.tp.guard():  # (scheduling runs steps too: the adaptive stride's first measurement)
+            return self._step()
+
+    def _step(self) -> list[RequestOutput]:
         start = time.perf_counter()
         if self._decode_step is not None:
             # what a decode step costs is the time until the next one can start: scheduling, the
@@ -326,12 +332,9 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        if self.tp is None:
-            outcomes = self.runner.run(batch.seqs, batch.num_new_tokens)
-        else:
-            with self.tp.guard():
-                outcomes = self.runner.run(batch.seqs, batch.num_new_tokens)
-            self.tp.check()  # (on CUDA a dead worker's collectives end aborted, not failed)
+        outcomes = self.runner.run(batch.seqs, batch.num_new_tokens)
+        if self.tp is not None:
+            self.tp.check()  # before the outcomes are applied (on CUDA a dead worker's collectives end aborted)
         self.stats.forwards += 1
         outputs = []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
