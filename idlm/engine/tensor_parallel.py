@@ -102,6 +102,10 @@ def init_group(spec: ShardSpec, rank: int) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         kwargs["device_id"] = device
+        if rank == 0:
+            # a dead worker is rank 0's to report (EngineDead, then a clean exit): NCCL's watchdog
+            # would otherwise tear the process down on the communicator's error
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{spec.port}",
                             rank=rank, world_size=spec.size, timeout=COLLECTIVE_TIMEOUT, **kwargs)
 
@@ -163,8 +167,7 @@ class TensorParallel:
                  gguf, compile: bool, progress: bool):
         if dist.is_initialized():
             if _LIVE and _LIVE[0]() is None:  # the group of an engine dropped without close(): ours to end
-                with contextlib.suppress(Exception):
-                    dist.destroy_process_group()
+                end_group()
             else:
                 raise ValueError("this process already belongs to a torch.distributed group (a live tensor-parallel "
                                  "engine, or torchrun); close() the other engine, or run one per process")
@@ -272,8 +275,17 @@ class TensorParallel:
         self._closer()
         if _LIVE and _LIVE[0]() is self:
             _LIVE.clear()
-            with contextlib.suppress(Exception):
-                dist.destroy_process_group()
+            end_group()
+
+
+def end_group() -> None:
+    """Ends this process's group so that another can start: NCCL's is aborted (its workers are gone,
+    and a graceful teardown may wait for them), gloo's destroyed."""
+    with contextlib.suppress(Exception):
+        if dist.get_backend() == "nccl":
+            dist.distributed_c10d._abort_process_group()
+        else:
+            dist.destroy_process_group()
 
 
 def _abort_on_death(procs, closing: threading.Event, group) -> None:
@@ -344,9 +356,10 @@ def worker_main(spec: ShardSpec, rank: int, conn, parent: int) -> None:
                 try:
                     command, args = pickle.loads(conn.recv_bytes())
                 except EOFError:
-                    return
+                    command, args = "stop", ()
                 if command == "stop":
-                    return
+                    # no teardown of the group: a graceful NCCL one may wait for peers that have gone
+                    os._exit(0)
                 if command == "runner":
                     from idlm.engine.runner import ModelRunner
 
@@ -372,11 +385,7 @@ def worker_main(spec: ShardSpec, rank: int, conn, parent: int) -> None:
                     raise RuntimeError(f"unknown tensor-parallel command {command!r}")
     except BaseException:
         traceback.print_exc()
-        os._exit(1)  # no atexit: a process group whose peer is gone may block in its teardown
-    finally:
-        if dist.is_initialized():
-            with contextlib.suppress(Exception):
-                dist.destroy_process_group()
+        os._exit(1)  # (no teardown of the group, as on stop)
 
 
 def _exit_with_parent(parent: int) -> None:
