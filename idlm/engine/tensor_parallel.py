@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tqdm import tqdm
 
 from idlm.kernels.attention import DenseAttention, PagedAttention, PagedBatch, TritonPagedAttention
 from idlm.models.config import ModelConfig
@@ -340,6 +341,7 @@ def worker_main(spec: ShardSpec, rank: int, conn, parent: int) -> None:
     """A worker: load the shard, then run every call rank 0 sends until it says stop or goes away."""
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     torch.set_num_threads(max(1, torch.get_num_threads() // spec.size))
+    tqdm.set_lock(threading.RLock())  # not tqdm's default multiprocessing lock: a worker ends with os._exit
     try:
         conn.send(("hello", None))
         init_group(spec, rank)
