@@ -55,6 +55,7 @@ class EngineConfig:
     # batch-invariant kernels: a request's tokens do not depend on what shares its batch, and greedy
     # isd/risd equal ar bit for bit (CUDA: kernels/batch_invariant.py; CPU: row-exact attention)
     deterministic: bool = False
+    tensor_parallel_size: int = 1  # processes (GPUs) one model is split over; the engine starts the others
     block_size: InitVar[int | None] = None  # deprecated name of kv_block_size
 
     def __post_init__(self, block_size: int | None) -> None:
@@ -66,12 +67,15 @@ class EngineConfig:
     def validate(self) -> None:
         if not (isinstance(self.gpu_memory_utilization, int | float) and 0 < self.gpu_memory_utilization <= 1):
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "kv_block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "kv_block_size", "tensor_parallel_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.deterministic, bool):
             raise ValueError(f"deterministic must be true or false, got {self.deterministic!r}")
+        if self.deterministic and isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size > 1:
+            raise ValueError("deterministic mode does not run under tensor parallelism yet; use "
+                             "--tensor-parallel-size 1 with --deterministic")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ValueError(f"max_model_len must be an integer >= 2 (prompt + output tokens), "
                              f"got {self.max_model_len!r}")

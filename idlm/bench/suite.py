@@ -22,6 +22,7 @@ from idlm.engine.sampling_params import MODES, STRIDE_POLICIES, SamplingParams
 from idlm.models.config import ModelConfig
 from idlm.models.gguf import float_folder
 from idlm.models.loader import gguf_source, resolve_model_folder
+from idlm.models.parallel import check_shardable
 from idlm.models.shapes import shape_config, shape_folder
 from idlm.models.tokenizer import load_tokenizer
 
@@ -54,6 +55,7 @@ class BenchConfig:
     prefix_caching: bool = False
     enforce_eager: bool = False  # CUDA: decode steps without CUDA graphs
     deterministic: bool = False  # batch-invariant kernels (EngineConfig.deterministic)
+    tensor_parallel_sizes: tuple[int, ...] = (1,)  # an engine each, every run on each (labels "tp=N" when several)
     peak_bandwidth: float | None = None  # None: measured on the device in the same call (a large copy)
     peak_flops: float = H100_FLOPS
 
@@ -79,6 +81,8 @@ class BenchConfig:
         if self.num_prompts is not None and self.num_prompts < max(self.concurrency):
             raise ValueError(f"num-prompts ({self.num_prompts}) must be at least the largest concurrency "
                              f"({max(self.concurrency)}), or C requests can never be in flight")
+        if not self.tensor_parallel_sizes or any(not isinstance(n, int) or n < 1 for n in self.tensor_parallel_sizes):
+            raise ValueError(f"tensor-parallel sizes must be positive integers, got {list(self.tensor_parallel_sizes)}")
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ValueError(f"max-num-seqs must be >= 1, got {self.max_num_seqs}")
         if self.temperature < 0:
@@ -168,35 +172,75 @@ def run_bench(cfg: BenchConfig, command: str = "", log: Callable[[str], None] = 
     if longest > model_cfg.max_position_embeddings:
         raise ValueError(f"a request needs {longest} tokens (prompt + output) but the model's context is "
                          f"{model_cfg.max_position_embeddings}; lower --prompt-len/--output-len")
+    for tp in cfg.tensor_parallel_sizes:  # before any engine runs
+        check_shardable(model_cfg, tp, cfg.shape or folder.name)
     max_num_seqs = cfg.max_num_seqs or max(cfg.concurrency)
     kv_tokens = cfg.kv_cache_tokens or kv_tokens_for(longest, max_num_seqs)
-    engine = LLMEngine(EngineConfig(model=str(folder), device=cfg.device, dtype=cfg.dtype, max_num_seqs=max_num_seqs,
-                                    kv_cache_tokens=kv_tokens, kv_block_size=KV_BLOCK_SIZE, seed=cfg.seed,
-                                    enable_prefix_caching=cfg.prefix_caching, adapter=cfg.adapter,
-                                    enforce_eager=cfg.enforce_eager, deterministic=cfg.deterministic))
-    if longest > engine.max_model_len:
-        raise ValueError(f"a request needs {longest} tokens (prompt + output) but the KV pool holds "
-                         f"{engine.max_model_len}; raise --kv-cache-tokens")
-    modes = cfg.modes or default_modes(engine)
-    runs = variants(engine, cfg, modes)
-    if any(p.stride_policy == "adaptive" and p.mode != "ar" for p in runs.values()):
-        engine.policy.cost.measure_up_to(max_num_seqs)  # its step costs, measured before any timed run
-    vocab, exclude = random_ids(engine)
-    if not items:
-        base = synthetic_requests(max(counts.values()), cfg.prompt_len, cfg.output_len, vocab, cfg.seed, exclude)
-    bandwidth = cfg.peak_bandwidth or measure_copy_bandwidth(engine.device)
-    roofline = Roofline.of(engine.model, bandwidth, cfg.peak_flops)
-    device, dtype = engine.device, next(engine.model.parameters()).dtype
-    result = _header(cfg, command, engine, folder, roofline, modes, max_num_seqs, kv_tokens, items, device, dtype)
+    result = None
+    for tp in cfg.tensor_parallel_sizes:
+        engine = LLMEngine(EngineConfig(model=str(folder), device=cfg.device, dtype=cfg.dtype,
+                                        max_num_seqs=max_num_seqs, kv_cache_tokens=kv_tokens,
+                                        kv_block_size=KV_BLOCK_SIZE, seed=cfg.seed,
+                                        enable_prefix_caching=cfg.prefix_caching, adapter=cfg.adapter,
+                                        enforce_eager=cfg.enforce_eager, tensor_parallel_size=tp,
+                                        deterministic=cfg.deterministic))
+        try:
+            if longest > engine.max_model_len:
+                raise ValueError(f"a request needs {longest} tokens (prompt + output) but the KV pool holds "
+                                 f"{engine.max_model_len}; raise --kv-cache-tokens")
+            modes = cfg.modes or default_modes(engine)
+            runs = variants(engine, cfg, modes)
+            if any(p.stride_policy == "adaptive" and p.mode != "ar" for p in runs.values()):
+                engine.policy.cost.measure_up_to(max_num_seqs)  # its step costs, measured before any timed run
+            vocab, exclude = random_ids(engine)
+            if not base:
+                base = synthetic_requests(max(counts.values()), cfg.prompt_len, cfg.output_len, vocab, cfg.seed,
+                                          exclude)
+            if result is None:
+                bandwidth = cfg.peak_bandwidth or measure_copy_bandwidth(engine.device)
+                roofline = Roofline.of(engine.model, bandwidth, cfg.peak_flops)
+                device, dtype = engine.device, next(engine.model.parameters()).dtype
+                result = _header(cfg, command, engine, folder, roofline, modes, max_num_seqs, kv_tokens, items,
+                                 device, dtype)
+                result["step_cost"] = {}
+            else:  # the roofline of one rank's weights
+                roofline = Roofline.of(engine.model, roofline.bandwidth, cfg.peak_flops)
+            tag = f" tp={tp}" if len(cfg.tensor_parallel_sizes) > 1 else ""
+            _bench_engine(engine, cfg, runs, tag, tp, base, counts, rate_count, vocab, exclude, roofline, result, log)
+            cost = engine.policy.cost
+            step_cost = {"measured_s": {str(batch): {str(rows): s for rows, s in costs.items()}
+                                        for batch, costs in cost.table.items()},
+                         "seen_s": {f"{batch}x{rows}": list(recent)
+                                    for (batch, rows), recent in sorted(cost.seen.items())}}
+            if len(cfg.tensor_parallel_sizes) == 1:
+                result["step_cost"] = step_cost
+            else:
+                result["step_cost"][f"tp={tp}"] = step_cost
+        finally:
+            engine.close()
+        del engine
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if cfg.hf_baseline:
+        batches = [cycle(base, counts[c])[:c] for c in cfg.concurrency]
+        result["hf_baseline"] = run_hf_baseline(folder, dtype, device, batches, log)
+    return result
+
+
+def _bench_engine(engine: LLMEngine, cfg: BenchConfig, runs: dict[str, SamplingParams], tag: str, tp: int,
+                  base: list[Request], counts: dict[int, int], rate_count: int, vocab: int, exclude: set[int],
+                  roofline: Roofline, result: dict, log: Callable[[str], None]) -> None:
+    """Every run on one engine, each at every concurrency and request rate."""
     for label, params in runs.items():
-        run = dict(mode=label, decoding=params.mode, stride=params.stride, stride_policy=params.stride_policy,
-                   branches=params.branches)
+        run = dict(mode=label + tag, decoding=params.mode, stride=params.stride, stride_policy=params.stride_policy,
+                   branches=params.branches, tensor_parallel_size=tp)
         for c in cfg.concurrency:
             requests = cycle(base, counts[c])
             run_closed_loop(engine, warmup_requests(requests[:c], vocab, exclude, cfg.seed + 1), c, params, roofline)
             figures = run_closed_loop(engine, requests, c, params, roofline)
             result["results"].append({**run, "concurrency": c, **figures})
-            log(f"{label} C={c}: {figures['num_requests']} requests, {figures['output_tok_s']:.1f} tok/s, "
+            log(f"{label}{tag} C={c}: {figures['num_requests']} requests, {figures['output_tok_s']:.1f} tok/s, "
                 f"{figures['per_request_tok_s']:.1f} tok/s per request"
                 + (f", K chosen {figures['chosen_k']}" if figures["chosen_k"] else ""))
         for rate in cfg.request_rates:
@@ -205,21 +249,8 @@ def run_bench(cfg: BenchConfig, command: str = "", log: Callable[[str], None] = 
             figures = run_open_loop(engine, requests, poisson_arrivals(len(requests), rate, cfg.seed), params,
                                     roofline)
             result["results"].append({**run, "concurrency": None, "request_rate": rate, **figures})
-            log(f"{label} {rate} req/s: {figures['num_requests']} requests, ITL p50/p99 "
+            log(f"{label}{tag} {rate} req/s: {figures['num_requests']} requests, ITL p50/p99 "
                 f"{figures['itl_s_p50'] * 1e3:.1f}/{figures['itl_s_p99'] * 1e3:.1f} ms")
-    cost = engine.policy.cost
-    result["step_cost"] = {"measured_s": {str(batch): {str(rows): s for rows, s in costs.items()}
-                                          for batch, costs in cost.table.items()},
-                           "seen_s": {f"{batch}x{rows}": list(recent)
-                                      for (batch, rows), recent in sorted(cost.seen.items())}}
-    del engine
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    if cfg.hf_baseline:
-        batches = [cycle(base, counts[c])[:c] for c in cfg.concurrency]
-        result["hf_baseline"] = run_hf_baseline(folder, dtype, device, batches, log)
-    return result
 
 
 def _header(cfg: BenchConfig, command: str, engine: LLMEngine, folder: Path, roofline: Roofline,

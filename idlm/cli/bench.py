@@ -15,6 +15,7 @@ EXAMPLES = """examples:
   idlm bench --shape qwen3-8b --modes ar,isd,risd --hf-baseline -o results.json --plot plot.png
   idlm bench --model I-DLM-FOLDER --workload prompts.jsonl --concurrency 1,8,32
   idlm bench --modes ar,risd --stride 2,3,4 --stride-policy fixed,adaptive   # the default model
+  idlm bench --shape qwen3-8b -tp 1,2 --concurrency 1,64   # one GPU against two, in one call
 
 Every (mode, C) run keeps exactly C requests in flight (a new one is added when one finishes)
 until its requests are done, after an untimed warm-up of C short requests. The table shows
@@ -36,7 +37,10 @@ def add_parsers(sub) -> None:
     # requests set every sampling field and use no chat template
     add_options(p, [o for o in ENGINE if o not in (QUANTIZATION, MAX_MODEL_LEN, CHAT_TEMPLATE, GENERATION_CONFIG)],
                 kv_cache_tokens={"help": "size of the paged KV pool in tokens (default: enough for --max-num-seqs "
-                                         "requests of the longest prompt + output)"})
+                                         "requests of the longest prompt + output)"},
+                tensor_parallel_size={"type": str, "default": "1", "metavar": "N[,N..]",
+                                      "help": "comma-separated tensor-parallel sizes, an engine each running every "
+                                              "run, e.g. 1,2 to compare one GPU with two in one call (default 1)"})
     p.add_argument("--shape", default=None,
                    help=f"random weights of a real model's shape instead of --model: {', '.join(SHAPES)} "
                         "(has a MASK token, so isd runs; speed only)")
@@ -153,6 +157,7 @@ def run(args: argparse.Namespace) -> None:
         kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs, adapter=args.adapter, seed=args.seed,
         prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
         deterministic=bool(args.deterministic),
+        tensor_parallel_sizes=comma_list(args.tensor_parallel_size, "--tensor-parallel-size", positive_int),
         request_rates=comma_list(args.request_rate, "--request-rate", positive_float) if args.request_rate else (),
         peak_bandwidth=None if args.peak_bandwidth == "auto" else positive_number(args.peak_bandwidth,
                                                                                  "--peak-bandwidth"),

@@ -69,8 +69,11 @@ DETERMINISTIC = option("--deterministic", action="store_true", default=None,
                        help="batch-invariant kernels: a request decodes the same tokens alone or in any batch, and "
                             "greedy isd/risd equal ar bit for bit, in bfloat16 on the GPU too (CUDA: fixed-tile "
                             "Triton matmuls, norms and attention instead of cuBLAS and compiled kernels)")
+TENSOR_PARALLEL_SIZE = option("--tensor-parallel-size", "-tp", type=int, default=None, metavar="N",
+                              help="GPUs to split the model over (tensor parallel, on GPUs of one host; on the CPU, "
+                                   "processes): the engine starts a worker process per extra GPU (default 1)")
 ENGINE = (MODEL, DEVICE, DTYPE, QUANTIZATION, KV_CACHE_TOKENS, ADAPTER, MAX_MODEL_LEN, CHAT_TEMPLATE,
-          GENERATION_CONFIG, DETERMINISTIC)
+          GENERATION_CONFIG, DETERMINISTIC, TENSOR_PARALLEL_SIZE)
 
 MAX_NUM_BATCHED_TOKENS = option("--max-num-batched-tokens", type=int, default=None,
                                 help="prompt tokens prefilled per step; longer prompts are chunked (default 2048)")

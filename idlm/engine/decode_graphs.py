@@ -16,6 +16,9 @@ SmolLM2, a dozen decode steps, and every running request waits for it.
 All per-step integers travel in one pinned host buffer and one host-to-device copy.
 """
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 from idlm.kernels.attention import PagedAttention, PagedBatch, TritonPagedAttention, padded_block_tables
@@ -24,6 +27,20 @@ from idlm.models.transformer import CausalLM, fused_elementwise
 BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 PREFILL_ROWS = (64, 128, 256)  # a prefill step's rows per prompt, padded up to one of these
 PREFILL_BATCH = 4  # prefill steps of more prompts run eagerly (their padded grid and logits grow fast)
+
+
+@dataclass(slots=True)
+class PackedStep:
+    """One padded step: its integers in one list (ids, positions, slots, gate, context lengths, tree
+    bits and rows when a tree, block tables) and the shape of its graph."""
+
+    packed: list[int]
+    bucket: int
+    tokens: int
+    width: int
+    lora: bool
+    tree: bool
+    max_context: int
 
 
 class DecodeGraphs:
@@ -58,6 +75,7 @@ class DecodeGraphs:
                                    pin_memory=device.type == "cuda")
         self.graphs: dict[tuple[int, int, bool, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.pool = None
+        self.mirror: Callable[[PackedStep], None] | None = None  # tensor parallel: the other ranks run each step too
 
     def bucket_for(self, batch: int) -> int | None:
         return next((b for b in self.buckets if b >= batch), None)
@@ -81,7 +99,6 @@ class DecodeGraphs:
         past the widest round). Row
         b*T + i is row i of sequence b."""
         bucket = self.bucket_for(len(feeds))
-        rows = bucket * tokens
         bs, scratch = self.block_size, self.scratch_block
         ids, positions, slots, gate_bits, tree_bits, context_lens, tree_rows = [], [], [], [], [], [], []
         width = 1
@@ -110,22 +127,33 @@ class DecodeGraphs:
         lora = self.with_lora and any(gate_bits)
         tree = any(f.branched for f in feeds)
         packed = ids + positions + slots + gate_bits + context_lens + (tree_bits + tree_rows if tree else []) + tables
-        host = self.staging[:len(packed)]
-        host.copy_(torch.tensor(packed, dtype=torch.long))
+        step = PackedStep(packed, bucket, tokens, width, lora, tree, max(context_lens))
+        if self.mirror is not None:
+            self.mirror(step)
+        return self.step(step)
+
+    def step(self, s: PackedStep) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Copies a packed step into the graph's buffers and replays it (every rank of a tensor-parallel
+        group runs this with the same step)."""
+        rows = s.bucket * s.tokens
+        host = self.staging[:len(s.packed)]
+        host.copy_(torch.tensor(s.packed, dtype=torch.long))
         dev = host.to(self.device, non_blocking=True)
         o = 0
         buffers = [(self.ids, rows), (self.positions, rows), (self.slots, rows), (self.gate, rows),
-                   (self.context_lens, bucket)] + ([(self.tree_bits, rows), (self.tree_rows, bucket)] if tree else [])
+                   (self.context_lens, s.bucket)]
+        if s.tree:
+            buffers += [(self.tree_bits, rows), (self.tree_rows, s.bucket)]
         for buf, n in buffers:
             buf[:n].copy_(dev[o:o + n])
             o += n
-        self.tables[:bucket, :width].copy_(dev[o:o + bucket * width].view(bucket, width))
+        self.tables[:s.bucket, :s.width].copy_(dev[o:o + s.bucket * s.width].view(s.bucket, s.width))
 
-        key = (bucket, tokens, lora, tree)
+        key = (s.bucket, s.tokens, s.lora, s.tree)
         if not self.use_graphs:
-            return self._forward(bucket, tokens, lora, tree, max(context_lens))
+            return self._forward(s.bucket, s.tokens, s.lora, s.tree, s.max_context)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(bucket, tokens, lora, tree)
+            self.graphs[key] = self._capture(s.bucket, s.tokens, s.lora, s.tree)
         graph, hidden, logits = self.graphs[key]
         graph.replay()
         return hidden, logits
@@ -172,6 +200,9 @@ class DecodeGraphs:
             graph = torch.cuda.CUDAGraph()
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(graph, pool=self.pool):
+            # tensor parallel: NCCL's watchdog thread queries events while a graph is captured,
+            # which the default ("global") mode forbids to every thread
+            mode = "thread_local" if torch.distributed.is_initialized() else "global"
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode=mode):
                 hidden, logits = self._forward(bucket, tokens, lora, tree, self.max_positions)
         return graph, hidden, logits

@@ -30,6 +30,10 @@ class LLM:
             conversations = [conversations]
         return self._run([self.engine.chat_prompt(c) for c in conversations], sampling_params, use_tqdm)
 
+    def close(self) -> None:
+        """Stops the engine's tensor-parallel workers (tensor_parallel_size > 1); nothing otherwise."""
+        self.engine.close()
+
     def get_default_sampling_params(self) -> SamplingParams:
         """What `generate` and `chat` use when given no SamplingParams: the model's generation
         config (EngineConfig.generation_config), as vLLM does."""

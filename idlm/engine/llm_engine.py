@@ -18,8 +18,10 @@ from idlm.engine.stats import EngineStats, request_stats
 from idlm.engine.step_cost import measure_step_cost
 from idlm.engine.stride_policy import StridePolicy
 from idlm.engine.structured import Grammars
+from idlm.engine.tensor_parallel import TensorParallel, check_tensor_parallel
 from idlm.kernels.attention import TritonPagedAttention
 from idlm.kernels.row_attention import RowExactPagedAttention
+from idlm.models.config import ModelConfig
 from idlm.models.generation_config import sampling_defaults
 from idlm.models.loader import (
     auto_dtype,
@@ -67,6 +69,19 @@ class LLMEngine:
     request by one forward. The server and the offline `LLM` both drive it."""
 
     def __init__(self, config: EngineConfig):
+        self.tp: TensorParallel | None = None
+        try:
+            self._init(config)
+        except BaseException:
+            self.close()  # a tensor-parallel engine's workers end with it
+            raise
+
+    def close(self) -> None:
+        """Stops the tensor-parallel workers, if any (also done when the engine is collected)."""
+        if self.tp is not None:
+            self.tp.close()
+
+    def _init(self, config: EngineConfig) -> None:
         config.validate()
         self.config = config
         self.name = model_name(config.model)  # in messages: the folder may be a cache path the user never gave
@@ -77,9 +92,23 @@ class LLMEngine:
             raise ValueError("device cuda was asked for but no CUDA GPU is visible; use --device cpu")
         self.quantization = resolve_quantization(config.model, config.quantization, self.device)
         dtype = config.dtype if config.dtype != "auto" else auto_dtype(self.device, self.quantization)
-        self.model = load_model(self.folder, parse_dtype(dtype), self.device, progress=config.progress,
-                                quantization=self.quantization, gguf_path=gguf_source(config.model))
-        self.model_config = self.model.cfg
+        adapter = config.adapter
+        if adapter is None and config.model is None:  # the embedded default: SmolLM2 + its R-ISD adapter
+            adapter = str(DEFAULT_ADAPTER)
+        adapter = adapter if adapter and adapter != "none" else None
+        if config.tensor_parallel_size > 1:
+            check_tensor_parallel(ModelConfig.from_folder(self.folder), config.tensor_parallel_size, self.quantization,
+                                  self.name, adapter)
+            self.tp = TensorParallel(self.folder, parse_dtype(dtype), self.device, config.tensor_parallel_size,
+                                     adapter, gguf_source(config.model),
+                                     compile=self.device.type == "cuda" and not config.enforce_eager,
+                                     progress=config.progress)
+            self.model = self.tp.model
+            self.model_config = self.tp.config  # the whole model's (self.model.cfg: this rank's heads)
+        else:
+            self.model = load_model(self.folder, parse_dtype(dtype), self.device, progress=config.progress,
+                                    quantization=self.quantization, gguf_path=gguf_source(config.model))
+            self.model_config = self.model.cfg
         if self.device.type == "cpu":
             self.model.store_head_column_major()
         elif not config.enforce_eager:
@@ -94,10 +123,10 @@ class LLMEngine:
         except (TypeError, ValueError) as e:
             raise ValueError(f"the generation config of {self.name}: {e}; fix it or pass --generation-config "
                              f"vllm") from e
-        adapter = config.adapter
-        if adapter is None and config.model is None:  # the embedded default: SmolLM2 + its R-ISD adapter
-            adapter = str(DEFAULT_ADAPTER)
-        self.adapter = load_adapter(self.model, adapter) if adapter and adapter != "none" else None
+        if self.tp is not None:
+            self.adapter = self.tp.adapter  # loaded by every rank before the cut
+        else:
+            self.adapter = load_adapter(self.model, adapter) if adapter else None
         fuse_for_inference(self.model)
         if config.deterministic:
             head_dim = self.model_config.head_dim
@@ -131,7 +160,7 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or context, context, pool_len)
         self.block_manager = BlockManager(num_blocks, config.kv_block_size, config.enable_prefix_caching)
         self.runner = ModelRunner(self.model, num_blocks, config.kv_block_size, self.mask_ids,
-                                  banned_token=self.mask_ids["isd"], deterministic=config.deterministic)
+                                  banned_token=self.mask_ids["isd"], deterministic=config.deterministic, tp=self.tp)
         if self.quantization != "none" or config.deterministic:
             self.runner.cpu_attention = RowExactPagedAttention
         if self.device.type == "cuda":
@@ -207,7 +236,7 @@ class LLMEngine:
         return params
 
     def _default_kv_tokens(self) -> int:
-        cfg = self.model_config
+        cfg = self.model.cfg  # (under tensor parallelism this rank's KV heads)
         elem = next(self.model.parameters()).element_size()
         per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * elem
         if self.device.type == "cuda":
@@ -294,6 +323,12 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One forward; returns an output for every request that advanced (finished ones last time)."""
+        if self.tp is None:
+            return self._step()
+        with self.tp.guard():  # (scheduling runs steps too: the adaptive stride's first measurement)
+            return self._step()
+
+    def _step(self) -> list[RequestOutput]:
         start = time.perf_counter()
         if self._decode_step is not None:
             # what a decode step costs is the time until the next one can start: scheduling, the
@@ -305,6 +340,8 @@ class LLMEngine:
         if batch is None:
             return []
         outcomes = self.runner.run(batch.seqs, batch.num_new_tokens)
+        if self.tp is not None:
+            self.tp.check()  # before the outcomes are applied (on CUDA a dead worker's collectives end aborted)
         self.stats.forwards += 1
         outputs = []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):

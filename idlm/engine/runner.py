@@ -1,4 +1,5 @@
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +19,9 @@ from idlm.kernels.attention import (
 )
 from idlm.kernels.cpu_memory import zeros
 from idlm.models.transformer import CausalLM
+
+if TYPE_CHECKING:
+    from idlm.engine.tensor_parallel import TensorParallel
 
 
 @dataclass(slots=True)
@@ -83,9 +87,15 @@ class ModelRunner:
     decoding round. One device-to-host copy per step: the round's decisions."""
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, mask_ids: dict[str, int | None],
-                 banned_token: int | None = None, deterministic: bool = False):
+                 banned_token: int | None = None, deterministic: bool = False,
+                 tp: "TensorParallel | None" = None):
         cfg = model.cfg
         self.model = model
+        # tensor parallel (engine/tensor_parallel.py): model is rank 0's LeaderModel, and the
+        # workers build the same KV pool and decode graphs and run every step with it
+        self.tp = tp
+        if tp is not None:
+            tp.send("runner", num_blocks, block_size)
         self.device = next(model.parameters()).device
         self.block_size = block_size
         self.mask_ids = mask_ids
@@ -105,11 +115,19 @@ class ModelRunner:
     def use_padded_decode(self, max_batch: int, max_positions: int, cuda_graphs: bool) -> None:
         """Decode steps from now on run in the padded [bucket, T] layout, replayed as CUDA graphs
         if cuda_graphs (else eagerly: the CPU check of the layout)."""
-        self.decode_graphs = DecodeGraphs(self.model, self.kv_cache, self.scratch_block, max_batch, MAX_DECODE_TOKENS,
+        model = self.model
+        if self.tp is not None:
+            self.tp.send("padded_decode", max_batch, max_positions, cuda_graphs)
+            model = self.model.local  # the graphs' forwards are mirrored whole, as packed steps
+        self.decode_graphs = DecodeGraphs(model, self.kv_cache, self.scratch_block, max_batch, MAX_DECODE_TOKENS,
                                           max_positions, self.use_triton, cuda_graphs, self.with_lora,
                                           triton_attention=self.gpu_attention)
+        if self.tp is not None:
+            self.decode_graphs.mirror = self.tp.mirror_step
         self.decode_graphs.capture_prefill()
-        self.round_graphs = RoundGraphs(self.model, self.banned_token, capture=cuda_graphs)
+        # under tensor parallelism a round's head calls are collectives the workers join one by
+        # one (LeaderModel.logits), which a graph replayed on rank 0 alone cannot hold
+        self.round_graphs = RoundGraphs(self.model, self.banned_token, capture=cuda_graphs and self.tp is None)
 
     def prepare(self, seqs: list[Sequence], feeds: list[FeedRows]):
         starts = [0]

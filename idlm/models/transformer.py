@@ -126,6 +126,7 @@ class SelfAttention(nn.Module):
             self.q_norm = self.k_norm = None
         self.qkv_lora: GatedLoRA | None = None
         self.o_lora: GatedLoRA | None = None
+        self.all_reduce: Callable | None = None  # tensor parallel: sums the ranks' partial outputs (models/parallel.py)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionBackend,
                 gate: torch.Tensor | None):
@@ -140,7 +141,8 @@ class SelfAttention(nn.Module):
         rotary = elementwise("apply_rotary", self.batch_invariant)
         q, k = rotary(q, *rope), rotary(k, *rope)
         out = attn(self.layer, q, k, v)
-        return project(self.o_proj, self.o_lora, out.reshape(*lead, self.q_size), gate)
+        out = project(self.o_proj, self.o_lora, out.reshape(*lead, self.q_size), gate)
+        return out if self.all_reduce is None else self.all_reduce(out)
 
 
 class MLP(nn.Module):
@@ -152,8 +154,13 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.gate_up_lora: GatedLoRA | None = None
         self.down_lora: GatedLoRA | None = None
+        self.all_reduce: Callable | None = None  # tensor parallel: sums the ranks' partial outputs (models/parallel.py)
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        out = self._forward(x, gate)
+        return out if self.all_reduce is None else self.all_reduce(out)
+
+    def _forward(self, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         if x.is_cuda or type(self.gate_up_proj) is not nn.Linear:
             gate_up = project(self.gate_up_proj, self.gate_up_lora, x, gate)
             return project(self.down_proj, self.down_lora, elementwise("silu_mul", self.batch_invariant)(gate_up),

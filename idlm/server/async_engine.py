@@ -7,9 +7,10 @@ drains before every step, so an abort frees its KV before the next forward. Outp
 each request's asyncio queue through `call_soon_threadsafe`.
 
 A step that raises ends the requests it may have touched (500) and the loop carries on while the
-KV bookkeeping is still consistent; a second failure in a row, or broken bookkeeping, poisons the
-engine: every request ends with 503, `ready` turns false for good and `on_fatal` is called so that
-the process can exit and be restarted."""
+KV bookkeeping is still consistent; a second failure in a row, broken bookkeeping, or an engine
+that cannot run any more (EngineDead: a tensor-parallel worker died) poisons the engine: every
+request ends with 503, `ready` turns false for good and `on_fatal` is called so that the process
+can exit and be restarted."""
 
 import asyncio
 import dataclasses
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 
 from idlm.engine.llm_engine import LLMEngine, RequestOutput
 from idlm.engine.sampling_params import SamplingParams
+from idlm.engine.tensor_parallel import EngineDead
 from idlm.server.metrics import ServerMetrics
 
 logger = logging.getLogger("idlm.server")
@@ -402,7 +404,7 @@ class AsyncEngine:
         """Ends the requests the failed step may have touched (every one but those still waiting
         with no KV), so their KV is freed; poisons the engine if that leaves it inconsistent."""
         self.failed_steps += 1
-        if self.failed_steps >= MAX_FAILED_STEPS:
+        if self.failed_steps >= MAX_FAILED_STEPS or isinstance(error, EngineDead):  # (a tensor-parallel worker died)
             self._poison(error)
             return
         waiting = self.engine.scheduler.waiting
