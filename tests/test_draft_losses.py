@@ -185,3 +185,18 @@ def test_draft_loss_config_is_checked(tmp_path):
     with pytest.raises(ValueError, match="draft_kl_weight"):
         tiny(tmp_path, draft_kl_weight=-1)
     assert tiny(tmp_path, draft_kl_weight="1e-1").draft_kl_weight == pytest.approx(0.1)
+
+
+def test_held_out_acceptance_is_logged_every_eval_every_steps(tmp_path):
+    held_out = counting_data(tmp_path / "held_out.jsonl", 10, seed=7)
+    trainer = Trainer(tiny(tmp_path, mode="lora", draft_loss="kl", eval_data=str(held_out), eval_every=4,
+                           stages=[{"stride": 3, "steps": 6}]))
+    trainer.train()
+    log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "eval_acceptance" in r] == [4, 6]  # every 4 steps and at the end
+    final = log[-1]
+    assert len(final["eval_acceptance"]) == 2 and 0 < final["eval_acceptance_mean"] <= 1
+    again = trainer.evaluate_acceptance()  # a pure function of the weights
+    assert again["eval_acceptance"] == final["eval_acceptance"]
+    # the noisy loss logged for held-out data is KL here: >= 0
+    assert final["eval_noisy_loss"] >= 0

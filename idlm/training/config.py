@@ -48,6 +48,10 @@ class TrainConfig:
     # log the MASK rows' expected acceptance sum(min(p, q)) by draft position in log.jsonl (one
     # more LM-head product per MASK row, no backward); the kl and tv losses compute it anyway
     log_acceptance: bool = True
+    # held-out data (the same JSONL formats as `data`) whose expected acceptance by draft position
+    # is measured every eval_every steps and at the end, and logged as eval_acceptance (a scaling curve)
+    eval_data: list[str] | None = None
+    eval_every: int = 0
     stages: list[Stage] = field(default_factory=lambda: [Stage(2, steps=100), Stage(3, steps=100, clean_weight="auto"),
                                                          Stage(4, steps=100, clean_weight="auto")])
     mask_token: str = "<|MASK|>"  # added to the tokenizer (and embedding) when absent
@@ -85,6 +89,10 @@ class TrainConfig:
             raise ValueError(f"mode must be 'full' or 'lora', got {self.mode!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if not isinstance(self.eval_every, int) or self.eval_every < 0:
+            raise ValueError(f"eval_every must be an integer >= 0, got {self.eval_every!r}")
+        if self.eval_data is not None and self.objective != "introspective":
+            raise ValueError("eval_data measures the introspective MASK rows' acceptance: objective introspective only")
         if self.draft_loss not in DRAFT_LOSSES:
             raise ValueError(f"draft_loss must be one of {', '.join(DRAFT_LOSSES)}, got {self.draft_loss!r}")
         if not isinstance(self.draft_kl_weight, int | float) or self.draft_kl_weight < 0:
@@ -129,8 +137,9 @@ def build_config(raw: dict[str, Any], source: str) -> TrainConfig:
     if missing:
         raise ValueError(f"{source}: missing required key {missing[0]!r}")
     raw = dict(raw)
-    if isinstance(raw["data"], str):
-        raw["data"] = [raw["data"]]
+    for key in ("data", "eval_data"):
+        if isinstance(raw.get(key), str):
+            raw[key] = [raw[key]]
     if "stages" in raw:
         if not isinstance(raw["stages"], list):
             raise ValueError(f"{source}: 'stages' must be a list of {{stride, steps|epochs, clean_weight}}")

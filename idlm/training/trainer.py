@@ -120,6 +120,8 @@ class Trainer:
 
         self.examples, self.report = load_examples(cfg.data, self.tokenizer, cfg.max_len)
         self.rows = make_rows(self.examples, cfg.max_len, cfg.packing)
+        self.eval_rows = (make_rows(load_examples(cfg.eval_data, self.tokenizer, cfg.max_len)[0], cfg.max_len,
+                                    cfg.packing) if cfg.eval_data else None)
         self.order = RowOrder(len(self.rows), cfg.seed)
         self.rows_per_step = cfg.micro_batch_size * cfg.grad_accum * self.world
         self.stage_ends = self._stage_ends()
@@ -247,6 +249,9 @@ class Trainer:
                    disable=not (cfg.progress and self.is_main))
         while self.step < self.total_steps:
             record = self._train_step()
+            if self.eval_rows and ((cfg.eval_every and self.step % cfg.eval_every == 0)
+                                   or self.step == self.total_steps):
+                record.update(self.evaluate_acceptance())
             if log is not None:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
@@ -329,6 +334,36 @@ class Trainer:
             record["acceptance"] = [round(float(a / c), 5) if c else None for a, c in zip(sums, counts)]
             record["acceptance_mean"] = round(float(sums.sum() / counts.sum()), 5)
         return record
+
+    @torch.no_grad()
+    def evaluate_acceptance(self) -> dict:
+        """Expected acceptance sum(min(p, q)) of the MASK rows on eval_data, by draft position, at
+        the stride of the step just taken (every rank computes it: the forward may be sharded)."""
+        stride = self.stage_at(max(0, self.step - 1)).stride
+        block = stride - 1
+        sums = torch.zeros(block, dtype=torch.float64)
+        counts = torch.zeros(block, dtype=torch.float64)
+        noisy_total, response = 0.0, 0
+        was_training = self.model.training
+        self.model.eval()
+        for start in range(0, len(self.eval_rows), self.cfg.micro_batch_size):
+            batch = collate(self.eval_rows[start:start + self.cfg.micro_batch_size],
+                            self.tokenizer.pad_token_id or 0).to(self.device)
+            db = double(batch, self.mask_id)
+            attn = FlexAttention(flex_block_mask(db, block)[0]) if self.flex else DenseAttention(dense_mask(db, block))
+            targets = loss_targets(batch, None, block)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                noisy, _, accept = self.objective(db, attn, targets.noisy_rows, targets.noisy_targets,
+                                                  targets.clean_rows, targets.clean_targets, targets.teacher_rows)
+            pos = targets.block_pos.cpu()
+            sums += torch.zeros(block, dtype=torch.float64).index_add_(0, pos, accept.double().cpu())
+            counts += torch.bincount(pos, minlength=block).double()
+            noisy_total += float(noisy)
+            response += targets.num_response
+        self.model.train(was_training)
+        return {"eval_acceptance": [round(float(a / c), 5) if c else None for a, c in zip(sums, counts)],
+                "eval_acceptance_mean": round(float(sums.sum() / counts.sum().clamp(min=1)), 5),
+                "eval_noisy_loss": noisy_total / max(response, 1)}
 
     # ------------------------------------------------------------------ checkpoints
 
