@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Issue 17: the three draft losses (ce, kl, tv) for the R-ISD adapter, same data and steps, on one
-# GPU in one call of under 9 minutes (an H200), then acceptance by draft position on held-out prompts.
+# GPU in one call (estimated 7-8 minutes on an H200: distill ~2, train ~3.5, eval ~1.5), then acceptance by
+# draft position on held-out prompts.
 #
 #   OUT=/path/results MODEL=/tmp/smollm2.gguf bash scripts/gpu_loss_comparison.sh
 #
 # Stages, each timed in $OUT/timings.txt:
-#   1. prompts: the first N_PROMPTS (default 3500) of configs/smollm2/prompts/v2/train.jsonl.gz (a
+#   1. prompts: the first N_PROMPTS (default 3000) of configs/smollm2/prompts/v2/train.jsonl.gz (a
 #      shuffled mix of every kind) and the 300 held-out prompts (heldout.jsonl, v2/heldout_code.jsonl,
 #      v2/heldout_prose.jsonl); the base answers all of them greedily in ONE `idlm distill` call
 #      (at most 256 tokens) -> data/smollm2-v2/onpolicy.jsonl and heldout_onpolicy.jsonl
-#   2. train: configs/smollm2/risd_v2.yaml with --draft_loss ce, kl and tv, STEPS steps of 16 rows
+#   2. train: configs/smollm2/risd_v2.yaml with --draft_loss ce, kl and tv, STEPS (120) steps of 16 rows
 #      each, the three runs side by side on the GPU (PARALLEL=0: one after another); each under
 #      `timeout TRAIN_LIMIT` (a run cut short keeps its newest 25-step checkpoint)
 #   3. eval: scripts/compare_modes.py per adapter on the 100 held-out chat prompts, N = 4, no
@@ -20,7 +21,7 @@
 #   loss_comparison.json  results.tar.gz (train logs, eval JSONs, distill log, timings)
 #   adapter_best.tar (the adapter with the highest greedy TPF, 14 MiB)  onpolicy_v2.tar.gz
 #   (the distilled answers, to carry into a later call instead of distilling again)  timings.txt
-# Knobs: N_PROMPTS STEPS LOSSES ("ce kl tv") PARALLEL (1) TRAIN_LIMIT (s, 260) MAX_TOKENS (256) PY;
+# Knobs: N_PROMPTS STEPS LOSSES ("ce kl tv") PARALLEL (1) TRAIN_LIMIT (s, 220) MAX_TOKENS (256) PY;
 # for a CPU dry run of the plumbing: MODEL= (empty: the embedded default), HELDOUT_LIMIT (per file),
 # TRAIN_ARGS (more --key value overrides, e.g. "--max_len 128 --micro_batch_size 1").
 set -euo pipefail
@@ -30,11 +31,11 @@ MODEL=${MODEL-/tmp/smollm2.gguf}
 HELDOUT_LIMIT=${HELDOUT_LIMIT:-100}
 TRAIN_ARGS=${TRAIN_ARGS:-}
 PY=${PY:-python3}
-N_PROMPTS=${N_PROMPTS:-3500}
-STEPS=${STEPS:-150}
+N_PROMPTS=${N_PROMPTS:-3000}
+STEPS=${STEPS:-120}
 LOSSES=${LOSSES:-"ce kl tv"}
 PARALLEL=${PARALLEL:-1}
-TRAIN_LIMIT=${TRAIN_LIMIT:-260}
+TRAIN_LIMIT=${TRAIN_LIMIT:-220}
 MAX_TOKENS=${MAX_TOKENS:-256}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 DATA=data/smollm2-v2
@@ -45,7 +46,7 @@ if [ -n "$MODEL" ]; then model_args=(--model "$MODEL"); fi
 T0=$SECONDS
 log() { echo "== +$((SECONDS - T0)) s $(date +%H:%M:%S) $*" | tee -a "$OUT/timings.txt"; }
 log "start: model=$MODEL n_prompts=$N_PROMPTS steps=$STEPS losses=$LOSSES parallel=$PARALLEL"
-"$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/timings.txt"
+"$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" | tee -a "$OUT/timings.txt"
 
 # ---------------------------------------------------------------- 1. on-policy answers
 if [ -s "$DATA/onpolicy.jsonl" ] && [ -s "$DATA/heldout_onpolicy.jsonl" ]; then

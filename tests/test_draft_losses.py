@@ -3,6 +3,7 @@ against finite differences, zero at q = p, and short training runs with each of 
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -200,3 +201,23 @@ def test_held_out_acceptance_is_logged_every_eval_every_steps(tmp_path):
     assert again["eval_acceptance"] == final["eval_acceptance"]
     # the noisy loss logged for held-out data is KL here: >= 0
     assert final["eval_noisy_loss"] >= 0
+
+    # scripts/plot_scaling.py: held-out points at the cumulative clean tokens of steps 4 and 6
+    import importlib.util
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "plot_scaling.py"
+    spec = importlib.util.spec_from_file_location("plot_scaling", script)
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    argv = sys.argv
+    try:
+        sys.argv = ["plot_scaling.py", f"kl={tmp_path / 'out' / 'log.jsonl'}", "-o", str(tmp_path / "curve")]
+        plot.main()
+    finally:
+        sys.argv = argv
+    curve = json.loads((tmp_path / "curve.json").read_text())["kl"]
+    tokens = [sum(r["tokens"] // 2 for r in log[:n]) for n in (4, 6)]
+    assert [p["tokens"] for p in curve["held_out"]] == tokens and curve["final_tokens"] == tokens[-1]
+    assert curve["held_out"][-1]["acceptance"] == final["eval_acceptance"]
+    assert (tmp_path / "curve.png").stat().st_size > 1000
