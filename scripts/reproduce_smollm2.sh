@@ -24,7 +24,8 @@
 #            is skipped, so the stage continues across calls -> data/smollm2-v2/onpolicy.jsonl and
 #            heldout_onpolicy.jsonl
 #   v2-risd  trains configs/smollm2/risd_v2.yaml on them with DRAFT_LOSS (default kl) for V2_STEPS
-#            (1500) steps of 16 rows -> runs/smollm2-risd-v2/final (resumes from its 25-step checkpoints)
+#            (1500) steps of 16 rows -> runs/smollm2-risd-v2/final (resumes from its 25-step
+#            checkpoints); NPROC=2 runs it with DDP on two GPUs (torch.distributed.run)
 #   v2-eval  greedy and T = 1 acceptance by position, TPF, risd == ar (N = 4, float32; bf16 too) of
 #            that adapter, and its scaling curve (scripts/plot_scaling.py)
 # The loss comparison (ce / kl / tv on 3,500 prompts in one call): scripts/gpu_loss_comparison.sh;
@@ -211,8 +212,11 @@ fi
 if has v2-risd; then
   log "v2-risd: train start (draft_loss ${DRAFT_LOSS:-kl})"
   t=$SECONDS
-  "$PY" -m idlm train configs/smollm2/risd_v2.yaml "${model_args[@]}" --draft_loss "${DRAFT_LOSS:-kl}" \
-    --stages "[{stride: 4, steps: ${V2_STEPS:-1500}}]" 2>&1 | tee "$OUT/train_risd_v2.log"
+  # NPROC=2 on a two-GPU machine: DDP, the same 16-row steps (8 rows a GPU), the same gradient
+  launch=("$PY"); if [ "${NPROC:-1}" -gt 1 ]; then launch=("$PY" -m torch.distributed.run --nproc-per-node "$NPROC"); fi
+  "${launch[@]}" -m idlm train configs/smollm2/risd_v2.yaml "${model_args[@]}" --draft_loss "${DRAFT_LOSS:-kl}" \
+    --stages "[{stride: 4, steps: ${V2_STEPS:-1500}}]" --grad_accum $((2 / ${NPROC:-1} > 0 ? 2 / ${NPROC:-1} : 1)) \
+    2>&1 | tee "$OUT/train_risd_v2.log"
   log "v2-risd: train done in $((SECONDS - t)) s"
 fi
 
