@@ -81,7 +81,7 @@ if [ ! -f "$CKPT/COMPLETE" ]; then CKPT=$(ls -d "$RUN"/checkpoints/step-* 2>/dev
 if [ -n "$CKPT" ]; then
   log "eval: $CKPT"
   "$PY" scripts/compare_modes.py --model "$CKPT" --mode isd --prompts configs/smollm2/prompts/heldout.jsonl \
-    --strides 4 --temperatures 0 1 --seed 0 --max-tokens "$MAX_TOKENS" --dtype float32 \
+    --strides 4 --temperatures 0 1 --seed 0 --max-tokens "$MAX_TOKENS" --dtype float32 --kv-cache-tokens 65536 \
     -o "$WORK/idlm_v2_compare.json" > "$WORK/compare.log" 2>&1 &
   "$PY" -m idlm eval perplexity configs/smollm2/heldout_text.txt --model "$CKPT" -o "$WORK/ppl_idlm_v2.json" \
     > "$WORK/ppl.log" 2>&1 &
