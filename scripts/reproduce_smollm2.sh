@@ -23,6 +23,9 @@
 #            300 held-out ones) greedily, in shards of SHARD (5000) prompts; a shard already written
 #            is skipped, so the stage continues across calls -> data/smollm2-v2/onpolicy.jsonl and
 #            heldout_onpolicy.jsonl
+#   v2-questions  questions the base writes itself: it answers prompts/v2/question_seeds.jsonl
+#            (960 seeds x 4 samples at T = 1), scripts/self_questions.py keeps the new questions,
+#            and the base answers those greedily -> data/smollm2-v2/self_questions_onpolicy.jsonl
 #   v2-risd  trains configs/smollm2/risd_v2.yaml on them with DRAFT_LOSS (default kl) for V2_STEPS
 #            (1500) steps of 16 rows -> runs/smollm2-risd-v2/final (resumes from its 25-step
 #            checkpoints); NPROC=2 runs it with DDP on two GPUs (torch.distributed.run)
@@ -30,7 +33,7 @@
 #            that adapter, and its scaling curve (scripts/plot_scaling.py)
 # The loss comparison (ce / kl / tv on 3,500 prompts in one call): scripts/gpu_loss_comparison.sh;
 # the conversion with the acceptance-driven noisy stream: scripts/gpu_idlm_v2.sh.
-# (not in the default list: sdar sdar-eval sampled v2-distill v2-risd v2-eval)
+# (not in the default list: sdar sdar-eval sampled v2-distill v2-questions v2-risd v2-eval)
 # Each stage takes under ~7 minutes on an H100; a stage reads what earlier ones wrote under data/ and
 # runs/, so STAGES="eval" re-evaluates an adapter trained earlier on the same machine.
 set -euo pipefail
@@ -207,6 +210,24 @@ EOF
   find data/smollm2-v2/shards -name 'answers_*.jsonl' ! -name answers_00.jsonl | sort | xargs cat \
     > data/smollm2-v2/onpolicy.jsonl
   log "v2-distill: done in $((SECONDS - t)) s ($(wc -l < data/smollm2-v2/onpolicy.jsonl) training answers)"
+fi
+
+if has v2-questions; then
+  log "v2-questions: start"
+  t=$SECONDS
+  mkdir -p data/smollm2-v2
+  # the base writes questions from seed topics (4 samples at T = 1), then answers them greedily
+  "$PY" -m idlm distill configs/smollm2/prompts/v2/question_seeds.jsonl data/smollm2-v2/seed_answers.jsonl \
+    "${model_args[@]}" --mode ar --temperature 1 --seed 0 --samples-per-prompt 4 --max-tokens 64 \
+    --max-num-seqs 256 2>&1 | tail -n 2 | tee -a "$OUT/distill_questions.log"
+  "$PY" scripts/self_questions.py data/smollm2-v2/seed_answers.jsonl data/smollm2-v2/self_questions.jsonl \
+    | tee -a "$OUT/distill_questions.log"
+  "$PY" -m idlm distill data/smollm2-v2/self_questions.jsonl data/smollm2-v2/self_questions_onpolicy.jsonl \
+    "${model_args[@]}" --mode ar --temperature 0 --max-tokens 256 --max-num-seqs 256 2>&1 | tail -n 2 \
+    | tee -a "$OUT/distill_questions.log"
+  gzip -c data/smollm2-v2/self_questions.jsonl > "$OUT/self_questions.jsonl.gz"
+  # train on them too: --data "[data/smollm2-v2/onpolicy.jsonl, data/smollm2-v2/self_questions_onpolicy.jsonl]"
+  log "v2-questions: done in $((SECONDS - t)) s"
 fi
 
 if has v2-risd; then
