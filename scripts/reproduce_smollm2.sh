@@ -236,7 +236,7 @@ if has v2-risd; then
   # NPROC=2 on a two-GPU machine: DDP, the same 16-row steps (8 rows a GPU), the same gradient
   launch=("$PY"); if [ "${NPROC:-1}" -gt 1 ]; then launch=("$PY" -m torch.distributed.run --nproc-per-node "$NPROC"); fi
   "${launch[@]}" -m idlm train configs/smollm2/risd_v2.yaml "${model_args[@]}" --draft_loss "${DRAFT_LOSS:-kl}" \
-    --stages "[{stride: 4, steps: ${V2_STEPS:-1500}}]" --grad_accum $((2 / ${NPROC:-1} > 0 ? 2 / ${NPROC:-1} : 1)) \
+    --stages "[{stride: 4, steps: ${V2_STEPS:-1500}}]" --eval_every 100 --grad_accum $((2 / ${NPROC:-1} > 0 ? 2 / ${NPROC:-1} : 1)) \
     2>&1 | tee "$OUT/train_risd_v2.log"
   log "v2-risd: train done in $((SECONDS - t)) s"
 fi
