@@ -11,6 +11,9 @@ flip, so run with --dtype float32 for the exactness check and with bfloat16 for 
 
 Every ISD run has a fixed stride (stride_policy fixed); --branches gives the most branch drafts a
 round adds (0: none, a cold round after each rejection; all: as many as fit), a run each.
+--temperatures 0 1 adds sampled runs (a seed per prompt from --seed): their acceptance by draft
+position is the speculative-sampling acceptance at that temperature; "identical" is left out
+(null) for them, since sampled ISD equals AR in distribution, not token for token.
 
 Tokens per forward (TPF) are from each output's stats: output tokens over the forwards that
 request took part in, summed over requests (`tpf`) and averaged per request (`tpf_mean`).
@@ -65,10 +68,16 @@ def main() -> None:
     ap.add_argument("--mode", choices=["risd", "isd"], default=None, help="default: risd with --adapter, else isd")
     ap.add_argument("--strides", type=int, nargs="+", default=[4])
     ap.add_argument("--branches", nargs="+", default=["0"], help="0..15 or all, a run each (default 0)")
+    ap.add_argument("--temperatures", type=float, nargs="+", default=[0.0],
+                    help="a run per temperature (default 0 = greedy); T > 0 runs are seeded per prompt")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the first prompt's sampled runs (default 0)")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--max-num-seqs", type=int, default=128)
+    ap.add_argument("--kv-cache-tokens", type=int, default=None,
+                    help="KV pool size in tokens (default: sized from free memory; give it when several "
+                         "processes share a GPU)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     ap.add_argument("--output", "-o", default=None, help="write the results as JSON here")
     args = ap.parse_args()
@@ -77,7 +86,7 @@ def main() -> None:
 
     conversations = read_conversations(Path(args.prompts))[:args.limit]
     llm = LLM(args.model, adapter=args.adapter, dtype=args.dtype, device=args.device,
-              max_num_seqs=args.max_num_seqs)
+              max_num_seqs=args.max_num_seqs, kv_cache_tokens=args.kv_cache_tokens)
     ar_out, ar_seconds = run(llm, conversations, SamplingParams(temperature=0, max_tokens=args.max_tokens, mode="ar"))
     result = {"prompts": args.prompts, "num_prompts": len(conversations), "model": args.model or "embedded default",
               "adapter": args.adapter, "mode": mode, "dtype": args.dtype,
@@ -87,22 +96,25 @@ def main() -> None:
           f"rounds  acceptance by draft position")
     print(f"{'ar':<6}{1:>3}{'-':>4}{'-':>11}{result['ar']['tpf']:>7.2f}{result['ar']['tpf_mean']:>9.2f}"
           f"{result['ar']['tokens_per_s']:>9}")
-    for stride, cap in ((s, b) for s in args.strides for b in branch_caps):
-        params = SamplingParams(temperature=0, max_tokens=args.max_tokens, mode=mode, stride=stride,
-                                stride_policy="fixed", branches=cap)
+    for temp, stride, cap in ((t, s, b) for t in args.temperatures for s in args.strides for b in branch_caps):
+        common = dict(temperature=temp, max_tokens=args.max_tokens, mode=mode, stride=stride, stride_policy="fixed",
+                      branches=cap)
+        params = (SamplingParams(**common) if temp == 0 else
+                  [SamplingParams(**common, seed=args.seed + i) for i in range(len(conversations))])
         out, seconds = run(llm, conversations, params)
         mismatches = []
         for i, (conv, a, b) in enumerate(zip(conversations, ar_out, out)):
-            if a.token_ids != b.token_ids:
+            if temp == 0 and a.token_ids != b.token_ids:
                 mismatches.append({"index": i, "prompt": conv[-1]["content"],
                                    "first_difference": first_difference(a.token_ids, b.token_ids),
                                    "ar_text": a.text, "text": b.text})
         rounds = {k: sum(o.stats[k] for o in out) for k in ("cold_rounds", "verify_rounds", "branch_rounds")}
-        entry = {"stride": stride, "branches": "all" if cap is None else cap,
-                 "identical": len(conversations) - len(mismatches), **summary(out, seconds), **rounds,
-                 "mismatches": mismatches}
+        entry = {"stride": stride, "branches": "all" if cap is None else cap, "temperature": temp,
+                 "identical": len(conversations) - len(mismatches) if temp == 0 else None,
+                 **summary(out, seconds), **rounds, "mismatches": mismatches}
         result["runs"].append(entry)
-        print(f"{mode:<6}{stride:>3}{entry['branches']:>4}{entry['identical']:>7}/{len(conversations):<3}"
+        same = f"{entry['identical']:>7}/{len(conversations):<3}" if temp == 0 else f"{'T=' + format(temp, 'g'):>11}"
+        print(f"{mode:<6}{stride:>3}{entry['branches']:>4}{same}"
               f"{entry['tpf']:>7.2f}{entry['tpf_mean']:>9.2f}{entry['tokens_per_s']:>9}  "
               f"{rounds['cold_rounds']}/{rounds['verify_rounds']}/{rounds['branch_rounds']}  "
               + " ".join(f"{a:.2f}" for a in entry["draft_acceptance"]))

@@ -18,7 +18,22 @@
 #   sampled  the conversion on sampled (T = 1) on-policy answers: distills them, trains
 #            configs/smollm2/idlm_sampled.yaml -> runs/smollm2-idlm-sampled/final and
 #            idlm_sampled_lr25.yaml -> runs/smollm2-idlm-sampled-lr25/final, evaluates both
-# (not in the default list: sdar sdar-eval sampled)
+#   issue 17 (v2 data, draft losses; not in the default list):
+#   v2-distill  the base answers ALL v2 prompts (configs/smollm2/prompts/v2/train.jsonl.gz plus the
+#            300 held-out ones) greedily, in shards of SHARD (5000) prompts; a shard already written
+#            is skipped, so the stage continues across calls -> data/smollm2-v2/onpolicy.jsonl and
+#            heldout_onpolicy.jsonl
+#   v2-questions  questions the base writes itself: it answers prompts/v2/question_seeds.jsonl
+#            (960 seeds x 4 samples at T = 1), scripts/self_questions.py keeps the new questions,
+#            and the base answers those greedily -> data/smollm2-v2/self_questions_onpolicy.jsonl
+#   v2-risd  trains configs/smollm2/risd_v2.yaml on them with DRAFT_LOSS (default kl) for V2_STEPS
+#            (1500) steps of 16 rows -> runs/smollm2-risd-v2/final (resumes from its 25-step
+#            checkpoints); NPROC=2 runs it with DDP on two GPUs (torch.distributed.run)
+#   v2-eval  greedy and T = 1 acceptance by position, TPF, risd == ar (N = 4, float32; bf16 too) of
+#            that adapter, and its scaling curve (scripts/plot_scaling.py)
+# The loss comparison (ce / kl / tv on 3,500 prompts in one call): scripts/gpu_loss_comparison.sh;
+# the conversion with the acceptance-driven noisy stream: scripts/gpu_idlm_v2.sh.
+# (not in the default list: sdar sdar-eval sampled v2-distill v2-questions v2-risd v2-eval)
 # Each stage takes under ~7 minutes on an H100; a stage reads what earlier ones wrote under data/ and
 # runs/, so STAGES="eval" re-evaluates an adapter trained earlier on the same machine.
 set -euo pipefail
@@ -164,6 +179,82 @@ if has sampled; then
   done
 fi
 
+if has v2-distill; then
+  log "v2-distill: start"
+  t=$SECONDS
+  mkdir -p data/smollm2-v2/shards
+  "$PY" - "${SHARD:-5000}" <<'EOF'
+import gzip, json, sys
+shard = int(sys.argv[1])
+with gzip.open("configs/smollm2/prompts/v2/train.jsonl.gz", "rt", encoding="utf-8") as f:
+    train = [json.loads(line)["prompt"] for line in f]
+held = []
+for path in ("configs/smollm2/prompts/heldout.jsonl", "configs/smollm2/prompts/v2/heldout_code.jsonl",
+             "configs/smollm2/prompts/v2/heldout_prose.jsonl"):
+    held += [json.loads(line)["prompt"] for line in open(path, encoding="utf-8")]
+parts = [held] + [train[i:i + shard] for i in range(0, len(train), shard)]
+for i, part in enumerate(parts):
+    with open(f"data/smollm2-v2/shards/prompts_{i:02d}.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"prompt": p}) + "\n" for p in part)
+print(f"{len(parts)} shards: 00 held-out ({len(held)}), then {len(parts) - 1} of <= {shard} training prompts")
+EOF
+  for prompts in data/smollm2-v2/shards/prompts_*.jsonl; do
+    answers=${prompts/prompts_/answers_}
+    if [ -s "$answers" ]; then continue; fi
+    "$PY" -m idlm distill "$prompts" "$answers.tmp" "${model_args[@]}" --mode ar --temperature 0 --max-tokens 256 \
+      --max-num-seqs 256 2>&1 | tail -n 2 | tee -a "$OUT/distill_v2.log"
+    mv "$answers.tmp" "$answers"
+    log "v2-distill: $answers"
+  done
+  cp data/smollm2-v2/shards/answers_00.jsonl data/smollm2-v2/heldout_onpolicy.jsonl
+  find data/smollm2-v2/shards -name 'answers_*.jsonl' ! -name answers_00.jsonl | sort | xargs cat \
+    > data/smollm2-v2/onpolicy.jsonl
+  log "v2-distill: done in $((SECONDS - t)) s ($(wc -l < data/smollm2-v2/onpolicy.jsonl) training answers)"
+fi
+
+if has v2-questions; then
+  log "v2-questions: start"
+  t=$SECONDS
+  mkdir -p data/smollm2-v2
+  # the base writes questions from seed topics (4 samples at T = 1), then answers them greedily
+  "$PY" -m idlm distill configs/smollm2/prompts/v2/question_seeds.jsonl data/smollm2-v2/seed_answers.jsonl \
+    "${model_args[@]}" --mode ar --temperature 1 --seed 0 --samples-per-prompt 4 --max-tokens 64 \
+    --max-num-seqs 256 2>&1 | tail -n 2 | tee -a "$OUT/distill_questions.log"
+  "$PY" scripts/self_questions.py data/smollm2-v2/seed_answers.jsonl data/smollm2-v2/self_questions.jsonl \
+    | tee -a "$OUT/distill_questions.log"
+  "$PY" -m idlm distill data/smollm2-v2/self_questions.jsonl data/smollm2-v2/self_questions_onpolicy.jsonl \
+    "${model_args[@]}" --mode ar --temperature 0 --max-tokens 256 --max-num-seqs 256 2>&1 | tail -n 2 \
+    | tee -a "$OUT/distill_questions.log"
+  gzip -c data/smollm2-v2/self_questions.jsonl > "$OUT/self_questions.jsonl.gz"
+  # train on them too: --data "[data/smollm2-v2/onpolicy.jsonl, data/smollm2-v2/self_questions_onpolicy.jsonl]"
+  log "v2-questions: done in $((SECONDS - t)) s"
+fi
+
+if has v2-risd; then
+  log "v2-risd: train start (draft_loss ${DRAFT_LOSS:-kl})"
+  t=$SECONDS
+  # NPROC=2 on a two-GPU machine: DDP, the same 16-row steps (8 rows a GPU), the same gradient
+  launch=("$PY"); if [ "${NPROC:-1}" -gt 1 ]; then launch=("$PY" -m torch.distributed.run --nproc-per-node "$NPROC"); fi
+  "${launch[@]}" -m idlm train configs/smollm2/risd_v2.yaml "${model_args[@]}" --draft_loss "${DRAFT_LOSS:-kl}" \
+    --stages "[{stride: 4, steps: ${V2_STEPS:-1500}}]" --eval_every 100 --grad_accum $((2 / ${NPROC:-1} > 0 ? 2 / ${NPROC:-1} : 1)) \
+    2>&1 | tee "$OUT/train_risd_v2.log"
+  log "v2-risd: train done in $((SECONDS - t)) s"
+fi
+
+if has v2-eval; then
+  log "v2-eval: start"
+  t=$SECONDS
+  V2=runs/smollm2-risd-v2/final
+  "$PY" scripts/compare_modes.py "${model_args[@]}" --adapter "$V2" --prompts "$HELDOUT" --strides 4 \
+    --temperatures 0 1 --max-tokens 256 --dtype float32 -o "$OUT/risd_v2_vs_ar_fp32.json"
+  "$PY" scripts/compare_modes.py "${model_args[@]}" --adapter "$V2" --prompts "$HELDOUT" --strides 4 \
+    --max-tokens 256 --dtype bfloat16 -o "$OUT/risd_v2_vs_ar_bf16.json"
+  cp runs/smollm2-risd-v2/log.jsonl "$OUT/risd_v2_train_log.jsonl"
+  "$PY" scripts/plot_scaling.py "risd_v2=runs/smollm2-risd-v2/log.jsonl" --eval "risd_v2=$OUT/risd_v2_vs_ar_fp32.json" \
+    -o "$OUT/scaling_risd_v2"
+  log "v2-eval: done in $((SECONDS - t)) s"
+fi
+
 # one line per result file
 "$PY" - "$OUT" <<'EOF' | tee "$OUT/summary.txt"
 import json
@@ -176,7 +267,10 @@ for path in sorted(Path(sys.argv[1]).glob("*.json")):
         print(f"{path.name}: " + ", ".join(f"N={x['block_size']}: alpha {x['alpha']:.3f}, exact TPF "
                                            f"{x['tpf_exact_greedy']:.2f}" for x in r["runs"]))
     elif "runs" in r:  # compare_modes.py
-        runs = ", ".join(f"N={x['stride']}: {x['identical']}/{r['num_prompts']} identical, TPF {x['tpf']:.2f}"
+        runs = ", ".join(f"N={x['stride']}" + (f" T={x['temperature']:g}" if x.get("temperature") else "")
+                         + (f": {x['identical']}/{r['num_prompts']} identical," if x.get("identical") is not None
+                            else ":")
+                         + f" TPF {x['tpf']:.2f}, acceptance {' '.join(f'{a:.2f}' for a in x['draft_acceptance'])}"
                          for x in r["runs"])
         print(f"{path.name}: {r['mode']} {r['dtype']}: {runs}")
     elif "summary" in r:

@@ -464,6 +464,17 @@ def test_distill_refuses_token_id_prompts(tmp_path):
         read_conversations(path)
 
 
+def test_gzipped_jsonl_prompts_are_read_as_jsonl(tmp_path):
+    import gzip
+
+    from idlm.eval.data import read_conversations
+
+    path = tmp_path / "p.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write('{"prompt": "hi", "kind": "v1"}\n{"prompt": "a\\nb"}\n')
+    assert read_conversations(path) == [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "a\nb"}]]
+
+
 def test_resumed_log_keeps_each_step_once(tmp_path):
     from idlm.training.trainer import keep_log_until
 

@@ -47,8 +47,9 @@ def _is_conversation(value: Any) -> bool:
 
 def read_prompts(path: Path, chat: bool = False) -> list[Prompt]:
     """A text file (one prompt per line) or JSONL of {"prompt": str}, {"prompt_ids": [int]} or
-    {"messages": [...]}. With chat, text prompts become a user message of the chat template."""
-    if path.suffix == ".jsonl":
+    {"messages": [...]}, either gzipped (.gz). With chat, text prompts become a user message of the
+    chat template."""
+    if path.name.endswith((".jsonl", ".jsonl.gz")):
         prompts: list[Prompt] = []
         for lineno, obj in read_jsonl(path):
             if isinstance(obj.get("prompt"), str):

@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 
 from idlm.config import MAX_STRIDE, read_yaml_mapping
-from idlm.training.objective import OBJECTIVES
+from idlm.training.objective import DRAFT_LOSSES, OBJECTIVES
 
 
 @dataclass
@@ -41,6 +41,17 @@ class TrainConfig:
     model: str | None = None  # HF folder or .gguf; None = the embedded default model
     mode: str = "full"  # full: I-DLM conversion; lora: gated LoRA for R-ISD (base frozen)
     objective: str = "introspective"  # or sdar: the block-diffusion baseline (objective.py; full mode only)
+    # what trains the MASK rows: ce (the data's next token), kl (KL(p || q) to the clean stream's
+    # distribution p), tv (1 - sum(min(p, q)), one minus the expected acceptance); introspective only
+    draft_loss: str = "ce"
+    draft_kl_weight: float = 0.0  # adds this multiple of KL(p || q) to a ce or tv draft loss
+    # log the MASK rows' expected acceptance sum(min(p, q)) by draft position in log.jsonl (one
+    # more LM-head product per MASK row, no backward); the kl and tv losses compute it anyway
+    log_acceptance: bool = True
+    # held-out data (the same JSONL formats as `data`) whose expected acceptance by draft position
+    # is measured every eval_every steps and at the end, and logged as eval_acceptance (a scaling curve)
+    eval_data: list[str] | None = None
+    eval_every: int = 0
     stages: list[Stage] = field(default_factory=lambda: [Stage(2, steps=100), Stage(3, steps=100, clean_weight="auto"),
                                                          Stage(4, steps=100, clean_weight="auto")])
     mask_token: str = "<|MASK|>"  # added to the tokenizer (and embedding) when absent
@@ -78,6 +89,16 @@ class TrainConfig:
             raise ValueError(f"mode must be 'full' or 'lora', got {self.mode!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if not isinstance(self.eval_every, int) or self.eval_every < 0:
+            raise ValueError(f"eval_every must be an integer >= 0, got {self.eval_every!r}")
+        if self.eval_data is not None and self.objective != "introspective":
+            raise ValueError("eval_data measures the introspective MASK rows' acceptance: objective introspective only")
+        if self.draft_loss not in DRAFT_LOSSES:
+            raise ValueError(f"draft_loss must be one of {', '.join(DRAFT_LOSSES)}, got {self.draft_loss!r}")
+        if not isinstance(self.draft_kl_weight, int | float) or self.draft_kl_weight < 0:
+            raise ValueError(f"draft_kl_weight must be a number >= 0, got {self.draft_kl_weight!r}")
+        if self.objective == "sdar" and (self.draft_loss != "ce" or self.draft_kl_weight):
+            raise ValueError("objective sdar trains its MASKs with ce only (draft_loss ce, draft_kl_weight 0)")
         if self.init_adapter is not None and self.mode != "lora":
             raise ValueError("init_adapter continues a gated-LoRA adapter: use mode lora")
         if self.objective == "sdar" and self.mode != "full":
@@ -105,7 +126,7 @@ class TrainConfig:
 
 
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
-FLOAT_FIELDS = {"lr", "warmup_ratio", "min_lr_ratio", "weight_decay", "grad_clip", "lora_alpha"}
+FLOAT_FIELDS = {"lr", "warmup_ratio", "min_lr_ratio", "weight_decay", "grad_clip", "lora_alpha", "draft_kl_weight"}
 
 
 def build_config(raw: dict[str, Any], source: str) -> TrainConfig:
@@ -116,8 +137,9 @@ def build_config(raw: dict[str, Any], source: str) -> TrainConfig:
     if missing:
         raise ValueError(f"{source}: missing required key {missing[0]!r}")
     raw = dict(raw)
-    if isinstance(raw["data"], str):
-        raw["data"] = [raw["data"]]
+    for key in ("data", "eval_data"):
+        if isinstance(raw.get(key), str):
+            raw[key] = [raw[key]]
     if "stages" in raw:
         if not isinstance(raw["stages"], list):
             raise ValueError(f"{source}: 'stages' must be a list of {{stride, steps|epochs, clean_weight}}")

@@ -25,6 +25,12 @@ from torch.utils.checkpoint import checkpoint
 
 LOSS_CHUNK_ROWS = 1024
 OBJECTIVES = ("introspective", "sdar")
+# What trains a MASK row (docs/TRAINING.md, "Draft losses"): ce, cross-entropy to the data's next
+# token; kl, KL(p || q) to the clean stream's distribution p at the same position (the frozen base
+# in lora mode, the model's own clean stream, detached, in full mode); tv, the total variation
+# 1 - sum(min(p, q)), one minus the probability that a draft sampled from q is accepted.
+DRAFT_LOSSES = ("ce", "kl", "tv")
+MASKED_LOGIT = -1e9  # the MASK id's logit in the soft losses: never sampled, never a target
 
 
 @dataclass
@@ -128,13 +134,18 @@ class LossTargets:
     clean_targets: torch.Tensor
     num_response: int  # response tokens in this batch (the step's share of the loss)
     num_noisy: int  # what CE_noisy is averaged over: response tokens, or MASKed tokens (sdar)
+    # introspective objective only (None for sdar): for each noisy row, the clean row at the same
+    # position (its distribution p is what the MASK row's q is verified against), and the MASK's
+    # place in its block, 0 .. B-1 (draft position 1 .. B)
+    teacher_rows: torch.Tensor | None = None
+    block_pos: torch.Tensor | None = None
 
 
-def loss_targets(batch: PackedBatch, sdar_masked: torch.Tensor | None = None) -> LossTargets:
+def loss_targets(batch: PackedBatch, sdar_masked: torch.Tensor | None = None, block: int | None = None) -> LossTargets:
     """Output i predicts token i + 1 of the same sample. CE_noisy: x_t MASK positions whose next
     token is a response token; CE_clean: x_0 positions whose next token is a response token.
     With sdar_masked (the sdar objective), CE_noisy is over those MASKs instead, each predicting
-    the token at its own position."""
+    the token at its own position. block (B, introspective only) fills block_pos."""
     rows, length = batch.input_ids.shape
     next_response = torch.zeros_like(batch.response)
     same = batch.sample_ids[:, 1:] == batch.sample_ids[:, :-1]
@@ -151,10 +162,16 @@ def loss_targets(batch: PackedBatch, sdar_masked: torch.Tensor | None = None) ->
     else:
         noisy_sel = sdar_masked
         noisy_targets, num_noisy = batch.input_ids[noisy_sel], int(sdar_masked.sum())
+    noisy_rows = (row_base + col)[noisy_sel]
+    teacher_rows = block_pos = None
+    if sdar_masked is None:
+        teacher_rows = noisy_rows + length
+        if block is not None:
+            block_pos = batch.positions[noisy_sel] % block
     return LossTargets(
-        noisy_rows=(row_base + col)[noisy_sel], noisy_targets=noisy_targets,
+        noisy_rows=noisy_rows, noisy_targets=noisy_targets,
         clean_rows=(row_base + length + col)[clean_sel], clean_targets=next_token[clean_sel],
-        num_response=num_response, num_noisy=num_noisy,
+        num_response=num_response, num_noisy=num_noisy, teacher_rows=teacher_rows, block_pos=block_pos,
     )
 
 
@@ -170,6 +187,68 @@ def summed_ce(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Ten
 
 def _chunk_ce(h: torch.Tensor, t: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
     return F.cross_entropy(lm_head(h).float(), t, reduction="sum")
+
+
+def draft_terms(logits_q: torch.Tensor, logits_p: torch.Tensor, kind: str, kl_weight: float = 0.0,
+                targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the draft loss of q = softmax(logits_q) against p = softmax(logits_p) (p is taken as
+    given: detach it before), and the expected acceptance sum(min(p, q)) of a draft sampled from q
+    (no gradient). kind: ce (needs targets), kl = KL(p || q), tv = 1 - sum(min(p, q)); kl_weight
+    adds that multiple of KL to ce or tv."""
+    logq = F.log_softmax(_upcast(logits_q), dim=-1)
+    logp = F.log_softmax(_upcast(logits_p), dim=-1)
+    p = logp.exp()
+    overlap = torch.minimum(p, logq.exp()).sum(-1)
+    kl = (p * (logp - logq)).sum(-1) if kind == "kl" or kl_weight else None
+    if kind == "ce":
+        if targets is None:
+            raise ValueError("draft loss ce needs the target tokens")
+        loss = -logq.gather(-1, targets[:, None]).squeeze(-1)
+    elif kind == "kl":
+        loss = kl
+    elif kind == "tv":
+        loss = 1 - overlap
+    else:
+        raise ValueError(f"draft loss must be one of {', '.join(DRAFT_LOSSES)}, got {kind!r}")
+    if kl_weight and kind != "kl":
+        loss = loss + kl_weight * kl
+    return loss, overlap.detach()
+
+
+def summed_draft_loss(hidden: torch.Tensor, teacher: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor,
+                      kind: str, kl_weight: float = 0.0, banned: int | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MASK rows' loss summed over rows, and each row's expected acceptance sum(min(p, q)).
+    hidden: the MASK rows; teacher: the clean rows at the same positions, whose softmax is p (no
+    gradient flows into them). Chunked and recomputed in backward like summed_ce. `banned` (the
+    MASK id, when it is inside the head's vocabulary) is left out of both p and q for kl and tv:
+    the engine never samples it (ce keeps today's plain softmax, so a ce run trains as before)."""
+    total = hidden.new_zeros((), dtype=torch.float32)
+    accept = []
+    teacher = teacher.detach()
+    for start in range(0, hidden.shape[0], LOSS_CHUNK_ROWS):
+        end = start + LOSS_CHUNK_ROWS
+        loss, acc = checkpoint(_chunk_draft, hidden[start:end], teacher[start:end], targets[start:end], lm_head, kind,
+                               kl_weight, banned, use_reentrant=False)
+        total = total + loss
+        accept.append(acc)
+    return total, (torch.cat(accept) if accept else hidden.new_zeros(0, dtype=torch.float32))
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """float32 for bf16 / fp16 logits; float64 stays (gradient checks)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _chunk_draft(h, teacher, t, lm_head, kind, kl_weight, banned):
+    logits_q = _upcast(lm_head(h))
+    with torch.no_grad():
+        logits_p = _upcast(lm_head(teacher))
+    if kind != "ce" and banned is not None and 0 <= banned < logits_q.shape[-1]:
+        logits_q = logits_q.index_fill(-1, torch.tensor([banned], device=h.device), MASKED_LOGIT)
+        logits_p = logits_p.index_fill(-1, torch.tensor([banned], device=h.device), MASKED_LOGIT)
+    loss, acc = draft_terms(logits_q, logits_p, kind, kl_weight, t)
+    return loss.sum(), acc
 
 
 @dataclass

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
+from idlm.config import MAX_STRIDE
 from idlm.kernels.attention import DenseAttention, FlexAttention
 from idlm.models.loader import gguf_source, load_model, model_name, resolve_model_folder
 from idlm.models.lora import AdapterConfig, attach_lora, load_adapter, read_adapter_config, save_adapter
@@ -36,6 +37,7 @@ from idlm.training.objective import (
     flex_block_mask,
     loss_targets,
     summed_ce,
+    summed_draft_loss,
 )
 
 STATE_FILE = "trainer_state.pt"
@@ -45,16 +47,28 @@ DONE_MARKER = "COMPLETE"
 class Objective(nn.Module):
     """Model + loss in one forward, so DDP sees every parameter used in its forward."""
 
-    def __init__(self, model: nn.Module, lora: bool):
+    def __init__(self, model: nn.Module, lora: bool, draft_loss: str = "ce", draft_kl_weight: float = 0.0,
+                 mask_id: int | None = None):
         super().__init__()
         self.model, self.lora = model, lora
+        self.draft_loss, self.draft_kl_weight, self.mask_id = draft_loss, draft_kl_weight, mask_id
 
-    def forward(self, db: DoubledBatch, attn, noisy_rows, noisy_targets, clean_rows, clean_targets):
+    def forward(self, db: DoubledBatch, attn, noisy_rows, noisy_targets, clean_rows, clean_targets,
+                teacher_rows=None):
+        """teacher_rows (the clean row at each MASK row's position) switch on the draft loss of
+        draft_loss and return each MASK row's expected acceptance; without them CE as always."""
         gate = db.is_mask.float() if self.lora else None
         hidden = self.model(db.input_ids, db.positions, attn, gate).flatten(0, 1)
-        noisy = summed_ce(hidden[noisy_rows], self.model.lm_head, noisy_targets)
+        accept = None
+        if teacher_rows is None:
+            noisy = summed_ce(hidden[noisy_rows], self.model.lm_head, noisy_targets)
+        else:
+            # in lora mode the clean rows are the frozen base (their gate is 0); in full mode the
+            # model's own clean stream: either way p is detached and CE_clean alone trains it
+            noisy, accept = summed_draft_loss(hidden[noisy_rows], hidden[teacher_rows], self.model.lm_head,
+                                              noisy_targets, self.draft_loss, self.draft_kl_weight, self.mask_id)
         clean = None if self.lora else summed_ce(hidden[clean_rows], self.model.lm_head, clean_targets)
-        return noisy, clean
+        return noisy, clean, accept
 
 
 class Trainer:
@@ -91,7 +105,11 @@ class Trainer:
         else:
             self.model.requires_grad_(True)
         torch.manual_seed(cfg.seed)
-        self.objective = Objective(self.model, lora=cfg.mode == "lora")
+        self.objective = Objective(self.model, lora=cfg.mode == "lora", draft_loss=cfg.draft_loss,
+                                   draft_kl_weight=cfg.draft_kl_weight, mask_id=self.mask_id)
+        # the soft draft losses need p; the acceptance log reads it too (introspective objective)
+        self.use_teacher = cfg.objective == "introspective" and (
+            cfg.log_acceptance or cfg.draft_loss != "ce" or cfg.draft_kl_weight > 0)
         self.fsdp = cfg.parallel == "fsdp" and self.world > 1
         if self.fsdp:
             self._shard()  # in place
@@ -102,6 +120,8 @@ class Trainer:
 
         self.examples, self.report = load_examples(cfg.data, self.tokenizer, cfg.max_len)
         self.rows = make_rows(self.examples, cfg.max_len, cfg.packing)
+        self.eval_rows = (make_rows(load_examples(cfg.eval_data, self.tokenizer, cfg.max_len)[0], cfg.max_len,
+                                    cfg.packing) if cfg.eval_data else None)
         self.order = RowOrder(len(self.rows), cfg.seed)
         self.rows_per_step = cfg.micro_batch_size * cfg.grad_accum * self.world
         self.stage_ends = self._stage_ends()
@@ -229,6 +249,9 @@ class Trainer:
                    disable=not (cfg.progress and self.is_main))
         while self.step < self.total_steps:
             record = self._train_step()
+            if self.eval_rows and ((cfg.eval_every and self.step % cfg.eval_every == 0)
+                                   or self.step == self.total_steps):
+                record.update(self.evaluate_acceptance())
             if log is not None:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
@@ -253,7 +276,8 @@ class Trainer:
         rows = [self.rows[i] for i in self.order.take(self.step * self.rows_per_step, self.rows_per_step)]
         denominator = sum(sum(sum(ex.response) for ex in row) for row in rows)
         mine = rows[self.rank * cfg.micro_batch_size * cfg.grad_accum:][:cfg.micro_batch_size * cfg.grad_accum]
-        totals = torch.zeros(4, dtype=torch.float64)  # loss, ce_noisy * n, ce_clean * n, tokens
+        # loss, ce_noisy * n, ce_clean * n, tokens, then acceptance sums and row counts by draft position
+        totals = torch.zeros(4 + 2 * MAX_STRIDE, dtype=torch.float64)
         for m in range(cfg.grad_accum):
             micro = mine[m * cfg.micro_batch_size:(m + 1) * cfg.micro_batch_size]
             batch = collate(micro, self.tokenizer.pad_token_id or 0).to(self.device)
@@ -264,21 +288,28 @@ class Trainer:
             db = double(batch, self.mask_id, masked)
             attn = (FlexAttention(flex_block_mask(db, block, sdar)[0]) if self.flex
                     else DenseAttention(dense_mask(db, block, sdar)))
-            targets = loss_targets(batch, masked)
+            targets = loss_targets(batch, masked, None if sdar else block)
             last = m == cfg.grad_accum - 1
             if self.fsdp:
                 self.objective.set_requires_gradient_sync(last)
             ddp_accumulating = self.world > 1 and not self.fsdp and not last
             sync = self.parallel_objective.no_sync() if ddp_accumulating else nullcontext()
             with sync, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                noisy_sum, clean_sum = self.parallel_objective(db, attn, targets.noisy_rows, targets.noisy_targets,
-                                                               targets.clean_rows, targets.clean_targets)
+                teacher_rows = targets.teacher_rows if self.use_teacher else None
+                noisy_sum, clean_sum, accept = self.parallel_objective(
+                    db, attn, targets.noisy_rows, targets.noisy_targets, targets.clean_rows, targets.clean_targets,
+                    teacher_rows)
                 losses = combine(noisy_sum, clean_sum, targets.num_response, len(targets.clean_targets),
                                  stage.clean_weight, denominator, targets.num_noisy)
                 (losses.loss * self.world).backward()
             n = targets.num_response
-            totals += torch.tensor([float(losses.loss.detach()), losses.ce_noisy * n, losses.ce_clean * n,
-                                    2 * int((batch.sample_ids >= 0).sum())], dtype=torch.float64)
+            totals[:4] += torch.tensor([float(losses.loss.detach()), losses.ce_noisy * n, losses.ce_clean * n,
+                                        2 * int((batch.sample_ids >= 0).sum())], dtype=torch.float64)
+            if accept is not None and len(accept):
+                pos = targets.block_pos.to(accept.device)
+                totals[4:4 + block] += torch.zeros(block, dtype=torch.float64, device=accept.device).index_add_(
+                    0, pos, accept.double()).cpu()
+                totals[4 + MAX_STRIDE:4 + MAX_STRIDE + block] += torch.bincount(pos, minlength=block).double().cpu()
         if self.world > 1:
             summed = totals.to(self.device)  # NCCL reduces device tensors only
             dist.all_reduce(summed)
@@ -290,11 +321,49 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         elapsed = time.perf_counter() - start
-        return {"step": self.step, "stride": stage.stride, "loss": totals[0].item(),
-                "ce_noisy": totals[1].item() / denominator,
-                "ce_clean": None if cfg.mode == "lora" else totals[2].item() / denominator,
-                "lr": lr, "grad_norm": float(grad_norm), "tokens": int(totals[3]),
-                "tokens_per_s": totals[3].item() / elapsed / self.world}
+        record = {"step": self.step, "stride": stage.stride, "loss": totals[0].item(),
+                  "ce_noisy": totals[1].item() / denominator,  # the draft loss's value (draft_loss says which)
+                  "ce_clean": None if cfg.mode == "lora" else totals[2].item() / denominator,
+                  "lr": lr, "grad_norm": float(grad_norm), "tokens": int(totals[3]),
+                  "response_tokens": denominator, "tokens_per_s": totals[3].item() / elapsed / self.world}
+        if cfg.draft_loss != "ce" or cfg.draft_kl_weight:
+            record["draft_loss"] = cfg.draft_loss + (f"+{cfg.draft_kl_weight:g}kl" if cfg.draft_kl_weight else "")
+        if self.use_teacher and totals[4 + MAX_STRIDE:].sum() > 0:
+            sums, counts = totals[4:4 + block], totals[4 + MAX_STRIDE:4 + MAX_STRIDE + block]
+            # sum(min(p, q)) of each MASK row, averaged by its place in the block (draft position 1..B)
+            record["acceptance"] = [round(float(a / c), 5) if c else None for a, c in zip(sums, counts)]
+            record["acceptance_mean"] = round(float(sums.sum() / counts.sum()), 5)
+        return record
+
+    @torch.no_grad()
+    def evaluate_acceptance(self) -> dict:
+        """Expected acceptance sum(min(p, q)) of the MASK rows on eval_data, by draft position, at
+        the stride of the step just taken (every rank computes it: the forward may be sharded)."""
+        stride = self.stage_at(max(0, self.step - 1)).stride
+        block = stride - 1
+        sums = torch.zeros(block, dtype=torch.float64)
+        counts = torch.zeros(block, dtype=torch.float64)
+        noisy_total, response = 0.0, 0
+        was_training = self.model.training
+        self.model.eval()
+        for start in range(0, len(self.eval_rows), self.cfg.micro_batch_size):
+            batch = collate(self.eval_rows[start:start + self.cfg.micro_batch_size],
+                            self.tokenizer.pad_token_id or 0).to(self.device)
+            db = double(batch, self.mask_id)
+            attn = FlexAttention(flex_block_mask(db, block)[0]) if self.flex else DenseAttention(dense_mask(db, block))
+            targets = loss_targets(batch, None, block)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                noisy, _, accept = self.objective(db, attn, targets.noisy_rows, targets.noisy_targets,
+                                                  targets.clean_rows, targets.clean_targets, targets.teacher_rows)
+            pos = targets.block_pos.cpu()
+            sums += torch.zeros(block, dtype=torch.float64).index_add_(0, pos, accept.double().cpu())
+            counts += torch.bincount(pos, minlength=block).double()
+            noisy_total += float(noisy)
+            response += targets.num_response
+        self.model.train(was_training)
+        return {"eval_acceptance": [round(float(a / c), 5) if c else None for a, c in zip(sums, counts)],
+                "eval_acceptance_mean": round(float(sums.sum() / counts.sum().clamp(min=1)), 5),
+                "eval_noisy_loss": noisy_total / max(response, 1)}
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -413,7 +482,8 @@ def plot_loss_curve(log_path: Path, png: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [r["step"] for r in records]
     ax.plot(steps, [r["loss"] for r in records], label="loss")
-    ax.plot(steps, [r["ce_noisy"] for r in records], label="CE noisy", alpha=0.7)
+    kind = records[0].get("draft_loss", "ce") if records else "ce"
+    ax.plot(steps, [r["ce_noisy"] for r in records], label=f"{kind.upper()} noisy", alpha=0.7)
     if records and records[0]["ce_clean"] is not None:
         ax.plot(steps, [r["ce_clean"] for r in records], label="CE clean", alpha=0.7)
     for r0, r1 in zip(records, records[1:]):
