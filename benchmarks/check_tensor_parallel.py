@@ -117,7 +117,10 @@ def main() -> None:
     ok = True
     for label, model in models.items():
         start = time.monotonic()
-        outs = {setup: run(model, setup, prompts, batches, args.device) for setup in SETUPS}
+        outs = {}
+        for setup in SETUPS:  # a line as each engine finishes: a run cut short still says how far it got
+            outs[setup] = run(model, setup, prompts, batches, args.device)
+            print(f"({label} {setup} done at {time.monotonic() - began:.0f} s)", flush=True)
         for name in batches:
             for setup in ("tp2-graphs", "tp2-eager"):
                 same = sum(a == b for a, b in zip(outs["tp1-graphs"][name], outs[setup][name]))
