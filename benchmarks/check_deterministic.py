@@ -394,7 +394,7 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=100)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--isd-shape", default="qwen3-0.6b", help="random-weight shape for isd ('' = skip)")
-    parser.add_argument("--isd-prompts", type=int, default=24)
+    parser.add_argument("--isd-prompts", type=int, default=100)
     parser.add_argument("--isd-tokens", type=int, default=32)
     parser.add_argument("--speed-models", default="smollm2,qwen3-8b")
     parser.add_argument("--speed-tokens", type=int, default=128)
