@@ -121,3 +121,38 @@ def test_short_prefill_steps_take_the_padded_layout(dirs):
         p.seed = 200 + i
     assert ([o.token_ids for o in padded.generate(prompts, sampled)]
             == [o.token_ids for o in plain.generate(prompts, sampled)])
+
+
+def test_round_inputs_put_each_value_where_its_name_says():
+    """round_inputs lays a round out by name in fixed shapes: each request's values at its index,
+    rows past its own drafts repeating its pending row, requests past the batch greedy and
+    draftless. A field written under the wrong name or offset shows here."""
+    import torch
+
+    from idlm.engine.round_step import FLOATS, INTS, round_inputs, round_shape
+    from idlm.engine.sequence import Sequence
+
+    def seq(tokens, drafts, num_new, branches, **params):
+        s = Sequence(tokens, SamplingParams(mode="isd", stride=4, proposal="sample", **params), seed=7 + len(tokens))
+        s.drafts, s.num_new, s.num_branches = drafts, num_new, branches
+        return s
+
+    a = seq([1, 2, 3], [5, 6], 2, 1, temperature=0.5, top_k=3)
+    b = seq([1, 2, 3, 4, 5], [], 3, 0, temperature=0, top_p=0.9)
+    shape = round_shape([a, b], batch=4, pad_drafts=True)
+    assert (shape.batch, shape.dmax, shape.kmax) == (4, 3, 3)
+    assert not shape.all_greedy and shape.needs_filter and not shape.use_min_p
+    ints, floats = round_inputs([a, b], [10, 40], shape)
+    t = dict(zip(INTS, torch.tensor(ints).split(shape.int_sizes())))
+    f = dict(zip(FLOATS, torch.tensor(floats).split(shape.batch)))
+    assert t["target_rows"].view(4, 4).tolist() == [[10, 11, 12, 10], [40, 40, 40, 40], [0] * 4, [0] * 4]
+    assert t["drafts"].view(4, 3).tolist() == [[5, 6, 0], [0] * 3, [0] * 3, [0] * 3]
+    assert t["num_drafts"].tolist() == [2, 0, 0, 0] and t["num_new"].tolist() == [2, 3, 0, 0]
+    assert t["branches"].tolist() == [1, 0, 0, 0]
+    assert t["main_rows"].tolist()[:2] == [10 + a.layout.new_drafts_row, 40 + b.layout.new_drafts_row]
+    assert t["branch_rows"].tolist()[:2] == [10 + 3 + 2, 40 + 1 + 3]
+    assert t["seeds"].tolist()[:2] == [a.seed, b.seed] and t["positions"].tolist()[:2] == [2, 4]
+    assert t["spec_verify"].tolist() == [1, 1, 1, 1] and t["top_k"].tolist() == [3, 0, 0, 0]
+    assert f["temperature"].tolist() == [0.5, 0, 0, 0]
+    assert f["top_p"].tolist() == pytest.approx([1.0, 0.9, 1.0, 1.0])
+    assert f["verify_alpha"].tolist() == [1.0] * 4 and f["min_p"].tolist() == [0.0] * 4
