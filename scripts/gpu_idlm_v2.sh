@@ -39,31 +39,12 @@ log "idlm v2: model=$MODEL n_prompts=$N_PROMPTS draft_loss=$DRAFT_LOSS"
 if [ -s "$DATA/onpolicy_t1.jsonl" ] && [ -s "$DATA/heldout_onpolicy_t1.jsonl" ]; then
   log "distill: answers already in $DATA; skipped"
 else
-  "$PY" - "$N_PROMPTS" "$DATA/prompts_t1.jsonl" <<'EOF'
-import gzip, json, sys
-n, out = int(sys.argv[1]), sys.argv[2]
-with gzip.open("configs/smollm2/prompts/v2/train.jsonl.gz", "rt", encoding="utf-8") as f:
-    train = [json.loads(line)["prompt"] for _, line in zip(range(n), f)]
-held = []
-for path in ("configs/smollm2/prompts/heldout.jsonl", "configs/smollm2/prompts/v2/heldout_code.jsonl",
-             "configs/smollm2/prompts/v2/heldout_prose.jsonl"):
-    held += [json.loads(line)["prompt"] for line in open(path, encoding="utf-8")]
-with open(out, "w", encoding="utf-8") as f:
-    f.writelines(json.dumps({"prompt": p}) + "\n" for p in train + held)
-json.dump(held, open(out + ".heldout", "w"))
-EOF
+  "$PY" scripts/onpolicy_sets.py prompts "$N_PROMPTS" "$DATA/prompts_t1.jsonl"
   log "distill (T = 1): start"
   "$PY" -m idlm distill "$DATA/prompts_t1.jsonl" "$DATA/all_t1.jsonl" "${model_args[@]}" --mode ar --temperature 1 \
     --seed 0 --max-tokens "$MAX_TOKENS" --max-num-seqs 256 2>&1 | tail -n 3 | tee "$WORK/distill_t1.log"
-  "$PY" - "$DATA" <<'EOF'
-import json, sys
-data = sys.argv[1]
-held = set(json.load(open(f"{data}/prompts_t1.jsonl.heldout")))
-with open(f"{data}/all_t1.jsonl") as f, open(f"{data}/onpolicy_t1.jsonl", "w") as tr, \
-        open(f"{data}/heldout_onpolicy_t1.jsonl", "w") as ho:
-    for line in f:
-        (ho if json.loads(line)["messages"][0]["content"] in held else tr).write(line)
-EOF
+  "$PY" scripts/onpolicy_sets.py split "$DATA/all_t1.jsonl" "$DATA/prompts_t1.jsonl" "$DATA/onpolicy_t1.jsonl" \
+    "$DATA/heldout_onpolicy_t1.jsonl"
   log "distill: done"
 fi
 tar -czf "$OUT/onpolicy_t1_v2.tar.gz" "$DATA/onpolicy_t1.jsonl" "$DATA/heldout_onpolicy_t1.jsonl"

@@ -52,35 +52,12 @@ log "start: model=$MODEL n_prompts=$N_PROMPTS steps=$STEPS losses=$LOSSES parall
 if [ -s "$DATA/onpolicy.jsonl" ] && [ -s "$DATA/heldout_onpolicy.jsonl" ]; then
   log "distill: $DATA already holds the answers (carried or from an earlier call); skipped"
 else
-  "$PY" - "$N_PROMPTS" "$DATA/prompts.jsonl" "$HELDOUT_LIMIT" <<'EOF'
-import gzip, json, sys
-n, out, limit = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-with gzip.open("configs/smollm2/prompts/v2/train.jsonl.gz", "rt", encoding="utf-8") as f:
-    train = [json.loads(line)["prompt"] for _, line in zip(range(n), f)]
-held = []
-for path in ("configs/smollm2/prompts/heldout.jsonl", "configs/smollm2/prompts/v2/heldout_code.jsonl",
-             "configs/smollm2/prompts/v2/heldout_prose.jsonl"):
-    held += [json.loads(line)["prompt"] for line in open(path, encoding="utf-8")][:limit]
-assert not set(train) & set(held)
-with open(out, "w", encoding="utf-8") as f:
-    for p in train + held:
-        f.write(json.dumps({"prompt": p}) + "\n")
-with open(out + ".heldout", "w", encoding="utf-8") as f:
-    json.dump(held, f)
-print(f"{len(train)} training + {len(held)} held-out prompts")
-EOF
+  "$PY" scripts/onpolicy_sets.py prompts "$N_PROMPTS" "$DATA/prompts.jsonl" --heldout-limit "$HELDOUT_LIMIT"
   log "distill: start"
   "$PY" -m idlm distill "$DATA/prompts.jsonl" "$DATA/all_onpolicy.jsonl" "${model_args[@]}" --mode ar \
     --temperature 0 --max-tokens "$MAX_TOKENS" --max-num-seqs 256 2>&1 | tail -n 3 | tee "$WORK/distill.log"
-  "$PY" - "$DATA" <<'EOF'
-import json, sys
-data = sys.argv[1]
-held = set(json.load(open(f"{data}/prompts.jsonl.heldout")))
-with open(f"{data}/all_onpolicy.jsonl") as f, open(f"{data}/onpolicy.jsonl", "w") as tr, \
-        open(f"{data}/heldout_onpolicy.jsonl", "w") as ho:
-    for line in f:
-        (ho if json.loads(line)["messages"][0]["content"] in held else tr).write(line)
-EOF
+  "$PY" scripts/onpolicy_sets.py split "$DATA/all_onpolicy.jsonl" "$DATA/prompts.jsonl" "$DATA/onpolicy.jsonl" \
+    "$DATA/heldout_onpolicy.jsonl"
   log "distill: done ($(wc -l < "$DATA/onpolicy.jsonl") training, $(wc -l < "$DATA/heldout_onpolicy.jsonl") held-out answers)"
 fi
 tar -czf "$OUT/onpolicy_v2.tar.gz" "$DATA/onpolicy.jsonl" "$DATA/heldout_onpolicy.jsonl"
