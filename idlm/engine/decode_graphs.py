@@ -7,7 +7,8 @@ sequence feeds, bucket = the batch size rounded up to a captured size. Short row
 the end and extra sequences fill the bucket. Padding writes its KV to a scratch block outside the
 pool and reads only scratch or slots after every real query of its row, so (attention being
 causal, or a sub-causal tree) no real row sees it. One graph per (bucket, T, LoRA on or off, tree
-or causal) runs the whole model and the head; the decoding round stays eager on the same stream.
+or causal) runs the whole model and the head; the decoding round after it is a graph of its own
+(round_graphs.py).
 
 A prefill step of a few short prompts takes the same layout, T padded up to one of PREFILL_ROWS
 (a prompt chunk is a causal run of rows like a round): run eagerly it cost ~20 ms on an H200 for
@@ -96,8 +97,7 @@ class DecodeGraphs:
         """Runs the padded step over each sequence's FeedRows (runner.feed_rows: a round, or a
         prompt chunk and on its last chunk the round, starting at cache slot starts[b]), T =
         tokens rows each (rows_for); returns (hidden [bucket*T, H], logits [bucket*T, V] or None
-        past the widest round). Row
-        b*T + i is row i of sequence b."""
+        past the widest round). Row b*T + i is row i of sequence b."""
         bucket = self.bucket_for(len(feeds))
         bs, scratch = self.block_size, self.scratch_block
         ids, positions, slots, gate_bits, tree_bits, context_lens, tree_rows = [], [], [], [], [], [], []
