@@ -390,7 +390,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="SmolLM2 (a .gguf or folder; default: the embedded one)")
     parser.add_argument("--adapter", default=str(ROOT / "idlm/adapters/smollm2-risd"))
-    parser.add_argument("--parts", default="kernels,engine", help="comma-separated: kernels, engine, speed")
+    parser.add_argument("--parts", default="kernels,engine", help="comma-separated: kernels, engine, isd (engine's "
+                        "isd check alone), speed")
     parser.add_argument("--prompts", type=int, default=100)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--isd-shape", default="qwen3-0.6b", help="random-weight shape for isd ('' = skip)")
@@ -410,6 +411,8 @@ def main() -> int:
         steps += [check_matmul, check_elementwise, check_attention, lambda: RESULTS.update(matmul_speed=matmul_speed())]
     if "engine" in parts:
         steps += engine_steps(args)
+    elif "isd" in parts:  # the isd engine check alone
+        steps += engine_steps(args)[2:]
     if "speed" in parts:
         steps.append(lambda: run_speed(args))
     for step in steps:

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from idlm.engine.tp_worker import ShardSpec, init_group, load_shard, worker_main
+from idlm.engine.tp_worker import ShardSpec, end_group, init_group, load_shard, worker_main
 from idlm.kernels.attention import DenseAttention, PagedBatch
 from idlm.models.config import ModelConfig
 from idlm.models.parallel import check_shardable
@@ -91,8 +91,8 @@ class TensorParallel:
     def __init__(self, folder, dtype: torch.dtype, device: torch.device, size: int, adapter: str | None,
                  gguf, compile: bool, progress: bool):
         if dist.is_initialized():
-            if _LIVE and _LIVE[0]() is None:  # the group of an engine dropped without close(): ours to end
-                end_group()
+            if _LIVE and _LIVE[0]() is None:  # an engine dropped without close() whose teardown did not finish
+                end_group(graceful=False)
             else:
                 raise ValueError("this process already belongs to a torch.distributed group (a live tensor-parallel "
                                  "engine, or torchrun); close() the other engine, or run one per process")
@@ -112,10 +112,12 @@ class TensorParallel:
             self.procs.append(proc)
         self.dead: str | None = None
         self.closing = threading.Event()
-        self._closer = weakref.finalize(self, _close, self.conns, self.procs, self.closing)
+        self.owns_group = [False]  # (a list: the finalizer below holds it, not the engine)
+        self._closer = weakref.finalize(self, _close, self.conns, self.procs, self.closing, self.owns_group)
         try:
             self._expect("hello")
             init_group(self.spec, 0)
+            self.owns_group[0] = True
             _LIVE[:] = [weakref.ref(self)]
             local, self.adapter = load_shard(self.spec, 0)
             self._expect("ready")
@@ -200,17 +202,6 @@ class TensorParallel:
         self._closer()
         if _LIVE and _LIVE[0]() is self:
             _LIVE.clear()
-            end_group()
-
-
-def end_group() -> None:
-    """Ends this process's group so that another can start: NCCL's is aborted (its workers are gone,
-    and a graceful teardown may wait for them), gloo's destroyed."""
-    with contextlib.suppress(Exception):
-        if dist.get_backend() == "nccl":
-            dist.distributed_c10d._abort_process_group()
-        else:
-            dist.destroy_process_group()
 
 
 def _abort_on_death(procs, closing: threading.Event, group) -> None:
@@ -222,12 +213,16 @@ def _abort_on_death(procs, closing: threading.Event, group) -> None:
             dist.distributed_c10d._abort_process_group(group)
 
 
-def _close(conns, procs, closing: threading.Event) -> None:
+def _close(conns, procs, closing: threading.Event, owns_group: list[bool]) -> None:
+    """Stops the workers; the group ends on every rank at once (each worker ends its side on stop)."""
     closing.set()
     message = pickle.dumps(("stop", ()))
     for conn in conns:
         with contextlib.suppress(OSError):
             conn.send_bytes(message)
+    if owns_group[0]:
+        owns_group[0] = False
+        end_group(graceful=all(proc.is_alive() for proc in procs))
     for proc in procs:
         proc.join(10)
         if proc.is_alive():

@@ -2,6 +2,7 @@
 join the group, load its shard; and the loop of ranks 1.., which run every call rank 0 sends them,
 in the order it sends them, until it says stop or goes away."""
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -23,6 +24,7 @@ from idlm.models.parallel import shard_model
 from idlm.models.transformer import CausalLM
 
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)  # a rank that hangs (a dead one fails at once)
+END_TIMEOUT_S = 15.0  # the most a rank waits for its group's teardown before it goes on without it
 BACKENDS = {cls.__name__: cls for cls in (PagedAttention, TritonPagedAttention)}
 
 
@@ -53,6 +55,28 @@ def init_group(spec: ShardSpec, rank: int) -> None:
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{spec.port}",
                             rank=rank, world_size=spec.size, timeout=COLLECTIVE_TIMEOUT, **kwargs)
+
+
+def end_group(graceful: bool, timeout: float = END_TIMEOUT_S) -> bool:
+    """Ends this process's group so that another can start; False if that took longer than `timeout`.
+
+    Every rank must end an NCCL group together (ncclCommAbort/Destroy wait for their peers: a
+    rank that ends it alone hangs), so at a graceful stop rank 0 and every worker call this at the
+    same time; with a dead peer the communicator is aborted instead. The wait is bounded either way
+    (in a thread): a hung teardown must not keep a process from exiting."""
+    def teardown():
+        with contextlib.suppress(Exception):
+            if graceful or dist.get_backend() != "nccl":
+                dist.destroy_process_group()
+            else:
+                dist.distributed_c10d._abort_process_group()
+
+    if not dist.is_initialized():
+        return True
+    thread = threading.Thread(target=teardown, name="idlm-tp-teardown", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return not thread.is_alive()
 
 
 def load_shard(spec: ShardSpec, rank: int) -> tuple[CausalLM, AdapterConfig | None]:
@@ -118,7 +142,7 @@ def worker_main(spec: ShardSpec, rank: int, conn, parent: int) -> None:
                 except EOFError:
                     command, args = "stop", ()
                 if command == "stop":
-                    # no teardown of the group: a graceful NCCL one may wait for peers that have gone
+                    end_group(graceful=True)  # together with rank 0, which ends its side as it says stop
                     os._exit(0)
                 if command == "runner":
                     from idlm.engine.runner import ModelRunner
@@ -145,7 +169,7 @@ def worker_main(spec: ShardSpec, rank: int, conn, parent: int) -> None:
                     raise RuntimeError(f"unknown tensor-parallel command {command!r}")
     except BaseException:
         traceback.print_exc()
-        os._exit(1)  # (no teardown of the group, as on stop)
+        os._exit(1)  # (no teardown: rank 0 sees this rank dead and aborts its side)
 
 
 def _exit_with_parent(parent: int) -> None:
