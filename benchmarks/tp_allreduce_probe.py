@@ -1,0 +1,89 @@
+"""What one tensor-parallel all-reduce costs on this host's GPUs, eagerly and inside a CUDA graph.
+
+A TP = 2 decode step of the Qwen3-8B shape does 72 all-reduces (two per layer) of [C, 4096]
+bfloat16 rows; at C = 1 the weights take ~1.9 ms per GPU to read, so the all-reduces decide
+whether two GPUs beat one. This times them alone, the way the engine runs them (NCCL through
+torch.distributed, one process per GPU, the 72 captured in one graph), and says whether the GPUs
+can reach each other's memory directly (peer access; without it NCCL goes through host memory).
+
+    python benchmarks/tp_allreduce_probe.py [--gpus 2] [--rows 1,64] [--hidden 4096] [--count 72]
+"""
+
+import argparse
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from idlm.engine.tensor_parallel import free_port
+
+
+def rank_main(rank: int, args, port: int) -> None:
+    torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.gpus,
+                            device_id=device)
+    try:
+        for rows in args.rows:
+            x = torch.ones(rows, args.hidden, dtype=torch.bfloat16, device=device)
+
+            def chain():
+                for _ in range(args.count):
+                    dist.all_reduce(x)
+
+            for _ in range(3):
+                chain()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(args.repeats):
+                chain()
+            torch.cuda.synchronize()
+            eager = (time.perf_counter() - start) / (args.repeats * args.count)
+            graph = torch.cuda.CUDAGraph()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                chain()  # (the communicator's first use on this stream, outside the capture)
+                with torch.cuda.graph(graph, stream=stream):
+                    chain()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph.replay()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(args.repeats):
+                graph.replay()
+            torch.cuda.synchronize()
+            captured = (time.perf_counter() - start) / (args.repeats * args.count)
+            dist.barrier()
+            if rank == 0:
+                print(f"all-reduce of [{rows}, {args.hidden}] bf16 over {args.gpus} GPUs: eager {1e6 * eager:.1f} us, "
+                      f"in a CUDA graph {1e6 * captured:.1f} us; {args.count} of them (a Qwen3-8B TP step): "
+                      f"{1e3 * args.count * captured:.2f} ms", flush=True)
+    finally:
+        dist.destroy_process_group()  # every rank at once
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpus", type=int, default=2)
+    p.add_argument("--rows", default="1,64", help="comma-separated row counts (the batch's decode rows)")
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--count", type=int, default=72, help="all-reduces per step")
+    p.add_argument("--repeats", type=int, default=20)
+    args = p.parse_args()
+    args.rows = [int(r) for r in args.rows.split(",")]
+    visible = torch.cuda.device_count()
+    if visible < args.gpus:
+        raise SystemExit(f"needs {args.gpus} GPUs, {visible} visible")
+    for a in range(args.gpus):
+        peers = [b for b in range(args.gpus) if b != a and torch.cuda.can_device_access_peer(a, b)]
+        print(f"cuda:{a} ({torch.cuda.get_device_name(a)}) has peer access to {peers or 'no other GPU'}")
+    print("NCCL_P2P_DISABLE=" + os.environ.get("NCCL_P2P_DISABLE", "(unset)"), "NCCL_NVLS_ENABLE=" +
+          os.environ.get("NCCL_NVLS_ENABLE", "(unset)"), flush=True)
+    mp.spawn(rank_main, args=(args, free_port()), nprocs=args.gpus)
+
+
+if __name__ == "__main__":
+    main()
