@@ -124,6 +124,26 @@ def test_a_killed_worker_ends_the_engine_within_seconds(llama_tp2):
     llama_tp2.close()  # does not hang on the dead peer
 
 
+def test_a_hung_group_teardown_is_given_up_after_its_timeout(monkeypatch):
+    """NCCL's teardown waits for every rank; a rank left alone must still get on (and exit)."""
+    import threading
+
+    import torch.distributed as dist
+
+    from idlm.engine import tp_worker
+
+    release, calls = threading.Event(), []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda: "nccl")
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy") or release.wait(5))
+    monkeypatch.setattr(dist.distributed_c10d, "_abort_process_group", lambda: calls.append("abort"))
+    start = time.monotonic()
+    assert tp_worker.end_group(graceful=True, timeout=0.3) is False
+    assert time.monotonic() - start < 2 and calls == ["destroy"]
+    release.set()
+    assert tp_worker.end_group(graceful=False, timeout=2) is True and calls[-1] == "abort"  # a dead peer: abort
+
+
 def test_clear_errors_before_anything_starts(qwen3):
     cfg = ModelConfig.from_folder(qwen3[0])
     with pytest.raises(ValueError, match="4 attention heads.*tensor_parallel_size=3"):
