@@ -22,6 +22,7 @@ FORMATS = ("Q4_0", "Q4_1", "Q8_0")
 BLOCK_BYTES = {"Q4_0": 2 + GROUP // 2, "Q4_1": 4 + GROUP // 2, "Q8_0": 2 + GROUP}
 # the int4 kernel's output columns come in tiles of 16
 _N_ALIGN = 16
+_INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 
 
 @dataclass
@@ -147,7 +148,7 @@ class QuantLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         planes = weight.int4_planes()
         self.num_planes = len(planes)
-        n_pad = -self.out_features % _N_ALIGN
+        n_pad = self.n_pad = -self.out_features % _N_ALIGN
         codes = torch.cat([p[0] for p in planes], dim=1).to(torch.int32)
         scale = torch.cat([p[1] for p in planes], dim=1)
         # the kernel dequantises (code - 8) * scale + zero
@@ -160,15 +161,17 @@ class QuantLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        # (a decode step calls this 120 times on SmolLM2: every op and attribute lookup here counts)
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (.to's result is contiguous)
         if self.num_planes > 1:
             flat = flat.repeat(1, self.num_planes)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), self.packed, GROUP, self.scale_zero)
-        out = out[:, :self.out_features].to(x.dtype)
+        out = _INT4_MM(flat, self.packed, GROUP, self.scale_zero)
+        if self.n_pad:
+            out = out[:, :self.out_features]
+        out = out.to(x.dtype)
         if self.bias is not None:
             out = out + self.bias
-        return out.view(*lead, self.out_features)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt}"
