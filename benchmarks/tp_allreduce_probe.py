@@ -29,7 +29,7 @@ def rank_main(rank: int, args, port: int) -> None:
         for rows in args.rows:
             x = torch.ones(rows, args.hidden, dtype=torch.bfloat16, device=device)
 
-            def chain():
+            def chain(x=x):
                 for _ in range(args.count):
                     dist.all_reduce(x)
 
