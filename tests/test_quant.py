@@ -281,7 +281,11 @@ def head_inputs(llm: LLM, prompts: list[list[int]], params: SamplingParams, batc
 def test_quantised_rows_are_bit_identical_alone_batched_and_in_rounds(quant_idlm):
     """Stronger than equal tokens: every hidden row an ar request alone gives its head recurs bit
     for bit when it runs in a batch and when it runs as risd rounds."""
-    llm = quant_idlm["int4"]
+    assert_rows_invariant(quant_idlm["int4"])
+
+
+def assert_rows_invariant(llm: LLM) -> None:
+    """Every hidden row of 8 ar requests alone recurs bit for bit batched, and in risd rounds."""
     prompts = prompts_for(8, 12, seed=8)
     greedy = dict(temperature=0, max_tokens=24, ignore_eos=True)
     alone = head_inputs(llm, prompts, SamplingParams(mode="ar", **greedy), batched=False)
