@@ -66,3 +66,22 @@ def test_risd_stops_where_ar_stops(default_llm):
         risd = default_llm.chat(chats, SamplingParams(mode="risd", **params))
         assert [(o.token_ids, o.text, o.finish_reason) for o in risd] == \
                [(o.token_ids, o.text, o.finish_reason) for o in ar]
+
+
+def test_the_gguf_tokenizer_loads_as_auto_tokenizer_would(default_llm):
+    """The cached GGUF folder names TokenizersBackend, so it loads without AutoTokenizer's detour
+    through the model config (seconds of imports), and nothing about it differs."""
+    from transformers import AutoTokenizer
+
+    from idlm.models.tokenizer import _names_tokenizers_backend
+
+    folder = default_llm.engine.folder
+    assert _names_tokenizers_backend(folder)
+    ours, auto = default_llm.engine.tokenizer, AutoTokenizer.from_pretrained(folder)
+    assert type(ours) is type(auto) and len(ours) == len(auto)
+    text = "Hello world!  def f(x):\n\treturn x**2 <|im_end|> ünïcode 日本"
+    assert ours(text)["input_ids"] == auto(text)["input_ids"]
+    chat = [{"role": "user", "content": text}]
+    assert ours.apply_chat_template(chat, add_generation_prompt=True) == auto.apply_chat_template(
+        chat, add_generation_prompt=True)
+    assert (ours.eos_token_id, ours.all_special_ids) == (auto.eos_token_id, auto.all_special_ids)

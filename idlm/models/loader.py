@@ -12,7 +12,7 @@ from idlm.models.config import ModelConfig
 from idlm.models.gguf import cached_hf_folder, default_gguf_path
 from idlm.models.hub import hub_folder, is_hub_id
 from idlm.models.quant import GroupQuant, QuantEmbedding, QuantLinear, concat_rows, quantize
-from idlm.models.transformer import CausalLM
+from idlm.models.transformer import CausalLM, meta_aware_embedding
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # none: float weights; gguf: the GGUF file's own Q4_0/Q4_1/Q8_0 blocks; int8 / int4: float weights
@@ -185,7 +185,8 @@ def load_gguf_quantized(folder: Path, gguf_path: Path, dtype: torch.dtype) -> Ca
     model.lm_head = RowTiledLinear(cfg.hidden_size, cfg.vocab_size, bias=False, device="cpu", dtype=dtype)
     model.lm_head.weight = nn.Parameter(head, requires_grad=False)
     if cfg.tie_word_embeddings:
-        model.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device="meta")
+        with torch.device("meta"):
+            model.model.embed_tokens = meta_aware_embedding(cfg.vocab_size, cfg.hidden_size)
         model.model.embed_tokens.weight = model.lm_head.weight  # one tensor, also once made column-major
     elif isinstance(embed, GroupQuant):
         model.model.embed_tokens = QuantEmbedding(embed, dtype)
@@ -194,7 +195,8 @@ def load_gguf_quantized(folder: Path, gguf_path: Path, dtype: torch.dtype) -> Ca
     for module in model.modules():
         for name, p in list(module.named_parameters(recurse=False)):
             if p.is_meta:
-                setattr(module, name, nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=False))
+                # (torch.empty, not empty_like: empty_like of a meta tensor imports sympy, ~0.7 s)
+                setattr(module, name, nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=False))
     model.rotary.inv_freq = torch.tensor(cfg.rope_inv_freq(), dtype=torch.float32)
     params = dict(model.named_parameters())
     for name, tensor in tensors.items():
