@@ -1,10 +1,11 @@
 """GPU check of tensor parallelism (issue 19) on 2 GPUs of one host: tiny Qwen3 and Llama models in
 float32 give the same greedy tokens at TP = 2 as at TP = 1 for ar, isd and risd (mixed strides,
 branches), with decode steps replayed as CUDA graphs (the all-reduces captured) and run eagerly;
-seeded sampling gives the same tokens too; then a killed worker ends a TP = 2 engine with a clear
-error within seconds (NCCL: the watcher aborts the communicator), checked in a child process so
-that a hang reports FAIL instead of blocking. Prints a PASS or FAIL line per check, exits 1 on any
-FAIL.
+seeded sampling gives the same tokens too; a closed TP = 2 engine ends its process group in time
+for a second one to start in the same process; then a killed worker ends a TP = 2 engine with a
+clear error within seconds (NCCL: the watcher aborts the communicator). Each engine runs in a
+child process (all at once), so that a hang reports FAIL instead of blocking.
+Prints a PASS or FAIL line per check, exits 1 on any FAIL.
 
     python benchmarks/check_tensor_parallel.py        # a few minutes
     python benchmarks/check_tensor_parallel.py --device cpu   # the same checks over gloo (no graphs)
@@ -31,6 +32,7 @@ from helpers import make_model, make_random_adapter  # noqa: E402
 from idlm import LLM, SamplingParams  # noqa: E402
 
 MASK = 3
+PROMPTS = [[5 + i % 40, 6, 7, 8 + i % 30] * (1 + i % 5) for i in range(8)]
 SETUPS = {"tp1-graphs": dict(tensor_parallel_size=1), "tp2-graphs": dict(tensor_parallel_size=2),
           "tp2-eager": dict(tensor_parallel_size=2, enforce_eager=True)}
 
@@ -59,14 +61,48 @@ def requests(prompts: list[list[int]]) -> dict[str, list[SamplingParams]]:
     return out
 
 
-def run(model: tuple[Path, Path], setup: str, prompts, batches, device: str) -> dict[str, list[list[int]]]:
-    folder, adapter = model
-    llm = LLM(str(folder), adapter=str(adapter), dtype="float32", device=device, progress=False, kv_cache_tokens=8192,
+def run(folder: str, adapter: str, setup: str, out: str, device: str) -> None:
+    """In a child process: one engine's tokens for every batch, and how its close went, as JSON."""
+    import torch.distributed as dist
+
+    prompts = PROMPTS
+    llm = LLM(folder, adapter=adapter, dtype="float32", device=device, progress=False, kv_cache_tokens=8192,
               max_num_seqs=16, **SETUPS[setup])
-    try:
-        return {name: [o.token_ids for o in llm.generate(prompts, params)] for name, params in batches.items()}
-    finally:
-        llm.close()
+    tokens = {name: [o.token_ids for o in llm.generate(prompts, params)] for name, params in requests(prompts).items()}
+    start = time.monotonic()
+    llm.close()
+    result = {"tokens": tokens, "close_s": time.monotonic() - start, "group_left": dist.is_initialized()}
+    if SETUPS[setup]["tensor_parallel_size"] > 1:  # a second engine in the same process, after close()
+        try:
+            again = LLM(folder, adapter=adapter, dtype="float32", device=device, progress=False, kv_cache_tokens=8192,
+                        max_num_seqs=16, **SETUPS[setup])
+            result["second"] = [o.token_ids for o in again.generate(prompts, requests(prompts)["ar plain greedy"])]
+            again.close()
+        except Exception as e:
+            result["second_error"] = f"{type(e).__name__}: {e}"
+    Path(out).write_text(json.dumps(result))
+    os._exit(0)  # (whatever the teardown left behind must not keep the child alive)
+
+
+def run_all(models: dict[str, tuple[Path, Path]], root: Path, device: str, began: float) -> dict:
+    """Every (model, setup) in its own child process, all at once; their results by (label, setup)."""
+    children = {}
+    for label, (folder, adapter) in models.items():
+        for setup in SETUPS:
+            out = root / f"{len(children)}.json"
+            command = [sys.executable, __file__, "--device", device, "--run", str(folder), str(adapter), setup,
+                       str(out)]
+            children[label, setup] = (out, subprocess.Popen(command))
+    results = {}
+    for (label, setup), (out, child) in children.items():
+        try:
+            child.wait(timeout=max(1.0, 360 - (time.monotonic() - began)))
+        except subprocess.TimeoutExpired:
+            child.kill()
+        results[label, setup] = json.loads(out.read_text()) if out.exists() else None
+        print(f"({label} {setup} {'done' if out.exists() else f'FAILED (exit {child.returncode})'} at "
+              f"{time.monotonic() - began:.0f} s)", flush=True)
+    return results
 
 
 def check(name: str, ok: bool, detail: str = "") -> bool:
@@ -102,7 +138,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (gloo, eager)")
     parser.add_argument("--kill", default=None, help=argparse.SUPPRESS)  # the child process of the last check
+    parser.add_argument("--run", nargs=4, default=None, help=argparse.SUPPRESS)  # an engine's child process
     args = parser.parse_args()
+    if args.run:
+        run(*args.run, device=args.device)
     if args.kill:
         kill_check(args.kill, args.device)
     if args.device == "cuda" and torch.cuda.device_count() < 2:
@@ -112,23 +151,28 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="idlm-tp-"))
     models = {"qwen3 (2 KV heads: one per rank)": package(root, "sdar"),
               "llama (1 KV head: replicated)": package(root, "llama", num_key_value_heads=1)}
-    prompts = [[5 + i % 40, 6, 7, 8 + i % 30] * (1 + i % 5) for i in range(8)]
-    batches = requests(prompts)
+    batches = requests(PROMPTS)
+    results = run_all(models, root, args.device, began)
     ok = True
-    for label, model in models.items():
-        start = time.monotonic()
-        outs = {}
-        for setup in SETUPS:  # a line as each engine finishes: a run cut short still says how far it got
-            outs[setup] = run(model, setup, prompts, batches, args.device)
-            print(f"({label} {setup} done at {time.monotonic() - began:.0f} s)", flush=True)
+    for label in models:
+        outs = {setup: results[label, setup] for setup in SETUPS}
+        if any(v is None for v in outs.values()):
+            ok &= check(f"{label}: every engine ran", False, ", ".join(s for s, v in outs.items() if v is None))
+            continue
         for name in batches:
             for setup in ("tp2-graphs", "tp2-eager"):
-                same = sum(a == b for a, b in zip(outs["tp1-graphs"][name], outs[setup][name]))
-                ok &= check(f"{label} {name}: {setup} = tp1-graphs", same == len(prompts),
-                            f"{same}/{len(prompts)} requests equal")
-        greedy = [outs["tp2-graphs"][n] for n in batches if n.endswith("greedy")]
+                same = sum(a == b for a, b in zip(outs["tp1-graphs"]["tokens"][name], outs[setup]["tokens"][name]))
+                ok &= check(f"{label} {name}: {setup} = tp1-graphs", same == len(PROMPTS),
+                            f"{same}/{len(PROMPTS)} requests equal")
+        greedy = [outs["tp2-graphs"]["tokens"][n] for n in batches if n.endswith("greedy")]
         ok &= check(f"{label} greedy isd/risd = ar at TP = 2", all(g == greedy[0] for g in greedy))
-        print(f"({label}: {time.monotonic() - start:.0f} s)", flush=True)
+        for setup in ("tp2-graphs", "tp2-eager"):
+            out = outs[setup]
+            ok &= check(f"{label} {setup}: close() ended the group", not out["group_left"],
+                        f"in {out['close_s']:.1f} s")
+            ok &= check(f"{label} {setup}: a second TP = 2 engine in the same process gives the same tokens",
+                        out.get("second") == outs["tp1-graphs"]["tokens"]["ar plain greedy"],
+                        out.get("second_error", ""))
     try:
         child = subprocess.run([sys.executable, __file__, "--device", args.device, "--kill",
                                 str(models["llama (1 KV head: replicated)"][0])], capture_output=True, text=True,

@@ -206,3 +206,22 @@ def test_the_server_answers_503_and_exits_when_a_worker_dies(qwen3, tmp_path):
         assert s.proc.wait(30) == 1
         assert time.monotonic() - start < 30
         assert "tensor-parallel worker rank 1" in s.log.read_text()
+
+
+def test_symmetric_memory_sums_only_where_they_can_run(monkeypatch):
+    """The GPU peer-to-peer sums need CUDA, bf16/fp32 and peers; on the CPU (gloo) and when turned
+    off every sum stays on torch.distributed, which is what the gloo tests above exercise."""
+    from idlm.kernels import all_reduce
+
+    assert not all_reduce.symmetric_memory_usable(torch.device("cpu"), torch.float32, ["cpu", "cpu"])
+    monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda a, b: True)
+    monkeypatch.setattr(torch.ops, "symm_mem", type("Ops", (), {"one_shot_all_reduce_out": None})(), raising=False)
+    monkeypatch.setattr(all_reduce.importlib, "import_module", lambda name: None)
+    gpus = ["cuda:0", "cuda:1"]
+    assert all_reduce.symmetric_memory_usable(torch.device("cuda:0"), torch.bfloat16, gpus)
+    assert not all_reduce.symmetric_memory_usable(torch.device("cuda:0"), torch.float16, gpus)
+    monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda a, b: False)
+    assert not all_reduce.symmetric_memory_usable(torch.device("cuda:0"), torch.bfloat16, gpus)
+    monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda a, b: True)
+    monkeypatch.setenv(all_reduce.ENV, "nccl")
+    assert not all_reduce.symmetric_memory_usable(torch.device("cuda:0"), torch.bfloat16, gpus)

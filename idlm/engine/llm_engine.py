@@ -79,6 +79,8 @@ class LLMEngine:
     def close(self) -> None:
         """Stops the tensor-parallel workers, if any (also done when the engine is collected)."""
         if self.tp is not None:
+            if getattr(self, "runner", None) is not None:
+                self.runner.drop_graphs()  # before the group ends: a live graph holds its communicator
             self.tp.close()
 
     def _init(self, config: EngineConfig) -> None:

@@ -1,3 +1,4 @@
+import gc
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -128,6 +129,13 @@ class ModelRunner:
         # under tensor parallelism a round's head calls are collectives the workers join one by
         # one (LeaderModel.logits), which a graph replayed on rank 0 alone cannot hold
         self.round_graphs = RoundGraphs(self.model, self.banned_token, capture=cuda_graphs and self.tp is None)
+
+    def drop_graphs(self) -> None:
+        """Frees the captured graphs (at close: NCCL cannot end a communicator a live graph holds)."""
+        self.decode_graphs = self.round_graphs = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def prepare(self, seqs: list[Sequence], feeds: list[FeedRows]):
         starts = [0]

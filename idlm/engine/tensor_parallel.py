@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from idlm.engine.tp_worker import ShardSpec, end_group, init_group, load_shard, worker_main
+from idlm.engine.tp_worker import END_TIMEOUT_S, ShardSpec, end_group, init_group, load_shard, worker_main
 from idlm.kernels.attention import DenseAttention, PagedBatch
 from idlm.models.config import ModelConfig
 from idlm.models.parallel import check_shardable
@@ -42,6 +42,7 @@ from idlm.models.transformer import CausalLM
 START_TIMEOUT_S = 600.0  # loading a large checkpoint on every rank
 DEATH_GRACE_S = 5.0  # after a failed collective: how long a dying worker may take to be seen dead
 _LIVE: list[weakref.ref] = []  # the tensor-parallel engine of this process (rank 0), weakly
+_STUCK: list[bool] = []  # [True] once a group's teardown did not finish: this process cannot start another
 
 
 class EngineDead(RuntimeError):
@@ -91,6 +92,9 @@ class TensorParallel:
     def __init__(self, folder, dtype: torch.dtype, device: torch.device, size: int, adapter: str | None,
                  gguf, compile: bool, progress: bool):
         if dist.is_initialized():
+            if _STUCK:
+                raise ValueError(f"the last tensor-parallel engine's process group did not end within "
+                                 f"{END_TIMEOUT_S:.0f} s, so this process cannot start another; start a new process")
             if _LIVE and _LIVE[0]() is None:  # an engine dropped without close() whose teardown did not finish
                 end_group(graceful=False)
             else:
@@ -113,7 +117,8 @@ class TensorParallel:
         self.dead: str | None = None
         self.closing = threading.Event()
         self.owns_group = [False]  # (a list: the finalizer below holds it, not the engine)
-        self._closer = weakref.finalize(self, _close, self.conns, self.procs, self.closing, self.owns_group)
+        self._closer = weakref.finalize(self, _close, self.conns, self.procs, self.closing, self.owns_group,
+                                        torch.device(self.spec.devices[0]))
         try:
             self._expect("hello")
             init_group(self.spec, 0)
@@ -199,6 +204,8 @@ class TensorParallel:
         self.send("graph_step", step)
 
     def close(self) -> None:
+        if hasattr(self, "model"):
+            self.model.local.all_reduce.release()
         self._closer()
         if _LIVE and _LIVE[0]() is self:
             _LIVE.clear()
@@ -213,7 +220,7 @@ def _abort_on_death(procs, closing: threading.Event, group) -> None:
             dist.distributed_c10d._abort_process_group(group)
 
 
-def _close(conns, procs, closing: threading.Event, owns_group: list[bool]) -> None:
+def _close(conns, procs, closing: threading.Event, owns_group: list[bool], device: torch.device) -> None:
     """Stops the workers; the group ends on every rank at once (each worker ends its side on stop)."""
     closing.set()
     message = pickle.dumps(("stop", ()))
@@ -222,14 +229,15 @@ def _close(conns, procs, closing: threading.Event, owns_group: list[bool]) -> No
             conn.send_bytes(message)
     if owns_group[0]:
         owns_group[0] = False
-        end_group(graceful=all(proc.is_alive() for proc in procs))
+        if not end_group(graceful=all(proc.is_alive() for proc in procs), device=device):
+            _STUCK[:] = [True]
+    for conn in conns:  # (each worker waits for this before it exits: see tp_worker.end_group)
+        conn.close()
     for proc in procs:
         proc.join(10)
         if proc.is_alive():
             proc.kill()
             proc.join(5)
-    for conn in conns:
-        conn.close()
 
 
 class LeaderModel:

@@ -57,15 +57,19 @@ def init_group(spec: ShardSpec, rank: int) -> None:
                             rank=rank, world_size=spec.size, timeout=COLLECTIVE_TIMEOUT, **kwargs)
 
 
-def end_group(graceful: bool, timeout: float = END_TIMEOUT_S) -> bool:
+def end_group(graceful: bool, timeout: float = END_TIMEOUT_S, device: torch.device | None = None) -> bool:
     """Ends this process's group so that another can start; False if that took longer than `timeout`.
 
-    Every rank must end an NCCL group together (ncclCommAbort/Destroy wait for their peers: a
-    rank that ends it alone hangs), so at a graceful stop rank 0 and every worker call this at the
-    same time; with a dead peer the communicator is aborted instead. The wait is bounded either way
-    (in a thread): a hung teardown must not keep a process from exiting."""
+    Every rank must end an NCCL group together, and stay alive until all have (ncclCommFinalize
+    and ncclCommDestroy wait for their peers: a rank that ends it alone, or whose peer exits
+    half-way, hangs), so at a graceful stop rank 0 and every worker call this at the same time and
+    a worker exits only once rank 0 is done; with a dead peer the communicator is aborted instead.
+    The wait is bounded either way (in a thread): a hung teardown must not keep a process from
+    exiting. `device`: the rank's GPU, current in the teardown thread as in the rank's own."""
     def teardown():
         with contextlib.suppress(Exception):
+            if device is not None and device.type == "cuda":
+                torch.cuda.set_device(device)
             if graceful or dist.get_backend() != "nccl":
                 dist.destroy_process_group()
             else:
@@ -102,6 +106,7 @@ def load_shard(spec: ShardSpec, rank: int) -> tuple[CausalLM, AdapterConfig | No
         model = model.to(device)
     model.rotary.inv_freq = torch.tensor(cfg.rope_inv_freq(), dtype=torch.float32, device=device)
     fuse_for_inference(model)
+    model.all_reduce.use_symmetric_memory(device, spec.dtype, spec.devices)
     if spec.compile:
         from idlm.models.transformer import compile_elementwise
 
@@ -142,7 +147,15 @@ def worker_main(spec: ShardSpec, rank: int, conn, parent: int) -> None:
                 except EOFError:
                     command, args = "stop", ()
                 if command == "stop":
-                    end_group(graceful=True)  # together with rank 0, which ends its side as it says stop
+                    if runner is not None:
+                        runner.drop_graphs()  # before the group ends: a live graph holds its communicator
+                    model.all_reduce.release()
+                    # together with rank 0, which ends its side as it says stop; then stay until rank 0
+                    # is done too (its pipe closes), for a peer that leaves mid-teardown hangs NCCL's
+                    ended = end_group(graceful=True, device=device)
+                    with contextlib.suppress(OSError):
+                        conn.send(("ended", ended))
+                        conn.poll(END_TIMEOUT_S)
                     os._exit(0)
                 if command == "runner":
                     from idlm.engine.runner import ModelRunner
