@@ -3,10 +3,13 @@
 A TP = 2 decode step of the Qwen3-8B shape does 72 all-reduces (two per layer) of [C, 4096]
 bfloat16 rows; at C = 1 the weights take ~1.9 ms per GPU to read, so the all-reduces decide
 whether two GPUs beat one. This times them alone, the way the engine runs them (NCCL through
-torch.distributed, one process per GPU, the 72 captured in one graph), and says whether the GPUs
-can reach each other's memory directly (peer access; without it NCCL goes through host memory).
+torch.distributed, one process per GPU, the 72 captured in one graph), beside torch's
+symmetric-memory kernels (one-shot and two-shot: peers read each other's buffer directly, no NCCL
+proxy), checks that each sums right, and says whether the GPUs can reach each other's memory
+directly (peer access; without it NCCL goes through host memory). Figures: benchmarks/RESULTS.md.
 
     python benchmarks/tp_allreduce_probe.py [--gpus 2] [--rows 1,64] [--hidden 4096] [--count 72]
+                                            [--methods nccl,symm-one-shot,symm-two-shot]
 """
 
 import argparse

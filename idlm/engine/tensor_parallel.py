@@ -204,8 +204,6 @@ class TensorParallel:
         self.send("graph_step", step)
 
     def close(self) -> None:
-        if hasattr(self, "model"):
-            self.model.local.all_reduce.release()
         self._closer()
         if _LIVE and _LIVE[0]() is self:
             _LIVE.clear()

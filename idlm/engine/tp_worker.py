@@ -106,7 +106,6 @@ def load_shard(spec: ShardSpec, rank: int) -> tuple[CausalLM, AdapterConfig | No
         model = model.to(device)
     model.rotary.inv_freq = torch.tensor(cfg.rope_inv_freq(), dtype=torch.float32, device=device)
     fuse_for_inference(model)
-    model.all_reduce.use_symmetric_memory(device, spec.dtype, spec.devices)
     if spec.compile:
         from idlm.models.transformer import compile_elementwise
 
@@ -149,7 +148,6 @@ def worker_main(spec: ShardSpec, rank: int, conn, parent: int) -> None:
                 if command == "stop":
                     if runner is not None:
                         runner.drop_graphs()  # before the group ends: a live graph holds its communicator
-                    model.all_reduce.release()
                     # together with rank 0, which ends its side as it says stop; then stay until rank 0
                     # is done too (its pipe closes), for a peer that leaves mid-teardown hangs NCCL's
                     ended = end_group(graceful=True, device=device)

@@ -20,13 +20,13 @@ tensors too (random-weight shapes shard first, then allocate only their slice).
 """
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from idlm.kernels.all_reduce import AllReduce
 from idlm.models.config import ModelConfig
 from idlm.models.lora import GatedLoRA
 from idlm.models.transformer import CausalLM
@@ -57,19 +57,29 @@ def local_config(cfg: ModelConfig, size: int) -> ModelConfig:
                                intermediate_size=cfg.intermediate_size // size)
 
 
+def all_reduce_fn(group) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The hook that sums a row-parallel projection's partial outputs over the ranks, in place."""
+
+    def all_reduce(x: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(x, group=group)
+        return x
+    return all_reduce
+
+
 class VocabParallelEmbedding(nn.Module):
     """Rows [start, start + len(weight)) of the embedding; other ids look up zeros, all-reduced."""
 
-    def __init__(self, weight: torch.Tensor, start: int, all_reduce: AllReduce):
+    def __init__(self, weight: torch.Tensor, start: int, group):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
-        self.start, self.all_reduce = start, all_reduce
+        self.start, self.group = start, group
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = ids - self.start
         outside = (local < 0) | (local >= self.weight.shape[0])
         x = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight).masked_fill(outside[..., None], 0)
-        return self.all_reduce(x)
+        dist.all_reduce(x, group=self.group)
+        return x
 
 
 class VocabParallelHead(nn.Module):
@@ -143,7 +153,7 @@ def shard_model(model: CausalLM, rank: int, size: int, group) -> CausalLM:
     q_rows, kv_rows = features(q_heads), features(kv_heads)
     q_size, kv_size = cfg.num_heads * d, cfg.num_kv_heads * d
     mlp_rows = _span(rank * local.intermediate_size, local.intermediate_size, dev)
-    reduce = AllReduce(group)
+    reduce = all_reduce_fn(group)
     with torch.no_grad():
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -166,11 +176,10 @@ def shard_model(model: CausalLM, rank: int, size: int, group) -> CausalLM:
             rows = weight[start:start + shard]
             return torch.cat([rows, rows.new_zeros(shard - rows.shape[0], rows.shape[1])])
 
-        embed = VocabParallelEmbedding(vocab_rows(model.model.embed_tokens.weight), start, reduce)
+        embed = VocabParallelEmbedding(vocab_rows(model.model.embed_tokens.weight), start, group)
         head = VocabParallelHead(vocab_rows(model.lm_head.weight), cfg.vocab_size, size, group)
         if cfg.tie_word_embeddings:
             head.weight = embed.weight
         model.model.embed_tokens, model.lm_head = embed, head
     model.cfg = local
-    model.all_reduce = reduce  # (tp_worker.load_shard moves its sums to symmetric memory once on the GPU)
     return model
