@@ -150,9 +150,8 @@ def worker_main(spec: ShardSpec, rank: int, conn, parent: int) -> None:
                         runner.drop_graphs()  # before the group ends: a live graph holds its communicator
                     # together with rank 0, which ends its side as it says stop; then stay until rank 0
                     # is done too (its pipe closes), for a peer that leaves mid-teardown hangs NCCL's
-                    ended = end_group(graceful=True, device=device)
+                    end_group(graceful=True, device=device)
                     with contextlib.suppress(OSError):
-                        conn.send(("ended", ended))
                         conn.poll(END_TIMEOUT_S)
                     os._exit(0)
                 if command == "runner":
