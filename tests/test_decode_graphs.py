@@ -9,7 +9,7 @@ from test_isd import SHAPES, prompts_for
 
 from idlm import LLM, SamplingParams
 from idlm.engine.decode_graphs import DecodeGraphs
-from idlm.engine.llm_engine import MAX_LOOKAHEAD
+from idlm.engine.kv_pool import MAX_LOOKAHEAD
 
 
 @pytest.fixture(scope="module")

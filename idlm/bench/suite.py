@@ -17,7 +17,8 @@ from idlm.bench.roofline import H100_FLOPS, Roofline, measure_copy_bandwidth
 from idlm.bench.runner import poisson_arrivals, run_closed_loop, run_open_loop
 from idlm.bench.workload import Request, cycle, read_workload, synthetic_requests, tokenize_workload
 from idlm.config import MAX_STRIDE, EngineConfig
-from idlm.engine.llm_engine import MAX_LOOKAHEAD, LLMEngine
+from idlm.engine.kv_pool import MAX_LOOKAHEAD
+from idlm.engine.llm_engine import LLMEngine
 from idlm.engine.sampling_params import MODES, STRIDE_POLICIES, SamplingParams
 from idlm.models.config import ModelConfig
 from idlm.models.gguf import float_folder

@@ -10,7 +10,7 @@ from idlm.config import MAX_STRIDE, EngineConfig
 from idlm.decoding.noise import compile_noise
 from idlm.engine.block_manager import BlockManager
 from idlm.engine.detokenizer import IncrementalDetokenizer
-from idlm.engine.runner import MAX_DECODE_TOKENS, ModelRunner, RoundOutcome
+from idlm.engine.runner import ModelRunner, RoundOutcome
 from idlm.engine.sampling_params import SamplingParams
 from idlm.engine.scheduler import Scheduler
 from idlm.engine.sequence import Sequence, TokenSource
@@ -20,7 +20,6 @@ from idlm.engine.stride_policy import StridePolicy
 from idlm.engine.structured import Grammars
 from idlm.engine.tensor_parallel import TensorParallel, check_tensor_parallel
 from idlm.kernels.attention import TritonPagedAttention
-from idlm.kernels.row_attention import RowExactPagedAttention
 from idlm.models.config import ModelConfig
 from idlm.models.generation_config import sampling_defaults
 from idlm.models.loader import (
@@ -36,9 +35,6 @@ from idlm.models.lora import DEFAULT_ADAPTER, fuse_for_inference, load_adapter
 from idlm.models.tokenizer import generation_eos_ids, load_tokenizer
 from idlm.models.transformer import compile_elementwise
 
-CPU_KV_BYTES = 1 << 30
-CPU_KV_TOKENS = 16384
-MAX_LOOKAHEAD = MAX_DECODE_TOKENS  # cache slots a round may write past the pending token
 MASK_TOKEN_NAMES = ("<|MASK|>",)  # the I-DLM release's name for it
 
 
@@ -147,27 +143,11 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self.grammars = Grammars(self.tokenizer, self.model_config.vocab_size, self.eos_ids)
-        kv_tokens = config.kv_cache_tokens or self._default_kv_tokens()
-        num_blocks = kv_tokens // config.kv_block_size
-        pool_len = num_blocks * config.kv_block_size - MAX_LOOKAHEAD
-        if pool_len < 1:
-            raise ValueError(f"kv_cache_tokens={kv_tokens} is too small; give at least {MAX_LOOKAHEAD + 64}")
-        context = self.model_config.max_position_embeddings
-        if config.max_model_len is not None and config.max_model_len > context:
-            raise ValueError(f"max_model_len {config.max_model_len} is beyond {self.name}'s context of {context} "
-                             f"tokens; give at most {context}")
-        if config.max_model_len is not None and config.max_model_len > pool_len:
-            raise ValueError(f"max_model_len {config.max_model_len} does not fit the KV pool of {kv_tokens} tokens "
-                             f"({pool_len} usable by one request); raise kv_cache_tokens or lower max_model_len")
-        self.max_model_len = min(config.max_model_len or context, context, pool_len)
-        self.block_manager = BlockManager(num_blocks, config.kv_block_size, config.enable_prefix_caching)
-        self.runner = ModelRunner(self.model, num_blocks, config.kv_block_size, self.mask_ids,
-                                  banned_token=self.mask_ids["isd"], deterministic=config.deterministic, tp=self.tp)
-        if self.quantization != "none" or config.deterministic:
-            self.runner.cpu_attention = RowExactPagedAttention
-        if self.device.type == "cuda":
-            self.runner.use_padded_decode(config.max_num_seqs, self.max_model_len + MAX_LOOKAHEAD,
-                                          cuda_graphs=not config.enforce_eager and self.runner.use_triton)
+        self.runner = ModelRunner.start(self.model, config, self.model_config, self.name, self.mask_ids,
+                                        banned_token=self.mask_ids["isd"],
+                                        row_exact=self.quantization != "none" or config.deterministic, tp=self.tp)
+        self.max_model_len = self.runner.max_model_len
+        self.block_manager = BlockManager(self.runner.num_blocks, config.kv_block_size, config.enable_prefix_caching)
         self.policy = StridePolicy(config.stride_policy, config.branches,
                                    measure_step_cost(self.runner, config.max_num_seqs))
         self.scheduler = Scheduler(config, self.block_manager, self.policy)
@@ -236,45 +216,6 @@ class LLMEngine:
             raise ValueError(f"mode isd needs an I-DLM checkpoint with a MASK token (mask_token_id in config.json); "
                              f"{self.name} has none: use mode ar, or mode risd with an adapter")
         return params
-
-    def _default_kv_tokens(self) -> int:
-        cfg = self.model.cfg  # (under tensor parallelism this rank's KV heads)
-        elem = next(self.model.parameters()).element_size()
-        per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * elem
-        if self.device.type == "cuda":
-            return self._free_memory_after_warmup() // per_token
-        return max(self.config.kv_block_size, min(CPU_KV_TOKENS, CPU_KV_BYTES // per_token))
-
-    @torch.inference_mode()
-    def _free_memory_after_warmup(self) -> int:
-        """Bytes the KV pool may take: the engine's share of the GPU minus what is in use, minus the
-        peak of a warm-up forward of a full prefill budget, minus the per-step buffers of a full
-        decode batch (logits and probabilities of every row at the widest stride, and one decode
-        graph's outputs). Graphs of further shapes, captured later, come out of the headroom that
-        gpu_memory_utilization leaves."""
-        from idlm.kernels.attention import DenseAttention
-
-        cfg, dev = self.model_config, self.device
-        torch.cuda.synchronize(dev)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(dev)
-        before = torch.cuda.memory_allocated(dev)
-        tokens = min(self.config.max_num_batched_tokens, cfg.max_position_embeddings)
-        ids = torch.zeros(1, tokens, dtype=torch.long, device=dev)
-        hidden = self.model(ids, torch.arange(tokens, device=dev)[None], DenseAttention())
-        self.model.logits(hidden[:, -1])
-        torch.cuda.synchronize(dev)
-        activations = torch.cuda.max_memory_allocated(dev) - before
-        del hidden
-        decode_rows = self.config.max_num_seqs * MAX_DECODE_TOKENS
-        decode = decode_rows * (cfg.vocab_size * (2 + 4 + 4 + 4) + cfg.hidden_size * 2 * 4)
-        free, total = torch.cuda.mem_get_info(dev)
-        budget = free - total * (1 - self.config.gpu_memory_utilization) - activations - decode
-        if budget <= 0:
-            raise ValueError(f"no GPU memory is left for the KV cache ({free / 2**30:.1f} GiB free, "
-                             f"{(activations + decode) / 2**30:.1f} GiB needed for activations); lower "
-                             f"max_num_seqs or max_num_batched_tokens, or raise gpu_memory_utilization")
-        return int(budget)
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):

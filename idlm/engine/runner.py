@@ -7,6 +7,7 @@ import torch
 from idlm.decoding.penalties import Penalties
 from idlm.decoding.rounds import RoundBatch, propose
 from idlm.engine.decode_graphs import DecodeGraphs
+from idlm.engine.kv_pool import MAX_DECODE_TOKENS, MAX_LOOKAHEAD, plan_kv_pool
 from idlm.engine.round_graphs import RoundGraphs
 from idlm.engine.round_step import RoundExtras, round_inputs, round_shape, run_round
 from idlm.engine.sequence import Sequence
@@ -19,10 +20,13 @@ from idlm.kernels.attention import (
     padded_block_tables,
 )
 from idlm.kernels.cpu_memory import zeros
+from idlm.kernels.row_attention import RowExactPagedAttention
 from idlm.models.transformer import CausalLM
 
 if TYPE_CHECKING:
+    from idlm.config import EngineConfig
     from idlm.engine.tensor_parallel import TensorParallel
+    from idlm.models.config import ModelConfig
 
 
 @dataclass(slots=True)
@@ -57,7 +61,6 @@ class FeedRows:
     branched: bool  # the round has branches, so its visibility is a tree, not causal
 
 
-MAX_DECODE_TOKENS = 64  # decoding.layout.MAX_ROUND_ROWS: the widest decode step per request
 PROMPT_LOGPROB_ROWS = 256  # prompt rows scored at once
 
 
@@ -105,13 +108,32 @@ class ModelRunner:
         self.with_lora = any("_lora" in name for name, _ in model.named_modules())
         param = next(model.parameters())
         # one block past the pool: the scratch block that padded rows of decode graphs write to
-        self.scratch_block = num_blocks
+        self.num_blocks = self.scratch_block = num_blocks
+        self.max_model_len: int | None = None  # set by start(), from the pool
         self.kv_cache = zeros((2, cfg.num_layers, num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim),
                               param.dtype, self.device)
         self.decode_graphs: DecodeGraphs | None = None
         self.round_graphs: RoundGraphs | None = None
         self.cpu_attention = PagedAttention  # RowExactPagedAttention for quantised models and deterministic mode
         self.gpu_attention = FixedSplitPagedAttention if deterministic else TritonPagedAttention
+
+    @classmethod
+    def start(cls, model: CausalLM, config: "EngineConfig", model_config: "ModelConfig", name: str,
+              mask_ids: dict[str, int | None], banned_token: int | None, row_exact: bool,
+              tp: "TensorParallel | None") -> "ModelRunner":
+        """The runner and its KV pool, in nano-vllm's order: warm up and size the pool
+        (engine/kv_pool.py), allocate it, then capture the decode graphs (CUDA) into what is left.
+        row_exact: CPU attention computes each row alone (quantised weights, deterministic mode)."""
+        pool = plan_kv_pool(model, model_config, config, next(model.parameters()).device, name)
+        runner = cls(model, pool.num_blocks, config.kv_block_size, mask_ids, banned_token=banned_token,
+                     deterministic=config.deterministic, tp=tp)
+        runner.max_model_len = pool.max_model_len
+        if row_exact:
+            runner.cpu_attention = RowExactPagedAttention
+        if runner.device.type == "cuda":
+            runner.use_padded_decode(config.max_num_seqs, pool.max_model_len + MAX_LOOKAHEAD,
+                                     cuda_graphs=not config.enforce_eager and runner.use_triton)
+        return runner
 
     def use_padded_decode(self, max_batch: int, max_positions: int, cuda_graphs: bool) -> None:
         """Decode steps from now on run in the padded [bucket, T] layout, replayed as CUDA graphs
