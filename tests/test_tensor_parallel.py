@@ -15,7 +15,7 @@ from server_helpers import MODEL, Server, assert_openai_error
 
 from idlm import LLM, SamplingParams
 from idlm.config import EngineConfig
-from idlm.engine.llm_engine import MAX_LOOKAHEAD
+from idlm.engine.kv_pool import MAX_LOOKAHEAD
 from idlm.engine.tensor_parallel import EngineDead, check_tensor_parallel, rank_devices
 from idlm.models.config import ModelConfig
 from idlm.models.parallel import check_shardable
