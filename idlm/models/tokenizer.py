@@ -4,7 +4,7 @@ import json
 import os
 from pathlib import Path
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, TokenizersBackend
+from transformers import PreTrainedTokenizerBase, TokenizersBackend
 
 
 def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase | None:
@@ -17,6 +17,8 @@ def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase | None:
             # what AutoTokenizer would pick too, without first loading the model's config class,
             # whose imports (torch.distributed.tensor, sympy) cost ~1.5 s of every CPU start
             return TokenizersBackend.from_pretrained(folder)
+        from transformers import AutoTokenizer  # (its import alone is ~0.6 s of a CPU start)
+
         return AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot load the tokenizer in {folder} ({e}); check its tokenizer files") from e
