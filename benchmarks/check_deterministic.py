@@ -341,8 +341,9 @@ def isd_checks(args) -> dict:
     return engine_checks(llm, prompts, args.isd_tokens, True, ("isd",), label=args.isd_shape)
 
 
-def engine_steps(args) -> list:
-    """One step per engine (each engine lives only inside its call, freed before the next)."""
+def engine_steps(args, smollm2_engines: bool = True) -> list:
+    """One step per engine (each engine lives only inside its call, freed before the next);
+    smollm2_engines=False: the isd engine's alone."""
     def smollm2(deterministic):
         def step():
             RESULTS["engine"][f"smollm2 deterministic={deterministic}"] = smollm2_checks(args, deterministic)
@@ -353,7 +354,7 @@ def engine_steps(args) -> list:
         RESULTS["engine"][f"{args.isd_shape} deterministic=True"] = isd_checks(args)
 
     isd.__name__ = f"{args.isd_shape} engine"
-    return [smollm2(True), smollm2(False)] + ([isd] if args.isd_shape else [])
+    return ([smollm2(True), smollm2(False)] if smollm2_engines else []) + ([isd] if args.isd_shape else [])
 
 
 # ---------------------------------------------------------------- speed
@@ -411,8 +412,8 @@ def main() -> int:
         steps += [check_matmul, check_elementwise, check_attention, lambda: RESULTS.update(matmul_speed=matmul_speed())]
     if "engine" in parts:
         steps += engine_steps(args)
-    elif "isd" in parts:  # the isd engine check alone
-        steps += engine_steps(args)[2:]
+    elif "isd" in parts:
+        steps += engine_steps(args, smollm2_engines=False)
     if "speed" in parts:
         steps.append(lambda: run_speed(args))
     for step in steps:

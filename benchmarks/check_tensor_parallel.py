@@ -65,10 +65,10 @@ def run(folder: str, adapter: str, setup: str, out: str, device: str) -> None:
     """In a child process: one engine's tokens for every batch, and how its close went, as JSON."""
     import torch.distributed as dist
 
-    prompts = PROMPTS
+    batches = requests(PROMPTS)
     llm = LLM(folder, adapter=adapter, dtype="float32", device=device, progress=False, kv_cache_tokens=8192,
               max_num_seqs=16, **SETUPS[setup])
-    tokens = {name: [o.token_ids for o in llm.generate(prompts, params)] for name, params in requests(prompts).items()}
+    tokens = {name: [o.token_ids for o in llm.generate(PROMPTS, params)] for name, params in batches.items()}
     start = time.monotonic()
     llm.close()
     result = {"tokens": tokens, "close_s": time.monotonic() - start, "group_left": dist.is_initialized()}
@@ -76,7 +76,7 @@ def run(folder: str, adapter: str, setup: str, out: str, device: str) -> None:
         try:
             again = LLM(folder, adapter=adapter, dtype="float32", device=device, progress=False, kv_cache_tokens=8192,
                         max_num_seqs=16, **SETUPS[setup])
-            result["second"] = [o.token_ids for o in again.generate(prompts, requests(prompts)["ar plain greedy"])]
+            result["second"] = [o.token_ids for o in again.generate(PROMPTS, batches["ar plain greedy"])]
             again.close()
         except Exception as e:
             result["second_error"] = f"{type(e).__name__}: {e}"
