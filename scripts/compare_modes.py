@@ -78,6 +78,8 @@ def main() -> None:
     ap.add_argument("--kv-cache-tokens", type=int, default=None,
                     help="KV pool size in tokens (default: sized from free memory; give it when several "
                          "processes share a GPU)")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="batch-invariant kernels: a request's tokens do not depend on its batch (bf16 on CUDA)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     ap.add_argument("--output", "-o", default=None, help="write the results as JSON here")
     args = ap.parse_args()
@@ -86,7 +88,8 @@ def main() -> None:
 
     conversations = read_conversations(Path(args.prompts))[:args.limit]
     llm = LLM(args.model, adapter=args.adapter, dtype=args.dtype, device=args.device,
-              max_num_seqs=args.max_num_seqs, kv_cache_tokens=args.kv_cache_tokens)
+              max_num_seqs=args.max_num_seqs, kv_cache_tokens=args.kv_cache_tokens,
+              deterministic=args.deterministic)
     ar_out, ar_seconds = run(llm, conversations, SamplingParams(temperature=0, max_tokens=args.max_tokens, mode="ar"))
     result = {"prompts": args.prompts, "num_prompts": len(conversations), "model": args.model or "embedded default",
               "adapter": args.adapter, "mode": mode, "dtype": args.dtype,

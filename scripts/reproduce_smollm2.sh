@@ -31,9 +31,13 @@
 #            checkpoints); NPROC=2 runs it with DDP on two GPUs (torch.distributed.run)
 #   v2-eval  greedy and T = 1 acceptance by position, TPF, risd == ar (N = 4, float32; bf16 too) of
 #            that adapter, and its scaling curve (scripts/plot_scaling.py)
+#   v5       the shipped adapter: the base answers the first 6,000 v2 prompts and the 300 held-out
+#            ones greedily -> data/smollm2-v5/, then configs/smollm2/risd_v5.yaml continues the risd
+#            stage's adapter with the TV loss -> runs/smollm2-risd-v5/final (resumable)
+#   v5-eval  as v2-eval for that adapter (bf16 with --deterministic: batch-invariant kernels)
 # The loss comparison (ce / kl / tv on 3,500 prompts in one call): scripts/gpu_loss_comparison.sh;
 # the conversion with the acceptance-driven noisy stream: scripts/gpu_idlm_v2.sh.
-# (not in the default list: sdar sdar-eval sampled v2-distill v2-questions v2-risd v2-eval)
+# (not in the default list: sdar sdar-eval sampled v2-distill v2-questions v2-risd v2-eval v5 v5-eval)
 # Each stage takes under ~7 minutes on an H100; a stage reads what earlier ones wrote under data/ and
 # runs/, so STAGES="eval" re-evaluates an adapter trained earlier on the same machine.
 set -euo pipefail
@@ -253,6 +257,36 @@ if has v2-eval; then
   "$PY" scripts/plot_scaling.py "risd_v2=runs/smollm2-risd-v2/log.jsonl" --eval "risd_v2=$OUT/risd_v2_vs_ar_fp32.json" \
     -o "$OUT/scaling_risd_v2"
   log "v2-eval: done in $((SECONDS - t)) s"
+fi
+
+if has v5; then
+  log "v5: start"
+  t=$SECONDS
+  mkdir -p data/smollm2-v5
+  if [ ! -s data/smollm2-v5/onpolicy.jsonl ]; then
+    "$PY" scripts/onpolicy_sets.py prompts 6000 data/smollm2-v5/prompts.jsonl --heldout-limit 100
+    "$PY" -m idlm distill data/smollm2-v5/prompts.jsonl data/smollm2-v5/all_onpolicy.jsonl "${model_args[@]}" --mode ar \
+      --temperature 0 --max-tokens 256 --max-num-seqs 256
+    "$PY" scripts/onpolicy_sets.py split data/smollm2-v5/all_onpolicy.jsonl data/smollm2-v5/prompts.jsonl \
+      data/smollm2-v5/onpolicy.jsonl data/smollm2-v5/heldout_onpolicy.jsonl
+    log "v5: distilled in $((SECONDS - t)) s"
+  fi
+  "$PY" -m idlm train configs/smollm2/risd_v5.yaml "${model_args[@]}" 2>&1 | tee "$OUT/train_risd_v5.log"
+  log "v5: done in $((SECONDS - t)) s"
+fi
+
+if has v5-eval; then
+  log "v5-eval: start"
+  t=$SECONDS
+  V5=runs/smollm2-risd-v5/final
+  "$PY" scripts/compare_modes.py "${model_args[@]}" --adapter "$V5" --prompts "$HELDOUT" --strides 4 \
+    --temperatures 0 1 --max-tokens 256 --dtype float32 --kv-cache-tokens 65536 -o "$OUT/risd_v5_vs_ar_fp32.json"
+  "$PY" scripts/compare_modes.py "${model_args[@]}" --adapter "$V5" --prompts "$HELDOUT" --strides 4 \
+    --max-tokens 256 --dtype bfloat16 --deterministic -o "$OUT/risd_v5_vs_ar_bf16.json"
+  cp runs/smollm2-risd-v5/log.jsonl "$OUT/risd_v5_train_log.jsonl"
+  "$PY" scripts/plot_scaling.py "risd_v5=runs/smollm2-risd-v5/log.jsonl" --eval "risd_v5=$OUT/risd_v5_vs_ar_fp32.json" \
+    -o "$OUT/scaling_risd_v5"
+  log "v5-eval: done in $((SECONDS - t)) s"
 fi
 
 # one line per result file

@@ -11,9 +11,9 @@ from idlm import LLM, SamplingParams
 from idlm.models.lora import DEFAULT_ADAPTER
 
 HELDOUT = Path(__file__).resolve().parents[1] / "configs" / "smollm2" / "prompts" / "heldout.jsonl"
-# The shipped adapter reaches TPF 1.71 over 100 held-out answers of up to 256 tokens (float32,
-# docs/REPRODUCTION.md) and 1.60 over these first four at 48 tokens on the CPU's default
-# (quantised) path (1.72 on the float32 path it replaced); a broken adapter gives about 1.0.
+# The shipped adapter (v5) reaches TPF 1.78 over 100 held-out answers of up to 256 tokens (float32,
+# benchmarks/RESULTS.md, "The v5 adapter") and 1.55 over these first four at 48 tokens on the CPU's
+# default (quantised) path (v3 before it: 1.71 and 1.60); a broken adapter gives about 1.0.
 MIN_TPF = 1.5
 
 
