@@ -24,6 +24,7 @@ def record_steps(llm) -> list[dict]:
     """Every runner step of llm's requests: each sequence's state before it, the host-built padded step
     (None when the step ran outside the padded layout) and the round outcomes."""
     runner = llm.engine.runner
+    runner.device_steps = False  # every step built on the host, to compare with
     graphs, original = runner.decode_graphs, runner.run
     steps = []
 
@@ -194,3 +195,31 @@ def test_advance_by_hand():
                     torch.tensor([True, False]))
     assert after.start.tolist() == [13, 21] and after.pending.tolist() == [7, 8]
     assert after.num_drafts.tolist() == [3, 0] and after.drafts.tolist() == [[1, 2, 3], [0, 0, 0]]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_engine_with_device_built_steps_gives_the_same_tokens(dirs, temperature):
+    """The runner builds a decode step on the device whenever its requests are those of the step
+    before; that must change no token (greedy, and seeded sampling), under preemption too."""
+    model, adapter = dirs
+    prompts = prompts_for(20, 12, seed=13, lo=3, hi=40)
+    params = mixed_params(len(prompts), temperature=temperature, top_k=0, max_tokens=40, ignore_eos=True)
+    for i, p in enumerate(params):
+        p.seed = 50 + i
+        p.max_tokens = 16 + 2 * (i % 11)
+    outputs, built = {}, {}
+    for device_steps in (False, True):
+        for name, kwargs in (("roomy", dict(kv_cache_tokens=8192, max_num_seqs=8)),
+                             ("tight", dict(kv_cache_tokens=320, kv_block_size=8, max_num_seqs=16))):
+            llm = padded_llm(model, adapter, **kwargs)
+            runner = llm.engine.runner
+            runner.device_steps = device_steps
+            calls = []
+            step_built = runner.decode_graphs.step_built
+            runner.decode_graphs.step_built = lambda *a, **k: calls.append(1) or step_built(*a, **k)
+            outputs[device_steps, name] = [o.token_ids for o in llm.generate(prompts, params)]
+            built[device_steps, name] = len(calls)
+    assert outputs[True, "roomy"] == outputs[False, "roomy"]
+    assert outputs[True, "tight"] == outputs[False, "tight"]
+    assert built[False, "roomy"] == built[False, "tight"] == 0
+    assert built[True, "roomy"] > 20 and built[True, "tight"] > 5, built

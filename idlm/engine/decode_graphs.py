@@ -19,11 +19,15 @@ All per-step integers travel in one pinned host buffer and one host-to-device co
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from idlm.kernels.attention import PagedAttention, PagedBatch, TritonPagedAttention, padded_block_tables
 from idlm.models.transformer import CausalLM, fused_elementwise
+
+if TYPE_CHECKING:
+    from idlm.engine.next_step import StepInputs
 
 BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 PREFILL_ROWS = (64, 128, 256)  # a prefill step's rows per prompt, padded up to one of these
@@ -148,12 +152,30 @@ class DecodeGraphs:
             buf[:n].copy_(dev[o:o + n])
             o += n
         self.tables[:s.bucket, :s.width].copy_(dev[o:o + s.bucket * s.width].view(s.bucket, s.width))
+        return self._replay(s.bucket, s.tokens, s.lora, s.tree, s.max_context)
 
-        key = (s.bucket, s.tokens, s.lora, s.tree)
+    def step_built(self, inputs: "StepInputs", tables: torch.Tensor, tokens: int, lora: bool, tree: bool,
+                   max_context: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Replays a decode step whose rows were built on the device (engine/next_step.py:
+        build_step, `bucket` requests of T = tokens rows); tables: [bucket, width] on the device."""
+        bucket, width = tables.shape
+        rows = bucket * tokens
+        for buf, value in ((self.ids, inputs.ids), (self.positions, inputs.positions), (self.slots, inputs.slots),
+                           (self.gate, inputs.gate), (self.context_lens, inputs.context_lens)):
+            buf[:len(value)].copy_(value)
+        if tree:
+            self.tree_bits[:rows].copy_(inputs.tree_bits)
+            self.tree_rows[:bucket].copy_(inputs.tree_rows)
+        self.tables[:bucket, :width].copy_(tables)
+        return self._replay(bucket, tokens, lora, tree, max_context)
+
+    def _replay(self, bucket: int, tokens: int, lora: bool, tree: bool,
+                max_context: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.use_graphs:
-            return self._forward(s.bucket, s.tokens, s.lora, s.tree, s.max_context)
+            return self._forward(bucket, tokens, lora, tree, max_context)
+        key = (bucket, tokens, lora, tree)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(s.bucket, s.tokens, s.lora, s.tree)
+            self.graphs[key] = self._capture(bucket, tokens, lora, tree)
         graph, hidden, logits = self.graphs[key]
         graph.replay()
         return hidden, logits

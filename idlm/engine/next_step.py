@@ -9,9 +9,11 @@ decode_graphs.py, row for row what `DecodeGraphs.run` builds on the host from `f
 host keeps what only it can decide, one step ahead: each slot's next K and branches (the stride
 policy) and the block tables (allocated a round ahead).
 
-Not yet wired into the step loop: tests/test_next_step.py checks it against the host-built
-steps of real engines (accepts, rejections, cold rounds, branches, mixed modes and strides,
-requests joining and leaving, preemption).
+The runner uses it (ModelRunner._run_built) for a decode step whose requests are those of the
+step before, with run_round's `carry` standing in for `advance` (the same arithmetic, inside the
+round's graph). tests/test_next_step.py checks both against the host-built steps of real engines
+(accepts, rejections, cold rounds, branches, mixed modes and strides, requests joining and
+leaving, preemption).
 """
 
 from dataclasses import dataclass, replace

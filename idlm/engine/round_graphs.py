@@ -65,7 +65,7 @@ class RoundGraph:
         r = self.result
         # the next replay overwrites the outputs; the new drafts' rows live on in their requests
         return RoundResult(r.packed, r.names, None if r.new_q is None else r.new_q.clone(),
-                           None if r.new_hidden is None else r.new_hidden.clone())
+                           None if r.new_hidden is None else r.new_hidden.clone(), r.carry.clone())
 
 
 class RoundGraphs:

@@ -113,6 +113,9 @@ class RoundResult:
     names: list[tuple[str, int]]  # (name, size) of each packed value
     new_q: torch.Tensor | None  # [B, K] q of the new drafts
     new_hidden: torch.Tensor | None  # [B, K, H] the rows whose logits give the new drafts' q
+    # [B, 3 + max(K, 1)] long, what the next round of each request feeds (engine/next_step.py):
+    # pending token, its cache slot, number of drafts, the drafts
+    carry: torch.Tensor | None = None
 
     def read(self) -> dict[str, list[float]]:
         """The host values by name, in one device-to-host copy."""
@@ -188,9 +191,19 @@ def run_round(model: CausalLM, hidden: torch.Tensor, all_logits: torch.Tensor | 
             new_drafts, new_q = propose(new_probs.view(b, k, vocab), rb.seeds, verdict.final_pos, rb.proposal,
                                         shape.all_greedy)
         new_hidden = new_hidden.view(b, k, -1)
-        host.update(has_new=(bonus | branched) & (t["num_new"] > 0), branched=branched, new_drafts=new_drafts)
+        has_new = (bonus | branched) & (t["num_new"] > 0)
+        host.update(has_new=has_new, branched=branched, new_drafts=new_drafts)
+        kept = torch.where(has_new[:, None], new_drafts, 0)
+        num_kept = torch.where(has_new, t["num_new"], 0)
+    else:
+        kept = torch.zeros(b, 1, dtype=torch.long, device=device)
+        num_kept = torch.zeros(b, dtype=torch.long, device=device)
+    # the pending token and the accepted drafts are now in the cache: the next round starts
+    # accepted + 1 slots on
+    carry = torch.cat([torch.stack([verdict.final_token.long(), t["positions"] + verdict.accepted + 1, num_kept], 1),
+                       kept], 1)
     packed = torch.cat([x.double().flatten() for x in host.values()])
-    return RoundResult(packed, [(name, x.numel()) for name, x in host.items()], new_q, new_hidden)
+    return RoundResult(packed, [(name, x.numel()) for name, x in host.items()], new_q, new_hidden, carry)
 
 
 def _committed_logprobs(raw_logprobs: torch.Tensor, drafts: torch.Tensor, verdict: Verdict,

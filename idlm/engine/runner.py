@@ -1,13 +1,16 @@
 import gc
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from idlm.config import MAX_STRIDE
 from idlm.decoding.penalties import Penalties
 from idlm.decoding.rounds import RoundBatch, propose
 from idlm.engine.decode_graphs import DecodeGraphs
 from idlm.engine.kv_pool import MAX_DECODE_TOKENS, MAX_LOOKAHEAD, plan_kv_pool
+from idlm.engine.next_step import LayoutTable, SlotState, build_step
 from idlm.engine.round_graphs import RoundGraphs
 from idlm.engine.round_step import RoundExtras, round_inputs, round_shape, run_round
 from idlm.engine.sequence import Sequence
@@ -59,6 +62,14 @@ class FeedRows:
     tree_bits: list[int]  # per row, its visible rows of the round (-1: the chunk's rows before it)
     round_rows: int  # rows of the round at the end (0: not the final chunk)
     branched: bool  # the round has branches, so its visibility is a tree, not causal
+
+
+@dataclass(slots=True)
+class Carry:
+    """What a graphed step's round left for the next step of the same requests, on the device."""
+
+    seq_ids: tuple[int, ...]  # the requests, in batch order
+    table: torch.Tensor  # round_step.RoundResult.carry
 
 
 PROMPT_LOGPROB_ROWS = 256  # prompt rows scored at once
@@ -116,6 +127,12 @@ class ModelRunner:
         self.round_graphs: RoundGraphs | None = None
         self.cpu_attention = PagedAttention  # RowExactPagedAttention for quantised models and deterministic mode
         self.gpu_attention = FixedSplitPagedAttention if deterministic else TritonPagedAttention
+        # a decode step of the same requests as the step before builds its rows on the device from
+        # that step's rounds (engine/next_step.py); IDLM_DEVICE_STEPS=0 builds every step on the
+        # host (for comparisons)
+        self.device_steps = os.environ.get("IDLM_DEVICE_STEPS", "1") != "0"
+        self.carry: Carry | None = None
+        self.layouts: LayoutTable | None = None
 
     @classmethod
     def start(cls, model: CausalLM, config: "EngineConfig", model_config: "ModelConfig", name: str,
@@ -148,6 +165,7 @@ class ModelRunner:
         if self.tp is not None:
             self.decode_graphs.mirror = self.tp.mirror_step
         self.decode_graphs.capture_prefill()
+        self.layouts = LayoutTable.build(MAX_STRIDE - 1, self.device)
         # under tensor parallelism a round's head calls are collectives the workers join one by
         # one (LeaderModel.logits), which a graph replayed on rank 0 alone cannot hold
         self.round_graphs = RoundGraphs(self.model, self.banned_token, capture=cuda_graphs and self.tp is None)
@@ -189,13 +207,19 @@ class ModelRunner:
         """Feeds token_ids[num_computed:num_computed + n] of each sequence (plus, on its final
         chunk, the rest of its round); returns the round outcome of each final-chunk sequence, by
         batch index."""
+        graphs = self.decode_graphs
+        prompt_rows = [i for i, seq in enumerate(seqs) if seq.needs_prompt_rows]
+        prefill = any(n > 1 for n in num_new)  # else a decode step: every feed is a whole round
+        carry, self.carry = self.carry, None
+        if (carry is not None and graphs is not None and not prompt_rows and not prefill and self.tp is None
+                and self.device_steps and carry.seq_ids == tuple(seq.seq_id for seq in seqs)):
+            outcomes = self._run_built(seqs, carry)
+            if outcomes is not None:
+                return outcomes
         feeds = [feed_rows(seq, n, self.mask_ids.get(seq.params.mode), self.block_size)
                  for seq, n in zip(seqs, num_new)]
         finals = [i for i, f in enumerate(feeds) if f.round_rows]
-        graphs = self.decode_graphs
-        prompt_rows = [i for i, seq in enumerate(seqs) if seq.needs_prompt_rows]
         if graphs is not None and not prompt_rows:
-            prefill = any(n > 1 for n in num_new)  # else a decode step: every feed is a whole round
             tokens = graphs.rows_for(len(seqs), max(len(f.ids) for f in feeds), max(s.num_computed for s in seqs),
                                      prefill)
             if tokens is not None:
@@ -213,6 +237,35 @@ class ModelRunner:
             return {}
         round_starts = [batch.query_start[i + 1] - feeds[i].round_rows for i in finals]
         return self._decide([seqs[i] for i in finals], round_starts, finals, hidden)
+
+    def _run_built(self, seqs: list[Sequence], carry: Carry) -> dict[int, RoundOutcome] | None:
+        """A decode step of the requests of the step before, its rows built on the device from
+        that step's rounds (next_step.build_step); the host sends only what it decides: each
+        request's next K, branch cap and mode, and the block tables. None: the step does not fit
+        the padded layout."""
+        graphs = self.decode_graphs
+        layouts = [seq.layout for seq in seqs]
+        starts = [seq.num_computed for seq in seqs]
+        tokens = graphs.rows_for(len(seqs), max(lay.num_rows for lay in layouts), max(starts), False)
+        if tokens is None:
+            return None
+        n, bucket = len(seqs), graphs.bucket_for(len(seqs))
+        width = max(-(-(start + tokens) // self.block_size) for start in starts)
+        modes = [seq.params.mode for seq in seqs]
+        plan = ([seq.num_new for seq in seqs] + [seq.num_branches for seq in seqs]
+                + [self.mask_ids.get(mode) or 0 for mode in modes] + [mode == "risd" for mode in modes])
+        tables = padded_block_tables([seq.block_table for seq in seqs], width, self.scratch_block, bucket)
+        plan_t, tables_t = self._to_device([plan, tables], torch.long)
+        num_new, branches, mask_id, gated = plan_t.view(4, n)
+        c = carry.table
+        state = SlotState(pending=c[:n, 0], start=c[:n, 1], drafts=c[:n, 3:], num_drafts=c[:n, 2], num_new=num_new,
+                          num_branches=branches, mask_id=mask_id, gated=gated.bool())
+        tables_t = tables_t.view(bucket, width)
+        inputs = build_step(state, self.layouts, tables_t, tokens, bucket, self.block_size, graphs.scratch_slot)
+        lora = self.with_lora and any(mode == "risd" and lay.num_new for mode, lay in zip(modes, layouts))
+        tree = any(lay.num_branches for lay in layouts)
+        hidden, logits = graphs.step_built(inputs, tables_t, tokens, lora, tree, max(starts) + tokens)
+        return self._decide(seqs, [i * tokens for i in range(n)], list(range(n)), hidden, logits, graphed=True)
 
     def _decide(self, seqs: list[Sequence], round_starts: list[int], index: list[int], hidden: torch.Tensor,
                 all_logits: torch.Tensor | None = None, graphed: bool = False) -> dict[int, RoundOutcome]:
@@ -244,6 +297,8 @@ class ModelRunner:
                 draft_q.index_copy_(0, slots_t, torch.cat(stored_q).float())
             result = run_round(self.model, hidden, all_logits, ints_t, floats_t, stored_hidden, draft_q, shape,
                                self.banned_token, extras)
+        if graphed and result.carry is not None:
+            self.carry = Carry(tuple(seq.seq_id for seq in seqs), result.carry)
         h = result.read()
         dmax, kmax = shape.dmax, shape.kmax
         top_n = extras.top_n if extras is not None else None
