@@ -215,8 +215,8 @@ def test_engine_with_device_built_steps_gives_the_same_tokens(dirs, temperature)
             runner = llm.engine.runner
             runner.device_steps = device_steps
             calls = []
-            step_built = runner.decode_graphs.step_built
-            runner.decode_graphs.step_built = lambda *a, calls=calls, original=step_built: calls.append(1) or original(*a)
+            graphs = runner.decode_graphs
+            graphs.step_built = lambda *a, calls=calls, original=graphs.step_built: calls.append(1) or original(*a)
             outputs[device_steps, name] = [o.token_ids for o in llm.generate(prompts, params)]
             built[device_steps, name] = len(calls)
     assert outputs[True, "roomy"] == outputs[False, "roomy"]
