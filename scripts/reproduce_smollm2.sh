@@ -29,12 +29,12 @@
 #   v2-risd  trains configs/smollm2/risd_v2.yaml on them with DRAFT_LOSS (default kl) for V2_STEPS
 #            (1500) steps of 16 rows -> runs/smollm2-risd-v2/final (resumes from its 25-step
 #            checkpoints); NPROC=2 runs it with DDP on two GPUs (torch.distributed.run)
-#   v2-eval  greedy and T = 1 acceptance by position, TPF, risd == ar (N = 4, float32; bf16 too) of
-#            that adapter, and its scaling curve (scripts/plot_scaling.py)
+#   v2-eval  greedy and T = 1 acceptance by position, TPF, risd == ar (N = 4, float32; bf16 with
+#            --deterministic too) of that adapter, and its scaling curve (scripts/plot_scaling.py)
 #   v5       the shipped adapter: the base answers the first 6,000 v2 prompts and the 300 held-out
 #            ones greedily -> data/smollm2-v5/, then configs/smollm2/risd_v5.yaml continues the risd
 #            stage's adapter with the TV loss -> runs/smollm2-risd-v5/final (resumable)
-#   v5-eval  as v2-eval for that adapter (bf16 with --deterministic: batch-invariant kernels)
+#   v5-eval  as v2-eval for that adapter
 # The loss comparison (ce / kl / tv on 3,500 prompts in one call): scripts/gpu_loss_comparison.sh;
 # the conversion with the acceptance-driven noisy stream: scripts/gpu_idlm_v2.sh.
 # (not in the default list: sdar sdar-eval sampled v2-distill v2-questions v2-risd v2-eval v5 v5-eval)
@@ -245,19 +245,22 @@ if has v2-risd; then
   log "v2-risd: train done in $((SECONDS - t)) s"
 fi
 
-if has v2-eval; then
-  log "v2-eval: start"
-  t=$SECONDS
-  V2=runs/smollm2-risd-v2/final
-  "$PY" scripts/compare_modes.py "${model_args[@]}" --adapter "$V2" --prompts "$HELDOUT" --strides 4 \
-    --temperatures 0 1 --max-tokens 256 --dtype float32 -o "$OUT/risd_v2_vs_ar_fp32.json"
-  "$PY" scripts/compare_modes.py "${model_args[@]}" --adapter "$V2" --prompts "$HELDOUT" --strides 4 \
-    --max-tokens 256 --dtype bfloat16 -o "$OUT/risd_v2_vs_ar_bf16.json"
-  cp runs/smollm2-risd-v2/log.jsonl "$OUT/risd_v2_train_log.jsonl"
-  "$PY" scripts/plot_scaling.py "risd_v2=runs/smollm2-risd-v2/log.jsonl" --eval "risd_v2=$OUT/risd_v2_vs_ar_fp32.json" \
-    -o "$OUT/scaling_risd_v2"
-  log "v2-eval: done in $((SECONDS - t)) s"
-fi
+# adapter_eval NAME: runs/smollm2-risd-NAME/final against ar on the held-out chats, N = 4: float32
+# greedy and T = 1, bfloat16 with the batch-invariant kernels; its training log and scaling curve
+adapter_eval() {
+  log "$1-eval: start"
+  local t=$SECONDS run=runs/smollm2-risd-$1
+  "$PY" scripts/compare_modes.py "${model_args[@]}" --adapter "$run/final" --prompts "$HELDOUT" --strides 4 \
+    --temperatures 0 1 --max-tokens 256 --dtype float32 --kv-cache-tokens 65536 -o "$OUT/risd_$1_vs_ar_fp32.json"
+  "$PY" scripts/compare_modes.py "${model_args[@]}" --adapter "$run/final" --prompts "$HELDOUT" --strides 4 \
+    --max-tokens 256 --dtype bfloat16 --deterministic -o "$OUT/risd_$1_vs_ar_bf16.json"
+  cp "$run/log.jsonl" "$OUT/risd_$1_train_log.jsonl"
+  "$PY" scripts/plot_scaling.py "risd_$1=$run/log.jsonl" --eval "risd_$1=$OUT/risd_$1_vs_ar_fp32.json" \
+    -o "$OUT/scaling_risd_$1"
+  log "$1-eval: done in $((SECONDS - t)) s"
+}
+
+if has v2-eval; then adapter_eval v2; fi
 
 if has v5; then
   log "v5: start"
@@ -275,19 +278,7 @@ if has v5; then
   log "v5: done in $((SECONDS - t)) s"
 fi
 
-if has v5-eval; then
-  log "v5-eval: start"
-  t=$SECONDS
-  V5=runs/smollm2-risd-v5/final
-  "$PY" scripts/compare_modes.py "${model_args[@]}" --adapter "$V5" --prompts "$HELDOUT" --strides 4 \
-    --temperatures 0 1 --max-tokens 256 --dtype float32 --kv-cache-tokens 65536 -o "$OUT/risd_v5_vs_ar_fp32.json"
-  "$PY" scripts/compare_modes.py "${model_args[@]}" --adapter "$V5" --prompts "$HELDOUT" --strides 4 \
-    --max-tokens 256 --dtype bfloat16 --deterministic -o "$OUT/risd_v5_vs_ar_bf16.json"
-  cp runs/smollm2-risd-v5/log.jsonl "$OUT/risd_v5_train_log.jsonl"
-  "$PY" scripts/plot_scaling.py "risd_v5=runs/smollm2-risd-v5/log.jsonl" --eval "risd_v5=$OUT/risd_v5_vs_ar_fp32.json" \
-    -o "$OUT/scaling_risd_v5"
-  log "v5-eval: done in $((SECONDS - t)) s"
-fi
+if has v5-eval; then adapter_eval v5; fi
 
 # one line per result file
 "$PY" - "$OUT" <<'EOF' | tee "$OUT/summary.txt"
