@@ -320,7 +320,7 @@ class LLMEngine:
         if r.num_drafts:
             self.policy.observe(seq, r.num_drafts, r.accepted)
         computed = len(seq) + r.accepted
-        seq.drafts, seq.draft_q, seq.draft_hidden = r.new_drafts, r.new_draft_q, r.new_draft_hidden
+        seq.drafts, seq.draft_rows = r.new_drafts, r.new_draft_rows
         seq.drafts_from_branch = r.from_branch
         self._append(seq, tokens)
         del seq.token_sources[seq.num_output_tokens:], seq.token_q[seq.num_output_tokens:]

@@ -13,7 +13,7 @@ from idlm.engine.kv_pool import MAX_DECODE_TOKENS, MAX_LOOKAHEAD, plan_kv_pool
 from idlm.engine.next_step import LayoutTable, SlotState, build_step
 from idlm.engine.round_graphs import RoundGraphs
 from idlm.engine.round_step import RoundExtras, round_inputs, round_shape, run_round
-from idlm.engine.sequence import Sequence
+from idlm.engine.sequence import DraftRows, Sequence
 from idlm.engine.structured import allowed
 from idlm.kernels.attention import (
     FixedSplitPagedAttention,
@@ -42,8 +42,7 @@ class RoundOutcome:
     final_p: float
     drafts_q: list[float]  # q_j(d_j) of the drafts under test
     new_drafts: list[int]
-    new_draft_q: torch.Tensor | None
-    new_draft_hidden: torch.Tensor | None
+    new_draft_rows: DraftRows | None
     from_branch: bool  # the new drafts came from the branch of the rejected draft
     # per committed token (accepted drafts, then the final one): its log-probability under the
     # model's raw distribution and the (token, log-probability) pairs of the likeliest tokens there
@@ -279,9 +278,15 @@ class ModelRunner:
         shape = round_shape(seqs, batch, pad_drafts=graphs is not None)
         ints, floats = round_inputs(seqs, round_starts, shape)
         num_d = [seq.layout.num_drafts for seq in seqs]
-        stored = [seq.draft_hidden[:d] for seq, d in zip(seqs, num_d) if d]
-        stored_q = [seq.draft_q[:d] for seq, d in zip(seqs, num_d) if d]
-        slots = [b * shape.dmax + j for b, d in enumerate(num_d) for j in range(d)]
+        shared = self._shared_draft_rows(seqs, num_d, shape.dmax)
+        if shared is not None:  # every drafted request's rows are its row of one round: no gather
+            n, dmax = len(seqs), shape.dmax
+            stored, stored_q = [shared.hidden[:n, :dmax].flatten(0, 1)], [shared.q[:n, :dmax].flatten()]
+            slots = list(range(len(seqs) * shape.dmax))
+        else:
+            firsts = [seq.draft_rows.first(d) for seq, d in zip(seqs, num_d) if d]
+            stored, stored_q = [h for h, _ in firsts], [q for _, q in firsts]
+            slots = [b * shape.dmax + j for b, d in enumerate(num_d) for j in range(d)]
         if graphs is not None:
             ints_h, floats_h = self._pinned(ints, torch.long), self._pinned(floats, torch.float32)
             slots_t = self._to_device([slots], torch.long)[0] if stored else None
@@ -311,13 +316,28 @@ class ModelRunner:
                 num_drafts=d, accepted=accepted, final_token=int(h["final"][b]), final_p=h["final_p"][b],
                 drafts_q=h["draft_q"][b * dmax:b * dmax + d],
                 new_drafts=[int(x) for x in h["new_drafts"][b * kmax:b * kmax + k]] if keep else [],
-                new_draft_q=result.new_q[b, :k] if keep else None,
-                new_draft_hidden=result.new_hidden[b, :k] if keep else None,
+                new_draft_rows=DraftRows(result.new_hidden, result.new_q, b) if keep else None,
                 from_branch=keep and h["branched"][b] > 0,
                 logprobs=None if seq.params.logprobs is None else self._token_logprobs(
                     h, b, accepted + 1, dmax + 1, top_n, seq.params.logprobs),
             )
         return outcomes
+
+    @staticmethod
+    def _shared_draft_rows(seqs: list[Sequence], num_d: list[int], dmax: int) -> DraftRows | None:
+        """The round whose rows every request with drafts takes from its own batch index (a batch
+        of the same requests as the round before), or None. Its first dmax rows per request then
+        stand where the drafts under test go; rows past a request's own drafts are padding that
+        nothing reads."""
+        shared = None
+        for b, (seq, d) in enumerate(zip(seqs, num_d)):
+            if not d:
+                continue
+            rows = seq.draft_rows
+            if rows.row != b or rows.q.shape[1] < dmax or (shared is not None and rows.q is not shared.q):
+                return None
+            shared = rows
+        return shared
 
     def _extras(self, seqs: list[Sequence]) -> RoundExtras | None:
         """The host-driven parts of this batch's round (round_step.RoundExtras), or None."""

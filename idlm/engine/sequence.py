@@ -47,6 +47,21 @@ class DraftCounts:
 
 
 @dataclass(slots=True)
+class DraftRows:
+    """Where a request's drafts came from: its row of the round that proposed them. hidden
+    [B, K, H] (the rows whose logits give each draft's q) and q [B, K] are that round's, shared by
+    every request of it, so that keeping them costs no tensor op per request."""
+
+    hidden: torch.Tensor
+    q: torch.Tensor
+    row: int
+
+    def first(self, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The hidden rows [d, H] and q [d] of the first d drafts."""
+        return self.hidden[self.row, :d], self.q[self.row, :d]
+
+
+@dataclass(slots=True)
 class SequenceStats:
     forwards: int = 0
     preemptions: int = 0
@@ -83,8 +98,7 @@ class Sequence:
         self.constraint = None  # params.json_schema set: the grammar state at the committed tokens
         # ISD drafts for the positions after the pending token; they outlive preemption
         self.drafts: list[int] = []
-        self.draft_q: torch.Tensor | None = None  # [D] q_j(d_j) at proposal time
-        self.draft_hidden: torch.Tensor | None = None  # [D, hidden] rows whose logits give q_j
+        self.draft_rows: DraftRows | None = None  # q_j(d_j) at proposal time, and the rows that give it
         self.drafts_from_branch = False
         # the next round's shape, set by the stride policy before each schedule
         self.num_new = 0  # K: drafts it proposes (0: an AR step)

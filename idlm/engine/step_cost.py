@@ -29,7 +29,7 @@ import torch
 
 from idlm.decoding.layout import max_branches, rows_of
 from idlm.engine.sampling_params import SamplingParams
-from idlm.engine.sequence import Sequence
+from idlm.engine.sequence import DraftRows, Sequence
 
 RECENT = 8  # steps of a shape whose median is its cost (contexts grow, so old steps drop out)
 MIN_SEEN = 3  # steps of a shape before their median replaces the scaled table
@@ -172,8 +172,8 @@ def _dummy(runner, k: int, b: int) -> Sequence:
     seq.block_table = [runner.scratch_block] * (2 + rows_of(k, k, b) // bs)
     hidden = runner.model.cfg.hidden_size
     seq.drafts = [0] * k
-    seq.draft_q = torch.ones(k, device=runner.device)
-    seq.draft_hidden = torch.zeros(k, hidden, dtype=runner.kv_cache.dtype, device=runner.device)
+    seq.draft_rows = DraftRows(torch.zeros(1, k, hidden, dtype=runner.kv_cache.dtype, device=runner.device),
+                               torch.ones(1, k, device=runner.device), 0)
     seq.num_new, seq.num_branches = k, min(b, max_branches(k, k))
     return seq
 
