@@ -11,7 +11,7 @@ from test_isd import prompts_for
 
 from idlm import SamplingParams
 from idlm.engine import next_step
-from idlm.engine.next_step import LayoutTable, SlotState, advance, build_step
+from idlm.engine.next_step import LayoutTable, SlotState, advance, build_step, plan
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +90,8 @@ def compare(steps: list[dict], mask_ids: dict, block_size: int, scratch_slot: in
                                    torch.tensor([r.new_drafts + [0] * (new_k - len(r.new_drafts)) for _, r in before]),
                                    torch.tensor([bool(r.new_drafts) for _, r in before]))
                 now = [step["seqs"][i] for i in picked]
-                state = state.plan(torch.tensor([s["num_new"] for s in now]),
-                                   torch.tensor([s["branches"] for s in now]))
+                state = plan(state, torch.tensor([s["num_new"] for s in now]),
+                             torch.tensor([s["branches"] for s in now]))
                 index = torch.tensor(picked)
                 built = build_step(state, layouts, host["tables"][index], packed.tokens, len(picked), block_size,
                                    scratch_slot)

@@ -3,15 +3,15 @@
 A round's outcome already fixes most of the next round: the final token becomes the pending one,
 the cache is computed up to the pending token plus the accepted drafts (so a request advances by
 accepted + 1), and the new drafts, where the round kept any, are the ones the next round tests.
-`SlotState` holds that per request ("slot") as device tensors; `advance` applies a round's
-outcome to it and `build_step` lays out the next decode step in the padded [bucket, T] grid of
+`carry_table` is what a round leaves (run_round computes it inside the round's graph),
+`SlotState` that per request as device tensors with the host's plan, `advance` applies a round's
+outcome to a state, and `build_step` lays out the next decode step in the padded [bucket, T] grid of
 decode_graphs.py, row for row what `DecodeGraphs.run` builds on the host from `feed_rows`. The
 host keeps what only it can decide, one step ahead: each slot's next K and branches (the stride
 policy) and the block tables (allocated a round ahead).
 
 The runner uses it (ModelRunner._run_built) for a decode step whose requests are those of the
-step before, with run_round's `carry` standing in for `advance` (the same arithmetic, inside the
-round's graph). tests/test_next_step.py checks both against the host-built steps of real engines
+step before. tests/test_next_step.py checks it against the host-built steps of real engines
 (accepts, rejections, cold rounds, branches, mixed modes and strides, requests joining and
 leaving, preemption).
 """
@@ -56,6 +56,16 @@ class LayoutTable:
                    torch.tensor(visible, **to), torch.tensor(is_mask, **to))
 
 
+def carry_table(final_token: torch.Tensor, pending_slot: torch.Tensor, accepted: torch.Tensor,
+                drafts: torch.Tensor, num_drafts: torch.Tensor) -> torch.Tensor:
+    """What a round leaves for each request's next one, [B, 3 + K] long: the final token (the new
+    pending one), its cache slot, the number of drafts kept and the drafts [B, K]. The pending
+    token and the accepted drafts are now in the cache, so the request moves accepted + 1 slots
+    on."""
+    head = torch.stack([final_token.long(), pending_slot + accepted + 1, num_drafts.long()], 1)
+    return torch.cat([head, drafts.long()], 1)
+
+
 @dataclass(frozen=True)
 class SlotState:
     """Per request of a decode batch, in batch order: what its next round feeds. [B] tensors unless noted."""
@@ -69,21 +79,29 @@ class SlotState:
     mask_id: torch.Tensor  # the MASK token of the request's mode (0 for ar: never fed)
     gated: torch.Tensor  # bool: risd, the gated LoRA is on at MASK rows
 
-    def plan(self, num_new: torch.Tensor, num_branches: torch.Tensor) -> "SlotState":
-        """The host's next K and branch cap per request."""
-        return replace(self, num_new=num_new, num_branches=num_branches)
+    @classmethod
+    def from_carry(cls, table: torch.Tensor, num_new: torch.Tensor, num_branches: torch.Tensor,
+                   mask_id: torch.Tensor, gated: torch.Tensor) -> "SlotState":
+        """The state a carry_table leaves, with the host's plan for the next round: K, branch cap,
+        MASK token and LoRA gate per request."""
+        n = num_new.shape[0]
+        return cls(pending=table[:n, 0], start=table[:n, 1], drafts=table[:n, 3:], num_drafts=table[:n, 2],
+                   num_new=num_new, num_branches=num_branches, mask_id=mask_id, gated=gated)
 
 
 def advance(state: SlotState, accepted: torch.Tensor, final_token: torch.Tensor, new_drafts: torch.Tensor,
             has_new: torch.Tensor) -> SlotState:
     """The state after a round in which request b accepted accepted[b] drafts and committed
-    final_token[b]: its pending token and the accepted drafts are now in the cache, and the new
-    drafts [B, K] (K = this round's num_new) are kept where has_new[b]."""
-    k = new_drafts.shape[1]
-    drafts = torch.zeros_like(state.drafts)
-    drafts[:, :k] = torch.where(has_new[:, None], new_drafts, 0)
-    return replace(state, pending=final_token.long(), start=state.start + accepted + 1, drafts=drafts,
-                   num_drafts=torch.where(has_new, state.num_new, 0))
+    final_token[b], keeping the new drafts [B, K] (K = this round's num_new) where has_new[b];
+    the plan (K, branches) stays that of the round until SlotState.plan replaces it."""
+    table = carry_table(final_token, state.start, accepted, torch.where(has_new[:, None], new_drafts, 0),
+                        torch.where(has_new, state.num_new, 0))
+    return SlotState.from_carry(table, state.num_new, state.num_branches, state.mask_id, state.gated)
+
+
+def plan(state: SlotState, num_new: torch.Tensor, num_branches: torch.Tensor) -> SlotState:
+    """The host's next K and branch cap per request."""
+    return replace(state, num_new=num_new, num_branches=num_branches)
 
 
 @dataclass(frozen=True)
@@ -98,7 +116,6 @@ class StepInputs:
     tree_bits: torch.Tensor
     context_lens: torch.Tensor
     tree_rows: torch.Tensor
-    round_rows: torch.Tensor  # [B] rows of each request's round (the host reads T from it: max)
 
 
 def build_step(state: SlotState, layouts: LayoutTable, block_tables: torch.Tensor, tokens: int, bucket: int,
@@ -137,5 +154,4 @@ def build_step(state: SlotState, layouts: LayoutTable, block_tables: torch.Tenso
         tree_bits=torch.cat([tree_bits.flatten(), pad_rows(-1)]),
         context_lens=torch.cat([context, torch.full((extra,), tokens, dtype=torch.long, device=device)]),
         tree_rows=torch.full((bucket,), tokens, dtype=torch.long, device=device),
-        round_rows=rows,
     )

@@ -17,6 +17,7 @@ import torch
 
 from idlm.decoding.rounds import PROPOSALS, RoundBatch, Verdict, propose, verify
 from idlm.decoding.sampling import SamplingTensors, token_probs
+from idlm.engine.next_step import carry_table
 from idlm.engine.sequence import Sequence
 from idlm.models.transformer import CausalLM
 
@@ -113,9 +114,7 @@ class RoundResult:
     names: list[tuple[str, int]]  # (name, size) of each packed value
     new_q: torch.Tensor | None  # [B, K] q of the new drafts
     new_hidden: torch.Tensor | None  # [B, K, H] the rows whose logits give the new drafts' q
-    # [B, 3 + max(K, 1)] long, what the next round of each request feeds (engine/next_step.py):
-    # pending token, its cache slot, number of drafts, the drafts
-    carry: torch.Tensor | None = None
+    carry: torch.Tensor | None = None  # [B, 3 + max(K, 1)] next_step.carry_table
 
     def read(self) -> dict[str, list[float]]:
         """The host values by name, in one device-to-host copy."""
@@ -198,10 +197,7 @@ def run_round(model: CausalLM, hidden: torch.Tensor, all_logits: torch.Tensor | 
     else:
         kept = torch.zeros(b, 1, dtype=torch.long, device=device)
         num_kept = torch.zeros(b, dtype=torch.long, device=device)
-    # the pending token and the accepted drafts are now in the cache: the next round starts
-    # accepted + 1 slots on
-    carry = torch.cat([torch.stack([verdict.final_token.long(), t["positions"] + verdict.accepted + 1, num_kept], 1),
-                       kept], 1)
+    carry = carry_table(verdict.final_token, t["positions"], verdict.accepted, kept, num_kept)
     packed = torch.cat([x.double().flatten() for x in host.values()])
     return RoundResult(packed, [(name, x.numel()) for name, x in host.items()], new_q, new_hidden, carry)
 

@@ -256,9 +256,7 @@ class ModelRunner:
         tables = padded_block_tables([seq.block_table for seq in seqs], width, self.scratch_block, bucket)
         plan_t, tables_t = self._to_device([plan, tables], torch.long)
         num_new, branches, mask_id, gated = plan_t.view(4, n)
-        c = carry.table
-        state = SlotState(pending=c[:n, 0], start=c[:n, 1], drafts=c[:n, 3:], num_drafts=c[:n, 2], num_new=num_new,
-                          num_branches=branches, mask_id=mask_id, gated=gated.bool())
+        state = SlotState.from_carry(carry.table, num_new, branches, mask_id, gated.bool())
         tables_t = tables_t.view(bucket, width)
         inputs = build_step(state, self.layouts, tables_t, tokens, bucket, self.block_size, graphs.scratch_slot)
         lora = self.with_lora and any(mode == "risd" and lay.num_new for mode, lay in zip(modes, layouts))
