@@ -223,3 +223,20 @@ def test_engine_with_device_built_steps_gives_the_same_tokens(dirs, temperature)
     assert outputs[True, "tight"] == outputs[False, "tight"]
     assert built[False, "roomy"] == built[False, "tight"] == 0
     assert built[True, "roomy"] > 20 and built[True, "tight"] > 5, built
+
+
+def test_shared_draft_rows_need_a_row_for_every_request():
+    """A batch whose drafted requests are rows 0..1 of one round takes that round's rows whole only
+    if the round has a row for every request of the batch (a request that joined since has none)."""
+    from idlm.engine.runner import ModelRunner
+    from idlm.engine.sequence import DraftRows, Sequence
+
+    rows = DraftRows(torch.zeros(2, 3, 4), torch.ones(2, 3), 0)
+    seqs = [Sequence([1, 2], SamplingParams(), seed=0) for _ in range(3)]
+    seqs[0].draft_rows = rows
+    seqs[1].draft_rows = DraftRows(rows.hidden, rows.q, 1)
+    assert ModelRunner._shared_draft_rows(seqs[:2], [3, 3], 3).q is rows.q
+    assert ModelRunner._shared_draft_rows(seqs, [3, 3, 0], 3) is None  # the third joined: no row 2
+    assert ModelRunner._shared_draft_rows(seqs[:2], [3, 3], 4) is None  # more drafts than the round kept
+    seqs[1].draft_rows = DraftRows(rows.hidden.clone(), rows.q.clone(), 1)
+    assert ModelRunner._shared_draft_rows(seqs[:2], [3, 3], 3) is None  # rows of two rounds

@@ -335,7 +335,8 @@ class ModelRunner:
             if rows.row != b or rows.q.shape[1] < dmax or (shared is not None and rows.q is not shared.q):
                 return None
             shared = rows
-        return shared
+        # a request that joined since (past the round's batch) has no row there
+        return shared if shared is not None and shared.q.shape[0] >= len(seqs) else None
 
     def _extras(self, seqs: list[Sequence]) -> RoundExtras | None:
         """The host-driven parts of this batch's round (round_step.RoundExtras), or None."""
