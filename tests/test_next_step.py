@@ -3,6 +3,8 @@ equals the step the host builds (runner.feed_rows -> DecodeGraphs.run), row for 
 rounds of real engines: accepts, rejections, cold rounds, branches, mixed modes and strides,
 requests joining and leaving, preemption. A wrong advance must be caught."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from helpers import make_random_adapter, make_small_idlm
@@ -10,8 +12,19 @@ from test_decode_graphs import mixed_params, padded_llm
 from test_isd import prompts_for
 
 from idlm import SamplingParams
-from idlm.engine import next_step
-from idlm.engine.next_step import LayoutTable, SlotState, advance, build_step, plan
+from idlm.engine.next_step import LayoutTable, SlotState, build_step, carry_table
+
+
+def advance(state: SlotState, accepted, final_token, new_drafts, has_new) -> SlotState:
+    """The state after a round, from its host outcomes (the engine takes run_round's carry_table
+    of the same values): new drafts [B, K] kept where has_new, the plan still the round's."""
+    table = carry_table(final_token, state.start, accepted, torch.where(has_new[:, None], new_drafts, 0),
+                        torch.where(has_new, state.num_new, 0))
+    return SlotState.from_carry(table, state.num_new, state.num_branches, state.mask_id, state.gated)
+
+
+def plan(state: SlotState, num_new, num_branches) -> SlotState:
+    return replace(state, num_new=num_new, num_branches=num_branches)
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +174,7 @@ def test_a_wrong_advance_is_caught(dirs):
 
     def short_by_one(state, accepted, final, new_drafts, has_new):
         right = advance(state, accepted, final, new_drafts, has_new)
-        return next_step.replace(right, start=state.start + accepted)
+        return replace(right, start=state.start + accepted)
 
     def drops_drafts(state, accepted, final, new_drafts, has_new):
         return advance(state, accepted, final, new_drafts, torch.zeros_like(has_new))

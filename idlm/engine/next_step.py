@@ -4,11 +4,10 @@ A round's outcome already fixes most of the next round: the final token becomes 
 the cache is computed up to the pending token plus the accepted drafts (so a request advances by
 accepted + 1), and the new drafts, where the round kept any, are the ones the next round tests.
 `carry_table` is what a round leaves (run_round computes it inside the round's graph),
-`SlotState` that per request as device tensors with the host's plan, `advance` applies a round's
-outcome to a state, and `build_step` lays out the next decode step in the padded [bucket, T] grid of
-decode_graphs.py, row for row what `DecodeGraphs.run` builds on the host from `feed_rows`. The
-host keeps what only it can decide, one step ahead: each slot's next K and branches (the stride
-policy) and the block tables (allocated a round ahead).
+`SlotState` the same per request with the host's plan, and `build_step` lays out the next decode
+step in the padded [bucket, T] grid of decode_graphs.py, row for row what `DecodeGraphs.run`
+builds on the host from `feed_rows`. The host keeps what only it can decide: each request's next
+K and branch cap (the stride policy) and the block tables.
 
 The runner uses it (ModelRunner._run_built) for a decode step whose requests are those of the
 step before. tests/test_next_step.py checks it against the host-built steps of real engines
@@ -16,7 +15,7 @@ step before. tests/test_next_step.py checks it against the host-built steps of r
 leaving, preemption).
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -87,21 +86,6 @@ class SlotState:
         n = num_new.shape[0]
         return cls(pending=table[:n, 0], start=table[:n, 1], drafts=table[:n, 3:], num_drafts=table[:n, 2],
                    num_new=num_new, num_branches=num_branches, mask_id=mask_id, gated=gated)
-
-
-def advance(state: SlotState, accepted: torch.Tensor, final_token: torch.Tensor, new_drafts: torch.Tensor,
-            has_new: torch.Tensor) -> SlotState:
-    """The state after a round in which request b accepted accepted[b] drafts and committed
-    final_token[b], keeping the new drafts [B, K] (K = this round's num_new) where has_new[b];
-    the plan (K, branches) stays that of the round until SlotState.plan replaces it."""
-    table = carry_table(final_token, state.start, accepted, torch.where(has_new[:, None], new_drafts, 0),
-                        torch.where(has_new, state.num_new, 0))
-    return SlotState.from_carry(table, state.num_new, state.num_branches, state.mask_id, state.gated)
-
-
-def plan(state: SlotState, num_new: torch.Tensor, num_branches: torch.Tensor) -> SlotState:
-    """The host's next K and branch cap per request."""
-    return replace(state, num_new=num_new, num_branches=num_branches)
 
 
 @dataclass(frozen=True)

@@ -128,9 +128,11 @@ class RoundResult:
 
 def run_round(model: CausalLM, hidden: torch.Tensor, all_logits: torch.Tensor | None, ints: torch.Tensor,
               floats: torch.Tensor, stored_hidden: torch.Tensor | None, draft_q: torch.Tensor, shape: RoundShape,
-              banned_token: int | None, extras: RoundExtras | None = None) -> RoundResult:
+              banned_token: int | None, extras: RoundExtras | None = None, with_carry: bool = True) -> RoundResult:
     """The round of every request: ints/floats as round_inputs() laid them out, on the device;
-    stored_hidden [B*D, H] and draft_q [B*D]: the rows and q of the drafts under test."""
+    stored_hidden [B*D, H] and draft_q [B*D]: the rows and q of the drafts under test.
+    with_carry: also what each request's next round feeds (RoundResult.carry), for a next step
+    built on the device."""
     b, d, k = shape.batch, shape.dmax, shape.kmax
     t = dict(zip(INTS, ints.split(shape.int_sizes())))
     f = dict(zip(FLOATS, floats.split(b)))
@@ -192,12 +194,14 @@ def run_round(model: CausalLM, hidden: torch.Tensor, all_logits: torch.Tensor | 
         new_hidden = new_hidden.view(b, k, -1)
         has_new = (bonus | branched) & (t["num_new"] > 0)
         host.update(has_new=has_new, branched=branched, new_drafts=new_drafts)
-        kept = torch.where(has_new[:, None], new_drafts, 0)
-        num_kept = torch.where(has_new, t["num_new"], 0)
-    else:
-        kept = torch.zeros(b, 1, dtype=torch.long, device=device)
-        num_kept = torch.zeros(b, dtype=torch.long, device=device)
-    carry = carry_table(verdict.final_token, t["positions"], verdict.accepted, kept, num_kept)
+    carry = None
+    if with_carry:
+        if k:
+            kept, num_kept = torch.where(has_new[:, None], new_drafts, 0), torch.where(has_new, t["num_new"], 0)
+        else:
+            kept = torch.zeros(b, 1, dtype=torch.long, device=device)
+            num_kept = torch.zeros(b, dtype=torch.long, device=device)
+        carry = carry_table(verdict.final_token, t["positions"], verdict.accepted, kept, num_kept)
     packed = torch.cat([x.double().flatten() for x in host.values()])
     return RoundResult(packed, [(name, x.numel()) for name, x in host.items()], new_q, new_hidden, carry)
 

@@ -280,7 +280,7 @@ class ModelRunner:
         if shared is not None:  # every drafted request's rows are its row of one round: no gather
             n, dmax = len(seqs), shape.dmax
             stored, stored_q = [shared.hidden[:n, :dmax].flatten(0, 1)], [shared.q[:n, :dmax].flatten()]
-            slots = list(range(len(seqs) * shape.dmax))
+            slots = list(range(n * dmax))
         else:
             firsts = [seq.draft_rows.first(d) for seq, d in zip(seqs, num_d) if d]
             stored, stored_q = [h for h, _ in firsts], [q for _, q in firsts]
@@ -299,8 +299,8 @@ class ModelRunner:
                 stored_hidden.index_copy_(0, slots_t, torch.cat(stored))
                 draft_q.index_copy_(0, slots_t, torch.cat(stored_q).float())
             result = run_round(self.model, hidden, all_logits, ints_t, floats_t, stored_hidden, draft_q, shape,
-                               self.banned_token, extras)
-        if graphed and result.carry is not None:
+                               self.banned_token, extras, with_carry=graphed)
+        if result.carry is not None:
             self.carry = Carry(tuple(seq.seq_id for seq in seqs), result.carry)
         h = result.read()
         dmax, kmax = shape.dmax, shape.kmax
