@@ -158,6 +158,11 @@ def check(rng) -> list[dict]:
                             rows.append(dict(heads=heads, kv_heads=kv_heads, dim=dim, dtype=str(dtype)[6:],
                                              batch=batch, q_len=q_len, max_ctx=max_ctx, splits=splits or "auto",
                                              rel_err=err, ok=err < (1e-5 if dtype == torch.float32 else 1e-2)))
+            group = [r for r in rows if (r["heads"], r["kv_heads"], r["dim"], r["dtype"]) == (heads, kv_heads, dim,
+                                                                                               str(dtype)[6:])]
+            print(f"heads {heads}/{kv_heads} dim {dim} {str(dtype)[6:]}: {len(group)} cases, "
+                  f"{sum(not r['ok'] for r in group)} over tolerance, worst {max(r['rel_err'] for r in group):.2e}",
+                  flush=True)
     return rows
 
 

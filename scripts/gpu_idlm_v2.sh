@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 17: the I-DLM conversion with an acceptance-driven noisy stream (configs/smollm2/idlm_v2.yaml:
 # KL(p || q) to its own clean stream, CE on the clean stream, T = 1 answers, lr 2.5e-5), trained and
-# evaluated on one GPU in one call (about 8.5 minutes on an H200 with the defaults).
+# evaluated on one GPU in one call (490 s on an H200 with the defaults, measured 2026-11-30).
 #
 #   OUT=/path/results MODEL=/tmp/smollm2.gguf bash scripts/gpu_idlm_v2.sh
 #
