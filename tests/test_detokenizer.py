@@ -54,10 +54,38 @@ def test_stop_string_found_in_the_stream(byte_tokenizer):
     assert detok.stopped and "".join(pieces) == "the cat "
 
 
-def test_tokenizers_that_clean_up_spaces_keep_the_full_decode(byte_tokenizer):
+def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer whose decode joins tokens with spaces, then cleans them up."""
+    core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", clean_up_tokenization_spaces=True)
+
+
+def test_tokenizers_that_clean_up_spaces_keep_the_full_decode():
+    tok = word_tokenizer("a b c d e f g h i j . ? ! , ' n't 'm 's 've 're".split())
+    ids = tok.encode("a . b 's c n't d ,", add_special_tokens=False)
+    assert tok.decode(ids) != tok.backend_tokenizer.decode(ids)  # this decode does clean up
+    detok = IncrementalDetokenizer(tok, [])
+    assert detok.stream is None
+    assert "".join(run(detok, ids, [1] * len(ids))) == tok.decode(ids, skip_special_tokens=True) == "a. b's cn't d,"
+
+
+def test_a_probe_that_cannot_tell_keeps_the_full_decode():
+    """A vocabulary with none of the clean-up's patterns: the probe decodes to unknowns, so stay safe."""
+    assert IncrementalDetokenizer(word_tokenizer(["hello", "world"]), []).stream is None
+
+
+def test_a_clean_up_setting_that_decode_ignores_streams(byte_tokenizer):
+    """transformers 5 skips the clean-up for BPE models whatever the setting says (the SmolLM2 GGUF
+    tokenizer has it set under some versions): such a tokenizer streams, and its text is still a
+    full decode's."""
     byte_tokenizer.clean_up_tokenization_spaces = True
     try:
-        assert IncrementalDetokenizer(byte_tokenizer, []).stream is None
+        ids = byte_tokenizer.encode("the cat 's mat . naïve , café ! 東京 ?", add_special_tokens=False)
+        ignored = byte_tokenizer.decode(ids) == byte_tokenizer.backend_tokenizer.decode(ids)
+        detok = IncrementalDetokenizer(byte_tokenizer, [])
+        assert (detok.stream is not None) == ignored
+        assert "".join(run(detok, ids, [2] * len(ids))) == byte_tokenizer.decode(ids, skip_special_tokens=True)
     finally:
         byte_tokenizer.clean_up_tokenization_spaces = False
 
