@@ -2,7 +2,8 @@
 risd, with decode steps replayed as CUDA graphs and run eagerly, on tiny models whose head dim
 lets the Triton kernel run, for each round shape: no branches, every branch that fits (tree
 attention in the Triton kernel), and the adaptive stride. Greedy must match the CPU token for
-token; seeded sampling must match between graphs and eager on the GPU.
+token; seeded sampling must match between graphs and eager on the GPU. Then requests arriving
+mid-decode (at most 12 at once, each with its own length), greedy and seeded.
 
     python benchmarks/gpu_engine_check.py
 """
@@ -22,9 +23,9 @@ SETUPS = {"cpu": dict(device="cpu"), "cuda-graphs": dict(device="cuda"),
           "cuda-eager": dict(device="cuda", enforce_eager=True)}
 
 
-def run(folder: Path, adapter: Path | None, prompts, params, setup: str):
+def run(folder: Path, adapter: Path | None, prompts, params, setup: str, max_num_seqs: int = 64):
     llm = LLM(str(folder), adapter=str(adapter) if adapter else None, dtype="float32", progress=False,
-              kv_cache_tokens=8192, max_num_seqs=64, **SETUPS[setup])
+              kv_cache_tokens=8192, max_num_seqs=max_num_seqs, **SETUPS[setup])
     outs = [o.token_ids for o in llm.generate(prompts, params)]
     graphs = llm.engine.runner.decode_graphs
     captured = sorted(graphs.graphs) if graphs is not None and graphs.use_graphs else []
@@ -58,6 +59,29 @@ def compare(folder: Path, adapter: Path | None, prompts: list[list[int]], modes:
     return ok
 
 
+def compare_arrivals(folder: Path, adapter: Path | None, prompts: list[list[int]], mode: str) -> bool:
+    """Requests that join while others decode: at most 12 run at once and each stops at its own length,
+    so every later request arrives mid-decode (a prefill beside running rounds). Strides 2/3/4/8
+    with branches; greedy must equal the CPU, seeded T = 0.8 must equal between graphs and eager."""
+    ok = True
+    strides = itertools.cycle((2, 3, 4, 8))
+    greedy = [SamplingParams(temperature=0, max_tokens=12 + 7 * (i % 6), ignore_eos=True, mode=mode,
+                             stride=next(strides)) for i in range(len(prompts))]
+    outs = {setup: run(folder, adapter, prompts, greedy, setup, max_num_seqs=12)[0] for setup in SETUPS}
+    for setup in ("cuda-graphs", "cuda-eager"):
+        same = sum(a == b for a, b in zip(outs["cpu"], outs[setup]))
+        ok &= same == len(prompts)
+        print(f"{folder.name} {mode} arrivals greedy: {same}/{len(prompts)} equal on {setup} and cpu")
+    sampled = [SamplingParams(temperature=0.8, top_p=0.95, seed=i, max_tokens=p.max_tokens, ignore_eos=True,
+                              mode=mode, stride=p.stride) for i, p in enumerate(greedy)]
+    graph_out, eager_out = (run(folder, adapter, prompts, sampled, s, max_num_seqs=12)[0]
+                            for s in ("cuda-graphs", "cuda-eager"))
+    same = sum(a == b for a, b in zip(graph_out, eager_out))
+    ok &= same == len(prompts)
+    print(f"{folder.name} {mode} arrivals seeded T=0.8: {same}/{len(prompts)} equal with graphs and eager")
+    return ok
+
+
 def main() -> None:
     root = Path(tempfile.mkdtemp())
     # head_dim 16 (64 hidden / 4 heads), GQA group 2
@@ -67,6 +91,8 @@ def main() -> None:
     prompts = [[5 + i % 40, 6, 7, 8 + i % 30] * (1 + i % 5) for i in range(40)]
     ok = compare(root / "qwen3", None, prompts, ["ar", "isd"])
     ok &= compare(root / "llama", adapter, prompts, ["ar", "risd"])
+    ok &= compare_arrivals(root / "qwen3", None, prompts, "isd")
+    ok &= compare_arrivals(root / "llama", adapter, prompts, "risd")
     print("ALL GREEDY EQUAL" if ok else "MISMATCH")
     sys.exit(0 if ok else 1)
 
