@@ -1,6 +1,7 @@
 """The SDAR-style baseline's decoders: lossless decoding is exact, alpha's p is the causal stream's."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -77,17 +78,18 @@ def total_variation(model, decode, samples: int, temperature: float) -> tuple[fl
         t = out.tokens
         counts[(t[0] * VOCAB + t[1]) * VOCAB + t[2]] += 1
     tv = 0.5 * float((counts / samples - exact).abs().sum())
-    # E[TV] <= 1/2 sum sqrt(p / n); McDiarmid: P(TV > E + 0.015) <= exp(-2 n 0.015^2) = 1e-4 at n = 20000
-    return tv, 0.5 * float((exact / samples).sqrt().sum()) + 0.015
+    # E[TV] <= 1/2 sum sqrt(p / n); McDiarmid: P(TV > E + eps) <= exp(-2 n eps^2) = 1e-4
+    return tv, 0.5 * float((exact / samples).sqrt().sum()) + math.sqrt(math.log(1e4) / (2 * samples))
 
 
+# 8,000 samples: a bound of ~0.095, which parallel decoding exceeds ~5 times (TV ~0.56)
 def test_sampled_exact_decode_has_the_causal_distribution(model):
-    tv, bound = total_variation(model, exact_decode, 20000, 0.8)
+    tv, bound = total_variation(model, exact_decode, 8000, 0.8)
     assert tv < bound, f"TV {tv:.4f} >= bound {bound:.4f}"
 
 
 def test_parallel_decode_fails_the_same_test(model):
-    tv, bound = total_variation(model, parallel_decode, 20000, 0.8)
+    tv, bound = total_variation(model, parallel_decode, 8000, 0.8)
     assert tv > 2 * bound
 
 
