@@ -16,12 +16,17 @@
 #   3. eval: scripts/compare_modes.py per adapter on the 100 held-out chat prompts, N = 4, no
 #      branch drafts, float32: greedy (identical to ar? TPF, acceptance by position) and T = 1
 #      (seeded per prompt: TPF, acceptance by position), the three side by side
-#   4. summary: $OUT/loss_comparison.json (+ a table on stdout)
+#   4. summary: $OUT/$SUMMARY (loss_comparison.json unless set; + a table on stdout)
 # What lands in $OUT (at most 8 files come back from a call, 16 MiB each):
 #   loss_comparison.json  results.tar.gz (train logs, eval JSONs, distill log, timings)
 #   adapter_best.tar (the adapter with the highest greedy TPF, 14 MiB)  onpolicy_v2.tar.gz
 #   (the distilled answers, to carry into a later call instead of distilling again)  timings.txt
 # Knobs: N_PROMPTS STEPS LOSSES ("ce kl tv") PARALLEL (1) TRAIN_LIMIT (s, 220) MAX_TOKENS (256) PY;
+# VARIANTS compares other settings instead of the losses: "name=--key value ...;name2=..." (each a run of
+# risd_v2.yaml with those overrides; values without spaces), e.g. a rank sweep (issue 17):
+#   VARIANTS="r8=--lora_rank 8 --lora_alpha 16;r24=--lora_rank 24 --lora_alpha 48;attn48=--lora_rank 48
+#   --lora_alpha 96 --lora_targets [q_proj,k_proj,v_proj,o_proj]" SUMMARY=rank_sweep.json (alpha = 2 x rank, as
+#   the shipped adapter's; attention-only rank 48 is 10.6 MiB in bfloat16, all seven projections rank 24 14.0 MiB);
 # for a CPU dry run of the plumbing: MODEL= (empty: the embedded default), HELDOUT_LIMIT (per file),
 # TRAIN_ARGS (more --key value overrides, e.g. "--max_len 128 --micro_batch_size 1").
 set -euo pipefail
@@ -34,6 +39,16 @@ PY=${PY:-python3}
 N_PROMPTS=${N_PROMPTS:-3000}
 STEPS=${STEPS:-120}
 LOSSES=${LOSSES:-"ce kl tv"}
+VARIANTS=${VARIANTS:-$(for l in $LOSSES; do printf '%s=--draft_loss %s;' "$l" "$l"; done)}
+SUMMARY=${SUMMARY:-loss_comparison.json}
+declare -A VARIANT_ARGS
+NAMES=()
+IFS=';' read -ra _entries <<< "$VARIANTS"
+for _e in "${_entries[@]}"; do
+  [ -n "$_e" ] || continue
+  NAMES+=("${_e%%=*}")
+  VARIANT_ARGS[${_e%%=*}]=${_e#*=}
+done
 PARALLEL=${PARALLEL:-1}
 TRAIN_LIMIT=${TRAIN_LIMIT:-220}
 MAX_TOKENS=${MAX_TOKENS:-256}
@@ -45,7 +60,7 @@ model_args=()
 if [ -n "$MODEL" ]; then model_args=(--model "$MODEL"); fi
 T0=$SECONDS
 log() { echo "== +$((SECONDS - T0)) s $(date +%H:%M:%S) $*" | tee -a "$OUT/timings.txt"; }
-log "start: model=$MODEL n_prompts=$N_PROMPTS steps=$STEPS losses=$LOSSES parallel=$PARALLEL"
+log "start: model=$MODEL n_prompts=$N_PROMPTS steps=$STEPS variants=$VARIANTS parallel=$PARALLEL"
 "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" | tee -a "$OUT/timings.txt"
 
 # ---------------------------------------------------------------- 1. on-policy answers
@@ -63,28 +78,29 @@ fi
 tar -czf "$OUT/onpolicy_v2.tar.gz" "$DATA/onpolicy.jsonl" "$DATA/heldout_onpolicy.jsonl"
 
 # ---------------------------------------------------------------- 2. train
-train_one() {  # LOSS
+train_one() {  # NAME: risd_v2.yaml with that variant's overrides
   local t=$SECONDS rc=0
-  timeout "$TRAIN_LIMIT" "$PY" -m idlm train configs/smollm2/risd_v2.yaml "${model_args[@]}" --draft_loss "$1" \
+  # shellcheck disable=SC2086  # (the overrides and TRAIN_ARGS split into words on purpose)
+  timeout "$TRAIN_LIMIT" "$PY" -m idlm train configs/smollm2/risd_v2.yaml "${model_args[@]}" ${VARIANT_ARGS[$1]} \
     --output_dir "runs/cmp-$1" --stages "[{stride: 4, steps: $STEPS}]" --progress false $TRAIN_ARGS \
     > "$WORK/train_$1.log" 2>&1 || rc=$?
   echo "$1 $((SECONDS - t)) $rc" >> "$WORK/train_times.txt"
 }
 log "train: start"
-for loss in $LOSSES; do
-  if [ "$PARALLEL" = 1 ]; then train_one "$loss" & else train_one "$loss"; fi
+for name in "${NAMES[@]}"; do
+  if [ "$PARALLEL" = 1 ]; then train_one "$name" & else train_one "$name"; fi
 done
 wait
 log "train: done ($(tr '\n' ';' < "$WORK/train_times.txt"))"
 
-adapter_of() {  # LOSS -> the final adapter, or the newest checkpoint of a run cut short
+adapter_of() {  # NAME -> the final adapter, or the newest checkpoint of a run cut short
   if [ -f "runs/cmp-$1/final/COMPLETE" ]; then echo "runs/cmp-$1/final"; else
     ls -d runs/cmp-"$1"/checkpoints/step-* 2>/dev/null | grep -v '\.tmp$' | tail -n 1; fi
 }
 
 # ---------------------------------------------------------------- 3. eval
 log "eval: start"
-for loss in $LOSSES; do
+for loss in "${NAMES[@]}"; do
   adapter=$(adapter_of "$loss")
   if [ -z "$adapter" ]; then echo "no adapter for $loss" | tee -a "$OUT/timings.txt"; continue; fi
   "$PY" scripts/compare_modes.py "${model_args[@]}" --adapter "$adapter" \
@@ -95,10 +111,10 @@ wait
 log "eval: done"
 
 # ---------------------------------------------------------------- 4. summary
-"$PY" - "$WORK" "$OUT" $LOSSES <<'EOF'
+"$PY" - "$WORK" "$OUT" "$SUMMARY" "${NAMES[@]}" <<'EOF'
 import json, sys
 from pathlib import Path
-work, out, losses = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+work, out, summary_name, losses = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4:]
 times = {l.split()[0]: (int(l.split()[1]), int(l.split()[2])) for l in (work / "train_times.txt").read_text().split("\n") if l}
 summary = {}
 for loss in losses:
@@ -120,8 +136,8 @@ for loss in losses:
                           "identical": run["identical"], "tokens": run["tokens"]}
         entry["ar_tpf"] = r["ar"]["tpf"]
     summary[loss] = entry
-(out / "loss_comparison.json").write_text(json.dumps(summary, indent=2) + "\n")
-print(f"{'loss':<5}{'steps':>6}{'train s':>8}  {'greedy TPF':>10} {'acceptance':<18}{'T=1 TPF':>8} {'acceptance':<18}"
+(out / summary_name).write_text(json.dumps(summary, indent=2) + "\n")
+print(f"{'run':<5}{'steps':>6}{'train s':>8}  {'greedy TPF':>10} {'acceptance':<18}{'T=1 TPF':>8} {'acceptance':<18}"
       f"identical  held-out E[acc] (teacher-forced)")
 for loss, e in summary.items():
     g, t = e.get("greedy", {}), e.get("T1", {})
@@ -139,7 +155,7 @@ if [ -n "$best" ]; then
     && tar -rf "$OUT/adapter_best.tar" -C "runs/cmp-$best" log.jsonl
   echo "$best: $adapter" > "$WORK/adapter_best.txt"
 fi
-for loss in $LOSSES; do cp "runs/cmp-$loss/log.jsonl" "$WORK/train_log_$loss.jsonl" 2>/dev/null || true; done
+for loss in "${NAMES[@]}"; do cp "runs/cmp-$loss/log.jsonl" "$WORK/train_log_$loss.jsonl" 2>/dev/null || true; done
 cp "$OUT/timings.txt" "$WORK/"
 log "all done"
 cp "$OUT/timings.txt" "$WORK/"
