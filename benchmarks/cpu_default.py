@@ -24,6 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from idlm import LLM, SamplingParams
+from idlm.models.gguf import float_folder
 from idlm.models.loader import gguf_source, resolve_model_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +114,9 @@ def main() -> None:
         results["ar_fp32"], outputs["ar_fp32"] = timed(fp32, ids, SamplingParams(mode="ar", temperature=0,
                                                                                  max_tokens=args.max_tokens), 1)
         del fp32
-    hf = AutoModelForCausalLM.from_pretrained(str(resolve_model_folder(args.model)), dtype=torch.float32).eval()
+    # a GGUF's cached folder keeps its float weights in a dtype subfolder (models/gguf.py: float_folder)
+    folder = float_folder(gguf) if gguf is not None else resolve_model_folder(args.model)
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     tokens, seconds = 0, 0.0
     with torch.inference_mode():
         hf.generate(torch.tensor([ids[0]]), max_new_tokens=8, do_sample=False)
