@@ -102,3 +102,18 @@ def test_output_cut_inside_a_character_drops_its_bytes(byte_tokenizer):
         assert whole.text == expected and "\ufffd" not in whole.release(final=True)
         streamed = IncrementalDetokenizer(byte_tokenizer, [])
         assert "".join(run(streamed, ids[:n], [1] * n)) == expected
+
+
+def test_the_default_models_tokenizer_streams_with_the_clean_up_flag_set():
+    """What the GPU image's transformers (5.17) sets on SmolLM2's tokenizer: it used to make every step
+    decode each whole output (most of a 64-request step's host time on an H200)."""
+    from idlm.models.gguf import cached_hf_folder, default_gguf_path
+    from idlm.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(cached_hf_folder(default_gguf_path()))
+    tok.clean_up_tokenization_spaces = True
+    text = "Hello , world ! It 's a test . Don't stop ? Grüße aus Köln 😀 and code: x = f(y)\n\tdone"
+    ids = tok.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(tok, [])
+    assert detok.stream is not None
+    assert "".join(run(detok, ids, [1, 3, 2] * len(ids))) == tok.decode(ids, skip_special_tokens=True) == text
