@@ -35,7 +35,8 @@
 #            ones greedily -> data/smollm2-v5/, then configs/smollm2/risd_v5.yaml continues the risd
 #            stage's adapter with the TV loss -> runs/smollm2-risd-v5/final (resumable)
 #   v5-eval  as v2-eval for that adapter
-# The loss comparison (ce / kl / tv on 3,500 prompts in one call): scripts/gpu_loss_comparison.sh;
+# The loss comparison (ce / kl / tv on 3,500 prompts in one call): scripts/gpu_loss_comparison.sh (with
+# VARIANTS, any other comparison: the rank sweep's command is in docs/REPRODUCTION.md);
 # the conversion with the acceptance-driven noisy stream: scripts/gpu_idlm_v2.sh.
 # (not in the default list: sdar sdar-eval sampled v2-distill v2-questions v2-risd v2-eval v5 v5-eval)
 # Each stage takes under ~7 minutes on an H100; a stage reads what earlier ones wrote under data/ and
