@@ -137,6 +137,7 @@ def check(rng) -> list[dict]:
     shapes = [(32, 8, 128), (9, 3, 64), (16, 16, 64), (16, 8, 128)]
     for heads, kv_heads, dim in shapes:
         for dtype in (torch.bfloat16, torch.float32):
+            first = len(rows)
             for batch in (1, 3, 17, 64, 128):
                 for q_len in (1, 7, 15, 31, 200, 1024):
                     if q_len > 31 and batch > 3:  # prefill chunks: a few sequences
@@ -158,8 +159,7 @@ def check(rng) -> list[dict]:
                             rows.append(dict(heads=heads, kv_heads=kv_heads, dim=dim, dtype=str(dtype)[6:],
                                              batch=batch, q_len=q_len, max_ctx=max_ctx, splits=splits or "auto",
                                              rel_err=err, ok=err < (1e-5 if dtype == torch.float32 else 1e-2)))
-            group = [r for r in rows if (r["heads"], r["kv_heads"], r["dim"], r["dtype"]) == (heads, kv_heads, dim,
-                                                                                               str(dtype)[6:])]
+            group = rows[first:]
             print(f"heads {heads}/{kv_heads} dim {dim} {str(dtype)[6:]}: {len(group)} cases, "
                   f"{sum(not r['ok'] for r in group)} over tolerance, worst {max(r['rel_err'] for r in group):.2e}",
                   flush=True)
