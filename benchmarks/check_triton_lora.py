@@ -1,4 +1,6 @@
-"""GPU check of the fused gated-LoRA kernel against GatedLoRA's PyTorch path, then its speed.
+"""GPU check of the gated-LoRA kernels against GatedLoRA's PyTorch path, then their speed:
+`gated_lora_add_` (two weights; deterministic mode) and `gated_lora_finish` (the widened weight
+[W; A] of GatedLoRA.widen, the engine's path on a GPU).
 
 Random inputs over decode and small-prefill row counts, SmolLM2-135M and Qwen3-8B projection
 shapes, float32 and bfloat16. Rows with gate 0 must come back bit for bit unchanged (they are
@@ -14,8 +16,9 @@ import sys
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 
-from idlm.kernels.triton_lora import gated_lora_add_
+from idlm.kernels.triton_lora import gated_lora_add_, gated_lora_finish
 from idlm.models.lora import GatedLoRA
 
 SHAPES = {  # name: (in_features, shard sizes of the fused projection, rank)
@@ -58,8 +61,18 @@ def check(dtype: torch.dtype, gen: torch.Generator) -> list[dict]:
             untouched = bool(torch.equal(got[off], base[off]))
             err = ((got[on].float() - ref[on]).norm() / ref[on].norm().clamp(min=1e-30)).item() if on.any() else 0.0
             ok = untouched and err < (1e-5 if dtype == torch.float32 else 1e-2)
-            results.append(dict(shape=name, rows=rows, dtype=str(dtype), gate0_rows_unchanged=untouched,
+            results.append(dict(kernel="add", shape=name, rows=rows, dtype=str(dtype), gate0_rows_unchanged=untouched,
                                 rel_err=err, ok=ok))
+            if not ok:
+                print("FAIL", results[-1])
+            # the widened path: base columns and x A^T side by side in one [rows, out + R] output
+            wide = torch.cat([base, F.linear(x, lora.lora_A)], dim=1)
+            got = gated_lora_finish(wide, lora.fused_B, gate)
+            untouched = bool(torch.equal(got[off], base[off]))
+            err = ((got[on].float() - ref[on]).norm() / ref[on].norm().clamp(min=1e-30)).item() if on.any() else 0.0
+            ok = untouched and err < (1e-5 if dtype == torch.float32 else 1e-2) and got.is_contiguous()
+            results.append(dict(kernel="finish", shape=name, rows=rows, dtype=str(dtype),
+                                gate0_rows_unchanged=untouched, rel_err=err, ok=ok))
             if not ok:
                 print("FAIL", results[-1])
     return results
@@ -69,17 +82,33 @@ def speed(gen: torch.Generator) -> list[dict]:
     out = []
     for name, (k, sizes, rank) in SHAPES.items():
         lora = make_lora(k, sizes, rank, torch.bfloat16, gen)
-        for rows in (7, 112):
+        weight = (torch.randn(sum(sizes), k, generator=gen) * k ** -0.5).to("cuda", torch.bfloat16)
+        wide_weight = torch.cat([weight, lora.lora_A])
+        for rows in (7, 112, 448):
             x = torch.randn(rows, k, generator=gen).to("cuda", torch.bfloat16)
             base = torch.randn(rows, sum(sizes), generator=gen).to("cuda", torch.bfloat16)
             gate = torch.ones(rows, device="cuda", dtype=torch.bfloat16)
-            timings = {
+            t = {  # the kernels alone, then each whole projection (the base GEMM included)
                 "triton": time_in_graph(partial(gated_lora_add_, base, x, lora.lora_A, lora.fused_B, gate)),
                 "torch": time_in_graph(partial(torch_path, base, x, lora, gate)),
+                "gemm": time_in_graph(partial(F.linear, x, weight)),
+                "two_weight": time_in_graph(partial(two_weight_projection, x, weight, lora, gate)),
+                "widened": time_in_graph(partial(widened_projection, x, wide_weight, lora, gate)),
             }
-            out.append(dict(shape=name, rows=rows, triton_us=timings["triton"], torch_us=timings["torch"]))
-            print(f"{name:16s} rows {rows:4d}: triton {timings['triton']:6.1f} us, torch {timings['torch']:6.1f} us")
+            out.append(dict(shape=name, rows=rows, triton_us=t["triton"], torch_us=t["torch"], base_gemm_us=t["gemm"],
+                            two_weight_projection_us=t["two_weight"], widened_projection_us=t["widened"]))
+            print(f"{name:16s} rows {rows:4d}: add kernel {t['triton']:6.1f} us, torch delta {t['torch']:6.1f} us | "
+                  f"projection: base GEMM {t['gemm']:6.1f}, + add kernel {t['two_weight']:6.1f}, "
+                  f"widened {t['widened']:6.1f} us")
     return out
+
+
+def two_weight_projection(x: torch.Tensor, weight: torch.Tensor, lora: GatedLoRA, gate: torch.Tensor):
+    return gated_lora_add_(F.linear(x, weight), x, lora.lora_A, lora.fused_B, gate)
+
+
+def widened_projection(x: torch.Tensor, wide_weight: torch.Tensor, lora: GatedLoRA, gate: torch.Tensor):
+    return gated_lora_finish(F.linear(x, wide_weight), lora.fused_B, gate)
 
 
 def torch_path(base: torch.Tensor, x: torch.Tensor, lora: GatedLoRA, gate: torch.Tensor) -> torch.Tensor:

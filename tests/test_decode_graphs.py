@@ -156,3 +156,25 @@ def test_round_inputs_put_each_value_where_its_name_says():
     assert f["temperature"].tolist() == [0.5, 0, 0, 0]
     assert f["top_p"].tolist() == pytest.approx([1.0, 0.9, 1.0, 1.0])
     assert f["verify_alpha"].tolist() == [1.0] * 4 and f["min_p"].tolist() == [0.0] * 4
+
+
+def test_widened_lora_in_the_padded_layout(dirs):
+    """The widened LoRA path (GPU engines: A stacked under the base weight) keeps greedy risd
+    equal to ar and seeded risd equal to the two-weight engine's, in the padded layout."""
+    from idlm.models.lora import widen_for_inference
+
+    model, adapter = dirs
+    prompts = prompts_for(12, 12, seed=7, lo=5, hi=30)
+    plain = padded_llm(model, adapter, kv_cache_tokens=8192, max_num_seqs=16)
+    wide = padded_llm(model, adapter, kv_cache_tokens=8192, max_num_seqs=16)
+    widen_for_inference(wide.engine.model)
+    greedy = dict(temperature=0, max_tokens=32, ignore_eos=True)
+    ar = [o.token_ids for o in plain.generate(prompts, SamplingParams(mode="ar", **greedy))]
+    risd = [SamplingParams(mode="risd", stride=s, stride_policy="fixed", **greedy) for s in (2, 3, 4, 8) * 3]
+    outs = wide.generate(prompts, risd)
+    assert [o.token_ids for o in outs] == ar
+    assert sum(sum(o.stats["drafts"]["accepted"]) for o in outs) > 0  # the MASK rows' drafts were used
+    sampled = [SamplingParams(mode="risd", stride=4, temperature=1.0, seed=50 + i, max_tokens=32, ignore_eos=True)
+               for i in range(len(prompts))]
+    assert ([o.token_ids for o in wide.generate(prompts, sampled)]
+            == [o.token_ids for o in plain.generate(prompts, sampled)])

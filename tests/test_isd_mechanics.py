@@ -209,3 +209,34 @@ def test_greedy_rounds_draw_only_acceptance_uniforms(idlm_dir, monkeypatch):
     llm.generate([[5, 6, 7]], SamplingParams(mode="isd", stride=3, temperature=1, seed=1, max_tokens=12,
                                              ignore_eos=True))
     assert {Stream.TARGET, Stream.DRAFT} <= set(streams)
+
+
+def test_widened_lora_equals_the_two_weight_path(idlm_dir, tmp_path):
+    """GPU engines stack A under the base weight (GatedLoRA.widen): the same projection as the
+    two-weight path, clean rows still the base model's; ungated forwards use the base rows alone."""
+    from idlm.models.lora import fuse_for_inference, widen_for_inference
+
+    adapter = make_random_adapter(idlm_dir, tmp_path / "adapter")
+    base = load_model(idlm_dir, torch.float32, "cpu", progress=False)
+    two = load_model(idlm_dir, torch.float32, "cpu", progress=False)
+    wide = load_model(idlm_dir, torch.float32, "cpu", progress=False)
+    for model in (two, wide):
+        load_adapter(model, adapter)
+        fuse_for_inference(model)
+    widen_for_inference(wide)
+    loras = [m for m in wide.modules() if getattr(m, "wide_weight", None) is not None]
+    assert len(loras) == 4 * len(wide.model.layers)
+    layer = wide.model.layers[0]
+    assert layer.self_attn.qkv_proj.weight.data_ptr() == layer.self_attn.qkv_lora.wide_weight.data_ptr()
+    ids = torch.tensor([[2, 3, 4, 5, 6, 11, 11, 11]])
+    gate = (ids == 11).float()
+    pos = torch.arange(8)[None]
+    with torch.no_grad():
+        plain = base(ids, pos, DenseAttention())
+        by_two = two(ids, pos, DenseAttention(), lora_gate=gate)
+        by_wide = wide(ids, pos, DenseAttention(), lora_gate=gate)
+        ungated = wide(ids, pos, DenseAttention())
+    assert torch.equal(ungated, plain)
+    torch.testing.assert_close(by_wide[0, :5], plain[0, :5], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(by_wide, by_two, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(by_wide[0, 5:], plain[0, 5:])

@@ -1,4 +1,5 @@
 import dataclasses
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from idlm.models.loader import (
     resolve_model_folder,
     resolve_quantization,
 )
-from idlm.models.lora import DEFAULT_ADAPTER, fuse_for_inference, load_adapter
+from idlm.models.lora import DEFAULT_ADAPTER, fuse_for_inference, load_adapter, widen_for_inference
 from idlm.models.tokenizer import generation_eos_ids, load_tokenizer
 from idlm.models.transformer import compile_elementwise
 
@@ -132,6 +133,10 @@ class LLMEngine:
                 raise ValueError(f"deterministic mode needs the Triton attention kernel, which takes power-of-two "
                                  f"head dims of at least 16; {self.name} has {head_dim}")
             self.model.use_batch_invariant()
+        elif self.device.type == "cuda" and self.tp is None and os.environ.get("IDLM_WIDE_LORA", "1") != "0":
+            # one GEMM for the base output and x A^T, then the gated delta (models/lora.py);
+            # IDLM_WIDE_LORA=0 keeps the two-weight kernel (for comparisons)
+            widen_for_inference(self.model)
         self.mask_ids = {"isd": self._find_mask_token(), "risd": None}
         self.mask_ids["risd"] = self._risd_mask_token()
         default_mode = config.mode or ("risd" if self.adapter else "isd" if self.mask_ids["isd"] is not None else "ar")

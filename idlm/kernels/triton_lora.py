@@ -1,4 +1,13 @@
-"""Gated LoRA for inference in one Triton kernel (GPU): out[m] += gate[m] * (x[m] A^T) B^T.
+"""Gated LoRA for inference on the GPU in one Triton kernel per projection.
+
+`gated_lora_finish` (the engine's path): A is stacked under the base weight, so one cuBLAS GEMM
+gives [x W^T | x A^T]; the kernel then adds gate[m] * (x A^T)[m] B^T into the base columns and
+writes them out contiguous. It has no loop over in_features: on an H200 the loop of the kernel
+below took 6.8 us a call at SmolLM2's decode shapes, 120 calls a step, most of what a risd round
+cost beyond an ar step (benchmarks/RESULTS.md, "Where a risd round's GPU time goes").
+
+`gated_lora_add_`, out[m] += gate[m] * (x[m] A^T) B^T from the unwidened weights (deterministic
+mode, whose base GEMMs are the fixed-tile kernels of batch_invariant.py, and the oracle checks):
 
 A decode step of a 135M model is a few rows, so each kernel launch costs more than its
 arithmetic; in PyTorch the gated delta is three or four launches per projection (x A^T, the gate,
@@ -44,6 +53,58 @@ def _gated_lora_add(
     write = (row_ok & (gate != 0))[:, None] & (rn[None, :] < out_features)
     base = tl.load(out_ptrs, mask=write, other=0.0)
     tl.store(out_ptrs, (base.to(tl.float32) + delta).to(base.dtype), mask=write)
+
+
+@triton.jit
+def _gated_lora_finish(
+    wide_ptr, b_ptr, gate_ptr, out_ptr,
+    rows, out_features, rank,
+    stride_wm, stride_bn, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, BLOCK_R)
+    row_ok = rm < rows
+    col_ok = rn < out_features
+    gate = tl.load(gate_ptr + rm, mask=row_ok, other=0.0).to(tl.float32)
+    # the low-rank product sits right of the base columns in each row of the wide output
+    low = tl.load(wide_ptr + rm[:, None] * stride_wm + out_features + rr[None, :],
+                  mask=row_ok[:, None] & (rr[None, :] < rank), other=0.0)
+    b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :],
+                mask=col_ok[:, None] & (rr[None, :] < rank), other=0.0)
+    low = (low.to(tl.float32) * gate[:, None]).to(b.dtype)
+    delta = tl.dot(low, tl.trans(b), input_precision=PRECISION)
+    both = row_ok[:, None] & col_ok[None, :]
+    base = tl.load(wide_ptr + rm[:, None] * stride_wm + rn[None, :], mask=both, other=0.0)
+    gated = (gate != 0)[:, None]
+    result = tl.where(gated, (base.to(tl.float32) + delta).to(base.dtype), base)  # ungated rows: base, bit for bit
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], result, mask=both)
+
+
+def gated_lora_finish(wide: torch.Tensor, fused_b: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """wide [..., out + R]: x [W; A]^T (+ bias, 0 on the R columns); fused_b [out, R] (scaled);
+    gate [...] of 0/1. Returns the projection [..., out], contiguous: the base columns, plus
+    gate * (x A^T) B^T on gated rows."""
+    out_features, rank = fused_b.shape
+    lead = wide.shape[:-1]
+    w2 = wide.reshape(-1, wide.shape[-1])
+    assert w2.stride(-1) == 1 and w2.shape[1] == out_features + rank
+    rows = w2.shape[0]
+    out = torch.empty(rows, out_features, dtype=wide.dtype, device=wide.device)
+    if rows:
+        block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
+        block_n = 64
+        grid = (triton.cdiv(rows, block_m), triton.cdiv(out_features, block_n))
+        _gated_lora_finish[grid](
+            w2, fused_b, gate.reshape(-1), out,
+            rows, out_features, rank,
+            w2.stride(0), fused_b.stride(0), out.stride(0),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(rank)),
+            PRECISION="ieee" if wide.dtype == torch.float32 else "tf32",
+            num_warps=4,
+        )
+    return out.view(*lead, out_features)
 
 
 INVARIANT_BLOCK_M = 32

@@ -50,11 +50,39 @@ class GatedLoRA(nn.Module):
         self.lora_A = nn.Parameter(torch.zeros(len(out_sizes) * rank, in_features))
         self.lora_B = nn.ParameterList(nn.Parameter(torch.zeros(size, rank)) for size in out_sizes)
         self.fused_B: torch.Tensor | None = None  # inference: scaling * block-diagonal [B_1 .. B_s]
+        # widened (GPU inference): [W; A], the base weight with A stacked under it, and its bias
+        self.wide_weight: torch.Tensor | None = None
+        self.wide_bias: torch.Tensor | None = None
 
     def fuse_for_inference(self) -> None:
         """One GEMM for all shards: B_1..B_s as one scaled block-diagonal matrix (frozen weights)."""
         with torch.no_grad():
             self.fused_B = torch.block_diag(*self.lora_B) * self.scaling
+
+    def widen(self, linear: nn.Linear) -> None:
+        """Stacks A under linear's weight (after fuse_for_inference), so that a gated step's
+        projection is one GEMM for the base output and x A^T together, then a kernel that adds
+        the gated delta (project_wide). linear keeps a view of the base rows: ungated steps run
+        it as before, and the weights are stored once."""
+        with torch.no_grad():
+            n = linear.out_features
+            wide = torch.cat([linear.weight, self.lora_A.to(linear.weight.dtype)])
+            linear.weight.data = wide[:n]
+            self.wide_weight = wide
+            if linear.bias is not None:
+                self.wide_bias = torch.cat([linear.bias, linear.bias.new_zeros(self.lora_A.shape[0])])
+
+    def project_wide(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """The base projection plus delta(x) on gated rows, from the widened weight."""
+        wide = F.linear(x, self.wide_weight, self.wide_bias)
+        if wide.is_cuda:
+            from idlm.kernels.triton_lora import gated_lora_finish
+
+            return gated_lora_finish(wide, self.fused_B, gate)
+        n = self.fused_B.shape[0]
+        base, low = wide[..., :n], wide[..., n:]
+        delta = F.linear(low * gate[..., None].to(low.dtype), self.fused_B)
+        return torch.where(gate[..., None] != 0, base + delta, base)
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         if self.fused_B is not None:
@@ -180,6 +208,19 @@ def fuse_for_inference(model: "CausalLM") -> None:
     for module in model.modules():
         if isinstance(module, GatedLoRA):
             module.fuse_for_inference()
+
+
+def widen_for_inference(model: "CausalLM") -> None:
+    """Every attached LoRA takes the widened path (GatedLoRA.widen), after fuse_for_inference.
+    For single-GPU engines outside deterministic mode: there the base GEMMs are fixed-tile
+    kernels and the gated delta keeps a fixed row tile (gated_lora_add_)."""
+    for layer in model.model.layers:
+        for proj_path, (lora_path, _) in FUSED.items():
+            owner, _, attr = lora_path.rpartition(".")
+            lora = getattr(layer.get_submodule(owner), attr, None)
+            linear = layer.get_submodule(proj_path)
+            if lora is not None and type(linear) is nn.Linear:
+                lora.widen(linear)
 
 
 def load_adapter(model: "CausalLM", folder: Path) -> AdapterConfig:

@@ -22,10 +22,11 @@ class AttentionBackend(Protocol):
 
 
 def project(linear: nn.Linear, lora: GatedLoRA | None, x: torch.Tensor, gate: torch.Tensor | None):
-    out = linear(x)
     if lora is None or gate is None:
-        return out
-    return lora.add_to(out, x, gate)
+        return linear(x)
+    if lora.wide_weight is not None:
+        return lora.project_wide(x, gate)
+    return lora.add_to(linear(x), x, gate)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1,0 +1,183 @@
+"""Where a decode step's wall time goes, per engine function, without a profiler's overhead:
+each named function is wrapped in a perf_counter timer (nested times are included in their
+caller's). A closed loop of C requests from a workload per mode, one engine; every mode runs
+the whole loop once untimed first (so CUDA graphs of every shape the loop meets are captured),
+then once timed. Steps are also told apart by kind: prefill, decode built on the device from
+the step before (next_step.build_step), decode built on the host.
+
+  python benchmarks/step_breakdown.py --model M --adapter A --workload W --concurrency 64
+"""
+
+import argparse
+import functools
+import json
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+import idlm.engine.llm_engine as llm_engine
+import idlm.engine.runner as runner
+from idlm.config import EngineConfig
+from idlm.engine.decode_graphs import DecodeGraphs
+from idlm.engine.detokenizer import IncrementalDetokenizer
+from idlm.engine.round_graphs import RoundGraph, RoundGraphs
+from idlm.engine.round_step import RoundResult
+from idlm.engine.sampling_params import SamplingParams
+from idlm.engine.scheduler import Scheduler
+
+TOTALS: dict[str, float] = defaultdict(float)
+KINDS: dict[str, list[float]] = defaultdict(list)  # step kind -> wall seconds of each step
+
+
+def timed(owner, name: str, label: str) -> None:
+    fn = getattr(owner, name)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            TOTALS[label] += time.perf_counter() - t
+
+    setattr(owner, name, wrapper)
+
+
+def classify_steps() -> None:
+    """Each LLMEngine._step's wall time, filed under its kind."""
+    E, R = llm_engine.LLMEngine, runner.ModelRunner
+    step, run, built = E._step, R.run, R._run_built
+    state = {}
+
+    def run_wrapper(self, seqs, num_new):
+        state["kind"] = "prefill" if any(n > 1 for n in num_new) else "decode, host-built"
+        return run(self, seqs, num_new)
+
+    def built_wrapper(self, seqs, carry):
+        out = built(self, seqs, carry)
+        if out is not None:
+            state["kind"] = "decode, device-built"
+        return out
+
+    def step_wrapper(self):
+        state["kind"] = None
+        t = time.perf_counter()
+        out = step(self)
+        if state["kind"] is not None:
+            KINDS[state["kind"]].append(time.perf_counter() - t)
+        return out
+
+    E._step, R.run, R._run_built = step_wrapper, run_wrapper, built_wrapper
+
+
+def instrument() -> None:
+    E, R = llm_engine.LLMEngine, runner.ModelRunner
+    for owner, name, label in [
+        (E, "_step", "step"), (Scheduler, "schedule", "schedule"), (R, "run", "runner.run"),
+        (R, "_run_built", "_run_built"), (runner, "build_step", "build_step"),
+        (runner.SlotState, "from_carry", "SlotState.from_carry"), (runner, "padded_block_tables", "block_tables"),
+        (DecodeGraphs, "step_built", "graphs.step_built"), (DecodeGraphs, "run", "graphs.run (host-built)"),
+        (runner, "feed_rows", "feed_rows"), (R, "_decide", "_decide"), (runner, "round_inputs", "round_inputs"),
+        (RoundGraphs, "get", "round_graphs.get"), (RoundGraph, "replay", "round replay"),
+        (RoundResult, "read", "result.read (waits for the GPU)"), (E, "_apply_round", "_apply_round"),
+        (E, "_append", "_append"), (IncrementalDetokenizer, "feed", "detok.feed"), (E, "_output", "_output"),
+    ]:
+        timed(owner, name, label)
+
+
+def summarise(run: str, c: int, steps: int, tokens: int, wall: float, engine) -> dict:
+    per_step = {k: round(v / steps * 1e3, 3) for k, v in sorted(TOTALS.items(), key=lambda kv: -kv[1])}
+    kinds = {k: dict(steps=len(v), median_ms=round(statistics.median(v) * 1e3, 3),
+                     mean_ms=round(sum(v) / len(v) * 1e3, 3)) for k, v in sorted(KINDS.items())}
+    chosen = dict(sorted(engine.policy.chosen.items()))
+    engine.policy.chosen.clear()
+    print(f"{run} C={c}: {steps} steps, {tokens} tokens, {tokens / wall:.0f} tok/s, "
+          f"{wall / steps * 1e3:.2f} ms a step; adaptive K chosen (warm and timed passes): {chosen}")
+    for k, v in kinds.items():
+        print(f"  [{k}] {v['steps']} steps, median {v['median_ms']} ms, mean {v['mean_ms']} ms")
+    for k, v in per_step.items():
+        print(f"  {k:36s} {v:8.3f} ms/step")
+    return dict(steps=steps, tokens=tokens, wall_s=wall, tok_s=tokens / wall, ms_per_step=per_step, kinds=kinds,
+                adaptive_k_chosen=chosen)
+
+
+def profile_loop(engine) -> dict[str, tuple[int, float]]:
+    """Runs the engine's requests to the end under torch.profiler; prints and returns, per GPU
+    kernel name (shortened), (launches, microseconds) per step, the largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        n = 0
+        while engine.has_unfinished():
+            engine.step()
+            n += 1
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+    by_name: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    # the raw activity records: kernels replayed from CUDA graphs have no CPU op to hang from
+    for e in prof.profiler.kineto_results.events():
+        if e.device_type() == torch.autograd.DeviceType.CUDA:
+            entry = by_name[e.name()[:90]]
+            entry[0] += 1
+            entry[1] += e.duration_ns() / 1e3
+    total = sum(v[1] for v in by_name.values())
+    print(f"  GPU kernels: {sum(v[0] for v in by_name.values()) / n:.0f} launches, {total / n:.0f} us per step "
+          f"({n} steps, profiled)")
+    out = {}
+    for name, (count, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:30]:
+        out[name] = (round(count / n, 2), round(us / n, 2))
+        print(f"    {us / n:8.1f} us  {count / n:6.1f}x  {name}")
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model")
+    p.add_argument("--adapter")
+    p.add_argument("--workload", required=True)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--modes", default="ar,risd:fixed,risd:adaptive", help="mode[:stride policy], comma-separated")
+    p.add_argument("--gpu-profile", action="store_true",
+                   help="a third pass of each mode under torch.profiler: GPU kernel time per step, by kernel")
+    p.add_argument("-o", "--output")
+    args = p.parse_args()
+    lines = [json.loads(x) for x in Path(args.workload).read_text().splitlines() if x.strip()]
+    c = args.concurrency
+    engine = llm_engine.LLMEngine(EngineConfig(model=args.model, adapter=args.adapter, max_num_seqs=c,
+                                               enable_prefix_caching=False, progress=False))
+    instrument()
+    classify_steps()
+    report = {}
+    for run in args.modes.split(","):
+        mode, _, policy = run.partition(":")
+        for pass_ in ("warm", "timed", "profiled")[:3 if args.gpu_profile else 2]:
+            TOTALS.clear()
+            KINDS.clear()
+            for i in range(c):
+                line = lines[i % len(lines)]
+                engine.add_request(line["prompt"], SamplingParams(
+                    mode=mode, stride=None if mode == "ar" else 4, stride_policy=policy or None, temperature=0,
+                    max_tokens=line.get("max_tokens", 256)))
+            if engine.device.type == "cuda":
+                torch.cuda.synchronize()
+            if pass_ == "profiled":
+                report[run]["gpu_kernels_us_per_step"] = profile_loop(engine)
+                continue
+            t0 = time.perf_counter()
+            steps = tokens = 0
+            while engine.has_unfinished():
+                outs = engine.step()
+                steps += 1
+                tokens += sum(len(o.new_token_sources) for o in outs)
+            wall = time.perf_counter() - t0
+            if pass_ == "timed":
+                report[run] = summarise(run, c, steps, tokens, wall, engine)
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
