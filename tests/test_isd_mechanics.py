@@ -1,5 +1,6 @@
 """ISD mechanics: KV rollback, the gated LoRA's clean rows, accounting, configs, bad input."""
 
+import os
 import shutil
 
 import pytest
@@ -240,3 +241,30 @@ def test_widened_lora_equals_the_two_weight_path(idlm_dir, tmp_path):
     torch.testing.assert_close(by_wide[0, :5], plain[0, :5], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(by_wide, by_two, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(by_wide[0, 5:], plain[0, 5:])
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton kernels on the CPU need triton and "
+                    "TRITON_INTERPRET=1 (the GPU check is benchmarks/check_triton_lora.py)")
+def test_widened_lora_kernel_in_the_interpreter():
+    """gated_lora_finish against GatedLoRA's PyTorch delta: ungated rows are the base columns bit for
+    bit, gated rows within float32 rounding, at decode row counts and SmolLM2's projection shapes."""
+    pytest.importorskip("triton")
+    import torch.nn.functional as F
+
+    from idlm.kernels.triton_lora import gated_lora_finish
+    from idlm.models.lora import GatedLoRA
+
+    gen = torch.Generator().manual_seed(0)
+    for k, sizes, rank in [(576, [576, 192, 192], 24), (576, [1536, 1536], 24), (1536, [576], 24), (64, [64], 4)]:
+        lora = GatedLoRA(k, sizes, rank, 2.0)
+        with torch.no_grad():
+            for p in lora.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * k ** -0.5)
+        lora.fuse_for_inference()
+        for rows in (1, 7, 17):
+            x, base = torch.randn(rows, k, generator=gen), torch.randn(rows, sum(sizes), generator=gen)
+            gate = torch.tensor([i % 3 != 0 for i in range(rows)], dtype=torch.float32)
+            got = gated_lora_finish(torch.cat([base, F.linear(x, lora.lora_A)], 1), lora.fused_B, gate)
+            assert got.is_contiguous() and torch.equal(got[gate == 0], base[gate == 0])
+            if gate.any():
+                torch.testing.assert_close(got[gate != 0], (base + lora(x, gate))[gate != 0], rtol=1e-5, atol=1e-5)
