@@ -79,8 +79,8 @@ def test_steps_without_mask_rows_skip_the_lora(dirs):
     graphs = llm.engine.runner.decode_graphs
     seen = []
     original = graphs._forward
-    graphs._forward = lambda bucket, tokens, lora, tree, ctx: (seen.append((tokens, lora))
-                                                               or original(bucket, tokens, lora, tree, ctx))
+    graphs._forward = lambda bucket, tokens, lora, tree, *rest: (seen.append((tokens, lora))
+                                                                 or original(bucket, tokens, lora, tree, *rest))
     prompts = prompts_for(4, 12, seed=5, lo=5, hi=20)
     llm.generate(prompts, SamplingParams(mode="ar", temperature=0, max_tokens=6, ignore_eos=True))
     assert seen and all(not lora for _, lora in seen)

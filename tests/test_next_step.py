@@ -221,21 +221,45 @@ def test_engine_with_device_built_steps_gives_the_same_tokens(dirs, temperature)
         p.seed = 50 + i
         p.max_tokens = 16 + 2 * (i % 11)
     outputs, built = {}, {}
-    for device_steps in (False, True):
+    # host: every step built on the host; device: eager build_step before the step; graphed: built
+    # inside the step (DecodeGraphs.step_from_carry, run eagerly here: the CPU check of the graph's code)
+    for how in ("host", "device", "graphed"):
         for name, kwargs in (("roomy", dict(kv_cache_tokens=8192, max_num_seqs=8)),
                              ("tight", dict(kv_cache_tokens=320, kv_block_size=8, max_num_seqs=16))):
             llm = padded_llm(model, adapter, **kwargs)
             runner = llm.engine.runner
-            runner.device_steps = device_steps
+            runner.device_steps, runner.graphed_build = how != "host", how == "graphed"
             calls = []
             graphs = runner.decode_graphs
-            graphs.step_built = lambda *a, calls=calls, original=graphs.step_built: calls.append(1) or original(*a)
-            outputs[device_steps, name] = [o.token_ids for o in llm.generate(prompts, params)]
-            built[device_steps, name] = len(calls)
-    assert outputs[True, "roomy"] == outputs[False, "roomy"]
-    assert outputs[True, "tight"] == outputs[False, "tight"]
-    assert built[False, "roomy"] == built[False, "tight"] == 0
-    assert built[True, "roomy"] > 20 and built[True, "tight"] > 5, built
+            entry = "step_from_carry" if how == "graphed" else "step_built"
+            original = getattr(graphs, entry)
+            setattr(graphs, entry, lambda *a, calls=calls, original=original: calls.append(1) or original(*a))
+            outputs[how, name] = [o.token_ids for o in llm.generate(prompts, params)]
+            built[how, name] = len(calls)
+    for name in ("roomy", "tight"):
+        assert outputs["device", name] == outputs["host", name]
+        assert outputs["graphed", name] == outputs["host", name]
+    assert built["host", "roomy"] == built["host", "tight"] == 0
+    assert built["device", "roomy"] > 20 and built["device", "tight"] > 5, built
+    assert built["graphed", "roomy"] > 20 and built["graphed", "tight"] > 5, built
+
+
+def test_a_padding_entry_builds_padding_rows():
+    """build_step over a whole bucket whose last entries are marked invalid gives, for them, the
+    rows DecodeGraphs.run pads with, whatever stale values they hold (step_from_carry's buffers)."""
+    layouts = LayoutTable.build(3, "cpu")
+    state = SlotState(pending=torch.tensor([5, 9]), start=torch.tensor([10, 37]),
+                      drafts=torch.tensor([[1, 2, 3], [4, 4, 4]]), num_drafts=torch.tensor([3, 2]),
+                      num_new=torch.tensor([3, 3]), num_branches=torch.tensor([1, 2]),
+                      mask_id=torch.tensor([11, 11]), gated=torch.tensor([True, True]))
+    tables = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
+    one = build_step(replace(state, **{k: getattr(state, k)[:1] for k in ("pending", "start", "drafts", "num_drafts",
+                                                                         "num_new", "num_branches", "mask_id",
+                                                                         "gated")}),
+                     layouts, tables, 8, 2, 16, 999)
+    padded = build_step(replace(state, valid=torch.tensor([True, False])), layouts, tables, 8, 2, 16, 999)
+    for name in ("ids", "positions", "slots", "gate", "tree_bits", "context_lens", "tree_rows"):
+        assert torch.equal(getattr(padded, name), getattr(one, name)), name
 
 
 def test_shared_draft_rows_need_a_row_for_every_request():

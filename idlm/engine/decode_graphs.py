@@ -15,6 +15,11 @@ A prefill step of a few short prompts takes the same layout, T padded up to one 
 SmolLM2, a dozen decode steps, and every running request waits for it.
 
 All per-step integers travel in one pinned host buffer and one host-to-device copy.
+
+A decode step of the requests of the step before can also be built inside its graph
+(`step_from_carry`): the round's carry table and the host's plan go into static buffers, and the
+graph runs next_step.build_step before the model, so the host launches three copies, a fill and one
+replay instead of build_step's few dozen small ops (runner: IDLM_GRAPHED_BUILD=1).
 """
 
 from collections.abc import Callable
@@ -23,6 +28,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from idlm.config import MAX_STRIDE
+from idlm.engine.next_step import LayoutTable, SlotState, build_step
 from idlm.kernels.attention import PagedAttention, PagedBatch, TritonPagedAttention, padded_block_tables
 from idlm.models.transformer import CausalLM, fused_elementwise
 
@@ -75,10 +82,16 @@ class DecodeGraphs:
         self.tree_rows = torch.zeros(max_batch, dtype=torch.int32, device=device)
         self.context_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
         self.tables = torch.full((max_batch, width), scratch_block, dtype=torch.int32, device=device)
+        # step_from_carry: the last round's carry table (next_step.carry_table, up to MAX_STRIDE - 1
+        # drafts) and the plan [K, branch cap, MASK id, gated, valid] per request of the bucket
+        self.carry = torch.zeros(max_batch, 3 + MAX_STRIDE - 1, dtype=torch.long, device=device)
+        self.plan = torch.zeros(5, max_batch, dtype=torch.long, device=device)
+        self.layouts: LayoutTable | None = None  # set by the runner
         self.query_starts: dict[int, torch.Tensor] = {}
         self.staging = torch.empty(5 * rows + max_batch * (width + 2), dtype=torch.long,
                                    pin_memory=device.type == "cuda")
-        self.graphs: dict[tuple[int, int, bool, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int, bool, bool, bool],
+                          tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.pool = None
         self.mirror: Callable[[PackedStep], None] | None = None  # tensor parallel: the other ranks run each step too
 
@@ -169,13 +182,42 @@ class DecodeGraphs:
         self.tables[:bucket, :width].copy_(tables)
         return self._replay(bucket, tokens, lora, tree, max_context)
 
-    def _replay(self, bucket: int, tokens: int, lora: bool, tree: bool,
-                max_context: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def step_from_carry(self, carry: torch.Tensor, plan: torch.Tensor, tables: torch.Tensor, tokens: int, lora: bool,
+                        tree: bool, max_context: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Replays a decode step that builds its own rows (next_step.build_step) from carry, the
+        last round's carry table of the step's requests in batch order ([n, 3 + K]), and plan
+        ([5, bucket]: K, branch cap, MASK id, gated, valid; entries past n are padding with valid
+        0); tables: [bucket, width] on the device."""
+        bucket, width = tables.shape
+        self.carry[:carry.shape[0], :carry.shape[1]].copy_(carry)
+        self.plan[:, :bucket].copy_(plan)
+        self.tables[:bucket, :width].copy_(tables)
+        # build_step reads a block past `width` for a row whose slot the host's tables do not
+        # cover (the step cost's dummy requests, whose carry runs ahead of their host state): the
+        # scratch block, as the host-built step's clamp to `width` gives, not a stale block
+        self.tables[:bucket, width:].fill_(self.scratch_block)
+        return self._replay(bucket, tokens, lora, tree, max_context, from_carry=True)
+
+    def _build_from_carry(self, bucket: int, tokens: int) -> None:
+        """The step's rows from the carry and plan buffers, into the buffers the forward reads."""
+        k, branches, mask_id, gated, valid = self.plan[:, :bucket]
+        state = SlotState.from_carry(self.carry[:bucket], k, branches, mask_id, gated.bool(), valid.bool())
+        inputs = build_step(state, self.layouts, self.tables[:bucket], tokens, bucket, self.block_size,
+                            self.scratch_slot)
+        rows = bucket * tokens
+        for buf, value in ((self.ids, inputs.ids), (self.positions, inputs.positions), (self.slots, inputs.slots),
+                           (self.gate, inputs.gate), (self.tree_bits, inputs.tree_bits)):
+            buf[:rows].copy_(value)
+        self.context_lens[:bucket].copy_(inputs.context_lens)
+        self.tree_rows[:bucket].copy_(inputs.tree_rows)
+
+    def _replay(self, bucket: int, tokens: int, lora: bool, tree: bool, max_context: int,
+                from_carry: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.use_graphs:
-            return self._forward(bucket, tokens, lora, tree, max_context)
-        key = (bucket, tokens, lora, tree)
+            return self._forward(bucket, tokens, lora, tree, max_context, from_carry)
+        key = (bucket, tokens, lora, tree, from_carry)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(bucket, tokens, lora, tree)
+            self.graphs[key] = self._capture(bucket, tokens, lora, tree, from_carry)
         graph, hidden, logits = self.graphs[key]
         graph.replay()
         return hidden, logits
@@ -187,11 +229,13 @@ class DecodeGraphs:
         for bucket in {self.bucket_for(b) for b in range(1, PREFILL_BATCH + 1)} - {None}:
             for tokens in PREFILL_ROWS:
                 for lora in {False, self.with_lora}:
-                    if (bucket, tokens, lora, False) not in self.graphs:
-                        self.graphs[bucket, tokens, lora, False] = self._capture(bucket, tokens, lora, False)
+                    if (bucket, tokens, lora, False, False) not in self.graphs:
+                        self.graphs[bucket, tokens, lora, False, False] = self._capture(bucket, tokens, lora, False)
 
-    def _forward(self, bucket: int, tokens: int, lora: bool, tree: bool,
-                 max_context: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _forward(self, bucket: int, tokens: int, lora: bool, tree: bool, max_context: int,
+                 from_carry: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if from_carry:
+            self._build_from_carry(bucket, tokens)
         rows = bucket * tokens
         if tokens not in self.query_starts:
             self.query_starts[tokens] = torch.arange(0, (max(self.buckets) + 1) * tokens, tokens, dtype=torch.int32,
@@ -213,11 +257,12 @@ class DecodeGraphs:
         # them from the hidden states, and the graph does not keep [bucket*T, V] logits alive
         return hidden, self.model.logits(hidden) if tokens <= self.max_tokens else None
 
-    def _capture(self, bucket: int, tokens: int, lora: bool, tree: bool):
+    def _capture(self, bucket: int, tokens: int, lora: bool, tree: bool, from_carry: bool = False):
         torch.cuda.synchronize(self.device)
         with fused_elementwise():
-            # compiles this shape's kernels outside the capture
-            self._forward(bucket, tokens, lora, tree, self.max_positions)
+            # compiles this shape's kernels outside the capture (the buffers hold this step's
+            # inputs, so the run writes the KV the replay writes again)
+            self._forward(bucket, tokens, lora, tree, self.max_positions, from_carry)
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             if self.pool is None:
@@ -226,5 +271,5 @@ class DecodeGraphs:
             # which the default ("global") mode forbids to every thread
             mode = "thread_local" if torch.distributed.is_initialized() else "global"
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode=mode):
-                hidden, logits = self._forward(bucket, tokens, lora, tree, self.max_positions)
+                hidden, logits = self._forward(bucket, tokens, lora, tree, self.max_positions, from_carry)
         return graph, hidden, logits

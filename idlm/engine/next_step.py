@@ -77,15 +77,18 @@ class SlotState:
     num_branches: torch.Tensor  # branches the next round may feed (the policy's cap)
     mask_id: torch.Tensor  # the MASK token of the request's mode (0 for ar: never fed)
     gated: torch.Tensor  # bool: risd, the gated LoRA is on at MASK rows
+    # bool, or None for all: False marks a padding entry of a whole bucket (its rows come out as
+    # the padding of DecodeGraphs.run, whatever its other values)
+    valid: torch.Tensor | None = None
 
     @classmethod
     def from_carry(cls, table: torch.Tensor, num_new: torch.Tensor, num_branches: torch.Tensor,
-                   mask_id: torch.Tensor, gated: torch.Tensor) -> "SlotState":
+                   mask_id: torch.Tensor, gated: torch.Tensor, valid: torch.Tensor | None = None) -> "SlotState":
         """The state a carry_table leaves, with the host's plan for the next round: K, branch cap,
         MASK token and LoRA gate per request."""
         n = num_new.shape[0]
         return cls(pending=table[:n, 0], start=table[:n, 1], drafts=table[:n, 3:], num_drafts=table[:n, 2],
-                   num_new=num_new, num_branches=num_branches, mask_id=mask_id, gated=gated)
+                   num_new=num_new, num_branches=num_branches, mask_id=mask_id, gated=gated, valid=valid)
 
 
 @dataclass(frozen=True)
@@ -105,13 +108,17 @@ class StepInputs:
 def build_step(state: SlotState, layouts: LayoutTable, block_tables: torch.Tensor, tokens: int, bucket: int,
                block_size: int, scratch_slot: int) -> StepInputs:
     """The next decode step of the batch in state, T = tokens rows per request (at least its widest
-    round) and `bucket` requests (those past the batch are padding); block_tables [B, width] must
-    cover every row's cache slot. Padding takes what DecodeGraphs.run gives it: token 0, positions
-    running on, the scratch slot, no gate, no tree bits."""
+    round) and `bucket` requests (those past the batch, and those state.valid marks False, are
+    padding); block_tables [B, width] must cover every row's cache slot. Padding takes what
+    DecodeGraphs.run gives it: token 0, positions running on from 0, the scratch slot, no gate, no
+    tree bits, context T."""
     batch, device = state.pending.shape[0], state.pending.device
     d = torch.minimum(state.num_drafts, state.num_new)
     ids_of = layouts.lookup[d, state.num_new, torch.minimum(state.num_branches, d)]
     rows = layouts.num_rows[ids_of]
+    start = state.start
+    if state.valid is not None:
+        rows, start = torch.where(state.valid, rows, 0), torch.where(state.valid, start, 0)
     col = torch.arange(tokens, device=device)
     real = col[None] < rows[:, None]  # [B, T]
     offsets = layouts.offsets[ids_of, :tokens]
@@ -120,14 +127,14 @@ def build_step(state: SlotState, layouts: LayoutTable, block_tables: torch.Tenso
     ids = torch.where(col[None] == 0, state.pending[:, None],
                       torch.where(mask, state.mask_id[:, None], torch.gather(state.drafts, 1, draft_cols)))
     ids = torch.where(real, ids, 0)
-    positions = state.start[:, None] + torch.where(real, offsets, col[None])
-    cache_index = state.start[:, None] + col[None]
+    positions = start[:, None] + torch.where(real, offsets, col[None])
+    cache_index = start[:, None] + col[None]
     tables = block_tables.long()
     block = torch.gather(tables, 1, (cache_index // block_size).clamp(max=tables.shape[1] - 1))
     slots = torch.where(real, block * block_size + cache_index % block_size, scratch_slot)
     gate = mask & state.gated[:, None]
     tree_bits = torch.where(real, layouts.visible[ids_of, :tokens], -1)
-    context = state.start + tokens
+    context = start + tokens
     extra = bucket - batch
     pad_rows = lambda value: torch.full((extra * tokens,), value, dtype=torch.long, device=device)  # noqa: E731
     return StepInputs(

@@ -130,6 +130,9 @@ class ModelRunner:
         # that step's rounds (engine/next_step.py); IDLM_DEVICE_STEPS=0 builds every step on the
         # host (for comparisons)
         self.device_steps = os.environ.get("IDLM_DEVICE_STEPS", "1") != "0"
+        # ... and IDLM_GRAPHED_BUILD=1 builds them inside the step's graph (DecodeGraphs.step_from_carry)
+        # instead of with eager ops before it: off until it has run on a GPU
+        self.graphed_build = os.environ.get("IDLM_GRAPHED_BUILD", "0") == "1"
         self.carry: Carry | None = None
         self.layouts: LayoutTable | None = None
 
@@ -164,7 +167,7 @@ class ModelRunner:
         if self.tp is not None:
             self.decode_graphs.mirror = self.tp.mirror_step
         self.decode_graphs.capture_prefill()
-        self.layouts = LayoutTable.build(MAX_STRIDE - 1, self.device)
+        self.layouts = self.decode_graphs.layouts = LayoutTable.build(MAX_STRIDE - 1, self.device)
         # under tensor parallelism a round's head calls are collectives the workers join one by
         # one (LeaderModel.logits), which a graph replayed on rank 0 alone cannot hold
         self.round_graphs = RoundGraphs(self.model, self.banned_token, capture=cuda_graphs and self.tp is None)
@@ -254,14 +257,23 @@ class ModelRunner:
         plan = ([seq.num_new for seq in seqs] + [seq.num_branches for seq in seqs]
                 + [self.mask_ids.get(mode) or 0 for mode in modes] + [mode == "risd" for mode in modes])
         tables = padded_block_tables([seq.block_table for seq in seqs], width, self.scratch_block, bucket)
-        plan_t, tables_t = self._to_device([plan, tables], torch.long)
-        num_new, branches, mask_id, gated = plan_t.view(4, n)
-        state = SlotState.from_carry(carry.table, num_new, branches, mask_id, gated.bool())
-        tables_t = tables_t.view(bucket, width)
-        inputs = build_step(state, self.layouts, tables_t, tokens, bucket, self.block_size, graphs.scratch_slot)
         lora = self.with_lora and any(mode == "risd" and lay.num_new for mode, lay in zip(modes, layouts))
         tree = any(lay.num_branches for lay in layouts)
-        hidden, logits = graphs.step_built(inputs, tables_t, tokens, lora, tree, max(starts) + tokens)
+        if self.graphed_build:
+            # the plan of the whole bucket, padding entries last (valid 0)
+            pad = [0] * (bucket - n)
+            plan = [x for row in range(4) for x in plan[row * n:(row + 1) * n] + pad] + [1] * n + pad
+            plan_t, tables_t = self._to_device([plan, tables], torch.long)
+            hidden, logits = graphs.step_from_carry(carry.table[:n], plan_t.view(5, bucket),
+                                                    tables_t.view(bucket, width), tokens, lora, tree,
+                                                    max(starts) + tokens)
+        else:
+            plan_t, tables_t = self._to_device([plan, tables], torch.long)
+            num_new, branches, mask_id, gated = plan_t.view(4, n)
+            state = SlotState.from_carry(carry.table, num_new, branches, mask_id, gated.bool())
+            tables_t = tables_t.view(bucket, width)
+            inputs = build_step(state, self.layouts, tables_t, tokens, bucket, self.block_size, graphs.scratch_slot)
+            hidden, logits = graphs.step_built(inputs, tables_t, tokens, lora, tree, max(starts) + tokens)
         return self._decide(seqs, [i * tokens for i in range(n)], list(range(n)), hidden, logits, graphed=True)
 
     def _decide(self, seqs: list[Sequence], round_starts: list[int], index: list[int], hidden: torch.Tensor,

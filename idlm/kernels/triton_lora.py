@@ -4,7 +4,7 @@
 gives [x W^T | x A^T]; the kernel then adds gate[m] * (x A^T)[m] B^T into the base columns and
 writes them out contiguous. It has no loop over in_features: on an H200 the loop of the kernel
 below took 6.8 us a call at SmolLM2's decode shapes, 120 calls a step, most of what a risd round
-cost beyond an ar step (benchmarks/RESULTS.md, "Where a risd round's GPU time goes").
+cost beyond an ar step (benchmarks/RESULTS.md, "Real weights after the detokenizer fix").
 
 `gated_lora_add_`, out[m] += gate[m] * (x[m] A^T) B^T from the unwidened weights (deterministic
 mode, whose base GEMMs are the fixed-tile kernels of batch_invariant.py, and the oracle checks):
