@@ -111,14 +111,21 @@ def test_bench_file_workload_and_default_modes(tmp_path, capsys):
     work = tmp_path / "w.jsonl"
     work.write_text('{"prompt_ids": [5, 6, 7], "max_tokens": 3}\n\n{"prompt": [9, 10, 11, 12, 13]}\n')
     out = tmp_path / "r.json"
-    assert main(["bench", "--model", str(no_mask_folder(tmp_path)), "--device", "cpu", "--workload", str(work),
+    model = str(no_mask_folder(tmp_path))
+    assert main(["bench", "--model", model, "--device", "cpu", "--workload", str(work),
                  "--concurrency", "1,2", "--output-len", "4", "-o", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["workload"]["kind"] == "file"
-    assert [(r["mode"], r["concurrency"], r["num_requests"]) for r in result["results"]] == [("ar", 1, 2),
-                                                                                            ("ar", 2, 2)]
+    # the file's lines, cycled to at least 4 C requests (fewer would measure mostly the tail)
+    assert [(r["mode"], r["concurrency"], r["num_requests"]) for r in result["results"]] == [("ar", 1, 4),
+                                                                                            ("ar", 2, 8)]
     for r in result["results"]:
-        assert sorted((q["prompt_tokens"], q["output_tokens"]) for q in r["requests"]) == [(3, 3), (5, 4)]
+        n = r["num_requests"] // 2
+        assert sorted((q["prompt_tokens"], q["output_tokens"]) for q in r["requests"]) == [(3, 3)] * n + [(5, 4)] * n
+    assert "under two batches" not in capsys.readouterr().err
+    assert main(["bench", "--model", model, "--device", "cpu", "--workload", str(work),
+                 "--concurrency", "2", "--num-prompts", "2", "--output-len", "4"]) == 0
+    assert "C=2 runs 2 requests, under two batches" in capsys.readouterr().err
 
 
 def test_random_weight_loader(tmp_path):

@@ -36,7 +36,7 @@ class BenchConfig:
     model: str | None = None  # folder or .gguf; None (and no shape) = the embedded default model
     shape: str | None = None  # a random-weight shape of idlm.models.shapes
     workload: str | None = None  # JSONL file; None = synthetic
-    num_prompts: int | None = None  # requests per run; None = max(4 C, 16), or the file's lines (at least C)
+    num_prompts: int | None = None  # requests per run; None = max(4 C, 16), or the file's lines (at least 4 C)
     prompt_len: int = 128
     output_len: int = 256
     concurrency: tuple[int, ...] = (1, 4, 16, 64)
@@ -96,8 +96,8 @@ class BenchConfig:
     def requests_per_run(self, concurrency: int, file_lines: int) -> int:
         if self.num_prompts is not None:
             return self.num_prompts
-        if file_lines:
-            return max(file_lines, concurrency)
+        if file_lines:  # cycled past the file's end: fewer than a few batches measure mostly the tail
+            return max(file_lines, 4 * concurrency)
         return max(4 * concurrency, 16)
 
 
@@ -162,6 +162,10 @@ def run_bench(cfg: BenchConfig, command: str = "", log: Callable[[str], None] = 
     if not cfg.shape and gguf_source(cfg.model) is not None:  # the bench (and transformers) run its float weights
         folder = float_folder(gguf_source(cfg.model), torch.float32)
     counts = {c: cfg.requests_per_run(c, len(items)) for c in cfg.concurrency}
+    for c, n in counts.items():
+        if c > 1 and n < 2 * c:
+            log(f"note: C={c} runs {n} requests, under two batches: nothing refills the batch as requests "
+                f"finish, so tok/s leans on the last ones (the default is at least 4 C)")
     rate_count = cfg.requests_per_run(max(cfg.concurrency), len(items))  # requests of an open-loop run
     model_cfg = ModelConfig.from_folder(folder)
     base: list[Request] = []

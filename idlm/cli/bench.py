@@ -48,7 +48,8 @@ def add_parsers(sub) -> None:
                    help='JSONL of {"prompt": "text" or [ids], "max_tokens": N} lines (or "prompt_ids") '
                         "instead of random prompts")
     p.add_argument("--num-prompts", type=int, default=None,
-                   help="requests per run (default: max(4 C, 16); with --workload the file's lines, at least C)")
+                   help="requests per run (default: max(4 C, 16); with --workload the file's lines, at least 4 C, "
+                        "cycled)")
     p.add_argument("--prompt-len", type=int, default=None, help="tokens per random prompt (default 128)")
     p.add_argument("--output-len", type=int, default=256,
                    help="tokens every request generates, EOS ignored (default 256; with --workload, for lines "
