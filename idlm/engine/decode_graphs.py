@@ -24,17 +24,13 @@ replay instead of build_step's few dozen small ops (runner: IDLM_GRAPHED_BUILD=1
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from idlm.config import MAX_STRIDE
-from idlm.engine.next_step import LayoutTable, SlotState, build_step
+from idlm.engine.next_step import LayoutTable, SlotState, StepInputs, build_step
 from idlm.kernels.attention import PagedAttention, PagedBatch, TritonPagedAttention, padded_block_tables
 from idlm.models.transformer import CausalLM, fused_elementwise
-
-if TYPE_CHECKING:
-    from idlm.engine.next_step import StepInputs
 
 BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 PREFILL_ROWS = (64, 128, 256)  # a prefill step's rows per prompt, padded up to one of these
@@ -167,20 +163,23 @@ class DecodeGraphs:
         self.tables[:s.bucket, :s.width].copy_(dev[o:o + s.bucket * s.width].view(s.bucket, s.width))
         return self._replay(s.bucket, s.tokens, s.lora, s.tree, s.max_context)
 
-    def step_built(self, inputs: "StepInputs", tables: torch.Tensor, tokens: int, lora: bool, tree: bool,
+    def step_built(self, inputs: StepInputs, tables: torch.Tensor, tokens: int, lora: bool, tree: bool,
                    max_context: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Replays a decode step whose rows were built on the device (engine/next_step.py:
         build_step, `bucket` requests of T = tokens rows); tables: [bucket, width] on the device."""
         bucket, width = tables.shape
-        rows = bucket * tokens
-        for buf, value in ((self.ids, inputs.ids), (self.positions, inputs.positions), (self.slots, inputs.slots),
-                           (self.gate, inputs.gate), (self.context_lens, inputs.context_lens)):
-            buf[:len(value)].copy_(value)
-        if tree:
-            self.tree_bits[:rows].copy_(inputs.tree_bits)
-            self.tree_rows[:bucket].copy_(inputs.tree_rows)
+        self._load(inputs, bucket, tree)
         self.tables[:bucket, :width].copy_(tables)
         return self._replay(bucket, tokens, lora, tree, max_context)
+
+    def _load(self, inputs: StepInputs, bucket: int, tree: bool) -> None:
+        """A built step's rows into the buffers the forward reads (tree bits only where read)."""
+        pairs = [(self.ids, inputs.ids), (self.positions, inputs.positions), (self.slots, inputs.slots),
+                 (self.gate, inputs.gate), (self.context_lens, inputs.context_lens)]
+        if tree:
+            pairs += [(self.tree_bits, inputs.tree_bits), (self.tree_rows, inputs.tree_rows)]
+        for buf, value in pairs:
+            buf[:len(value)].copy_(value)
 
     def step_from_carry(self, carry: torch.Tensor, plan: torch.Tensor, tables: torch.Tensor, tokens: int, lora: bool,
                         tree: bool, max_context: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -198,18 +197,12 @@ class DecodeGraphs:
         self.tables[:bucket, width:].fill_(self.scratch_block)
         return self._replay(bucket, tokens, lora, tree, max_context, from_carry=True)
 
-    def _build_from_carry(self, bucket: int, tokens: int) -> None:
+    def _build_from_carry(self, bucket: int, tokens: int, tree: bool) -> None:
         """The step's rows from the carry and plan buffers, into the buffers the forward reads."""
         k, branches, mask_id, gated, valid = self.plan[:, :bucket]
         state = SlotState.from_carry(self.carry[:bucket], k, branches, mask_id, gated.bool(), valid.bool())
-        inputs = build_step(state, self.layouts, self.tables[:bucket], tokens, bucket, self.block_size,
-                            self.scratch_slot)
-        rows = bucket * tokens
-        for buf, value in ((self.ids, inputs.ids), (self.positions, inputs.positions), (self.slots, inputs.slots),
-                           (self.gate, inputs.gate), (self.tree_bits, inputs.tree_bits)):
-            buf[:rows].copy_(value)
-        self.context_lens[:bucket].copy_(inputs.context_lens)
-        self.tree_rows[:bucket].copy_(inputs.tree_rows)
+        self._load(build_step(state, self.layouts, self.tables[:bucket], tokens, bucket, self.block_size,
+                              self.scratch_slot), bucket, tree)
 
     def _replay(self, bucket: int, tokens: int, lora: bool, tree: bool, max_context: int,
                 from_carry: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -235,7 +228,7 @@ class DecodeGraphs:
     def _forward(self, bucket: int, tokens: int, lora: bool, tree: bool, max_context: int,
                  from_carry: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         if from_carry:
-            self._build_from_carry(bucket, tokens)
+            self._build_from_carry(bucket, tokens, tree)
         rows = bucket * tokens
         if tokens not in self.query_starts:
             self.query_starts[tokens] = torch.arange(0, (max(self.buckets) + 1) * tokens, tokens, dtype=torch.int32,

@@ -62,7 +62,7 @@ class GatedLoRA(nn.Module):
     def widen(self, linear: nn.Linear) -> None:
         """Stacks A under linear's weight (after fuse_for_inference), so that a gated step's
         projection is one GEMM for the base output and x A^T together, then a kernel that adds
-        the gated delta (project_wide). linear keeps a view of the base rows: ungated steps run
+        the gated delta (project). linear keeps a view of the base rows: ungated steps run
         it as before, and the weights are stored once."""
         with torch.no_grad():
             n = linear.out_features
@@ -72,8 +72,11 @@ class GatedLoRA(nn.Module):
             if linear.bias is not None:
                 self.wide_bias = torch.cat([linear.bias, linear.bias.new_zeros(self.lora_A.shape[0])])
 
-    def project_wide(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """The base projection plus delta(x) on gated rows, from the widened weight."""
+    def project(self, linear: nn.Linear, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """linear(x) plus delta(x) on gated rows: from the widened weight once widen() ran, else
+        the base output plus the delta (add_to)."""
+        if self.wide_weight is None:
+            return self.add_to(linear(x), x, gate)
         wide = F.linear(x, self.wide_weight, self.wide_bias)
         if wide.is_cuda:
             from idlm.kernels.triton_lora import gated_lora_finish

@@ -24,9 +24,7 @@ class AttentionBackend(Protocol):
 def project(linear: nn.Linear, lora: GatedLoRA | None, x: torch.Tensor, gate: torch.Tensor | None):
     if lora is None or gate is None:
         return linear(x)
-    if lora.wide_weight is not None:
-        return lora.project_wide(x, gate)
-    return lora.add_to(linear(x), x, gate)
+    return lora.project(linear, x, gate)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
