@@ -4,8 +4,10 @@ lets the Triton kernel run, for each round shape: no branches, every branch that
 attention in the Triton kernel), and the adaptive stride. Greedy must match the CPU token for
 token; seeded sampling must match between graphs and eager on the GPU. Then requests arriving
 mid-decode (at most 12 at once, each with its own length), greedy and seeded.
+--overlap-scheduling: the GPU engines launch each decode step before reading the one before
+(EngineConfig.overlap_scheduling); the CPU reference stays without.
 
-    python benchmarks/gpu_engine_check.py
+    python benchmarks/gpu_engine_check.py [--lora-only] [--overlap-scheduling]
 """
 
 import itertools
@@ -23,11 +25,27 @@ SETUPS = {"cpu": dict(device="cpu"), "cuda-graphs": dict(device="cuda"),
           "cuda-eager": dict(device="cuda", enforce_eager=True)}
 
 
+OVERLAP = "--overlap-scheduling" in sys.argv[1:]
+
+
 def run(folder: Path, adapter: Path | None, prompts, params, setup: str, max_num_seqs: int = 64):
+    overlap = OVERLAP and setup != "cpu"
     llm = LLM(str(folder), adapter=str(adapter) if adapter else None, dtype="float32", progress=False,
-              kv_cache_tokens=8192, max_num_seqs=max_num_seqs, **SETUPS[setup])
+              kv_cache_tokens=8192, max_num_seqs=max_num_seqs, overlap_scheduling=overlap, **SETUPS[setup])
+    runner, launched = llm.engine.runner, [0]
+    if overlap:
+        launch_next = runner.launch_next
+
+        def counted(*args):
+            pending = launch_next(*args)
+            launched[0] += pending is not None
+            return pending
+
+        runner.launch_next = counted
     outs = [o.token_ids for o in llm.generate(prompts, params)]
-    graphs = llm.engine.runner.decode_graphs
+    if overlap:
+        print(f"  ({setup}: {launched[0]} decode steps launched ahead)")
+    graphs = runner.decode_graphs
     captured = sorted(graphs.graphs) if graphs is not None and graphs.use_graphs else []
     return outs, captured
 

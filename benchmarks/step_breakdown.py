@@ -49,12 +49,18 @@ def timed(owner, name: str, label: str) -> None:
 def classify_steps() -> None:
     """Each LLMEngine._step's wall time, filed under its kind."""
     E, R = llm_engine.LLMEngine, runner.ModelRunner
-    step, run, built = E._step, R.run, R._run_built
+    step, launch, built, ahead = E._step, R.launch, R._run_built, R.launch_next
     state = {}
 
-    def run_wrapper(self, seqs, num_new):
+    def launch_wrapper(self, seqs, num_new):
         state["kind"] = "prefill" if any(n > 1 for n in num_new) else "decode, host-built"
-        return run(self, seqs, num_new)
+        return launch(self, seqs, num_new)
+
+    def ahead_wrapper(self, seqs, previous):
+        out = ahead(self, seqs, previous)
+        if out is not None:
+            state["kind"] = "decode, launched ahead"  # (the step that launched it is filed under this kind)
+        return out
 
     def built_wrapper(self, seqs, carry):
         out = built(self, seqs, carry)
@@ -70,17 +76,19 @@ def classify_steps() -> None:
             KINDS[state["kind"]].append(time.perf_counter() - t)
         return out
 
-    E._step, R.run, R._run_built = step_wrapper, run_wrapper, built_wrapper
+    E._step, R.launch, R._run_built, R.launch_next = step_wrapper, launch_wrapper, built_wrapper, ahead_wrapper
 
 
 def instrument() -> None:
     E, R = llm_engine.LLMEngine, runner.ModelRunner
     for owner, name, label in [
-        (E, "_step", "step"), (Scheduler, "schedule", "schedule"), (R, "run", "runner.run"),
+        (E, "_step", "step"), (Scheduler, "schedule", "schedule"), (R, "launch", "runner.launch"),
+        (R, "launch_next", "runner.launch_next"), (R, "collect", "runner.collect"),
         (R, "_run_built", "_run_built"), (runner, "build_step", "build_step"),
         (runner.SlotState, "from_carry", "SlotState.from_carry"), (runner, "padded_block_tables", "block_tables"),
         (DecodeGraphs, "step_built", "graphs.step_built"), (DecodeGraphs, "run", "graphs.run (host-built)"),
-        (runner, "feed_rows", "feed_rows"), (R, "_decide", "_decide"), (runner, "round_inputs", "round_inputs"),
+        (runner, "feed_rows", "feed_rows"), (R, "_launch_round", "_launch_round"),
+        (runner, "round_inputs", "round_inputs"),
         (RoundGraphs, "get", "round_graphs.get"), (RoundGraph, "replay", "round replay"),
         (RoundResult, "read", "result.read (waits for the GPU)"), (E, "_apply_round", "_apply_round"),
         (E, "_append", "_append"), (IncrementalDetokenizer, "feed", "detok.feed"), (E, "_output", "_output"),
@@ -142,12 +150,14 @@ def main() -> None:
     p.add_argument("--modes", default="ar,risd:fixed,risd:adaptive", help="mode[:stride policy], comma-separated")
     p.add_argument("--gpu-profile", action="store_true",
                    help="a third pass of each mode under torch.profiler: GPU kernel time per step, by kernel")
+    p.add_argument("--overlap-scheduling", action="store_true", help="EngineConfig.overlap_scheduling")
     p.add_argument("-o", "--output")
     args = p.parse_args()
     lines = [json.loads(x) for x in Path(args.workload).read_text().splitlines() if x.strip()]
     c = args.concurrency
     engine = llm_engine.LLMEngine(EngineConfig(model=args.model, adapter=args.adapter, max_num_seqs=c,
-                                               enable_prefix_caching=False, progress=False))
+                                               enable_prefix_caching=False, progress=False,
+                                               overlap_scheduling=args.overlap_scheduling))
     instrument()
     classify_steps()
     report = {}

@@ -38,23 +38,29 @@ def record_steps(llm) -> list[dict]:
     (None when the step ran outside the padded layout) and the round outcomes."""
     runner = llm.engine.runner
     runner.device_steps = False  # every step built on the host, to compare with
-    graphs, original = runner.decode_graphs, runner.run
+    graphs, launch, collect = runner.decode_graphs, runner.launch, runner.collect
     steps = []
 
-    def run(seqs, num_new):
+    def run_launch(seqs, num_new):
         if any(s.seq_id not in llm.engine.seqs for s in seqs):  # the adaptive stride's cost measurement
-            return original(seqs, num_new)
+            return launch(seqs, num_new)
         # start: the pending token's cache slot (a prompt chunk feeds n tokens, the pending one last)
         step = dict(packed=None, num_new=list(num_new), seqs=[dict(
             seq_id=s.seq_id, start=s.num_computed + n - 1, pending=s.token_ids[-1], drafts=list(s.drafts),
             num_new=s.num_new, branches=s.num_branches, mode=s.params.mode) for s, n in zip(seqs, num_new)])
         graphs.mirror = lambda packed: step.update(packed=packed)
-        step["outcomes"] = original(seqs, num_new)
+        step["pending"] = launch(seqs, num_new)
         graphs.mirror = None
         steps.append(step)
-        return step["outcomes"]
+        return step["pending"]
 
-    runner.run = run
+    def run_collect(pending):
+        outcomes = collect(pending)
+        if steps and "outcomes" not in steps[-1] and steps[-1]["pending"] is pending:
+            steps[-1]["outcomes"] = outcomes
+        return outcomes
+
+    runner.launch, runner.collect = run_launch, run_collect
     return steps
 
 

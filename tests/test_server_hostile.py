@@ -169,7 +169,7 @@ def test_no_traceback_after_hostile_input(server):
 # fault also leaves a block referenced twice, so the KV bookkeeping no longer adds up
 FAULT = """
 from idlm.engine.runner import ModelRunner
-run = ModelRunner.run
+launch = ModelRunner.launch
 def faulty(self, seqs, *args, **kwargs):
     seeds = {seq.params.seed for seq in seqs}
     if 667 in seeds:
@@ -177,8 +177,8 @@ def faulty(self, seqs, *args, **kwargs):
         seq.block_table.append(seq.block_table[0])
     if seeds & {666, 667}:
         raise RuntimeError("injected fault")
-    return run(self, seqs, *args, **kwargs)
-ModelRunner.run = faulty
+    return launch(self, seqs, *args, **kwargs)
+ModelRunner.launch = faulty
 """
 
 
@@ -242,7 +242,7 @@ def test_failures_on_consecutive_steps_poison_the_engine(model_dir):
     async def body(http):
         request = {"model": MODEL, "prompt": "the cat", "max_tokens": 4}
         assert (await http.post("/v1/completions", json=request)).status_code == 200
-        engine.runner.run = device_lost
+        engine.runner.launch = device_lost
         assert_openai_error(await http.post("/v1/completions", json=request), 500, code="engine_error")
         assert (await http.get("/health")).status_code == 200
         assert not fatal

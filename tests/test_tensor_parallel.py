@@ -97,7 +97,7 @@ def test_two_ranks_give_the_tokens_of_one(name, request, monkeypatch):
             assert_same(one, outputs(llm))
             # a step that fails on rank 0 may leave a worker inside a collective: the engine ends
             monkeypatch.setattr("idlm.engine.tensor_parallel.DEATH_GRACE_S", 0.2)
-            monkeypatch.setattr(e.runner, "_decide", lambda *args, **kwargs: 1 / 0)
+            monkeypatch.setattr(e.runner, "_launch_round", lambda *args, **kwargs: 1 / 0)
             e.add_request(PROMPTS[0], SamplingParams(max_tokens=4))
             with pytest.raises(EngineDead, match="failed on rank 0 .ZeroDivisionError"):
                 e.step()

@@ -1,6 +1,7 @@
 """`idlm bench`: every (mode, concurrency) run on one engine, then the optional HF baseline."""
 
 import gc
+import itertools
 import platform
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -55,6 +56,8 @@ class BenchConfig:
     seed: int = 0
     prefix_caching: bool = False
     enforce_eager: bool = False  # CUDA: decode steps without CUDA graphs
+    # EngineConfig.overlap_scheduling of each run; both: every run twice on the same engine, alternating
+    overlap: tuple[bool, ...] = (False,)
     deterministic: bool = False  # batch-invariant kernels (EngineConfig.deterministic)
     tensor_parallel_sizes: tuple[int, ...] = (1,)  # an engine each, every run on each (labels "tp=N" when several)
     peak_bandwidth: float | None = None  # None: measured on the device in the same call (a large copy)
@@ -84,6 +87,8 @@ class BenchConfig:
                              f"({max(self.concurrency)}), or C requests can never be in flight")
         if not self.tensor_parallel_sizes or any(not isinstance(n, int) or n < 1 for n in self.tensor_parallel_sizes):
             raise ValueError(f"tensor-parallel sizes must be positive integers, got {list(self.tensor_parallel_sizes)}")
+        if not self.overlap or len(set(self.overlap)) != len(self.overlap):
+            raise ValueError(f"overlap scheduling must be off, on, or both once, got {list(self.overlap)}")
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ValueError(f"max-num-seqs must be >= 1, got {self.max_num_seqs}")
         if self.temperature < 0:
@@ -237,9 +242,12 @@ def _bench_engine(engine: LLMEngine, cfg: BenchConfig, runs: dict[str, SamplingP
                   base: list[Request], counts: dict[int, int], rate_count: int, vocab: int, exclude: set[int],
                   roofline: Roofline, result: dict, log: Callable[[str], None]) -> None:
     """Every run on one engine, each at every concurrency and request rate."""
-    for label, params in runs.items():
+    for (label, params), overlap in itertools.product(runs.items(), cfg.overlap):
+        engine.config.overlap_scheduling = overlap  # read every step: the engine's graphs serve both
+        if len(cfg.overlap) > 1:
+            label += " overlap" if overlap else ""
         run = dict(mode=label + tag, decoding=params.mode, stride=params.stride, stride_policy=params.stride_policy,
-                   branches=params.branches, tensor_parallel_size=tp)
+                   branches=params.branches, tensor_parallel_size=tp, overlap_scheduling=overlap)
         for c in cfg.concurrency:
             requests = cycle(base, counts[c])
             run_closed_loop(engine, warmup_requests(requests[:c], vocab, exclude, cfg.seed + 1), c, params, roofline)

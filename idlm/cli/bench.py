@@ -73,6 +73,10 @@ def add_parsers(sub) -> None:
                    help="keep prefix caching on (off by default: runs repeat prompts)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
+    p.add_argument("--overlap-scheduling", default="off",
+                   help="off, on, or off,on: launch each decode step before the host has read the one before "
+                        "(EngineConfig.overlap_scheduling); off,on runs everything both ways on one engine, "
+                        "alternating (default off)")
     p.add_argument("--hf-baseline", action="store_true",
                    help="also time transformers generate (greedy, static left-padded batches of C prompts)")
     p.add_argument("--request-rate", default=None,
@@ -157,6 +161,8 @@ def run(args: argparse.Namespace) -> None:
         temperature=args.temperature, hf_baseline=args.hf_baseline, device=args.device, dtype=args.dtype,
         kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs, adapter=args.adapter, seed=args.seed,
         prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
+        overlap=tuple(x == "on" for x in comma_list(args.overlap_scheduling, "--overlap-scheduling",
+                                                      one_of(("off", "on"), "setting"))),
         deterministic=bool(args.deterministic),
         tensor_parallel_sizes=comma_list(args.tensor_parallel_size, "--tensor-parallel-size", positive_int),
         request_rates=comma_list(args.request_rate, "--request-rate", positive_float) if args.request_rate else (),

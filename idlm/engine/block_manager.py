@@ -73,13 +73,13 @@ class BlockManager:
             block.ref_count = 1
             seq.block_table.append(block.block_id)
 
-    def commit(self, seq: Sequence, num_computed: int) -> None:
+    def commit(self, seq: Sequence, num_computed: int, keep_blocks: bool = False) -> None:
         """After a forward: the KV of token_ids[:num_computed] is final; every slot past it (drafts
         that were rejected, MASK and branch rows) is rolled back. Frees the blocks wholly beyond
-        it and publishes newly completed full blocks for prefix caching. The block manager is the
-        one owner of num_computed."""
+        it (unless keep_blocks: a step launched ahead writes there) and publishes newly completed
+        full blocks for prefix caching. The block manager is the one owner of num_computed."""
         seq.num_computed = num_computed
-        keep = -(-seq.num_computed // self.block_size)
+        keep = len(seq.block_table) if keep_blocks else -(-seq.num_computed // self.block_size)
         while len(seq.block_table) > keep:
             self._release(seq.block_table.pop())
         if not self.prefix_caching:

@@ -11,9 +11,9 @@ from idlm.config import MAX_STRIDE, EngineConfig
 from idlm.decoding.noise import compile_noise
 from idlm.engine.block_manager import BlockManager
 from idlm.engine.detokenizer import IncrementalDetokenizer
-from idlm.engine.runner import ModelRunner, RoundOutcome
+from idlm.engine.runner import ModelRunner, PendingRound, RoundOutcome
 from idlm.engine.sampling_params import SamplingParams
-from idlm.engine.scheduler import Scheduler
+from idlm.engine.scheduler import ScheduledBatch, Scheduler
 from idlm.engine.sequence import Sequence, TokenSource
 from idlm.engine.stats import EngineStats, request_stats
 from idlm.engine.step_cost import measure_step_cost
@@ -158,6 +158,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.block_manager, self.policy)
         self.stats = EngineStats()
         self._decode_step: tuple[int, int, float] | None = None  # (batch, rows, start) of the step before
+        # overlap scheduling: the next step, launched before the outcome of the current one was read
+        self.in_flight: tuple[ScheduledBatch, PendingRound] | None = None
         self.seed_source = random.Random(config.seed)
         self.seqs: dict[int, Sequence] = {}
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
@@ -267,7 +269,7 @@ class LLMEngine:
         self.detokenizers.pop(request_id, None)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self.in_flight is not None
 
     def step(self) -> list[RequestOutput]:
         """One forward; returns an output for every request that advanced (finished ones last time)."""
@@ -284,28 +286,49 @@ class LLMEngine:
             batch_size, rows, began = self._decode_step
             self.policy.cost.observe(batch_size, rows, start - began)
             self._decode_step = None
-        batch = self.scheduler.schedule()
-        if batch is None:
-            return []
-        outcomes = self.runner.run(batch.seqs, batch.num_new_tokens)
+        if self.in_flight is not None:  # launched by the step before (overlap scheduling)
+            (batch, pending), self.in_flight = self.in_flight, None
+        else:
+            batch = self.scheduler.schedule()
+            if batch is None:
+                return []
+            pending = self.runner.launch(batch.seqs, batch.num_new_tokens)
+        if self.config.overlap_scheduling and pending is not None and not batch.is_prefill:
+            # the next step goes to the GPU before this one's outcome comes back, so the host's
+            # work on that outcome runs while the GPU computes
+            nxt = self.scheduler.schedule_next(batch)
+            ahead = self.runner.launch_next(nxt.seqs, pending) if nxt is not None else None
+            self.in_flight = (nxt, ahead) if ahead is not None else None
+        try:
+            return self._finish_step(batch, pending, start)
+        except BaseException:
+            self.in_flight = None  # a failed step voids the one launched after it
+            raise
+
+    def _finish_step(self, batch: ScheduledBatch, pending: PendingRound | None, start: float) -> list[RequestOutput]:
+        """Reads the step's outcome and applies it: the outputs of every request that advanced."""
+        outcomes = self.runner.collect(pending)
         if self.tp is not None:
             self.tp.check()  # before the outcomes are applied (on CUDA a dead worker's collectives end aborted)
         self.stats.forwards += 1
+        ahead_ids = {seq.seq_id for seq in self.in_flight[0].seqs} if self.in_flight is not None else set()
         outputs = []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            if seq.is_finished:  # finished, or aborted, while this step was in flight: its round is void
+                continue
             seq.stats.forwards += 1
             if i not in outcomes:
                 self.block_manager.commit(seq, seq.num_computed + n)
                 continue
             first_new = seq.num_output_tokens
-            self._apply_round(seq, outcomes[i])
+            self._apply_round(seq, outcomes[i], keep_blocks=seq.seq_id in ahead_ids)
             outputs.append(self._output(seq, first_new))
         if not batch.is_prefill and self.has_unfinished():  # (a last step has no next step to time to)
             rows = max(seq.layout.num_rows for seq in batch.seqs)  # the plan is still the one that ran
             self._decode_step = (len(batch.seqs), rows, start)
         return outputs
 
-    def _apply_round(self, seq: Sequence, r: RoundOutcome) -> None:
+    def _apply_round(self, seq: Sequence, r: RoundOutcome, keep_blocks: bool = False) -> None:
         tokens = seq.drafts[:r.accepted] + [r.final_token]
         sources = [TokenSource.DRAFT] * r.accepted + [
             TokenSource.CORRECTION if r.accepted < r.num_drafts else TokenSource.TARGET]
@@ -331,7 +354,7 @@ class LLMEngine:
         del seq.token_sources[seq.num_output_tokens:], seq.token_q[seq.num_output_tokens:]
         del seq.token_logprobs[seq.num_output_tokens:]
         if not seq.is_finished:
-            self.block_manager.commit(seq, computed)
+            self.block_manager.commit(seq, computed, keep_blocks)
 
     def _append(self, seq: Sequence, new_tokens: list[int]) -> None:
         params = seq.params

@@ -14,10 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from idlm.decoding.rounds import PROPOSALS, RoundBatch, Verdict, propose, verify
 from idlm.decoding.sampling import SamplingTensors, token_probs
-from idlm.engine.next_step import carry_table
+from idlm.engine.next_step import SlotState, carry_table
 from idlm.engine.sequence import Sequence
 from idlm.models.transformer import CausalLM
 
@@ -63,11 +64,9 @@ def round_inputs(seqs: list[Sequence], round_starts: list[int], shape: RoundShap
     batch are greedy, draftless padding."""
     d_max, pad = shape.dmax, shape.batch - len(seqs)
     rows, drafts = [], []
-    num_d, num_new, branches, main_rows, branch_rows = [], [], [], [], []
-    proposal, seeds, positions, spec, top_k = [], [], [], [], []
-    temperature, top_p, alpha, min_p = [], [], [], []
+    num_d, num_new, branches, main_rows, branch_rows, positions = [], [], [], [], [], []
     for seq, start in zip(seqs, round_starts):  # a step's host work is per request: kept to plain appends
-        lay, p = seq.layout, seq.params
+        lay = seq.layout
         d = lay.num_drafts
         # rows past a request's own drafts repeat its pending row: a distribution nothing reads
         rows += range(start, start + 1 + d)
@@ -79,22 +78,50 @@ def round_inputs(seqs: list[Sequence], round_starts: list[int], shape: RoundShap
         branches.append(lay.num_branches)
         main_rows.append(start + lay.new_drafts_row)
         branch_rows.append(start + lay.new_drafts_row + lay.num_new)
-        proposal.append(PROPOSAL_INDEX[p.proposal])
-        seeds.append(seq.seed)
         positions.append(len(seq.token_ids) - 1)
-        spec.append(int(p.spec_verify))
-        top_k.append(p.top_k)
-        temperature.append(p.temperature)
-        top_p.append(p.top_p)
-        alpha.append(p.verify_alpha)
-        min_p.append(p.min_p)
+    (proposal, seeds, spec, top_k), floats = request_constants(seqs, shape.batch)
     zeros = [0] * pad
     ints = (rows + [0] * (pad * (d_max + 1)) + drafts + [0] * (pad * d_max) + num_d + zeros + num_new + zeros
-            + branches + zeros + main_rows + zeros + branch_rows + zeros + proposal + zeros + seeds + zeros
-            + positions + zeros + spec + [1] * pad + top_k + zeros)
-    ones = [1.0] * pad
-    floats = temperature + zeros + top_p + ones + alpha + ones + min_p + zeros
+            + branches + zeros + main_rows + zeros + branch_rows + zeros + proposal + seeds + positions + zeros
+            + spec + top_k)
     return ints, floats
+
+
+def request_constants(seqs: list[Sequence], batch: int) -> tuple[list[list[int]], list[float]]:
+    """What a round takes from each request's parameters alone, padded to `batch` requests: the
+    integers proposal, seeds, spec_verify and top_k (one list each), and every float in FLOATS
+    order."""
+    pad = batch - len(seqs)
+    params = [seq.params for seq in seqs]
+    zeros, ones = [0] * pad, [1.0] * pad
+    ints = [[PROPOSAL_INDEX[p.proposal] for p in params] + zeros, [seq.seed for seq in seqs] + zeros,
+            [int(p.spec_verify) for p in params] + [1] * pad, [p.top_k for p in params] + zeros]
+    floats = ([p.temperature for p in params] + zeros + [p.top_p for p in params] + ones
+              + [p.verify_alpha for p in params] + ones + [p.min_p for p in params] + zeros)
+    return ints, floats
+
+
+def built_round_inputs(state: SlotState, constants: torch.Tensor, tokens: int, shape: RoundShape) -> torch.Tensor:
+    """round_inputs' integers for a decode step built on the device (next_step.build_step, T =
+    tokens rows per request), before the host has read the round that left `state`: the values
+    that depend on that round's outcome (rows, drafts under test, D, branches, the rows of the
+    new drafts, positions) come from the state, the rest from `constants` [4, batch]
+    (request_constants' integers). The same values, padding included, as round_inputs gives
+    once the host knows the outcome."""
+    n, b, d_max = state.pending.shape[0], shape.batch, shape.dmax
+    device = state.pending.device
+    d = torch.minimum(state.num_drafts, state.num_new)
+    start = torch.arange(n, device=device) * tokens
+    j = torch.arange(d_max + 1, device=device)[None]
+    rows = start[:, None] + torch.where(j <= d[:, None], j, 0)
+    drafts = torch.where(j[:, :d_max] < d[:, None], state.drafts[:, :d_max], 0)
+    main_rows = start + 1 + d
+    per_request = torch.stack([d, state.num_new, torch.minimum(state.num_branches, d), main_rows,
+                               main_rows + state.num_new])
+    extra = b - n  # padding requests: zeros, as round_inputs gives them
+    return torch.cat([F.pad(rows, (0, 0, 0, extra)).flatten(), F.pad(drafts, (0, 0, 0, extra)).flatten(),
+                      F.pad(per_request, (0, extra)).flatten(), constants[:2].flatten(),
+                      F.pad(state.start, (0, extra)), constants[2:].flatten()])
 
 
 @dataclass
@@ -115,10 +142,28 @@ class RoundResult:
     new_q: torch.Tensor | None  # [B, K] q of the new drafts
     new_hidden: torch.Tensor | None  # [B, K, H] the rows whose logits give the new drafts' q
     carry: torch.Tensor | None = None  # [B, 3 + max(K, 1)] next_step.carry_table
+    host: torch.Tensor | None = None  # packed, on its way to the host (start_read)
+    ready: torch.cuda.Event | None = None
+
+    def start_read(self) -> "RoundResult":
+        """Starts the one device-to-host copy now, so that the next step may be launched (and
+        overwrite a graph's static outputs) before read() waits for this one."""
+        if self.packed.is_cuda:
+            self.host = torch.empty(self.packed.shape, dtype=self.packed.dtype, pin_memory=True)
+            self.host.copy_(self.packed, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.host = self.packed.clone()
+        return self
 
     def read(self) -> dict[str, list[float]]:
         """The host values by name, in one device-to-host copy."""
-        values = self.packed.tolist()
+        if self.host is None:
+            self.start_read()
+        if self.ready is not None:
+            self.ready.synchronize()
+        values = self.host.tolist()
         out, at = {}, 0
         for name, size in self.names:
             out[name] = values[at:at + size]

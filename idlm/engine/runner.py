@@ -6,13 +6,22 @@ from typing import TYPE_CHECKING
 import torch
 
 from idlm.config import MAX_STRIDE
+from idlm.decoding.layout import rows_of
 from idlm.decoding.penalties import Penalties
 from idlm.decoding.rounds import RoundBatch, propose
 from idlm.engine.decode_graphs import DecodeGraphs
 from idlm.engine.kv_pool import MAX_DECODE_TOKENS, MAX_LOOKAHEAD, plan_kv_pool
 from idlm.engine.next_step import LayoutTable, SlotState, build_step
 from idlm.engine.round_graphs import RoundGraphs
-from idlm.engine.round_step import RoundExtras, round_inputs, round_shape, run_round
+from idlm.engine.round_step import (
+    RoundExtras,
+    RoundResult,
+    built_round_inputs,
+    request_constants,
+    round_inputs,
+    round_shape,
+    run_round,
+)
 from idlm.engine.sequence import DraftRows, Sequence
 from idlm.engine.structured import allowed
 from idlm.kernels.attention import (
@@ -69,6 +78,19 @@ class Carry:
 
     seq_ids: tuple[int, ...]  # the requests, in batch order
     table: torch.Tensor  # round_step.RoundResult.carry
+
+
+@dataclass(slots=True)
+class PendingRound:
+    """A launched step's rounds, whose outcome the host has not read yet (the one device-to-host
+    copy is under way: RoundResult.start_read)."""
+
+    seqs: list[Sequence]  # the requests with a round, in round order
+    index: list[int]  # their batch indices in the step
+    result: RoundResult
+    dmax: int
+    kmax: int
+    top_n: int | None  # logprobs alternatives the round computed
 
 
 PROMPT_LOGPROB_ROWS = 256  # prompt rows scored at once
@@ -204,20 +226,25 @@ class ModelRunner:
         lora_gate = gate_t.float() if any(rows[3]) else None
         return ids_t, positions_t, batch, lora_gate
 
-    @torch.inference_mode()
     def run(self, seqs: list[Sequence], num_new: list[int]) -> dict[int, RoundOutcome]:
         """Feeds token_ids[num_computed:num_computed + n] of each sequence (plus, on its final
         chunk, the rest of its round); returns the round outcome of each final-chunk sequence, by
         batch index."""
+        return self.collect(self.launch(seqs, num_new))
+
+    @torch.inference_mode()
+    def launch(self, seqs: list[Sequence], num_new: list[int]) -> PendingRound | None:
+        """run() up to the point where the host waits for the GPU: the step and its rounds are
+        launched, their outcome on its way (collect() reads it). None: no sequence had a round."""
         graphs = self.decode_graphs
         prompt_rows = [i for i, seq in enumerate(seqs) if seq.needs_prompt_rows]
         prefill = any(n > 1 for n in num_new)  # else a decode step: every feed is a whole round
         carry, self.carry = self.carry, None
         if (carry is not None and graphs is not None and not prompt_rows and not prefill and self.tp is None
                 and self.device_steps and carry.seq_ids == tuple(seq.seq_id for seq in seqs)):
-            outcomes = self._run_built(seqs, carry)
-            if outcomes is not None:
-                return outcomes
+            pending = self._run_built(seqs, carry)
+            if pending is not None:
+                return pending
         feeds = [feed_rows(seq, n, self.mask_ids.get(seq.params.mode), self.block_size)
                  for seq, n in zip(seqs, num_new)]
         finals = [i for i, f in enumerate(feeds) if f.round_rows]
@@ -228,19 +255,61 @@ class ModelRunner:
                 hidden, logits = graphs.run(feeds, [s.num_computed for s in seqs], [s.block_table for s in seqs],
                                             tokens)
                 round_starts = [i * tokens + len(feeds[i].ids) - feeds[i].round_rows for i in finals]
-                return self._decide([seqs[i] for i in finals], round_starts, finals, hidden, logits,
-                                    graphed=True) if finals else {}
+                return self._launch_round([seqs[i] for i in finals], round_starts, finals, hidden, logits,
+                                          graphed=True) if finals else None
         input_ids, positions, batch, lora_gate = self.prepare(seqs, feeds)
         backend = self.gpu_attention if self.use_triton else self.cpu_attention
         hidden = self.model(input_ids, positions, backend(self.kv_cache, batch), lora_gate)
         for i in prompt_rows:
             self._prompt_logprobs(seqs[i], num_new[i], hidden[batch.query_start[i]:batch.query_start[i] + num_new[i]])
         if not finals:
-            return {}
+            return None
         round_starts = [batch.query_start[i + 1] - feeds[i].round_rows for i in finals]
-        return self._decide([seqs[i] for i in finals], round_starts, finals, hidden)
+        return self._launch_round([seqs[i] for i in finals], round_starts, finals, hidden)
 
-    def _run_built(self, seqs: list[Sequence], carry: Carry) -> dict[int, RoundOutcome] | None:
+    @torch.inference_mode()
+    def launch_next(self, seqs: list[Sequence], previous: PendingRound) -> PendingRound | None:
+        """The decode step after `previous`, for the same requests with the same plans (K, branch
+        cap), launched before the host has read previous's outcome (overlap scheduling): its rows
+        and its round's inputs are built on the device from previous's carry, its drafts under
+        test are previous's new drafts, and the host sends only what does not depend on the
+        outcome. The block tables must already cover every slot the step can reach. None where
+        it cannot be built so: the host then runs it after reading."""
+        carry, graphs = self.carry, self.decode_graphs
+        if (carry is None or graphs is None or self.tp is not None or not self.device_steps
+                or carry.seq_ids != tuple(seq.seq_id for seq in seqs) or previous.index != list(range(len(seqs)))
+                or any(self._has_extras(seq) or seq.needs_prompt_rows for seq in seqs)):
+            return None
+        # the outcome bounds them: the pending token moves on by at most D + 1, and a round feeds
+        # at most the rows of D = K
+        starts = [len(seq) + seq.layout.num_drafts for seq in seqs]
+        plans = [(seq.num_new, min(seq.num_branches, seq.num_new)) for seq in seqs]
+        tokens = graphs.rows_for(len(seqs), max(rows_of(k, k, b) for k, b in plans), max(starts), False)
+        if tokens is None:
+            return None
+        self.carry = None
+        modes = [seq.params.mode for seq in seqs]
+        lora = self.with_lora and any(mode == "risd" and k for mode, (k, _) in zip(modes, plans))
+        tree = any(b for _, b in plans)
+        state, tables_t, bucket = self._built_state(seqs, carry, starts, tokens)
+        inputs = build_step(state, self.layouts, tables_t, tokens, bucket, self.block_size, graphs.scratch_slot)
+        hidden, logits = graphs.step_built(inputs, tables_t, tokens, lora, tree, max(starts) + tokens)
+        shape = round_shape(seqs, bucket, pad_drafts=True)
+        constants, floats = request_constants(seqs, bucket)
+        (constants_t,) = self._to_device([[x for values in constants for x in values]], torch.long)
+        ints_t = built_round_inputs(state, constants_t.view(4, bucket), tokens, shape)
+        stored, stored_q, slots_t = [], [], None
+        if shape.dmax and previous.result.new_hidden is not None:
+            n, dmax = len(seqs), shape.dmax
+            stored = [previous.result.new_hidden[:n, :dmax].flatten(0, 1)]
+            stored_q = [previous.result.new_q[:n, :dmax].flatten()]
+            (slots_t,) = self._to_device([list(range(n * dmax))], torch.long)
+        graph = self.round_graphs.get(hidden, logits, shape)
+        result = graph.replay(hidden, logits, ints_t, self._pinned(floats, torch.float32), stored, stored_q, slots_t)
+        self.carry = Carry(tuple(seq.seq_id for seq in seqs), result.carry)
+        return PendingRound(seqs, list(range(len(seqs))), result.start_read(), shape.dmax, shape.kmax, None)
+
+    def _run_built(self, seqs: list[Sequence], carry: Carry) -> PendingRound | None:
         """A decode step of the requests of the step before, its rows built on the device from
         that step's rounds (next_step.build_step); the host sends only what it decides: each
         request's next K, branch cap and mode, and the block tables. None: the step does not fit
@@ -251,15 +320,11 @@ class ModelRunner:
         tokens = graphs.rows_for(len(seqs), max(lay.num_rows for lay in layouts), max(starts), False)
         if tokens is None:
             return None
-        n, bucket = len(seqs), graphs.bucket_for(len(seqs))
-        width = max(-(-(start + tokens) // self.block_size) for start in starts)
-        modes = [seq.params.mode for seq in seqs]
-        plan = ([seq.num_new for seq in seqs] + [seq.num_branches for seq in seqs]
-                + [self.mask_ids.get(mode) or 0 for mode in modes] + [mode == "risd" for mode in modes])
-        tables = padded_block_tables([seq.block_table for seq in seqs], width, self.scratch_block, bucket)
-        lora = self.with_lora and any(mode == "risd" and lay.num_new for mode, lay in zip(modes, layouts))
+        lora = self.with_lora and any(seq.params.mode == "risd" and lay.num_new for seq, lay in zip(seqs, layouts))
         tree = any(lay.num_branches for lay in layouts)
         if self.graphed_build:
+            n, bucket = len(seqs), graphs.bucket_for(len(seqs))
+            plan, tables, width = self._plan_and_tables(seqs, starts, tokens, bucket)
             # the plan of the whole bucket, padding entries last (valid 0)
             pad = [0] * (bucket - n)
             plan = [x for row in range(4) for x in plan[row * n:(row + 1) * n] + pad] + [1] * n + pad
@@ -268,16 +333,35 @@ class ModelRunner:
                                                     tables_t.view(bucket, width), tokens, lora, tree,
                                                     max(starts) + tokens)
         else:
-            plan_t, tables_t = self._to_device([plan, tables], torch.long)
-            num_new, branches, mask_id, gated = plan_t.view(4, n)
-            state = SlotState.from_carry(carry.table, num_new, branches, mask_id, gated.bool())
-            tables_t = tables_t.view(bucket, width)
+            state, tables_t, bucket = self._built_state(seqs, carry, starts, tokens)
             inputs = build_step(state, self.layouts, tables_t, tokens, bucket, self.block_size, graphs.scratch_slot)
             hidden, logits = graphs.step_built(inputs, tables_t, tokens, lora, tree, max(starts) + tokens)
-        return self._decide(seqs, [i * tokens for i in range(n)], list(range(n)), hidden, logits, graphed=True)
+        return self._launch_round(seqs, [i * tokens for i in range(len(seqs))], list(range(len(seqs))), hidden,
+                                  logits, graphed=True)
 
-    def _decide(self, seqs: list[Sequence], round_starts: list[int], index: list[int], hidden: torch.Tensor,
-                all_logits: torch.Tensor | None = None, graphed: bool = False) -> dict[int, RoundOutcome]:
+    def _plan_and_tables(self, seqs: list[Sequence], starts: list[int], tokens: int,
+                         bucket: int) -> tuple[list[int], list[int], int]:
+        """A device-built step's plan (K, branch cap, MASK id, gated, a row each) and block tables
+        ([bucket, width], covering T rows from each start), as flat lists, and the width."""
+        width = max(-(-(start + tokens) // self.block_size) for start in starts)
+        modes = [seq.params.mode for seq in seqs]
+        plan = ([seq.num_new for seq in seqs] + [seq.num_branches for seq in seqs]
+                + [self.mask_ids.get(mode) or 0 for mode in modes] + [mode == "risd" for mode in modes])
+        return plan, padded_block_tables([seq.block_table for seq in seqs], width, self.scratch_block, bucket), width
+
+    def _built_state(self, seqs: list[Sequence], carry: Carry, starts: list[int],
+                     tokens: int) -> tuple[SlotState, torch.Tensor, int]:
+        """The state carry leaves with the host's plan, the block tables on the device, and the
+        bucket, of a step built on the device with eager ops."""
+        n, bucket = len(seqs), self.decode_graphs.bucket_for(len(seqs))
+        plan, tables, width = self._plan_and_tables(seqs, starts, tokens, bucket)
+        plan_t, tables_t = self._to_device([plan, tables], torch.long)
+        num_new, branches, mask_id, gated = plan_t.view(4, n)
+        return SlotState.from_carry(carry.table, num_new, branches, mask_id, gated.bool()), \
+            tables_t.view(bucket, width), bucket
+
+    def _launch_round(self, seqs: list[Sequence], round_starts: list[int], index: list[int], hidden: torch.Tensor,
+                      all_logits: torch.Tensor | None = None, graphed: bool = False) -> PendingRound:
         """The round of each sequence whose pending row is hidden[round_starts[b]]: verify its
         drafts, then draw new ones from the rows that follow the final token (round_step.py).
         graphed: a step in the padded layout (decode_graphs.py), whose round may be replayed as
@@ -314,19 +398,28 @@ class ModelRunner:
                                self.banned_token, extras, with_carry=graphed)
         if result.carry is not None:
             self.carry = Carry(tuple(seq.seq_id for seq in seqs), result.carry)
-        h = result.read()
-        dmax, kmax = shape.dmax, shape.kmax
-        top_n = extras.top_n if extras is not None else None
+        return PendingRound(seqs, index, result.start_read(), shape.dmax, shape.kmax,
+                            extras.top_n if extras is not None else None)
+
+    def collect(self, pending: PendingRound | None) -> dict[int, RoundOutcome]:
+        """The outcome of a launched step's rounds, by batch index (waits for the GPU). A round's
+        drafts under test are the request's drafts now: a step launched ahead (launch_next) is
+        collected after the host applied the outcome of the step before it."""
+        if pending is None:
+            return {}
+        h = pending.result.read()
+        dmax, kmax, top_n = pending.dmax, pending.kmax, pending.top_n
         outcomes = {}
-        for b, seq in enumerate(seqs):
-            d, k = num_d[b], seq.layout.num_new
+        for b, seq in enumerate(pending.seqs):
+            lay = seq.layout
+            d, k = lay.num_drafts, lay.num_new
             keep = bool(kmax) and h["has_new"][b] > 0
             accepted = int(h["accepted"][b])
-            outcomes[index[b]] = RoundOutcome(
+            outcomes[pending.index[b]] = RoundOutcome(
                 num_drafts=d, accepted=accepted, final_token=int(h["final"][b]), final_p=h["final_p"][b],
                 drafts_q=h["draft_q"][b * dmax:b * dmax + d],
                 new_drafts=[int(x) for x in h["new_drafts"][b * kmax:b * kmax + k]] if keep else [],
-                new_draft_rows=DraftRows(result.new_hidden, result.new_q, b) if keep else None,
+                new_draft_rows=DraftRows(pending.result.new_hidden, pending.result.new_q, b) if keep else None,
                 from_branch=keep and h["branched"][b] > 0,
                 logprobs=None if seq.params.logprobs is None else self._token_logprobs(
                     h, b, accepted + 1, dmax + 1, top_n, seq.params.logprobs),
@@ -349,6 +442,12 @@ class ModelRunner:
             shared = rows
         # a request that joined since (past the round's batch) has no row there
         return shared if shared is not None and shared.q.shape[0] >= len(seqs) else None
+
+    @staticmethod
+    def _has_extras(seq: Sequence) -> bool:
+        """The request's round has host-driven parts (_extras)."""
+        p = seq.params
+        return p.logprobs is not None or p.penalised or seq.constraint is not None
 
     def _extras(self, seqs: list[Sequence]) -> RoundExtras | None:
         """The host-driven parts of this batch's round (round_step.RoundExtras), or None."""

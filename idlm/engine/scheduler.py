@@ -3,6 +3,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from idlm.config import EngineConfig
+from idlm.decoding.layout import rows_of
 from idlm.engine.block_manager import BlockManager
 from idlm.engine.sequence import Sequence, SequenceStatus
 from idlm.engine.stride_policy import StridePolicy
@@ -86,6 +87,32 @@ class Scheduler:
                 seqs.append(seq)
                 counts.append(n)
         return ScheduledBatch(seqs, counts, is_prefill=False) if seqs else None
+
+    def schedule_next(self, batch: ScheduledBatch) -> ScheduledBatch | None:
+        """The decode step after `batch`, for the same requests, planned and given its blocks
+        before batch's outcome is known (overlap scheduling), or None where it must wait for that
+        outcome: requests wait to be admitted, batch is not the running set, a plan changes (a
+        plan drawn now decides the step after next as well), or the blocks run short (preemption
+        waits for the outcome). Blocks cover what the step can reach: the pending token moves on
+        by at most D + 1, and a round then feeds at most the rows of D = K."""
+        if batch.is_prefill or self.waiting or batch.seqs != self.running:
+            return None
+        plans = [(seq.num_new, seq.num_branches) for seq in batch.seqs]
+        self.policy.plan(batch.seqs)
+        if [(seq.num_new, seq.num_branches) for seq in batch.seqs] != plans:
+            for seq, (k, b) in zip(batch.seqs, plans):
+                seq.num_new, seq.num_branches = k, b
+            return None
+        bm = self.block_manager
+        reach = [len(seq) + seq.layout.num_drafts + rows_of(k, k, min(b, k)) for seq, (k, b) in zip(batch.seqs, plans)]
+        if sum(bm.blocks_needed(seq, n) for seq, n in zip(batch.seqs, reach)) > bm.num_free:
+            return None
+        for seq, n in zip(batch.seqs, reach):
+            bm.reserve(seq, n)
+        nxt = ScheduledBatch(list(batch.seqs), [1] * len(batch.seqs), is_prefill=False)
+        if self.on_schedule is not None:
+            self.on_schedule(nxt)
+        return nxt
 
     def _pick_victim(self, needy: Sequence) -> Sequence:
         """Blocks held by a half-prefilled waiting sequence go first, then the newest runner."""

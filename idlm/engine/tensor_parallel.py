@@ -1,6 +1,6 @@
 """Tensor-parallel serving: one model over `size` processes of one host (models/parallel.py cuts it).
 
-The engine's process is rank 0: it schedules, runs the round (ModelRunner._decide) and owns every
+The engine's process is rank 0: it schedules, runs the round (ModelRunner._launch_round) and owns every
 request. It starts ranks 1.. itself (torch.multiprocessing, spawn), which join one process group
 (NCCL on GPUs, gloo on the CPU), load their shards and then only run what rank 0 runs, in the same
 order, so that the collectives inside the model pair up (their loop: engine/tp_worker.py):
