@@ -65,11 +65,13 @@ def test_overlap_gives_the_same_tokens_greedy_and_seeded(dirs):
     ps = prompts(24, seed=1)
     plain = padded_llm(dirs, overlap=False, kv_cache_tokens=8192, max_num_seqs=32)
     overlap = padded_llm(dirs, overlap=True, kv_cache_tokens=8192, max_num_seqs=32)
-    launched = count_launches(overlap)
+    launched, decode_steps = count_launches(overlap), []
+    overlap.engine.scheduler.on_schedule = lambda batch: batch.is_prefill or decode_steps.append(batch)
     for kw in (dict(temperature=0), dict(temperature=1.0, top_k=6, seed=300)):
         expected = [o.token_ids for o in plain.generate(ps, mixed_params(len(ps), **kw))]
         assert [o.token_ids for o in overlap.generate(ps, mixed_params(len(ps), **kw))] == expected
-    assert launched[0] > 20  # most decode steps went out ahead
+    # most decode steps went out ahead, through requests finishing (all were admitted at once)
+    assert launched[0] >= 0.8 * len(decode_steps)
     bm = overlap.engine.block_manager
     assert bm.num_free == len(bm.blocks) and not overlap.engine.has_unfinished()
 

@@ -293,12 +293,16 @@ class LLMEngine:
             if batch is None:
                 return []
             pending = self.runner.launch(batch.seqs, batch.num_new_tokens)
-        if self.config.overlap_scheduling and pending is not None and not batch.is_prefill:
+        if (self.config.overlap_scheduling and pending is not None and not batch.is_prefill
+                and self.runner.can_launch_next([seq for seq in batch.seqs if not seq.is_finished], pending)):
             # the next step goes to the GPU before this one's outcome comes back, so the host's
             # work on that outcome runs while the GPU computes
             nxt = self.scheduler.schedule_next(batch)
             ahead = self.runner.launch_next(nxt.seqs, pending) if nxt is not None else None
-            self.in_flight = (nxt, ahead) if ahead is not None else None
+            if ahead is not None:
+                self.in_flight = (nxt, ahead)
+                if self.scheduler.on_schedule is not None:
+                    self.scheduler.on_schedule(nxt)
         try:
             return self._finish_step(batch, pending, start)
         except BaseException:

@@ -267,6 +267,25 @@ class ModelRunner:
         round_starts = [batch.query_start[i + 1] - feeds[i].round_rows for i in finals]
         return self._launch_round([seqs[i] for i in finals], round_starts, finals, hidden)
 
+    def can_launch_next(self, seqs: list[Sequence], previous: PendingRound) -> bool:
+        """launch_next can build the step after `previous` for seqs, requests of previous in its
+        order (those that finished meanwhile left out): in the padded layout, from previous's
+        carry, with no host-driven round parts; the block tables aside."""
+        carry = self.carry
+        if (carry is None or self.decode_graphs is None or self.tp is not None or not self.device_steps
+                or previous.index != list(range(len(previous.seqs)))
+                or any(self._has_extras(seq) or seq.needs_prompt_rows for seq in seqs)):
+            return False
+        rows = self._carry_rows(carry, seqs)
+        return rows is not None and rows == sorted(rows)
+
+    @staticmethod
+    def _carry_rows(carry: Carry, seqs: list[Sequence]) -> list[int] | None:
+        """The carry row of each sequence, or None if one has none."""
+        row = {seq_id: i for i, seq_id in enumerate(carry.seq_ids)}
+        rows = [row.get(seq.seq_id) for seq in seqs]
+        return None if None in rows else rows
+
     @torch.inference_mode()
     def launch_next(self, seqs: list[Sequence], previous: PendingRound) -> PendingRound | None:
         """The decode step after `previous`, for the same requests with the same plans (K, branch
@@ -276,9 +295,7 @@ class ModelRunner:
         outcome. The block tables must already cover every slot the step can reach. None where
         it cannot be built so: the host then runs it after reading."""
         carry, graphs = self.carry, self.decode_graphs
-        if (carry is None or graphs is None or self.tp is not None or not self.device_steps
-                or carry.seq_ids != tuple(seq.seq_id for seq in seqs) or previous.index != list(range(len(seqs)))
-                or any(self._has_extras(seq) or seq.needs_prompt_rows for seq in seqs)):
+        if not self.can_launch_next(seqs, previous):
             return None
         # the outcome bounds them: the pending token moves on by at most D + 1, and a round feeds
         # at most the rows of D = K
@@ -291,6 +308,10 @@ class ModelRunner:
         modes = [seq.params.mode for seq in seqs]
         lora = self.with_lora and any(mode == "risd" and k for mode, (k, _) in zip(modes, plans))
         tree = any(b for _, b in plans)
+        rows = self._carry_rows(carry, seqs)
+        if rows != list(range(len(seqs))):  # requests finished: the survivors' rows of the round
+            (rows_t,) = self._to_device([rows], torch.long)
+            carry = Carry(carry.seq_ids, carry.table[rows_t])
         state, tables_t, bucket = self._built_state(seqs, carry, starts, tokens)
         inputs = build_step(state, self.layouts, tables_t, tokens, bucket, self.block_size, graphs.scratch_slot)
         hidden, logits = graphs.step_built(inputs, tables_t, tokens, lora, tree, max(starts) + tokens)
@@ -301,8 +322,10 @@ class ModelRunner:
         stored, stored_q, slots_t = [], [], None
         if shape.dmax and previous.result.new_hidden is not None:
             n, dmax = len(seqs), shape.dmax
-            stored = [previous.result.new_hidden[:n, :dmax].flatten(0, 1)]
-            stored_q = [previous.result.new_q[:n, :dmax].flatten()]
+            new_hidden, new_q = previous.result.new_hidden[:, :dmax], previous.result.new_q[:, :dmax]
+            if rows != list(range(n)):
+                new_hidden, new_q = new_hidden[rows_t], new_q[rows_t]
+            stored, stored_q = [new_hidden[:n].flatten(0, 1)], [new_q[:n].flatten()]
             (slots_t,) = self._to_device([list(range(n * dmax))], torch.long)
         graph = self.round_graphs.get(hidden, logits, shape)
         result = graph.replay(hidden, logits, ints_t, self._pinned(floats, torch.float32), stored, stored_q, slots_t)

@@ -28,7 +28,8 @@ class Scheduler:
         self.policy = policy
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.on_schedule: Callable[[ScheduledBatch], None] | None = None  # sees every batch handed out
+        # sees every batch handed out (the engine hands it a batch of schedule_next once it runs)
+        self.on_schedule: Callable[[ScheduledBatch], None] | None = None
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -89,30 +90,29 @@ class Scheduler:
         return ScheduledBatch(seqs, counts, is_prefill=False) if seqs else None
 
     def schedule_next(self, batch: ScheduledBatch) -> ScheduledBatch | None:
-        """The decode step after `batch`, for the same requests, planned and given its blocks
-        before batch's outcome is known (overlap scheduling), or None where it must wait for that
-        outcome: requests wait to be admitted, batch is not the running set, a plan changes (a
+        """The decode step after `batch`, for its requests that have not finished, planned and
+        given its blocks before batch's outcome is known (overlap scheduling), or None where it
+        must wait for that outcome: requests wait to be admitted, they are not the running set
+        (one was preempted or is new), a plan changes (a
         plan drawn now decides the step after next as well), or the blocks run short (preemption
         waits for the outcome). Blocks cover what the step can reach: the pending token moves on
         by at most D + 1, and a round then feeds at most the rows of D = K."""
-        if batch.is_prefill or self.waiting or batch.seqs != self.running:
+        seqs = [seq for seq in batch.seqs if not seq.is_finished]
+        if batch.is_prefill or self.waiting or not seqs or seqs != self.running:
             return None
-        plans = [(seq.num_new, seq.num_branches) for seq in batch.seqs]
-        self.policy.plan(batch.seqs)
-        if [(seq.num_new, seq.num_branches) for seq in batch.seqs] != plans:
-            for seq, (k, b) in zip(batch.seqs, plans):
+        plans = [(seq.num_new, seq.num_branches) for seq in seqs]
+        self.policy.plan(seqs)
+        if [(seq.num_new, seq.num_branches) for seq in seqs] != plans:
+            for seq, (k, b) in zip(seqs, plans):
                 seq.num_new, seq.num_branches = k, b
             return None
         bm = self.block_manager
-        reach = [len(seq) + seq.layout.num_drafts + rows_of(k, k, min(b, k)) for seq, (k, b) in zip(batch.seqs, plans)]
-        if sum(bm.blocks_needed(seq, n) for seq, n in zip(batch.seqs, reach)) > bm.num_free:
+        reach = [len(seq) + seq.layout.num_drafts + rows_of(k, k, min(b, k)) for seq, (k, b) in zip(seqs, plans)]
+        if sum(bm.blocks_needed(seq, n) for seq, n in zip(seqs, reach)) > bm.num_free:
             return None
-        for seq, n in zip(batch.seqs, reach):
+        for seq, n in zip(seqs, reach):
             bm.reserve(seq, n)
-        nxt = ScheduledBatch(list(batch.seqs), [1] * len(batch.seqs), is_prefill=False)
-        if self.on_schedule is not None:
-            self.on_schedule(nxt)
-        return nxt
+        return ScheduledBatch(seqs, [1] * len(seqs), is_prefill=False)
 
     def _pick_victim(self, needy: Sequence) -> Sequence:
         """Blocks held by a half-prefilled waiting sequence go first, then the newest runner."""
