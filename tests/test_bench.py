@@ -203,3 +203,19 @@ def test_bench_help():
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args(["bench", "--help"])
     assert info.value.code == 0
+
+
+def test_bench_overlap_both_ways_and_full_warmup(tmp_path, capsys):
+    """--overlap-scheduling off,on runs each mode both ways on one engine, the second labelled;
+    --warmup full warms up with the run itself. Bad values of either are refused."""
+    out = tmp_path / "r.json"
+    assert main([*TINY_RUN, "--concurrency", "2", "--modes", "ar", "--overlap-scheduling", "off,on",
+                 "--warmup", "full", "-o", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [(r["mode"], r["overlap_scheduling"]) for r in result["results"]] == [("ar", False), ("ar overlap", True)]
+    assert result["settings"]["warmup"] == "full" and result["settings"]["overlap"] == [False, True]
+    capsys.readouterr()
+    assert main([*TINY_RUN, "--overlap-scheduling", "maybe"]) == 1
+    assert "unknown setting 'maybe'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*TINY_RUN, "--warmup", "long"])

@@ -58,6 +58,9 @@ class BenchConfig:
     enforce_eager: bool = False  # CUDA: decode steps without CUDA graphs
     # EngineConfig.overlap_scheduling of each run; both: every run twice on the same engine, alternating
     overlap: tuple[bool, ...] = (False,)
+    # untimed before each closed-loop run: "short" (C short requests, every batch size once) or
+    # "full" (the run itself once, so that no graph is captured inside the timed run)
+    warmup: str = "short"
     deterministic: bool = False  # batch-invariant kernels (EngineConfig.deterministic)
     tensor_parallel_sizes: tuple[int, ...] = (1,)  # an engine each, every run on each (labels "tp=N" when several)
     peak_bandwidth: float | None = None  # None: measured on the device in the same call (a large copy)
@@ -87,6 +90,8 @@ class BenchConfig:
                              f"({max(self.concurrency)}), or C requests can never be in flight")
         if not self.tensor_parallel_sizes or any(not isinstance(n, int) or n < 1 for n in self.tensor_parallel_sizes):
             raise ValueError(f"tensor-parallel sizes must be positive integers, got {list(self.tensor_parallel_sizes)}")
+        if self.warmup not in ("short", "full"):
+            raise ValueError(f"warmup must be short or full, got {self.warmup!r}")
         if not self.overlap or len(set(self.overlap)) != len(self.overlap):
             raise ValueError(f"overlap scheduling must be off, on, or both once, got {list(self.overlap)}")
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
@@ -250,7 +255,8 @@ def _bench_engine(engine: LLMEngine, cfg: BenchConfig, runs: dict[str, SamplingP
                    branches=params.branches, tensor_parallel_size=tp, overlap_scheduling=overlap)
         for c in cfg.concurrency:
             requests = cycle(base, counts[c])
-            run_closed_loop(engine, warmup_requests(requests[:c], vocab, exclude, cfg.seed + 1), c, params, roofline)
+            warm = requests if cfg.warmup == "full" else warmup_requests(requests[:c], vocab, exclude, cfg.seed + 1)
+            run_closed_loop(engine, warm, c, params, roofline)
             figures = run_closed_loop(engine, requests, c, params, roofline)
             result["results"].append({**run, "concurrency": c, **figures})
             log(f"{label}{tag} C={c}: {figures['num_requests']} requests, {figures['output_tok_s']:.1f} tok/s, "

@@ -18,8 +18,8 @@ EXAMPLES = """examples:
   idlm bench --shape qwen3-8b -tp 1,2 --concurrency 1,64   # one GPU against two, in one call
 
 Every (mode, C) run keeps exactly C requests in flight (a new one is added when one finishes)
-until its requests are done, after an untimed warm-up of C short requests. The table shows
-output tok/s, per-request tok/s (output tokens / request latency), TTFT and inter-token latency
+until its requests are done, after an untimed warm-up of C short requests (--warmup full: the run
+itself once). The table shows output tok/s, per-request tok/s (output tokens / request latency), TTFT and inter-token latency
 (per token: the gap between a request's outputs / the tokens the later one carried), tokens per
 forward, mean decode step time (steps without prefill), that step time's roofline fraction
 (floor = max((weights + KV read) / --peak-bandwidth, FLOPs / --peak-flops), over the measured
@@ -77,6 +77,9 @@ def add_parsers(sub) -> None:
                    help="off, on, or off,on: launch each decode step before the host has read the one before "
                         "(EngineConfig.overlap_scheduling); off,on runs everything both ways on one engine, "
                         "alternating (default off)")
+    p.add_argument("--warmup", choices=("short", "full"), default="short",
+                   help="untimed before each closed-loop run: short (C short requests, default) or full (the run "
+                        "itself once, so that no CUDA graph is captured inside the timed run)")
     p.add_argument("--hf-baseline", action="store_true",
                    help="also time transformers generate (greedy, static left-padded batches of C prompts)")
     p.add_argument("--request-rate", default=None,
@@ -161,7 +164,7 @@ def run(args: argparse.Namespace) -> None:
         temperature=args.temperature, hf_baseline=args.hf_baseline, device=args.device, dtype=args.dtype,
         kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs, adapter=args.adapter, seed=args.seed,
         prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
-        overlap=tuple(x == "on" for x in comma_list(args.overlap_scheduling, "--overlap-scheduling",
+        warmup=args.warmup, overlap=tuple(x == "on" for x in comma_list(args.overlap_scheduling, "--overlap-scheduling",
                                                       one_of(("off", "on"), "setting"))),
         deterministic=bool(args.deterministic),
         tensor_parallel_sizes=comma_list(args.tensor_parallel_size, "--tensor-parallel-size", positive_int),
