@@ -204,7 +204,14 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out.view(*gate_up.shape[:-1], width)
 
 
-OPS = {"rms_norm": rms_norm, "apply_rotary": apply_rotary, "silu_mul": silu_mul}
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(residual + x), residual + x), the sum rounded to x's dtype before the norm."""
+    total = residual + x
+    return rms_norm(total, weight, eps), total
+
+
+OPS = {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "apply_rotary": apply_rotary, "silu_mul": silu_mul}
 
 
 class InvariantLinear(nn.Linear):

@@ -31,6 +31,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sublayer's output added to the residual stream, and that sum normed for the next
+    sublayer: (rms_norm(residual + x), residual + x)."""
+    total = residual + x
+    return rms_norm(total, weight, eps), total
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -47,7 +55,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 # uses compiled versions (one fused kernel each), which matters when a decode step is a few rows.
 # Only there: called eagerly, a compiled region costs about 100 us of guards and wrappers, more
 # than the kernels it saves (an eager 128-token prefill of SmolLM2 took 30 ms, mostly that).
-ELEMENTWISE = {"rms_norm": rms_norm, "apply_rotary": apply_rotary, "silu_mul": silu_mul}
+ELEMENTWISE = {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "apply_rotary": apply_rotary,
+               "silu_mul": silu_mul}
 FUSED: dict[str, Callable] = {}
 _fusing = [False]
 
@@ -94,6 +103,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return elementwise("rms_norm", self.batch_invariant)(x, self.weight, self.eps)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this norm of residual + x, residual + x): one kernel inside CUDA graphs."""
+        return elementwise("add_rms_norm", self.batch_invariant)(x, residual, self.weight, self.eps)
 
 
 class Rotary(nn.Module):
@@ -183,9 +196,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, attn, gate):
-        x = x + self.self_attn(self.input_layernorm(x), rope, attn, gate)
-        return x + self.mlp(self.post_attention_layernorm(x), gate)
+    def forward(self, x, residual, rope, attn, gate):
+        """x: the last sublayer's output, not yet added to the residual stream (None before the
+        first layer, whose x is the stream itself); returns the same pair after this layer. Each
+        add shares a kernel with the norm after it."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm.add(x, residual)
+        h, residual = self.post_attention_layernorm.add(self.self_attn(h, rope, attn, gate), residual)
+        return self.mlp(h, gate), residual
 
 
 def meta_aware_embedding(num: int, dim: int) -> nn.Embedding:
@@ -233,9 +253,10 @@ class CausalLM(nn.Module):
         x = self.embed(input_ids)
         rope = self.rotary(positions)
         gate = None if lora_gate is None else lora_gate.to(x.dtype)
+        residual = None
         for layer in self.model.layers:
-            x = layer(x, rope, attn, gate)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, rope, attn, gate)
+        return self.model.norm.add(x, residual)[0] if residual is not None else self.model.norm(x)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.mask_embedding is None:
