@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from helpers import make_model, make_random_adapter  # noqa: E402
+from helpers import count_launches_ahead, make_model, make_random_adapter  # noqa: E402
 
 from idlm import LLM, SamplingParams  # noqa: E402
 
@@ -32,16 +32,8 @@ def run(folder: Path, adapter: Path | None, prompts, params, setup: str, max_num
     overlap = OVERLAP and setup != "cpu"
     llm = LLM(str(folder), adapter=str(adapter) if adapter else None, dtype="float32", progress=False,
               kv_cache_tokens=8192, max_num_seqs=max_num_seqs, overlap_scheduling=overlap, **SETUPS[setup])
-    runner, launched = llm.engine.runner, [0]
-    if overlap:
-        launch_next = runner.launch_next
-
-        def counted(*args):
-            pending = launch_next(*args)
-            launched[0] += pending is not None
-            return pending
-
-        runner.launch_next = counted
+    runner = llm.engine.runner
+    launched = count_launches_ahead(runner)
     outs = [o.token_ids for o in llm.generate(prompts, params)]
     if overlap:
         print(f"  ({setup}: {launched[0]} decode steps launched ahead)")

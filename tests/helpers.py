@@ -169,3 +169,16 @@ def serve_process(model_dir: Path, log: Path, *extra: str, launcher: list[str] |
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def count_launches_ahead(runner) -> list[int]:
+    """[decode steps the runner launched ahead (overlap scheduling)], counted from now on."""
+    count, launch_next = [0], runner.launch_next
+
+    def counted(*args):
+        pending = launch_next(*args)
+        count[0] += pending is not None
+        return pending
+
+    runner.launch_next = counted
+    return count

@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 import torch
-from helpers import make_random_adapter, make_small_idlm
+from helpers import count_launches_ahead, make_random_adapter, make_small_idlm
 
 from idlm import LLM, SamplingParams
 from idlm.engine.kv_pool import MAX_LOOKAHEAD
@@ -28,20 +28,6 @@ def padded_llm(dirs, overlap: bool, **kwargs) -> LLM:
     engine = llm.engine
     engine.runner.use_padded_decode(engine.config.max_num_seqs, engine.max_model_len + MAX_LOOKAHEAD, cuda_graphs=False)
     return llm
-
-
-def count_launches(llm: LLM) -> list[int]:
-    """[steps launched ahead], counted from now on."""
-    runner, count = llm.engine.runner, [0]
-    original = runner.launch_next
-
-    def launch_next(*args):
-        pending = original(*args)
-        count[0] += pending is not None
-        return pending
-
-    runner.launch_next = launch_next
-    return count
 
 
 def prompts(n: int, seed: int, lo: int = 3, hi: int = 30) -> list[list[int]]:
@@ -65,7 +51,7 @@ def test_overlap_gives_the_same_tokens_greedy_and_seeded(dirs):
     ps = prompts(24, seed=1)
     plain = padded_llm(dirs, overlap=False, kv_cache_tokens=8192, max_num_seqs=32)
     overlap = padded_llm(dirs, overlap=True, kv_cache_tokens=8192, max_num_seqs=32)
-    launched, decode_steps = count_launches(overlap), []
+    launched, decode_steps = count_launches_ahead(overlap.engine.runner), []
     overlap.engine.scheduler.on_schedule = lambda batch: batch.is_prefill or decode_steps.append(batch)
     for kw in (dict(temperature=0), dict(temperature=1.0, top_k=6, seed=300)):
         expected = [o.token_ids for o in plain.generate(ps, mixed_params(len(ps), **kw))]
@@ -102,7 +88,7 @@ def test_overlap_through_arrivals_aborts_and_preemption(dirs):
     kw = dict(kv_cache_tokens=480, kv_block_size=8, max_num_seqs=12)
     for sampling in (dict(temperature=0), dict(temperature=1.0, seed=500)):
         plain, overlap = padded_llm(dirs, overlap=False, **kw), padded_llm(dirs, overlap=True, **kw)
-        launched = count_launches(overlap)
+        launched = count_launches_ahead(overlap.engine.runner)
         expected, _ = run_with_events(plain, ps, mixed_params(len(ps), **sampling))
         got, preemptions = run_with_events(overlap, ps, mixed_params(len(ps), **sampling))
         assert 2 not in got and got == expected
