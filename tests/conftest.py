@@ -1,6 +1,10 @@
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # under pytest-xdist (README: -n 2) the workers already fill the cores: the processes a test
+    # starts (servers, trainers, tensor-parallel ranks) get one OpenMP thread each as well
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

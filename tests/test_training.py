@@ -397,42 +397,54 @@ def test_conversion_raises_isd_acceptance(tmp_path):
     assert before < 0.2 and after > 0.9
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_match_one(tmp_path, parallel):
-    """2 gloo ranks x 1 micro-batch of 4 rows == 1 process x 2 accumulated micro-batches of 4,
-    with the model replicated (DDP) or sharded (FSDP2)."""
-    import socket
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    """The single-process reference of test_two_processes_match_one: the config file and the run's
+    output folder. Both parallel modes compare against this same run (same command, inputs and
+    seed, so it is trained once, not once per mode)."""
     import subprocess
     import sys
 
+    tmp_path = tmp_path_factory.mktemp("one_process")
     cfg = tiny_setup(tmp_path)
     raw = {"model": cfg.model, "data": cfg.data, "max_len": 32, "micro_batch_size": 4, "lr": 3e-3,
            "packing": False, "progress": False,
            "stages": [{"stride": 2, "steps": 3}, {"stride": 3, "steps": 3, "clean_weight": "auto"}]}
     path = tmp_path / "ddp.yaml"
     path.write_text(json.dumps(raw | {"output_dir": str(tmp_path / "unused")}))
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "idlm", "train", str(path), "--output_dir", str(tmp_path / "one"), "--grad_accum", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return path, tmp_path / "one"
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one(tmp_path, parallel, one_process_run):
+    """2 gloo ranks x 1 micro-batch of 4 rows == 1 process x 2 accumulated micro-batches of 4,
+    with the model replicated (DDP) or sharded (FSDP2)."""
+    import socket
+    import subprocess
+    import sys
+
+    path, one_dir = one_process_run
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    runs = {
-        "one": [sys.executable, "-m", "idlm", "train", str(path), "--output_dir", str(tmp_path / "one"),
-                "--grad_accum", "2"],
-        "two": [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-                "--master-port", str(port), "-m", "idlm", "train", str(path), "--output_dir", str(tmp_path / "two"),
-                "--grad_accum", "1", "--parallel", parallel],
-    }
-    for cmd in runs.values():
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-        assert done.returncode == 0, done.stderr[-2000:]
-    logs = {name: [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
-            for name in runs}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(port), "-m", "idlm", "train", str(path), "--output_dir", str(tmp_path / "two"),
+           "--grad_accum", "1", "--parallel", parallel]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    logs = {name: [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+            for name, folder in (("one", one_dir), ("two", tmp_path / "two"))}
     assert len(logs["one"]) == len(logs["two"]) == 6
     for a, b in zip(logs["one"], logs["two"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
         assert a["ce_noisy"] == pytest.approx(b["ce_noisy"], rel=1e-5)
     assert logs["one"][-1]["loss"] < logs["one"][0]["loss"]
-    one, two = final_weights(tmp_path / "one" / "final"), final_weights(tmp_path / "two" / "final")
+    one, two = final_weights(one_dir / "final"), final_weights(tmp_path / "two" / "final")
     assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
 
 
