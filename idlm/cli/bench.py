@@ -19,13 +19,13 @@ EXAMPLES = """examples:
 
 Every (mode, C) run keeps exactly C requests in flight (a new one is added when one finishes)
 until its requests are done, after an untimed warm-up of C short requests (--warmup full: the run
-itself once). The table shows output tok/s, per-request tok/s (output tokens / request latency), TTFT and inter-token latency
-(per token: the gap between a request's outputs / the tokens the later one carried), tokens per
-forward, mean decode step time (steps without prefill), that step time's roofline fraction
-(floor = max((weights + KV read) / --peak-bandwidth, FLOPs / --peak-flops), over the measured
-time) and peak GPU memory. --request-rate adds open-loop runs (Poisson arrivals), shown with
-their rate in the C column. --output writes every figure, per request too, with the command,
-device, versions, date and the definitions."""
+itself once). The table shows output tok/s, per-request tok/s (output tokens / request latency),
+TTFT and inter-token latency (per token: the gap between a request's outputs / the tokens the
+later one carried), tokens per forward, mean decode step time (steps without prefill), that step
+time's roofline fraction (floor = max((weights + KV read) / --peak-bandwidth, FLOPs /
+--peak-flops), over the measured time) and peak GPU memory. --request-rate adds open-loop runs
+(Poisson arrivals), shown with their rate in the C column. --output writes every figure, per
+request too, with the command, device, versions, date and the definitions."""
 
 
 def add_parsers(sub) -> None:
