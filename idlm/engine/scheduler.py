@@ -93,10 +93,10 @@ class Scheduler:
         """The decode step after `batch`, for its requests that have not finished, planned and
         given its blocks before batch's outcome is known (overlap scheduling), or None where it
         must wait for that outcome: requests wait to be admitted, they are not the running set
-        (one was preempted or is new), a plan changes (a
-        plan drawn now decides the step after next as well), or the blocks run short (preemption
-        waits for the outcome). Blocks cover what the step can reach: the pending token moves on
-        by at most D + 1, and a round then feeds at most the rows of D = K."""
+        (one was preempted or is new), a plan changes (a plan drawn now decides the step after
+        next as well), or the blocks run short (preemption waits for the outcome). Blocks cover
+        what the step can reach: the pending token moves on by at most D + 1, and a round then
+        feeds at most the rows of D = K."""
         seqs = [seq for seq in batch.seqs if not seq.is_finished]
         if batch.is_prefill or self.waiting or not seqs or seqs != self.running:
             return None
