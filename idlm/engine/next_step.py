@@ -10,9 +10,10 @@ builds on the host from `feed_rows`. The host keeps what only it can decide: eac
 K and branch cap (the stride policy) and the block tables.
 
 The runner uses it (ModelRunner._run_built) for a decode step whose requests are those of the
-step before. tests/test_next_step.py checks it against the host-built steps of real engines
-(accepts, rejections, cold rounds, branches, mixed modes and strides, requests joining and
-leaving, preemption).
+step before, less any that finished, and for steps launched ahead (overlap scheduling).
+tests/test_next_step.py checks it against the host-built steps of real engines (accepts,
+rejections, cold rounds, branches, mixed modes and strides, requests joining and leaving,
+preemption).
 """
 
 from dataclasses import dataclass

@@ -79,6 +79,13 @@ class Carry:
     seq_ids: tuple[int, ...]  # the requests, in batch order
     table: torch.Tensor  # round_step.RoundResult.carry
 
+    def rows_of(self, seqs: list[Sequence]) -> list[int] | None:
+        """The row of each of seqs: requests of this carry in its order, those that left since
+        left out; None where seqs are not that."""
+        row = {seq_id: i for i, seq_id in enumerate(self.seq_ids)}
+        rows = [row.get(seq.seq_id) for seq in seqs]
+        return None if None in rows or rows != sorted(rows) else rows
+
 
 @dataclass(slots=True)
 class PendingRound:
@@ -241,8 +248,8 @@ class ModelRunner:
         prefill = any(n > 1 for n in num_new)  # else a decode step: every feed is a whole round
         carry, self.carry = self.carry, None
         if (carry is not None and graphs is not None and not prompt_rows and not prefill and self.tp is None
-                and self.device_steps and carry.seq_ids == tuple(seq.seq_id for seq in seqs)):
-            pending = self._run_built(seqs, carry)
+                and self.device_steps and carry.rows_of(seqs) is not None):
+            pending = self._run_built(seqs, self._carried(carry, seqs)[0])
             if pending is not None:
                 return pending
         feeds = [feed_rows(seq, n, self.mask_ids.get(seq.params.mode), self.block_size)
@@ -272,19 +279,18 @@ class ModelRunner:
         order (those that finished meanwhile left out): in the padded layout, from previous's
         carry, with no host-driven round parts; the block tables aside."""
         carry = self.carry
-        if (carry is None or self.decode_graphs is None or self.tp is not None or not self.device_steps
-                or previous.index != list(range(len(previous.seqs)))
-                or any(self._has_extras(seq) or seq.needs_prompt_rows for seq in seqs)):
-            return False
-        rows = self._carry_rows(carry, seqs)
-        return rows is not None and rows == sorted(rows)
+        return (carry is not None and self.decode_graphs is not None and self.tp is None and self.device_steps
+                and previous.index == list(range(len(previous.seqs))) and carry.rows_of(seqs) is not None
+                and not any(self._has_extras(seq) or seq.needs_prompt_rows for seq in seqs))
 
-    @staticmethod
-    def _carry_rows(carry: Carry, seqs: list[Sequence]) -> list[int] | None:
-        """The carry row of each sequence, or None if one has none."""
-        row = {seq_id: i for i, seq_id in enumerate(carry.seq_ids)}
-        rows = [row.get(seq.seq_id) for seq in seqs]
-        return None if None in rows else rows
+    def _carried(self, carry: Carry, seqs: list[Sequence]) -> tuple[Carry, torch.Tensor | None]:
+        """carry restricted to seqs (Carry.rows_of them must not be None), and the device index of
+        their rows where requests before the last of them left (None: the first len(seqs) rows)."""
+        rows = carry.rows_of(seqs)
+        if rows == list(range(len(seqs))):
+            return carry, None
+        (rows_t,) = self._to_device([rows], torch.long)
+        return Carry(tuple(seq.seq_id for seq in seqs), carry.table[rows_t]), rows_t
 
     @torch.inference_mode()
     def launch_next(self, seqs: list[Sequence], previous: PendingRound) -> PendingRound | None:
@@ -308,10 +314,7 @@ class ModelRunner:
         modes = [seq.params.mode for seq in seqs]
         lora = self.with_lora and any(mode == "risd" and k for mode, (k, _) in zip(modes, plans))
         tree = any(b for _, b in plans)
-        rows = self._carry_rows(carry, seqs)
-        if rows != list(range(len(seqs))):  # requests finished: the survivors' rows of the round
-            (rows_t,) = self._to_device([rows], torch.long)
-            carry = Carry(carry.seq_ids, carry.table[rows_t])
+        carry, rows_t = self._carried(carry, seqs)  # requests that finished leave their rows
         state, tables_t, bucket = self._built_state(seqs, carry, starts, tokens)
         inputs = build_step(state, self.layouts, tables_t, tokens, bucket, self.block_size, graphs.scratch_slot)
         hidden, logits = graphs.step_built(inputs, tables_t, tokens, lora, tree, max(starts) + tokens)
@@ -323,7 +326,7 @@ class ModelRunner:
         if shape.dmax and previous.result.new_hidden is not None:
             n, dmax = len(seqs), shape.dmax
             new_hidden, new_q = previous.result.new_hidden[:, :dmax], previous.result.new_q[:, :dmax]
-            if rows != list(range(n)):
+            if rows_t is not None:
                 new_hidden, new_q = new_hidden[rows_t], new_q[rows_t]
             stored, stored_q = [new_hidden[:n].flatten(0, 1)], [new_q[:n].flatten()]
             (slots_t,) = self._to_device([list(range(n * dmax))], torch.long)
