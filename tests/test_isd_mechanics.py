@@ -54,15 +54,19 @@ def test_rolled_back_kv_equals_fresh_prefill(idlm_dir):
         torch.testing.assert_close(cached_v, v[0], rtol=1e-5, atol=1e-5)
 
 
+def clean_then_mask_rows() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ids, LoRA gate and positions of five clean rows then three MASK rows (id 11): a round feeds
+    clean rows first and MASK rows last, so no clean row attends to a MASK row."""
+    ids = torch.tensor([[2, 3, 4, 5, 6, 11, 11, 11]])
+    return ids, (ids == 11).float(), torch.arange(8)[None]
+
+
 def test_gated_lora_leaves_clean_rows_bit_identical(idlm_dir, tmp_path):
     adapter = make_random_adapter(idlm_dir, tmp_path / "adapter")
     base = load_model(idlm_dir, torch.float32, "cpu", progress=False)
     lora = load_model(idlm_dir, torch.float32, "cpu", progress=False)
     load_adapter(lora, adapter)
-    # a round feeds clean rows first and MASK rows last, so no clean row attends to a MASK row
-    ids = torch.tensor([[2, 3, 4, 5, 6, 11, 11, 11]])
-    gate = (ids == 11).float()
-    pos = torch.arange(8)[None]
+    ids, gate, pos = clean_then_mask_rows()
     with torch.no_grad():
         plain = base(ids, pos, DenseAttention())
         gated = lora(ids, pos, DenseAttention(), lora_gate=gate)
@@ -229,9 +233,7 @@ def test_widened_lora_equals_the_two_weight_path(idlm_dir, tmp_path):
     assert len(loras) == 4 * len(wide.model.layers)
     layer = wide.model.layers[0]
     assert layer.self_attn.qkv_proj.weight.data_ptr() == layer.self_attn.qkv_lora.wide_weight.data_ptr()
-    ids = torch.tensor([[2, 3, 4, 5, 6, 11, 11, 11]])
-    gate = (ids == 11).float()
-    pos = torch.arange(8)[None]
+    ids, gate, pos = clean_then_mask_rows()
     with torch.no_grad():
         plain = base(ids, pos, DenseAttention())
         by_two = two(ids, pos, DenseAttention(), lora_gate=gate)
