@@ -95,3 +95,19 @@ def test_overlap_through_arrivals_aborts_and_preemption(dirs):
         assert launched[0] > 10 and preemptions > 0
         bm = overlap.engine.block_manager
         assert bm.num_free == len(bm.blocks)
+
+
+def test_engine_is_idle_once_every_request_reported_finished(dirs):
+    """A caller that stops stepping at its last finished output (the bench) finds the engine idle:
+    a step launched ahead for requests that all finished meanwhile is void, not work left over."""
+    llm = padded_llm(dirs, overlap=True, kv_cache_tokens=4096, max_num_seqs=8)
+    engine, launched = llm.engine, count_launches_ahead(llm.engine.runner)
+    for mode in ("ar", "risd"):
+        ids = {engine.add_request(p, SamplingParams(mode=mode, stride=4, max_tokens=12, ignore_eos=True))
+               for p in prompts(4, seed=3)}
+        while ids:
+            ids -= {out.request_id for out in engine.step() if out.finished}
+        assert not engine.has_unfinished()
+        bm = engine.block_manager
+        assert bm.num_free == len(bm.blocks)
+    assert launched[0] > 0

@@ -304,10 +304,16 @@ class LLMEngine:
                 if self.scheduler.on_schedule is not None:
                     self.scheduler.on_schedule(nxt)
         try:
-            return self._finish_step(batch, pending, start)
+            outputs = self._finish_step(batch, pending, start)
         except BaseException:
             self.in_flight = None  # a failed step voids the one launched after it
             raise
+        if self.in_flight is not None and all(seq.is_finished for seq in self.in_flight[0].seqs):
+            # every request of the step launched ahead finished in this one: its round is void, and
+            # the engine is idle once the GPU is done with it
+            (_, void), self.in_flight = self.in_flight, None
+            void.result.read()
+        return outputs
 
     def _finish_step(self, batch: ScheduledBatch, pending: PendingRound | None, start: float) -> list[RequestOutput]:
         """Reads the step's outcome and applies it: the outputs of every request that advanced."""
