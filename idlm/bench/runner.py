@@ -24,22 +24,32 @@ class StepShape:
 
 
 class StepProbe:
-    """Records the shape of every batch the engine's scheduler hands out (step() does not say
-    whether it prefilled, nor how long the contexts were)."""
+    """The shape of the batch each engine step ran (step() does not say whether it prefilled, nor
+    how long the contexts were), taken when the scheduler handed the batch out: with overlap
+    scheduling a step applies the batch handed out, and launched, in the step before."""
 
     def __init__(self, engine: LLMEngine):
-        self.scheduler = engine.scheduler
-        self.last: StepShape | None = None
+        self.engine = engine
+        self.handed_out: deque[tuple[ScheduledBatch, StepShape]] = deque()  # not yet applied, oldest first
 
     def __enter__(self) -> "StepProbe":
-        self.scheduler.on_schedule = self._record
+        self.engine.scheduler.on_schedule = self._record
         return self
 
     def __exit__(self, *exc) -> None:
-        self.scheduler.on_schedule = None
+        self.engine.scheduler.on_schedule = None
 
     def _record(self, batch: ScheduledBatch) -> None:
-        self.last = self._shape(batch)
+        self.handed_out.append((batch, self._shape(batch)))
+
+    def last(self) -> StepShape | None:
+        """The shape of the batch the engine's last step applied, or None where it ran none."""
+        if self.engine.last_batch is None:
+            return None
+        while True:  # batches are applied in the order they were handed out; a void one never is
+            batch, shape = self.handed_out.popleft()
+            if batch is self.engine.last_batch:
+                return shape
 
     @staticmethod
     def _shape(batch: ScheduledBatch) -> StepShape:
@@ -167,15 +177,15 @@ def _run(engine: LLMEngine, requests: list[Request], params: SamplingParams, roo
                 if not live:  # idle until the next arrival
                     time.sleep(max(0.0, start + due[0] - time.perf_counter()))
                     continue
-            probe.last = None
             sync()
             t0 = time.perf_counter()
             outputs = engine.step()
             sync()
             now = time.perf_counter()
-            if probe.last is None:
+            shape = probe.last()
+            if shape is None:
                 raise RuntimeError(f"the engine scheduled nothing while {len(live)} requests were in flight")
-            steps.append(StepTiming(now - t0, probe.last, roofline.floor(probe.last.contexts, probe.last.queries)))
+            steps.append(StepTiming(now - t0, shape, roofline.floor(shape.contexts, shape.queries)))
             for out in outputs:
                 trace = live[out.request_id]
                 new = len(out.token_ids) - trace.tokens

@@ -160,6 +160,7 @@ class LLMEngine:
         self._decode_step: tuple[int, int, float] | None = None  # (batch, rows, start) of the step before
         # overlap scheduling: the next step, launched before the outcome of the current one was read
         self.in_flight: tuple[ScheduledBatch, PendingRound] | None = None
+        self.last_batch: ScheduledBatch | None = None  # the batch whose outcome the last step applied
         self.seed_source = random.Random(config.seed)
         self.seqs: dict[int, Sequence] = {}
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
@@ -286,6 +287,7 @@ class LLMEngine:
             batch_size, rows, began = self._decode_step
             self.policy.cost.observe(batch_size, rows, start - began)
             self._decode_step = None
+        self.last_batch = None
         if self.in_flight is not None:  # launched by the step before (overlap scheduling)
             (batch, pending), self.in_flight = self.in_flight, None
         else:
@@ -293,6 +295,7 @@ class LLMEngine:
             if batch is None:
                 return []
             pending = self.runner.launch(batch.seqs, batch.num_new_tokens)
+        self.last_batch = batch
         if (self.config.overlap_scheduling and pending is not None and not batch.is_prefill
                 and self.runner.can_launch_next([seq for seq in batch.seqs if not seq.is_finished], pending)):
             # the next step goes to the GPU before this one's outcome comes back, so the host's
