@@ -4,10 +4,10 @@ lets the Triton kernel run, for each round shape: no branches, every branch that
 attention in the Triton kernel), and the adaptive stride. Greedy must match the CPU token for
 token; seeded sampling must match between graphs and eager on the GPU. Then requests arriving
 mid-decode (at most 12 at once, each with its own length), greedy and seeded.
---overlap-scheduling: the GPU engines launch each decode step before reading the one before
-(EngineConfig.overlap_scheduling); the CPU reference stays without.
+The GPU engines launch each decode step before reading the one before (overlap scheduling, the
+default; --no-overlap-scheduling: they read first); the CPU reference cannot launch ahead.
 
-    python benchmarks/gpu_engine_check.py [--lora-only] [--overlap-scheduling]
+    python benchmarks/gpu_engine_check.py [--lora-only] [--no-overlap-scheduling]
 """
 
 import itertools
@@ -25,7 +25,7 @@ SETUPS = {"cpu": dict(device="cpu"), "cuda-graphs": dict(device="cuda"),
           "cuda-eager": dict(device="cuda", enforce_eager=True)}
 
 
-OVERLAP = "--overlap-scheduling" in sys.argv[1:]
+OVERLAP = "--no-overlap-scheduling" not in sys.argv[1:]
 
 
 def run(folder: Path, adapter: Path | None, prompts, params, setup: str, max_num_seqs: int = 64):

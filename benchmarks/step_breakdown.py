@@ -150,7 +150,8 @@ def main() -> None:
     p.add_argument("--modes", default="ar,risd:fixed,risd:adaptive", help="mode[:stride policy], comma-separated")
     p.add_argument("--gpu-profile", action="store_true",
                    help="a third pass of each mode under torch.profiler: GPU kernel time per step, by kernel")
-    p.add_argument("--overlap-scheduling", action="store_true", help="EngineConfig.overlap_scheduling")
+    p.add_argument("--overlap-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                   help="EngineConfig.overlap_scheduling (default on)")
     p.add_argument("-o", "--output")
     args = p.parse_args()
     lines = [json.loads(x) for x in Path(args.workload).read_text().splitlines() if x.strip()]

@@ -234,11 +234,13 @@ def test_serve_takes_vllm_options(monkeypatch):
 
     args = build_parser().parse_args(["serve", "org/model", "--max-model-len", "2048", "--chat-template", "t.jinja",
                                       "--generation-config", "vllm", "--max-num-batched-tokens", "512",
-                                      "--gpu-memory-utilization", "0.5", "--enforce-eager"])
+                                      "--gpu-memory-utilization", "0.5", "--enforce-eager",
+                                      "--no-overlap-scheduling"])
     assert engine_args(args, model=args.model_path) == {
         "model": "org/model", "device": "auto", "dtype": "auto", "quantization": "auto", "max_model_len": 2048,
         "chat_template": "t.jinja", "generation_config": "vllm", "max_num_batched_tokens": 512,
-        "gpu_memory_utilization": 0.5, "enforce_eager": True, "max_num_seqs": 64, "proposal": "sample"}
+        "gpu_memory_utilization": 0.5, "enforce_eager": True, "overlap_scheduling": False, "max_num_seqs": 64,
+        "proposal": "sample"}
     monkeypatch.delenv("IDLM_API_KEY", raising=False)
     monkeypatch.delenv("VLLM_API_KEY", raising=False)
     assert api_key(args) is None

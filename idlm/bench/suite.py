@@ -57,7 +57,7 @@ class BenchConfig:
     prefix_caching: bool = False
     enforce_eager: bool = False  # CUDA: decode steps without CUDA graphs
     # EngineConfig.overlap_scheduling of each run; both: every run twice on the same engine, alternating
-    overlap: tuple[bool, ...] = (False,)
+    overlap: tuple[bool, ...] = (True,)
     # untimed before each closed-loop run: "short" (C short requests, every batch size once) or
     # "full" (the run itself once, so that no graph is captured inside the timed run)
     warmup: str = "short"

@@ -73,10 +73,10 @@ def add_parsers(sub) -> None:
                    help="keep prefix caching on (off by default: runs repeat prompts)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
-    p.add_argument("--overlap-scheduling", default="off",
+    p.add_argument("--overlap-scheduling", default="on",
                    help="off, on, or off,on: launch each decode step before the host has read the one before "
                         "(EngineConfig.overlap_scheduling); off,on runs everything both ways on one engine, "
-                        "alternating (default off)")
+                        "alternating (default on)")
     p.add_argument("--warmup", choices=("short", "full"), default="short",
                    help="untimed before each closed-loop run: short (C short requests, default) or full (the run "
                         "itself once, so that no CUDA graph is captured inside the timed run)")
