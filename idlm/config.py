@@ -51,7 +51,7 @@ class EngineConfig:
     stride_policy: str = "adaptive"  # adaptive: the stride is a maximum, each step picks K and branches for speed
     branches: int | None = None  # most branch drafts per round (None: as many as fit; 0: none)
     enforce_eager: bool = False  # CUDA: run decode steps eagerly instead of replaying CUDA graphs
-    # CUDA graphs: launch each decode step of the same requests before reading the outcome of the
+    # CUDA: launch each decode step of the same requests before reading the outcome of the
     # one before, so the host's work on that outcome overlaps the GPU's step (same tokens either way)
     overlap_scheduling: bool = True
     gpu_memory_utilization: float = 0.9  # CUDA: share of the GPU memory the engine may use in all

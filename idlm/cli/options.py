@@ -83,7 +83,7 @@ GPU_MEMORY_UTILIZATION = option("--gpu-memory-utilization", type=float, default=
 ENFORCE_EAGER = option("--enforce-eager", action="store_true", default=None,
                        help="CUDA: run decode steps eagerly, without CUDA graphs or compiled kernels")
 OVERLAP_SCHEDULING = option("--overlap-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                            help="CUDA graphs: launch each decode step of the same requests before the host has "
+                            help="CUDA: launch each decode step of the same requests before the host has "
                                  "read the outcome of the one before, so that the host's work on it overlaps the "
                                  "GPU's next step; the same tokens either way (default on)")
 SCHEDULING = (MAX_NUM_BATCHED_TOKENS, GPU_MEMORY_UTILIZATION, ENFORCE_EAGER, OVERLAP_SCHEDULING)
