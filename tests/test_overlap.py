@@ -136,3 +136,21 @@ def test_bench_closed_loop_with_refills_under_overlap(dirs):
         for f in (on, off):  # (the order of steps differs: a refill's prefill waits for the step in flight)
             assert f["forwards"] == f["steps"] > f["decode_steps"] > 0
     assert launched[0] > 0
+
+
+def test_overlap_with_the_build_inside_the_step_graph(dirs):
+    """IDLM_GRAPHED_BUILD: a step launched ahead builds its rows inside the step's graph
+    (DecodeGraphs.step_from_carry, run eagerly here) and its round's integers from the same carry
+    and plan; the same tokens as without overlap, greedy and seeded."""
+    ps = prompts(16, seed=5)
+    plain = padded_llm(dirs, overlap=False, kv_cache_tokens=8192, max_num_seqs=16)
+    graphed = padded_llm(dirs, overlap=True, kv_cache_tokens=8192, max_num_seqs=16)
+    runner = graphed.engine.runner
+    runner.graphed_build = True
+    launched, built = count_launches_ahead(runner), [0]
+    step_from_carry = runner.decode_graphs.step_from_carry
+    runner.decode_graphs.step_from_carry = lambda *a: built.__setitem__(0, built[0] + 1) or step_from_carry(*a)
+    for kw in (dict(temperature=0), dict(temperature=1.0, top_k=6, seed=700)):
+        expected = [o.token_ids for o in plain.generate(ps, mixed_params(len(ps), **kw))]
+        assert [o.token_ids for o in graphed.generate(ps, mixed_params(len(ps), **kw))] == expected
+    assert launched[0] > 20 and built[0] >= launched[0]

@@ -315,9 +315,14 @@ class ModelRunner:
         lora = self.with_lora and any(mode == "risd" and k for mode, (k, _) in zip(modes, plans))
         tree = any(b for _, b in plans)
         carry, rows_t = self._carried(carry, seqs)  # requests that finished leave their rows
-        state, tables_t, bucket = self._built_state(seqs, carry, starts, tokens)
-        inputs = build_step(state, self.layouts, tables_t, tokens, bucket, self.block_size, graphs.scratch_slot)
-        hidden, logits = graphs.step_built(inputs, tables_t, tokens, lora, tree, max(starts) + tokens)
+        if self.graphed_build:
+            hidden, logits, plan_t, bucket = self._step_from_carry(seqs, carry, starts, tokens, lora, tree)
+            k, branches, mask_id, gated, _ = plan_t[:, :len(seqs)]
+            state = SlotState.from_carry(carry.table, k, branches, mask_id, gated.bool())
+        else:
+            state, tables_t, bucket = self._built_state(seqs, carry, starts, tokens)
+            inputs = build_step(state, self.layouts, tables_t, tokens, bucket, self.block_size, graphs.scratch_slot)
+            hidden, logits = graphs.step_built(inputs, tables_t, tokens, lora, tree, max(starts) + tokens)
         shape = round_shape(seqs, bucket, pad_drafts=True)
         constants, floats = request_constants(seqs, bucket)
         (constants_t,) = self._to_device([[x for values in constants for x in values]], torch.long)
@@ -349,21 +354,29 @@ class ModelRunner:
         lora = self.with_lora and any(seq.params.mode == "risd" and lay.num_new for seq, lay in zip(seqs, layouts))
         tree = any(lay.num_branches for lay in layouts)
         if self.graphed_build:
-            n, bucket = len(seqs), graphs.bucket_for(len(seqs))
-            plan, tables, width = self._plan_and_tables(seqs, starts, tokens, bucket)
-            # the plan of the whole bucket, padding entries last (valid 0)
-            pad = [0] * (bucket - n)
-            plan = [x for row in range(4) for x in plan[row * n:(row + 1) * n] + pad] + [1] * n + pad
-            plan_t, tables_t = self._to_device([plan, tables], torch.long)
-            hidden, logits = graphs.step_from_carry(carry.table[:n], plan_t.view(5, bucket),
-                                                    tables_t.view(bucket, width), tokens, lora, tree,
-                                                    max(starts) + tokens)
+            hidden, logits, _, _ = self._step_from_carry(seqs, carry, starts, tokens, lora, tree)
         else:
             state, tables_t, bucket = self._built_state(seqs, carry, starts, tokens)
             inputs = build_step(state, self.layouts, tables_t, tokens, bucket, self.block_size, graphs.scratch_slot)
             hidden, logits = graphs.step_built(inputs, tables_t, tokens, lora, tree, max(starts) + tokens)
         return self._launch_round(seqs, [i * tokens for i in range(len(seqs))], list(range(len(seqs))), hidden,
                                   logits, graphed=True)
+
+    def _step_from_carry(self, seqs: list[Sequence], carry: Carry, starts: list[int], tokens: int, lora: bool,
+                         tree: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, int]:
+        """A device-built step replayed with its build inside the graph (DecodeGraphs.step_from_carry):
+        hidden, logits, the plan on the device ([5, bucket]) and the bucket."""
+        graphs = self.decode_graphs
+        n, bucket = len(seqs), graphs.bucket_for(len(seqs))
+        plan, tables, width = self._plan_and_tables(seqs, starts, tokens, bucket)
+        # the plan of the whole bucket, padding entries last (valid 0)
+        pad = [0] * (bucket - n)
+        plan = [x for row in range(4) for x in plan[row * n:(row + 1) * n] + pad] + [1] * n + pad
+        plan_t, tables_t = self._to_device([plan, tables], torch.long)
+        plan_t = plan_t.view(5, bucket)
+        hidden, logits = graphs.step_from_carry(carry.table[:n], plan_t, tables_t.view(bucket, width), tokens, lora,
+                                                tree, max(starts) + tokens)
+        return hidden, logits, plan_t, bucket
 
     def _plan_and_tables(self, seqs: list[Sequence], starts: list[int], tokens: int,
                          bucket: int) -> tuple[list[int], list[int], int]:
