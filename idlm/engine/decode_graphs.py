@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from idlm.config import MAX_STRIDE
+from idlm.engine.host_tensor import host_tensor
 from idlm.engine.next_step import LayoutTable, SlotState, StepInputs, build_step
 from idlm.kernels.attention import PagedAttention, PagedBatch, TritonPagedAttention, padded_block_tables
 from idlm.models.transformer import CausalLM, fused_elementwise
@@ -150,7 +151,7 @@ class DecodeGraphs:
         group runs this with the same step)."""
         rows = s.bucket * s.tokens
         host = self.staging[:len(s.packed)]
-        host.copy_(torch.tensor(s.packed, dtype=torch.long))
+        host.copy_(host_tensor(s.packed, torch.long))
         dev = host.to(self.device, non_blocking=True)
         o = 0
         buffers = [(self.ids, rows), (self.positions, rows), (self.slots, rows), (self.gate, rows),

@@ -10,6 +10,7 @@ from idlm.decoding.layout import rows_of
 from idlm.decoding.penalties import Penalties
 from idlm.decoding.rounds import RoundBatch, propose
 from idlm.engine.decode_graphs import DecodeGraphs
+from idlm.engine.host_tensor import host_tensor
 from idlm.engine.kv_pool import MAX_DECODE_TOKENS, MAX_LOOKAHEAD, plan_kv_pool
 from idlm.engine.next_step import LayoutTable, SlotState, build_step
 from idlm.engine.round_graphs import RoundGraphs
@@ -628,7 +629,7 @@ class ModelRunner:
 
     def _pinned(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         """values as a host tensor that can be copied to the device asynchronously."""
-        host = torch.tensor(values, dtype=dtype)
+        host = host_tensor(values, dtype)
         return host.pin_memory() if self.device.type == "cuda" else host
 
     def _to_device(self, lists: list, dtype: torch.dtype) -> list[torch.Tensor]:
