@@ -1,5 +1,6 @@
 """Attention backends in plain PyTorch: the CPU implementation and the oracle for GPU kernels."""
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -135,6 +136,9 @@ class TritonPagedAttention(PagedKVWriter):
     """The same attention with the Triton kernel of `triton_attention.py` (CUDA only)."""
 
     kv_chunk = 0  # > 0: deterministic mode's fixed KV chunks (FixedSplitPagedAttention)
+    # IDLM_FUSED_ROPE_KV=1: the layer's rotary and KV write in one kernel (rotate_and_attend); off
+    # until it has run on a GPU
+    fuses_rotary = os.environ.get("IDLM_FUSED_ROPE_KV", "0") == "1"
 
     @staticmethod
     def supports(device: torch.device, head_dim: int) -> bool:
@@ -154,6 +158,21 @@ class TritonPagedAttention(PagedKVWriter):
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.write(layer, k, v)
+        return self._attend(q, k_cache, v_cache)
+
+    def rotate_and_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                          sin: torch.Tensor) -> torch.Tensor | None:
+        """q and k not yet rotated: the rotary and the KV write in one kernel (triton_rope_kv.py),
+        then the attention; None where the tensors' layout does not suit that kernel."""
+        from idlm.kernels import triton_rope_kv
+
+        if not triton_rope_kv.supports(q, k, v, cos):
+            return None
+        k_cache, v_cache = self.kv_cache[0, layer], self.kv_cache[1, layer]
+        q = triton_rope_kv.rope_write_kv(q, k, v, cos, sin, self.batch.slot_mapping, k_cache, v_cache)
+        return self._attend(q, k_cache, v_cache)
+
+    def _attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         b = self.batch
         return self.kernel(q, k_cache, v_cache, b.block_tables, self.query_start, self.context_lens,
                            b.max_query_len, b.max_context_len, tree_bits=b.tree_bits, tree_rows=self.tree_rows,

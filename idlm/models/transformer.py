@@ -150,9 +150,11 @@ class SelfAttention(nn.Module):
         v = v.view(*lead, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        rotary = elementwise("apply_rotary", self.batch_invariant)
-        q, k = rotary(q, *rope), rotary(k, *rope)
-        out = attn(self.layer, q, k, v)
+        fuse = getattr(attn, "fuses_rotary", False) and not self.batch_invariant
+        out = attn.rotate_and_attend(self.layer, q, k, v, *rope) if fuse else None
+        if out is None:
+            rotary = elementwise("apply_rotary", self.batch_invariant)
+            out = attn(self.layer, rotary(q, *rope), rotary(k, *rope), v)
         out = project(self.o_proj, self.o_lora, out.reshape(*lead, self.q_size), gate)
         return out if self.all_reduce is None else self.all_reduce(out)
 
