@@ -270,3 +270,22 @@ def test_widened_lora_kernel_in_the_interpreter():
             assert got.is_contiguous() and torch.equal(got[gate == 0], base[gate == 0])
             if gate.any():
                 torch.testing.assert_close(got[gate != 0], (base + lora(x, gate))[gate != 0], rtol=1e-5, atol=1e-5)
+
+
+def test_engine_draft_counters_are_the_sum_of_the_requests(tmp_path):
+    """The engine tallies a step's rounds by kind before adding them to its counters and the
+    stride policy's; the totals are the sums of every request's own counts, per mode too."""
+    folder = make_small_idlm(tmp_path / "m", spread=0.3, vocab=12)
+    llm = LLM(str(folder), progress=False, kv_cache_tokens=4096)
+    prompts = [[2 + i % 9, 3, 4 + i % 5] for i in range(12)]
+    params = [SamplingParams(mode="isd" if i % 4 else "ar", stride=2 + i % 5, temperature=0.0 if i % 2 else 1.0,
+                             seed=i, max_tokens=20 + i, ignore_eos=True, stride_policy="fixed") for i in range(12)]
+    outs = llm.generate(prompts, params)
+
+    def summed(counts: list[list[int]]) -> list[int]:
+        return [sum(c[j] for c in counts if j < len(c)) for j in range(max(map(len, counts)))]
+
+    for key in ("proposed", "reached", "accepted"):
+        want = summed([o.stats["drafts"][key] for o in outs])
+        assert sum(want) > 0 and getattr(llm.engine.stats.drafts, key) == want
+        assert getattr(llm.engine.policy.engine_counts["isd"], key) == want  # (the ar requests draft nothing)

@@ -2,6 +2,7 @@ import dataclasses
 import os
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -324,6 +325,7 @@ class LLMEngine:
         if self.tp is not None:
             self.tp.check()  # before the outcomes are applied (on CUDA a dead worker's collectives end aborted)
         self.stats.forwards += 1
+        rounds: Counter[tuple[str, int, int]] = Counter()
         ahead_ids = {seq.seq_id for seq in self.in_flight[0].seqs} if self.in_flight is not None else set()
         outputs = []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
@@ -334,14 +336,20 @@ class LLMEngine:
                 self.block_manager.commit(seq, seq.num_computed + n)
                 continue
             first_new = seq.num_output_tokens
-            self._apply_round(seq, outcomes[i], keep_blocks=seq.seq_id in ahead_ids)
+            self._apply_round(seq, outcomes[i], rounds, keep_blocks=seq.seq_id in ahead_ids)
             outputs.append(self._output(seq, first_new))
+        # the engine's draft counters, one entry per kind of round rather than per request
+        for (mode, num_drafts, accepted), times in rounds.items():
+            self.stats.drafts.record(num_drafts, accepted, times)
+            self.policy.observe(mode, num_drafts, accepted, times)
         if not batch.is_prefill and self.has_unfinished():  # (a last step has no next step to time to)
             rows = max(seq.layout.num_rows for seq in batch.seqs)  # the plan is still the one that ran
             self._decode_step = (len(batch.seqs), rows, start)
         return outputs
 
-    def _apply_round(self, seq: Sequence, r: RoundOutcome, keep_blocks: bool = False) -> None:
+    def _apply_round(self, seq: Sequence, r: RoundOutcome, rounds: Counter, keep_blocks: bool = False) -> None:
+        """Commits the round's tokens to seq; its kind of round, (mode, drafts, accepted), counted
+        in `rounds` for the engine's counters."""
         tokens = seq.drafts[:r.accepted] + [r.final_token]
         sources = [TokenSource.DRAFT] * r.accepted + [
             TokenSource.CORRECTION if r.accepted < r.num_drafts else TokenSource.TARGET]
@@ -352,14 +360,14 @@ class LLMEngine:
         for st in (seq.stats, self.stats):
             if r.num_drafts:
                 st.verify_rounds += 1
-                st.drafts.record(r.num_drafts, r.accepted)
                 if seq.drafts_from_branch:
                     st.branch_rounds += 1
                     st.branch_drafts_accepted += r.accepted
             elif seq.num_new:
                 st.cold_rounds += 1
         if r.num_drafts:
-            self.policy.observe(seq, r.num_drafts, r.accepted)
+            seq.stats.drafts.record(r.num_drafts, r.accepted)
+            rounds[seq.params.mode, r.num_drafts, r.accepted] += 1
         computed = len(seq) + r.accepted
         seq.drafts, seq.draft_rows = r.new_drafts, r.new_draft_rows
         seq.drafts_from_branch = r.from_branch
@@ -395,24 +403,25 @@ class LLMEngine:
 
     def _output(self, seq: Sequence, first_new: int) -> RequestOutput:
         detok = self.detokenizers[seq.seq_id]
-        new_text = detok.release(final=seq.is_finished)
+        finished = seq.is_finished
+        new_text = detok.release(final=finished)
         out = RequestOutput(
             request_id=seq.seq_id,
             prompt_token_ids=seq.prompt_token_ids,
             token_ids=seq.output_token_ids,
-            text=detok.text if seq.is_finished else detok.text[:detok.emitted],
-            finished=seq.is_finished,
+            text=detok.text if finished else detok.text[:detok.emitted],
+            finished=finished,
             finish_reason=seq.finish_reason,
             new_text=new_text,
             new_token_sources=seq.token_sources[first_new:],
-            token_sources=list(seq.token_sources) if seq.is_finished else [],
-            token_q=list(seq.token_q) if seq.is_finished else [],
+            token_sources=list(seq.token_sources) if finished else [],
+            token_q=list(seq.token_q) if finished else [],
             new_logprobs=seq.token_logprobs[first_new:],
-            logprobs=list(seq.token_logprobs) if seq.is_finished else [],
-            prompt_logprobs=list(seq.prompt_logprobs) if seq.is_finished or first_new == 0 else [],
-            stats=request_stats(seq, full=seq.is_finished),
+            logprobs=list(seq.token_logprobs) if finished else [],
+            prompt_logprobs=list(seq.prompt_logprobs) if finished or first_new == 0 else [],
+            stats=request_stats(seq, full=finished),
         )
-        if seq.is_finished:
+        if finished:
             self.stats.record_finished(seq)
             self.seqs.pop(seq.seq_id, None)
             self.detokenizers.pop(seq.seq_id, None)

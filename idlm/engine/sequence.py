@@ -29,13 +29,17 @@ class DraftCounts:
     reached: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
 
-    def record(self, num_drafts: int, num_accepted: int) -> None:
-        for counts in (self.proposed, self.reached, self.accepted):
-            counts.extend([0] * (num_drafts - len(counts)))
+    def record(self, num_drafts: int, num_accepted: int, times: int = 1) -> None:
+        """`times` rounds that fed num_drafts drafts and accepted num_accepted of them."""
+        if len(self.proposed) < num_drafts:
+            for counts in (self.proposed, self.reached, self.accepted):
+                counts.extend([0] * (num_drafts - len(counts)))
         for j in range(num_drafts):
-            self.proposed[j] += 1
-            self.reached[j] += j <= num_accepted
-            self.accepted[j] += j < num_accepted
+            self.proposed[j] += times
+            if j <= num_accepted:
+                self.reached[j] += times
+                if j < num_accepted:
+                    self.accepted[j] += times
 
     def acceptance(self) -> list[float]:
         """P(draft j accepted | the scan reached it)."""

@@ -84,8 +84,12 @@ class StridePolicy:
         cap = max_branches(k, k)
         return cap if wanted is None else min(wanted, cap)
 
-    def observe(self, seq: Sequence, num_drafts: int, accepted: int) -> None:
-        self.engine_counts.setdefault(seq.params.mode, DraftCounts()).record(num_drafts, accepted)
+    def observe(self, mode: str, num_drafts: int, accepted: int, times: int = 1) -> None:
+        """`times` finished rounds of requests in `mode` (the engine tallies a step's rounds)."""
+        counts = self.engine_counts.get(mode)
+        if counts is None:
+            counts = self.engine_counts[mode] = DraftCounts()
+        counts.record(num_drafts, accepted, times)
 
     def plan(self, seqs: Iterable[Sequence], decode: bool = True) -> None:
         """Plans the next round of every sequence; decode=False for a final prefill chunk (a cold
