@@ -1,6 +1,7 @@
 """Overlap scheduling (EngineConfig.overlap_scheduling): a decode step of the same requests is
 launched before the host has read the outcome of the step before, its rows and its round's
-inputs built on the device from that round's carry. Checked on the CPU in the padded layout that
+inputs built on the device from that round's carry; where requests wait to join, their prefill is
+launched instead. Checked on the CPU in the padded layout that
 CUDA graphs replay: the same tokens as without it, greedy and seeded, through finishes, stop
 tokens, arrivals, aborts and preemption, with every block back in the pool at the end."""
 
@@ -62,6 +63,19 @@ def test_overlap_gives_the_same_tokens_greedy_and_seeded(dirs):
     assert bm.num_free == len(bm.blocks) and not overlap.engine.has_unfinished()
 
 
+def count_prefills_ahead(engine) -> list[int]:
+    """[prefill steps launched while a decode step was in flight], counted from now on."""
+    count, schedule_prefill = [0], engine.scheduler.schedule_prefill
+
+    def counted():
+        batch = schedule_prefill()
+        count[0] += batch is not None
+        return batch
+
+    engine.scheduler.schedule_prefill = counted
+    return count
+
+
 def run_with_events(llm: LLM, ps: list[list[int]], params: list[SamplingParams]) -> tuple[dict[int, list[int]], int]:
     """Adds the requests in three waves between steps and aborts one of the first wave mid-decode;
     the finished requests' tokens, by prompt index, and the preemptions among them."""
@@ -88,11 +102,11 @@ def test_overlap_through_arrivals_aborts_and_preemption(dirs):
     kw = dict(kv_cache_tokens=480, kv_block_size=8, max_num_seqs=12)
     for sampling in (dict(temperature=0), dict(temperature=1.0, seed=500)):
         plain, overlap = padded_llm(dirs, overlap=False, **kw), padded_llm(dirs, overlap=True, **kw)
-        launched = count_launches_ahead(overlap.engine.runner)
+        launched, prefills = count_launches_ahead(overlap.engine.runner), count_prefills_ahead(overlap.engine)
         expected, _ = run_with_events(plain, ps, mixed_params(len(ps), **sampling))
         got, preemptions = run_with_events(overlap, ps, mixed_params(len(ps), **sampling))
         assert 2 not in got and got == expected
-        assert launched[0] > 10 and preemptions > 0
+        assert launched[0] > 10 and preemptions > 0 and prefills[0] > 0
         bm = overlap.engine.block_manager
         assert bm.num_free == len(bm.blocks)
 
@@ -126,7 +140,7 @@ def test_bench_closed_loop_with_refills_under_overlap(dirs):
     figures = {}
     for overlap in (False, True):
         engine = padded_llm(dirs, overlap=overlap, kv_cache_tokens=4096, max_num_seqs=4).engine
-        launched = count_launches_ahead(engine.runner)
+        launched, prefills = count_launches_ahead(engine.runner), count_prefills_ahead(engine)
         roofline = Roofline.of(engine.model)
         figures[overlap] = [run_closed_loop(engine, reqs, 4, params, roofline) for _ in range(2)]
         assert not engine.has_unfinished()
@@ -135,7 +149,7 @@ def test_bench_closed_loop_with_refills_under_overlap(dirs):
         assert on["output_tokens"] == off["output_tokens"]
         for f in (on, off):  # (the order of steps differs: a refill's prefill waits for the step in flight)
             assert f["forwards"] == f["steps"] > f["decode_steps"] > 0
-    assert launched[0] > 0
+    assert launched[0] > 0 and prefills[0] > 0  # refills prefilled while a decode step was in flight
 
 
 def test_overlap_with_the_build_inside_the_step_graph(dirs):

@@ -87,6 +87,9 @@ class DecodeGraphs:
         self.query_starts: dict[int, torch.Tensor] = {}
         self.staging = torch.empty(5 * rows + max_batch * (width + 2), dtype=torch.long,
                                    pin_memory=device.type == "cuda")
+        # the copy out of staging of the last host-built step: a step launched while another is in
+        # flight (overlap scheduling) must not refill staging before that copy has read it
+        self.staging_read: torch.cuda.Event | None = None
         self.graphs: dict[tuple[int, int, bool, bool, bool],
                           tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.pool = None
@@ -151,8 +154,13 @@ class DecodeGraphs:
         group runs this with the same step)."""
         rows = s.bucket * s.tokens
         host = self.staging[:len(s.packed)]
+        if self.staging_read is not None:
+            self.staging_read.synchronize()
         host.copy_(host_tensor(s.packed, torch.long))
         dev = host.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            self.staging_read = torch.cuda.Event()
+            self.staging_read.record()
         o = 0
         buffers = [(self.ids, rows), (self.positions, rows), (self.slots, rows), (self.gate, rows),
                    (self.context_lens, s.bucket)]

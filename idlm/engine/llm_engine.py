@@ -159,8 +159,9 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.block_manager, self.policy)
         self.stats = EngineStats()
         self._decode_step: tuple[int, int, float] | None = None  # (batch, rows, start) of the step before
-        # overlap scheduling: the next step, launched before the outcome of the current one was read
-        self.in_flight: tuple[ScheduledBatch, PendingRound] | None = None
+        # overlap scheduling: the next step (a decode step of the same requests, or a prefill of
+        # waiting ones), launched before the outcome of the current one was read
+        self.in_flight: tuple[ScheduledBatch, PendingRound | None] | None = None
         self.last_batch: ScheduledBatch | None = None  # the batch whose outcome the last step applied
         self.seed_source = random.Random(config.seed)
         self.seqs: dict[int, Sequence] = {}
@@ -307,6 +308,11 @@ class LLMEngine:
                 self.in_flight = (nxt, ahead)
                 if self.scheduler.on_schedule is not None:
                     self.scheduler.on_schedule(nxt)
+            elif self.scheduler.waiting:
+                # requests wait to join: their prefill does not depend on this step's outcome either
+                prefill = self.scheduler.schedule_prefill()
+                if prefill is not None:
+                    self.in_flight = (prefill, self.runner.launch(prefill.seqs, prefill.num_new_tokens))
         try:
             outputs = self._finish_step(batch, pending, start)
         except BaseException:
@@ -316,7 +322,8 @@ class LLMEngine:
             # every request of the step launched ahead finished in this one: its round is void, and
             # the engine is idle once the GPU is done with it
             (_, void), self.in_flight = self.in_flight, None
-            void.result.read()
+            if void is not None:
+                void.result.read()
         return outputs
 
     def _finish_step(self, batch: ScheduledBatch, pending: PendingRound | None, start: float) -> list[RequestOutput]:

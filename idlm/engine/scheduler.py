@@ -43,6 +43,15 @@ class Scheduler:
             self.on_schedule(batch)
         return batch
 
+    def schedule_prefill(self) -> ScheduledBatch | None:
+        """A prefill step of waiting requests alone, or None (overlap scheduling: launched while a
+        decode step of the running ones is in flight, whose outcome it does not depend on; the
+        slots and blocks that step may free are not counted yet)."""
+        batch = self._schedule_prefill()
+        if batch is not None and self.on_schedule is not None:
+            self.on_schedule(batch)
+        return batch
+
     def _schedule_prefill(self) -> ScheduledBatch | None:
         bm = self.block_manager
         seqs, counts = [], []
