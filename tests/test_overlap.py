@@ -168,3 +168,19 @@ def test_overlap_with_the_build_inside_the_step_graph(dirs):
         expected = [o.token_ids for o in plain.generate(ps, mixed_params(len(ps), **kw))]
         assert [o.token_ids for o in graphed.generate(ps, mixed_params(len(ps), **kw))] == expected
     assert launched[0] > 20 and built[0] >= launched[0]
+
+
+def test_adaptive_plans_are_counted_once_per_decode_step(dirs):
+    """Where the adaptive policy changes its plan, schedule_next gives the step back to the
+    synchronous path, which plans again: the policy's count of chosen strides stays one per
+    decode step handed out."""
+    llm = padded_llm(dirs, overlap=True, kv_cache_tokens=8192, max_num_seqs=16)
+    engine = llm.engine
+    decode_steps = []
+    engine.scheduler.on_schedule = lambda batch: batch.is_prefill or decode_steps.append(batch)
+    launched = count_launches_ahead(engine.runner)
+    ps = prompts(16, seed=6)
+    params = [SamplingParams(mode="risd", stride=4, stride_policy="adaptive", temperature=0, max_tokens=6 + 3 * i,
+                             ignore_eos=True) for i in range(len(ps))]
+    llm.generate(ps, params)
+    assert launched[0] > 0 and sum(engine.policy.chosen.values()) == len(decode_steps)

@@ -302,17 +302,20 @@ class LLMEngine:
                 and self.runner.can_launch_next([seq for seq in batch.seqs if not seq.is_finished], pending)):
             # the next step goes to the GPU before this one's outcome comes back, so the host's
             # work on that outcome runs while the GPU computes
+            chosen = dict(self.policy.chosen)
             nxt = self.scheduler.schedule_next(batch)
             ahead = self.runner.launch_next(nxt.seqs, pending) if nxt is not None else None
             if ahead is not None:
                 self.in_flight = (nxt, ahead)
                 if self.scheduler.on_schedule is not None:
                     self.scheduler.on_schedule(nxt)
-            elif self.scheduler.waiting:
-                # requests wait to join: their prefill does not depend on this step's outcome either
-                prefill = self.scheduler.schedule_prefill()
-                if prefill is not None:
-                    self.in_flight = (prefill, self.runner.launch(prefill.seqs, prefill.num_new_tokens))
+            else:
+                self.policy.chosen = chosen  # the synchronous step plans, and counts, the step again
+                if self.scheduler.waiting:
+                    # requests wait to join: their prefill does not depend on this step's outcome either
+                    prefill = self.scheduler.schedule_prefill()
+                    if prefill is not None:
+                        self.in_flight = (prefill, self.runner.launch(prefill.seqs, prefill.num_new_tokens))
         try:
             outputs = self._finish_step(batch, pending, start)
         except BaseException:
