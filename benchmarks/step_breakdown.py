@@ -56,8 +56,8 @@ def classify_steps() -> None:
         state["kind"] = "prefill" if any(n > 1 for n in num_new) else "decode, host-built"
         return launch(self, seqs, num_new)
 
-    def ahead_wrapper(self, seqs, previous):
-        out = ahead(self, seqs, previous)
+    def ahead_wrapper(self, seqs):
+        out = ahead(self, seqs)
         if out is not None:
             state["kind"] = "decode, launched ahead"  # (the step that launched it is filed under this kind)
         return out

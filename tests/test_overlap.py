@@ -76,6 +76,20 @@ def count_prefills_ahead(engine) -> list[int]:
     return count
 
 
+def count_launches_after_prefill(engine) -> list[int]:
+    """[decode steps launched ahead while a prefill step was in flight, its prompts' requests in
+    them], counted from now on."""
+    count, launch_next = [0], engine.runner.launch_next
+
+    def counted(seqs):
+        pending = launch_next(seqs)
+        count[0] += pending is not None and engine.last_batch.is_prefill
+        return pending
+
+    engine.runner.launch_next = counted
+    return count
+
+
 def run_with_events(llm: LLM, ps: list[list[int]], params: list[SamplingParams]) -> tuple[dict[int, list[int]], int]:
     """Adds the requests in three waves between steps and aborts one of the first wave mid-decode;
     the finished requests' tokens, by prompt index, and the preemptions among them."""
@@ -103,10 +117,11 @@ def test_overlap_through_arrivals_aborts_and_preemption(dirs):
     for sampling in (dict(temperature=0), dict(temperature=1.0, seed=500)):
         plain, overlap = padded_llm(dirs, overlap=False, **kw), padded_llm(dirs, overlap=True, **kw)
         launched, prefills = count_launches_ahead(overlap.engine.runner), count_prefills_ahead(overlap.engine)
+        after_prefill = count_launches_after_prefill(overlap.engine)
         expected, _ = run_with_events(plain, ps, mixed_params(len(ps), **sampling))
         got, preemptions = run_with_events(overlap, ps, mixed_params(len(ps), **sampling))
         assert 2 not in got and got == expected
-        assert launched[0] > 10 and preemptions > 0 and prefills[0] > 0
+        assert launched[0] > 10 and preemptions > 0 and prefills[0] > 0 and after_prefill[0] > 0
         bm = overlap.engine.block_manager
         assert bm.num_free == len(bm.blocks)
 
@@ -141,6 +156,7 @@ def test_bench_closed_loop_with_refills_under_overlap(dirs):
     for overlap in (False, True):
         engine = padded_llm(dirs, overlap=overlap, kv_cache_tokens=4096, max_num_seqs=4).engine
         launched, prefills = count_launches_ahead(engine.runner), count_prefills_ahead(engine)
+        after_prefill = count_launches_after_prefill(engine)
         roofline = Roofline.of(engine.model)
         figures[overlap] = [run_closed_loop(engine, reqs, 4, params, roofline) for _ in range(2)]
         assert not engine.has_unfinished()
@@ -150,6 +166,7 @@ def test_bench_closed_loop_with_refills_under_overlap(dirs):
         for f in (on, off):  # (the order of steps differs: a refill's prefill waits for the step in flight)
             assert f["forwards"] == f["steps"] > f["decode_steps"] > 0
     assert launched[0] > 0 and prefills[0] > 0  # refills prefilled while a decode step was in flight
+    assert after_prefill[0] > 0  # and the decode step with them launched while their prefill was
 
 
 def test_overlap_with_the_build_inside_the_step_graph(dirs):

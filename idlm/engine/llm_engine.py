@@ -298,21 +298,23 @@ class LLMEngine:
                 return []
             pending = self.runner.launch(batch.seqs, batch.num_new_tokens)
         self.last_batch = batch
-        if (self.config.overlap_scheduling and pending is not None and not batch.is_prefill
-                and self.runner.can_launch_next([seq for seq in batch.seqs if not seq.is_finished], pending)):
+        # the requests of the decode step after this one: this one's, or after a prefill every running one
+        follow = list(self.scheduler.running) if batch.is_prefill else [s for s in batch.seqs if not s.is_finished]
+        if self.config.overlap_scheduling and pending is not None and self.runner.can_launch_next(follow):
             # the next step goes to the GPU before this one's outcome comes back, so the host's
             # work on that outcome runs while the GPU computes
             chosen = dict(self.policy.chosen)
-            nxt = self.scheduler.schedule_next(batch)
-            ahead = self.runner.launch_next(nxt.seqs, pending) if nxt is not None else None
+            nxt = self.scheduler.schedule_next(follow)
+            ahead = self.runner.launch_next(nxt.seqs) if nxt is not None else None
             if ahead is not None:
                 self.in_flight = (nxt, ahead)
                 if self.scheduler.on_schedule is not None:
                     self.scheduler.on_schedule(nxt)
             else:
                 self.policy.chosen = chosen  # the synchronous step plans, and counts, the step again
-                if self.scheduler.waiting:
-                    # requests wait to join: their prefill does not depend on this step's outcome either
+                if self.scheduler.waiting and not batch.is_prefill:
+                    # requests wait to join: their prefill does not depend on this step's outcome
+                    # either (after a prefill step it might: its next chunk needs this one's commit)
                     prefill = self.scheduler.schedule_prefill()
                     if prefill is not None:
                         self.in_flight = (prefill, self.runner.launch(prefill.seqs, prefill.num_new_tokens))

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from idlm.config import MAX_STRIDE
 from idlm.decoding.layout import rows_of
@@ -75,10 +76,38 @@ class FeedRows:
 
 @dataclass(slots=True)
 class Carry:
-    """What a graphed step's round left for the next step of the same requests, on the device."""
+    """What a graphed step's round left for the next step of the same requests, on the device:
+    row i of each tensor is request seq_ids[i]'s."""
 
     seq_ids: tuple[int, ...]  # the requests, in batch order
     table: torch.Tensor  # round_step.RoundResult.carry
+    new_hidden: torch.Tensor | None = None  # [rows, K, H] the rows that give the new drafts' q
+    new_q: torch.Tensor | None = None  # [rows, K] q of the new drafts
+
+    @classmethod
+    def of(cls, seqs: list[Sequence], result: RoundResult) -> "Carry":
+        return cls(tuple(seq.seq_id for seq in seqs), result.carry, result.new_hidden, result.new_q)
+
+    def then(self, other: "Carry") -> "Carry":
+        """This carry's requests followed by other's: the requests of a decode step and those a
+        prefill step launched after it brought in, for the decode step after both."""
+        n, m = len(self.seq_ids), len(other.seq_ids)
+        width = max(self.table.shape[1], other.table.shape[1])
+        table = torch.cat([F.pad(self.table[:n], (0, width - self.table.shape[1])),
+                           F.pad(other.table[:m], (0, width - other.table.shape[1]))])
+        if self.new_hidden is None and other.new_hidden is None:
+            return Carry(self.seq_ids + other.seq_ids, table)
+        like = self.new_hidden if self.new_hidden is not None else other.new_hidden
+        like_q = self.new_q if self.new_q is not None else other.new_q
+        k = max(t.shape[1] for t in (self.new_hidden, other.new_hidden) if t is not None)
+
+        def rows(t: torch.Tensor | None, q: torch.Tensor | None, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+            if t is None:  # a round that drew no drafts: rows nothing reads
+                return like.new_zeros(count, k, like.shape[2]), like_q.new_ones(count, k)
+            return F.pad(t[:count], (0, 0, 0, k - t.shape[1])), F.pad(q[:count], (0, k - q.shape[1]), value=1.0)
+
+        (h1, q1), (h2, q2) = rows(self.new_hidden, self.new_q, n), rows(other.new_hidden, other.new_q, m)
+        return Carry(self.seq_ids + other.seq_ids, table, torch.cat([h1, h2]), torch.cat([q1, q2]))
 
     def rows_of(self, seqs: list[Sequence]) -> list[int] | None:
         """The row of each of seqs: requests of this carry in its order, those that left since
@@ -250,7 +279,7 @@ class ModelRunner:
         carry, self.carry = self.carry, None
         if (carry is not None and graphs is not None and not prompt_rows and not prefill and self.tp is None
                 and self.device_steps and carry.rows_of(seqs) is not None):
-            pending = self._run_built(seqs, self._carried(carry, seqs)[0])
+            pending = self._run_built(seqs, self._carried(carry, seqs, drafts=False))
             if pending is not None:
                 return pending
         feeds = [feed_rows(seq, n, self.mask_ids.get(seq.params.mode), self.block_size)
@@ -263,8 +292,16 @@ class ModelRunner:
                 hidden, logits = graphs.run(feeds, [s.num_computed for s in seqs], [s.block_table for s in seqs],
                                             tokens)
                 round_starts = [i * tokens + len(feeds[i].ids) - feeds[i].round_rows for i in finals]
-                return self._launch_round([seqs[i] for i in finals], round_starts, finals, hidden, logits,
-                                          graphed=True) if finals else None
+                if not finals:
+                    return None
+                pending = self._launch_round([seqs[i] for i in finals], round_starts, finals, hidden, logits,
+                                             graphed=True)
+                if prefill and carry is not None and self.carry is not None \
+                        and not set(carry.seq_ids) & set(self.carry.seq_ids):
+                    # the running requests' carry lives on, the prompts' rows after it: the decode
+                    # step of all of them can be built on the device (and launched ahead)
+                    self.carry = carry.then(self.carry)
+                return pending
         input_ids, positions, batch, lora_gate = self.prepare(seqs, feeds)
         backend = self.gpu_attention if self.use_triton else self.cpu_attention
         hidden = self.model(input_ids, positions, backend(self.kv_cache, batch), lora_gate)
@@ -275,34 +312,37 @@ class ModelRunner:
         round_starts = [batch.query_start[i + 1] - feeds[i].round_rows for i in finals]
         return self._launch_round([seqs[i] for i in finals], round_starts, finals, hidden)
 
-    def can_launch_next(self, seqs: list[Sequence], previous: PendingRound) -> bool:
-        """launch_next can build the step after `previous` for seqs, requests of previous in its
-        order (those that finished meanwhile left out): in the padded layout, from previous's
-        carry, with no host-driven round parts; the block tables aside."""
+    def can_launch_next(self, seqs: list[Sequence]) -> bool:
+        """launch_next can build a decode step of seqs, requests of the carry in its order (those
+        that finished meanwhile left out): in the padded layout, from the carry, with no
+        host-driven round parts; the block tables aside."""
         carry = self.carry
         return (carry is not None and self.decode_graphs is not None and self.tp is None and self.device_steps
-                and previous.index == list(range(len(previous.seqs))) and carry.rows_of(seqs) is not None
+                and carry.rows_of(seqs) is not None
                 and not any(self._has_extras(seq) or seq.needs_prompt_rows for seq in seqs))
 
-    def _carried(self, carry: Carry, seqs: list[Sequence]) -> tuple[Carry, torch.Tensor | None]:
-        """carry restricted to seqs (Carry.rows_of them must not be None), and the device index of
-        their rows where requests before the last of them left (None: the first len(seqs) rows)."""
+    def _carried(self, carry: Carry, seqs: list[Sequence], drafts: bool = True) -> Carry:
+        """carry restricted to seqs (Carry.rows_of them must not be None): requests before the
+        last of them that left, left out; drafts=False: the table alone."""
         rows = carry.rows_of(seqs)
         if rows == list(range(len(seqs))):
-            return carry, None
+            return carry
         (rows_t,) = self._to_device([rows], torch.long)
-        return Carry(tuple(seq.seq_id for seq in seqs), carry.table[rows_t]), rows_t
+        take = drafts and carry.new_hidden is not None
+        return Carry(tuple(seq.seq_id for seq in seqs), carry.table[rows_t],
+                     carry.new_hidden[rows_t] if take else None, carry.new_q[rows_t] if take else None)
 
     @torch.inference_mode()
-    def launch_next(self, seqs: list[Sequence], previous: PendingRound) -> PendingRound | None:
-        """The decode step after `previous`, for the same requests with the same plans (K, branch
-        cap), launched before the host has read previous's outcome (overlap scheduling): its rows
-        and its round's inputs are built on the device from previous's carry, its drafts under
-        test are previous's new drafts, and the host sends only what does not depend on the
-        outcome. The block tables must already cover every slot the step can reach. None where
-        it cannot be built so: the host then runs it after reading."""
+    def launch_next(self, seqs: list[Sequence]) -> PendingRound | None:
+        """The decode step of seqs after the step that left the carry (and after a prefill step
+        launched since, whose requests it brought in), with the plans (K, branch cap) they ran
+        with, launched before the host has read that step's outcome (overlap scheduling): its
+        rows and its round's inputs are built on the device from the carry, its drafts under test
+        are the carry's new drafts, and the host sends only what does not depend on the outcome.
+        The block tables must already cover every slot the step can reach. None where it cannot
+        be built so: the host then runs it after reading."""
         carry, graphs = self.carry, self.decode_graphs
-        if not self.can_launch_next(seqs, previous):
+        if not self.can_launch_next(seqs):
             return None
         # the outcome bounds them: the pending token moves on by at most D + 1, and a round feeds
         # at most the rows of D = K
@@ -315,7 +355,7 @@ class ModelRunner:
         modes = [seq.params.mode for seq in seqs]
         lora = self.with_lora and any(mode == "risd" and k for mode, (k, _) in zip(modes, plans))
         tree = any(b for _, b in plans)
-        carry, rows_t = self._carried(carry, seqs)  # requests that finished leave their rows
+        carry = self._carried(carry, seqs)  # requests that finished leave their rows
         if self.graphed_build:
             hidden, logits, plan_t, bucket = self._step_from_carry(seqs, carry, starts, tokens, lora, tree)
             k, branches, mask_id, gated, _ = plan_t[:, :len(seqs)]
@@ -329,16 +369,14 @@ class ModelRunner:
         (constants_t,) = self._to_device([[x for values in constants for x in values]], torch.long)
         ints_t = built_round_inputs(state, constants_t.view(4, bucket), tokens, shape)
         stored, stored_q, slots_t = [], [], None
-        if shape.dmax and previous.result.new_hidden is not None:
+        if shape.dmax and carry.new_hidden is not None:
             n, dmax = len(seqs), shape.dmax
-            new_hidden, new_q = previous.result.new_hidden[:, :dmax], previous.result.new_q[:, :dmax]
-            if rows_t is not None:
-                new_hidden, new_q = new_hidden[rows_t], new_q[rows_t]
-            stored, stored_q = [new_hidden[:n].flatten(0, 1)], [new_q[:n].flatten()]
+            stored = [carry.new_hidden[:n, :dmax].flatten(0, 1)]
+            stored_q = [carry.new_q[:n, :dmax].flatten()]
             (slots_t,) = self._to_device([list(range(n * dmax))], torch.long)
         graph = self.round_graphs.get(hidden, logits, shape)
         result = graph.replay(hidden, logits, ints_t, self._pinned(floats, torch.float32), stored, stored_q, slots_t)
-        self.carry = Carry(tuple(seq.seq_id for seq in seqs), result.carry)
+        self.carry = Carry.of(seqs, result)
         return PendingRound(seqs, list(range(len(seqs))), result.start_read(), shape.dmax, shape.kmax, None)
 
     def _run_built(self, seqs: list[Sequence], carry: Carry) -> PendingRound | None:
@@ -437,7 +475,7 @@ class ModelRunner:
             result = run_round(self.model, hidden, all_logits, ints_t, floats_t, stored_hidden, draft_q, shape,
                                self.banned_token, extras, with_carry=graphed)
         if result.carry is not None:
-            self.carry = Carry(tuple(seq.seq_id for seq in seqs), result.carry)
+            self.carry = Carry.of(seqs, result)
         return PendingRound(seqs, index, result.start_read(), shape.dmax, shape.kmax,
                             extras.top_n if extras is not None else None)
 

@@ -98,16 +98,16 @@ class Scheduler:
                 counts.append(n)
         return ScheduledBatch(seqs, counts, is_prefill=False) if seqs else None
 
-    def schedule_next(self, batch: ScheduledBatch) -> ScheduledBatch | None:
-        """The decode step after `batch`, for its requests that have not finished, planned and
-        given its blocks before batch's outcome is known (overlap scheduling), or None where it
-        must wait for that outcome: requests wait to be admitted, they are not the running set
-        (one was preempted or is new), a plan changes (a plan drawn now decides the step after
-        next as well), or the blocks run short (preemption waits for the outcome). Blocks cover
-        what the step can reach: the pending token moves on by at most D + 1, and a round then
-        feeds at most the rows of D = K."""
-        seqs = [seq for seq in batch.seqs if not seq.is_finished]
-        if batch.is_prefill or self.waiting or not seqs or seqs != self.running:
+    def schedule_next(self, seqs: list[Sequence]) -> ScheduledBatch | None:
+        """The decode step of seqs (the requests of a step in flight, those that finished left
+        out; after a prefill step, every running request) planned and given its blocks before the
+        outcome of the step in flight is known (overlap scheduling), or None where it must wait
+        for that outcome: requests wait to be admitted, seqs are not the running set (one was
+        preempted), a plan changes (a plan drawn now decides the step after next as well), or the
+        blocks run short (preemption waits for the outcome). Blocks cover what the step can
+        reach: the pending token moves on by at most D + 1 (1 after a prompt's last chunk), and
+        a round then feeds at most the rows of D = K."""
+        if self.waiting or not seqs or seqs != self.running:
             return None
         plans = [(seq.num_new, seq.num_branches) for seq in seqs]
         self.policy.plan(seqs)
