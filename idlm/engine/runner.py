@@ -356,24 +356,26 @@ class ModelRunner:
         lora = self.with_lora and any(mode == "risd" and k for mode, (k, _) in zip(modes, plans))
         tree = any(b for _, b in plans)
         carry = self._carried(carry, seqs)  # requests that finished leave their rows
-        if self.graphed_build:
-            hidden, logits, plan_t, bucket = self._step_from_carry(seqs, carry, starts, tokens, lora, tree)
-            k, branches, mask_id, gated, _ = plan_t[:, :len(seqs)]
-            state = SlotState.from_carry(carry.table, k, branches, mask_id, gated.bool())
-        else:
-            state, tables_t, bucket = self._built_state(seqs, carry, starts, tokens)
-            inputs = build_step(state, self.layouts, tables_t, tokens, bucket, self.block_size, graphs.scratch_slot)
-            hidden, logits = graphs.step_built(inputs, tables_t, tokens, lora, tree, max(starts) + tokens)
+        n, bucket = len(seqs), graphs.bucket_for(len(seqs))
         shape = round_shape(seqs, bucket, pad_drafts=True)
         constants, floats = request_constants(seqs, bucket)
-        (constants_t,) = self._to_device([[x for values in constants for x in values]], torch.long)
-        ints_t = built_round_inputs(state, constants_t.view(4, bucket), tokens, shape)
+        drafted = bool(shape.dmax) and carry.new_hidden is not None
+        # the round's integers go with the step's plan and block tables, in one copy to the device
+        extra = [[x for values in constants for x in values]] + ([list(range(n * shape.dmax))] if drafted else [])
+        if self.graphed_build:
+            hidden, logits, plan_t, extra_t = self._step_from_carry(seqs, carry, starts, tokens, lora, tree, extra)
+            k, branches, mask_id, gated, _ = plan_t[:, :n]
+            state = SlotState.from_carry(carry.table, k, branches, mask_id, gated.bool())
+        else:
+            state, tables_t, extra_t = self._built_state(seqs, carry, starts, tokens, extra)
+            inputs = build_step(state, self.layouts, tables_t, tokens, bucket, self.block_size, graphs.scratch_slot)
+            hidden, logits = graphs.step_built(inputs, tables_t, tokens, lora, tree, max(starts) + tokens)
+        ints_t = built_round_inputs(state, extra_t[0].view(4, bucket), tokens, shape)
         stored, stored_q, slots_t = [], [], None
-        if shape.dmax and carry.new_hidden is not None:
-            n, dmax = len(seqs), shape.dmax
-            stored = [carry.new_hidden[:n, :dmax].flatten(0, 1)]
-            stored_q = [carry.new_q[:n, :dmax].flatten()]
-            (slots_t,) = self._to_device([list(range(n * dmax))], torch.long)
+        if drafted:
+            stored = [carry.new_hidden[:n, :shape.dmax].flatten(0, 1)]
+            stored_q = [carry.new_q[:n, :shape.dmax].flatten()]
+            slots_t = extra_t[1]
         graph = self.round_graphs.get(hidden, logits, shape)
         result = graph.replay(hidden, logits, ints_t, self._pinned(floats, torch.float32), stored, stored_q, slots_t)
         self.carry = Carry.of(seqs, result)
@@ -395,27 +397,30 @@ class ModelRunner:
         if self.graphed_build:
             hidden, logits, _, _ = self._step_from_carry(seqs, carry, starts, tokens, lora, tree)
         else:
-            state, tables_t, bucket = self._built_state(seqs, carry, starts, tokens)
+            state, tables_t, _ = self._built_state(seqs, carry, starts, tokens)
+            bucket = graphs.bucket_for(len(seqs))
             inputs = build_step(state, self.layouts, tables_t, tokens, bucket, self.block_size, graphs.scratch_slot)
             hidden, logits = graphs.step_built(inputs, tables_t, tokens, lora, tree, max(starts) + tokens)
         return self._launch_round(seqs, [i * tokens for i in range(len(seqs))], list(range(len(seqs))), hidden,
                                   logits, graphed=True)
 
     def _step_from_carry(self, seqs: list[Sequence], carry: Carry, starts: list[int], tokens: int, lora: bool,
-                         tree: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, int]:
+                         tree: bool, extra: list[list[int]] = ()
+                         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, list[torch.Tensor]]:
         """A device-built step replayed with its build inside the graph (DecodeGraphs.step_from_carry):
-        hidden, logits, the plan on the device ([5, bucket]) and the bucket."""
+        hidden, logits, the plan on the device ([5, bucket]), and `extra` (integer lists sent in
+        the same copy) on the device."""
         graphs = self.decode_graphs
         n, bucket = len(seqs), graphs.bucket_for(len(seqs))
         plan, tables, width = self._plan_and_tables(seqs, starts, tokens, bucket)
         # the plan of the whole bucket, padding entries last (valid 0)
         pad = [0] * (bucket - n)
         plan = [x for row in range(4) for x in plan[row * n:(row + 1) * n] + pad] + [1] * n + pad
-        plan_t, tables_t = self._to_device([plan, tables], torch.long)
+        plan_t, tables_t, *extra_t = self._to_device([plan, tables, *extra], torch.long)
         plan_t = plan_t.view(5, bucket)
         hidden, logits = graphs.step_from_carry(carry.table[:n], plan_t, tables_t.view(bucket, width), tokens, lora,
                                                 tree, max(starts) + tokens)
-        return hidden, logits, plan_t, bucket
+        return hidden, logits, plan_t, extra_t
 
     def _plan_and_tables(self, seqs: list[Sequence], starts: list[int], tokens: int,
                          bucket: int) -> tuple[list[int], list[int], int]:
@@ -427,16 +432,17 @@ class ModelRunner:
                 + [self.mask_ids.get(mode) or 0 for mode in modes] + [mode == "risd" for mode in modes])
         return plan, padded_block_tables([seq.block_table for seq in seqs], width, self.scratch_block, bucket), width
 
-    def _built_state(self, seqs: list[Sequence], carry: Carry, starts: list[int],
-                     tokens: int) -> tuple[SlotState, torch.Tensor, int]:
-        """The state carry leaves with the host's plan, the block tables on the device, and the
-        bucket, of a step built on the device with eager ops."""
+    def _built_state(self, seqs: list[Sequence], carry: Carry, starts: list[int], tokens: int,
+                     extra: list[list[int]] = ()) -> tuple[SlotState, torch.Tensor, list[torch.Tensor]]:
+        """The state carry leaves with the host's plan, the block tables on the device, and
+        `extra` (integer lists sent in the same copy) on the device, of a step built on the
+        device with eager ops."""
         n, bucket = len(seqs), self.decode_graphs.bucket_for(len(seqs))
         plan, tables, width = self._plan_and_tables(seqs, starts, tokens, bucket)
-        plan_t, tables_t = self._to_device([plan, tables], torch.long)
+        plan_t, tables_t, *extra_t = self._to_device([plan, tables, *extra], torch.long)
         num_new, branches, mask_id, gated = plan_t.view(4, n)
         return SlotState.from_carry(carry.table, num_new, branches, mask_id, gated.bool()), \
-            tables_t.view(bucket, width), bucket
+            tables_t.view(bucket, width), extra_t
 
     def _launch_round(self, seqs: list[Sequence], round_starts: list[int], index: list[int], hidden: torch.Tensor,
                       all_logits: torch.Tensor | None = None, graphed: bool = False) -> PendingRound:
