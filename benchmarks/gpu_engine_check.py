@@ -17,7 +17,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from helpers import count_launches_ahead, make_model, make_random_adapter  # noqa: E402
+from helpers import (  # noqa: E402
+    count_launches_after_prefill,
+    count_launches_ahead,
+    count_prefills_ahead,
+    make_model,
+    make_random_adapter,
+)
 
 from idlm import LLM, SamplingParams  # noqa: E402
 
@@ -34,9 +40,11 @@ def run(folder: Path, adapter: Path | None, prompts, params, setup: str, max_num
               kv_cache_tokens=8192, max_num_seqs=max_num_seqs, overlap_scheduling=overlap, **SETUPS[setup])
     runner = llm.engine.runner
     launched = count_launches_ahead(runner)
+    prefills, after_prefill = count_prefills_ahead(llm.engine), count_launches_after_prefill(llm.engine)
     outs = [o.token_ids for o in llm.generate(prompts, params)]
     if overlap:
-        print(f"  ({setup}: {launched[0]} decode steps launched ahead)")
+        print(f"  ({setup}: {launched[0]} decode steps launched ahead, {after_prefill[0]} of them while a prefill "
+              f"was in flight; {prefills[0]} prefills launched ahead)")
     graphs = runner.decode_graphs
     captured = sorted(graphs.graphs) if graphs is not None and graphs.use_graphs else []
     return outs, captured

@@ -182,3 +182,30 @@ def count_launches_ahead(runner) -> list[int]:
 
     runner.launch_next = counted
     return count
+
+
+def count_prefills_ahead(engine) -> list[int]:
+    """[prefill steps launched while a decode step was in flight], counted from now on."""
+    count, schedule_prefill = [0], engine.scheduler.schedule_prefill
+
+    def counted():
+        batch = schedule_prefill()
+        count[0] += batch is not None
+        return batch
+
+    engine.scheduler.schedule_prefill = counted
+    return count
+
+
+def count_launches_after_prefill(engine) -> list[int]:
+    """[decode steps launched ahead while a prefill step was in flight, its prompts' requests in
+    them], counted from now on."""
+    count, launch_next = [0], engine.runner.launch_next
+
+    def counted(seqs):
+        pending = launch_next(seqs)
+        count[0] += pending is not None and engine.last_batch.is_prefill
+        return pending
+
+    engine.runner.launch_next = counted
+    return count

@@ -9,7 +9,13 @@ import itertools
 
 import pytest
 import torch
-from helpers import count_launches_ahead, make_random_adapter, make_small_idlm
+from helpers import (
+    count_launches_after_prefill,
+    count_launches_ahead,
+    count_prefills_ahead,
+    make_random_adapter,
+    make_small_idlm,
+)
 
 from idlm import LLM, SamplingParams
 from idlm.engine.kv_pool import MAX_LOOKAHEAD
@@ -61,33 +67,6 @@ def test_overlap_gives_the_same_tokens_greedy_and_seeded(dirs):
     assert launched[0] >= 0.8 * len(decode_steps)
     bm = overlap.engine.block_manager
     assert bm.num_free == len(bm.blocks) and not overlap.engine.has_unfinished()
-
-
-def count_prefills_ahead(engine) -> list[int]:
-    """[prefill steps launched while a decode step was in flight], counted from now on."""
-    count, schedule_prefill = [0], engine.scheduler.schedule_prefill
-
-    def counted():
-        batch = schedule_prefill()
-        count[0] += batch is not None
-        return batch
-
-    engine.scheduler.schedule_prefill = counted
-    return count
-
-
-def count_launches_after_prefill(engine) -> list[int]:
-    """[decode steps launched ahead while a prefill step was in flight, its prompts' requests in
-    them], counted from now on."""
-    count, launch_next = [0], engine.runner.launch_next
-
-    def counted(seqs):
-        pending = launch_next(seqs)
-        count[0] += pending is not None and engine.last_batch.is_prefill
-        return pending
-
-    engine.runner.launch_next = counted
-    return count
 
 
 def run_with_events(llm: LLM, ps: list[list[int]], params: list[SamplingParams]) -> tuple[dict[int, list[int]], int]:
