@@ -363,9 +363,7 @@ class ModelRunner:
         # the round's integers go with the step's plan and block tables, in one copy to the device
         extra = [[x for values in constants for x in values]] + ([list(range(n * shape.dmax))] if drafted else [])
         if self.graphed_build:
-            hidden, logits, plan_t, extra_t = self._step_from_carry(seqs, carry, starts, tokens, lora, tree, extra)
-            k, branches, mask_id, gated, _ = plan_t[:, :n]
-            state = SlotState.from_carry(carry.table, k, branches, mask_id, gated.bool())
+            hidden, logits, state, extra_t = self._step_from_carry(seqs, carry, starts, tokens, lora, tree, extra)
         else:
             state, tables_t, extra_t = self._built_state(seqs, carry, starts, tokens, extra)
             inputs = build_step(state, self.layouts, tables_t, tokens, bucket, self.block_size, graphs.scratch_slot)
@@ -398,7 +396,7 @@ class ModelRunner:
             hidden, logits, _, _ = self._step_from_carry(seqs, carry, starts, tokens, lora, tree)
         else:
             state, tables_t, _ = self._built_state(seqs, carry, starts, tokens)
-            bucket = graphs.bucket_for(len(seqs))
+            bucket = tables_t.shape[0]
             inputs = build_step(state, self.layouts, tables_t, tokens, bucket, self.block_size, graphs.scratch_slot)
             hidden, logits = graphs.step_built(inputs, tables_t, tokens, lora, tree, max(starts) + tokens)
         return self._launch_round(seqs, [i * tokens for i in range(len(seqs))], list(range(len(seqs))), hidden,
@@ -406,43 +404,47 @@ class ModelRunner:
 
     def _step_from_carry(self, seqs: list[Sequence], carry: Carry, starts: list[int], tokens: int, lora: bool,
                          tree: bool, extra: list[list[int]] = ()
-                         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, list[torch.Tensor]]:
+                         ) -> tuple[torch.Tensor, torch.Tensor | None, SlotState, list[torch.Tensor]]:
         """A device-built step replayed with its build inside the graph (DecodeGraphs.step_from_carry):
-        hidden, logits, the plan on the device ([5, bucket]), and `extra` (integer lists sent in
-        the same copy) on the device."""
-        graphs = self.decode_graphs
-        n, bucket = len(seqs), graphs.bucket_for(len(seqs))
-        plan, tables, width = self._plan_and_tables(seqs, starts, tokens, bucket)
-        # the plan of the whole bucket, padding entries last (valid 0)
-        pad = [0] * (bucket - n)
-        plan = [x for row in range(4) for x in plan[row * n:(row + 1) * n] + pad] + [1] * n + pad
-        plan_t, tables_t, *extra_t = self._to_device([plan, tables, *extra], torch.long)
-        plan_t = plan_t.view(5, bucket)
-        hidden, logits = graphs.step_from_carry(carry.table[:n], plan_t, tables_t.view(bucket, width), tokens, lora,
-                                                tree, max(starts) + tokens)
-        return hidden, logits, plan_t, extra_t
-
-    def _plan_and_tables(self, seqs: list[Sequence], starts: list[int], tokens: int,
-                         bucket: int) -> tuple[list[int], list[int], int]:
-        """A device-built step's plan (K, branch cap, MASK id, gated, a row each) and block tables
-        ([bucket, width], covering T rows from each start), as flat lists, and the width."""
-        width = max(-(-(start + tokens) // self.block_size) for start in starts)
-        modes = [seq.params.mode for seq in seqs]
-        plan = ([seq.num_new for seq in seqs] + [seq.num_branches for seq in seqs]
-                + [self.mask_ids.get(mode) or 0 for mode in modes] + [mode == "risd" for mode in modes])
-        return plan, padded_block_tables([seq.block_table for seq in seqs], width, self.scratch_block, bucket), width
+        hidden, logits, the state the graph built it from (views of the carry and the plan), and
+        `extra` (integer lists sent in the same copy) on the device."""
+        plan_t, tables_t, extra_t = self._send_plan(seqs, starts, tokens, extra, whole_bucket=True)
+        n = len(seqs)
+        hidden, logits = self.decode_graphs.step_from_carry(carry.table[:n], plan_t, tables_t, tokens, lora, tree,
+                                                            max(starts) + tokens)
+        return hidden, logits, self._slot_state(carry, plan_t[:4, :n]), extra_t
 
     def _built_state(self, seqs: list[Sequence], carry: Carry, starts: list[int], tokens: int,
                      extra: list[list[int]] = ()) -> tuple[SlotState, torch.Tensor, list[torch.Tensor]]:
         """The state carry leaves with the host's plan, the block tables on the device, and
         `extra` (integer lists sent in the same copy) on the device, of a step built on the
         device with eager ops."""
+        plan_t, tables_t, extra_t = self._send_plan(seqs, starts, tokens, extra, whole_bucket=False)
+        return self._slot_state(carry, plan_t), tables_t, extra_t
+
+    @staticmethod
+    def _slot_state(carry: Carry, plan: torch.Tensor) -> SlotState:
+        """The state carry leaves, with the plan [4, n] (K, branch cap, MASK id, gated) of its requests."""
+        num_new, branches, mask_id, gated = plan
+        return SlotState.from_carry(carry.table, num_new, branches, mask_id, gated.bool())
+
+    def _send_plan(self, seqs: list[Sequence], starts: list[int], tokens: int, extra: list[list[int]],
+                   whole_bucket: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """A device-built step's plan (K, branch cap, MASK id, gated, a row each: [4, n]; or, for
+        the whole bucket, padding entries last, with a fifth row `valid`: [5, bucket]), its block
+        tables ([bucket, width], covering T rows from each start) and `extra`, on the device in
+        one copy."""
         n, bucket = len(seqs), self.decode_graphs.bucket_for(len(seqs))
-        plan, tables, width = self._plan_and_tables(seqs, starts, tokens, bucket)
-        plan_t, tables_t, *extra_t = self._to_device([plan, tables, *extra], torch.long)
-        num_new, branches, mask_id, gated = plan_t.view(4, n)
-        return SlotState.from_carry(carry.table, num_new, branches, mask_id, gated.bool()), \
-            tables_t.view(bucket, width), extra_t
+        width = max(-(-(start + tokens) // self.block_size) for start in starts)
+        modes = [seq.params.mode for seq in seqs]
+        rows = [[seq.num_new for seq in seqs], [seq.num_branches for seq in seqs],
+                [self.mask_ids.get(mode) or 0 for mode in modes], [mode == "risd" for mode in modes]]
+        if whole_bucket:
+            pad = [0] * (bucket - n)
+            rows = [row + pad for row in rows] + [[1] * n + pad]
+        tables = padded_block_tables([seq.block_table for seq in seqs], width, self.scratch_block, bucket)
+        plan_t, tables_t, *extra_t = self._to_device([[x for row in rows for x in row], tables, *extra], torch.long)
+        return plan_t.view(len(rows), -1), tables_t.view(bucket, width), extra_t
 
     def _launch_round(self, seqs: list[Sequence], round_starts: list[int], index: list[int], hidden: torch.Tensor,
                       all_logits: torch.Tensor | None = None, graphed: bool = False) -> PendingRound:
