@@ -298,26 +298,8 @@ class LLMEngine:
                 return []
             pending = self.runner.launch(batch.seqs, batch.num_new_tokens)
         self.last_batch = batch
-        # the requests of the decode step after this one: this one's, or after a prefill every running one
-        follow = list(self.scheduler.running) if batch.is_prefill else [s for s in batch.seqs if not s.is_finished]
-        if self.config.overlap_scheduling and pending is not None and self.runner.can_launch_next(follow):
-            # the next step goes to the GPU before this one's outcome comes back, so the host's
-            # work on that outcome runs while the GPU computes
-            chosen = dict(self.policy.chosen)
-            nxt = self.scheduler.schedule_next(follow)
-            ahead = self.runner.launch_next(nxt.seqs) if nxt is not None else None
-            if ahead is not None:
-                self.in_flight = (nxt, ahead)
-                if self.scheduler.on_schedule is not None:
-                    self.scheduler.on_schedule(nxt)
-            else:
-                self.policy.chosen = chosen  # the synchronous step plans, and counts, the step again
-                if self.scheduler.waiting and not batch.is_prefill:
-                    # requests wait to join: their prefill does not depend on this step's outcome
-                    # either (after a prefill step it might: its next chunk needs this one's commit)
-                    prefill = self.scheduler.schedule_prefill()
-                    if prefill is not None:
-                        self.in_flight = (prefill, self.runner.launch(prefill.seqs, prefill.num_new_tokens))
+        if self.config.overlap_scheduling and pending is not None:
+            self._launch_ahead(batch)
         try:
             outputs = self._finish_step(batch, pending, start)
         except BaseException:
@@ -330,6 +312,32 @@ class LLMEngine:
             if void is not None:
                 void.result.read()
         return outputs
+
+    def _launch_ahead(self, batch: ScheduledBatch) -> None:
+        """Overlap scheduling: launches the step after `batch` (in flight) where it does not depend
+        on batch's outcome, as in_flight: the decode step of the same requests, or else a prefill
+        of waiting ones."""
+        # the requests of the decode step after this one: this one's, or after a prefill every running one
+        follow = list(self.scheduler.running) if batch.is_prefill else [s for s in batch.seqs if not s.is_finished]
+        if not self.runner.can_launch_next(follow):
+            return
+        # the next step goes to the GPU before this one's outcome comes back, so the host's work on
+        # that outcome runs while the GPU computes
+        chosen = dict(self.policy.chosen)
+        nxt = self.scheduler.schedule_next(follow)
+        ahead = self.runner.launch_next(nxt.seqs) if nxt is not None else None
+        if ahead is not None:
+            self.in_flight = (nxt, ahead)
+            if self.scheduler.on_schedule is not None:
+                self.scheduler.on_schedule(nxt)
+            return
+        self.policy.chosen = chosen  # the synchronous step plans, and counts, the step again
+        if self.scheduler.waiting and not batch.is_prefill:
+            # requests wait to join: their prefill does not depend on this step's outcome either
+            # (after a prefill step it might: a prompt's next chunk needs this one's commit)
+            prefill = self.scheduler.schedule_prefill()
+            if prefill is not None:
+                self.in_flight = (prefill, self.runner.launch(prefill.seqs, prefill.num_new_tokens))
 
     def _finish_step(self, batch: ScheduledBatch, pending: PendingRound | None, start: float) -> list[RequestOutput]:
         """Reads the step's outcome and applies it: the outputs of every request that advanced."""
