@@ -171,41 +171,31 @@ def serve_process(model_dir: Path, log: Path, *extra: str, launcher: list[str] |
                 proc.wait()
 
 
-def count_launches_ahead(runner) -> list[int]:
-    """[decode steps the runner launched ahead (overlap scheduling)], counted from now on."""
-    count, launch_next = [0], runner.launch_next
+def count_results(owner, name: str, counts=lambda result: result is not None) -> list[int]:
+    """[calls of owner.name whose result `counts`], counted from now on."""
+    count, fn = [0], getattr(owner, name)
 
     def counted(*args):
-        pending = launch_next(*args)
-        count[0] += pending is not None
-        return pending
+        result = fn(*args)
+        count[0] += bool(counts(result))
+        return result
 
-    runner.launch_next = counted
+    setattr(owner, name, counted)
     return count
+
+
+def count_launches_ahead(runner) -> list[int]:
+    """[decode steps the runner launched ahead (overlap scheduling)], counted from now on."""
+    return count_results(runner, "launch_next")
 
 
 def count_prefills_ahead(engine) -> list[int]:
     """[prefill steps launched while a decode step was in flight], counted from now on."""
-    count, schedule_prefill = [0], engine.scheduler.schedule_prefill
-
-    def counted():
-        batch = schedule_prefill()
-        count[0] += batch is not None
-        return batch
-
-    engine.scheduler.schedule_prefill = counted
-    return count
+    return count_results(engine.scheduler, "schedule_prefill")
 
 
 def count_launches_after_prefill(engine) -> list[int]:
     """[decode steps launched ahead while a prefill step was in flight, its prompts' requests in
     them], counted from now on."""
-    count, launch_next = [0], engine.runner.launch_next
-
-    def counted(seqs):
-        pending = launch_next(seqs)
-        count[0] += pending is not None and engine.last_batch.is_prefill
-        return pending
-
-    engine.runner.launch_next = counted
-    return count
+    return count_results(engine.runner, "launch_next", lambda pending: pending is not None
+                         and engine.last_batch.is_prefill)
