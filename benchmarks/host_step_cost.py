@@ -1,7 +1,7 @@
 """The engine's host work per decode step, on the CPU: a tiny model in the padded decode layout
 that CUDA graphs replay (run eagerly here), C requests decoded together with overlap scheduling,
 each engine function timed as benchmarks/step_breakdown.py times it. The forward and the round
-(graphs.step_built, round replay) are the CPU's arithmetic here, not what a GPU's host spends;
+(graphs.step_from_carry, round replay) are the CPU's arithmetic here, not what a GPU's host spends;
 the rest (scheduling, building the step, applying the outcome, outputs) is the Python a GPU's
 host runs too, so changes to it can be compared without a GPU.
 
@@ -27,7 +27,7 @@ from idlm import LLM, SamplingParams  # noqa: E402
 from idlm.engine.kv_pool import MAX_LOOKAHEAD  # noqa: E402
 
 # the GPU's own work, timed here on the CPU's arithmetic: left out of the host total
-DEVICE_WORK = ("graphs.step_built", "round replay", "graphs.run (host-built)")
+DEVICE_WORK = ("graphs.step_from_carry", "round replay", "graphs.run (host-built)")
 HOST_PARTS = ("_apply_round", "_output", "runner.collect", "runner.launch_next", "schedule")
 
 

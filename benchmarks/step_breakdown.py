@@ -84,9 +84,9 @@ def instrument() -> None:
     for owner, name, label in [
         (E, "_step", "step"), (Scheduler, "schedule", "schedule"), (R, "launch", "runner.launch"),
         (R, "launch_next", "runner.launch_next"), (R, "collect", "runner.collect"),
-        (R, "_run_built", "_run_built"), (runner, "build_step", "build_step"),
+        (R, "_run_built", "_run_built"),
         (runner.SlotState, "from_carry", "SlotState.from_carry"), (runner, "padded_block_tables", "block_tables"),
-        (DecodeGraphs, "step_built", "graphs.step_built"), (DecodeGraphs, "run", "graphs.run (host-built)"),
+        (DecodeGraphs, "step_from_carry", "graphs.step_from_carry"), (DecodeGraphs, "run", "graphs.run (host-built)"),
         (runner, "feed_rows", "feed_rows"), (R, "_launch_round", "_launch_round"),
         (runner, "round_inputs", "round_inputs"),
         (RoundGraphs, "get", "round_graphs.get"), (RoundGraph, "replay", "round replay"),

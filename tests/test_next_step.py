@@ -227,27 +227,24 @@ def test_engine_with_device_built_steps_gives_the_same_tokens(dirs, temperature)
         p.seed = 50 + i
         p.max_tokens = 16 + 2 * (i % 11)
     outputs, built = {}, {}
-    # host: every step built on the host; device: eager build_step before the step; graphed: built
-    # inside the step (DecodeGraphs.step_from_carry, run eagerly here: the CPU check of the graph's code)
-    for how in ("host", "device", "graphed"):
+    # host: every step built on the host; device: built inside the step (DecodeGraphs.step_from_carry,
+    # run eagerly here: the CPU check of the graph's code)
+    for how in ("host", "device"):
         for name, kwargs in (("roomy", dict(kv_cache_tokens=8192, max_num_seqs=8)),
                              ("tight", dict(kv_cache_tokens=320, kv_block_size=8, max_num_seqs=16))):
             llm = padded_llm(model, adapter, **kwargs)
             runner = llm.engine.runner
-            runner.device_steps, runner.graphed_build = how != "host", how == "graphed"
+            runner.device_steps = how != "host"
             calls = []
             graphs = runner.decode_graphs
-            entry = "step_from_carry" if how == "graphed" else "step_built"
-            original = getattr(graphs, entry)
-            setattr(graphs, entry, lambda *a, calls=calls, original=original: calls.append(1) or original(*a))
+            original = graphs.step_from_carry
+            graphs.step_from_carry = lambda *a, calls=calls, original=original: calls.append(1) or original(*a)
             outputs[how, name] = [o.token_ids for o in llm.generate(prompts, params)]
             built[how, name] = len(calls)
     for name in ("roomy", "tight"):
         assert outputs["device", name] == outputs["host", name]
-        assert outputs["graphed", name] == outputs["host", name]
     assert built["host", "roomy"] == built["host", "tight"] == 0
     assert built["device", "roomy"] > 20 and built["device", "tight"] > 5, built
-    assert built["graphed", "roomy"] > 20 and built["graphed", "tight"] > 5, built
 
 
 def test_a_padding_entry_builds_padding_rows():

@@ -149,14 +149,13 @@ def test_bench_closed_loop_with_refills_under_overlap(dirs):
 
 
 def test_overlap_with_the_build_inside_the_step_graph(dirs):
-    """IDLM_GRAPHED_BUILD: a step launched ahead builds its rows inside the step's graph
-    (DecodeGraphs.step_from_carry, run eagerly here) and its round's integers from the same carry
-    and plan; the same tokens as without overlap, greedy and seeded."""
+    """A step launched ahead builds its rows inside the step's graph (DecodeGraphs.step_from_carry,
+    run eagerly here) and its round's integers from the same carry and plan; the same tokens as
+    without overlap, greedy and seeded."""
     ps = prompts(16, seed=5)
     plain = padded_llm(dirs, overlap=False, kv_cache_tokens=8192, max_num_seqs=16)
     graphed = padded_llm(dirs, overlap=True, kv_cache_tokens=8192, max_num_seqs=16)
     runner = graphed.engine.runner
-    runner.graphed_build = True
     launched, built = count_launches_ahead(runner), [0]
     step_from_carry = runner.decode_graphs.step_from_carry
     runner.decode_graphs.step_from_carry = lambda *a: built.__setitem__(0, built[0] + 1) or step_from_carry(*a)

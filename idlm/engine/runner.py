@@ -13,7 +13,7 @@ from idlm.decoding.rounds import RoundBatch, propose
 from idlm.engine.decode_graphs import DecodeGraphs
 from idlm.engine.host_tensor import host_tensor
 from idlm.engine.kv_pool import MAX_DECODE_TOKENS, MAX_LOOKAHEAD, plan_kv_pool
-from idlm.engine.next_step import LayoutTable, SlotState, build_step
+from idlm.engine.next_step import LayoutTable, SlotState
 from idlm.engine.round_graphs import RoundGraphs
 from idlm.engine.round_step import (
     RoundExtras,
@@ -189,9 +189,6 @@ class ModelRunner:
         # that step's rounds (engine/next_step.py); IDLM_DEVICE_STEPS=0 builds every step on the
         # host (for comparisons)
         self.device_steps = os.environ.get("IDLM_DEVICE_STEPS", "1") != "0"
-        # ... and IDLM_GRAPHED_BUILD=1 builds them inside the step's graph (DecodeGraphs.step_from_carry)
-        # instead of with eager ops before it: off until it has run on a GPU
-        self.graphed_build = os.environ.get("IDLM_GRAPHED_BUILD", "0") == "1"
         self.carry: Carry | None = None
         self.layouts: LayoutTable | None = None
 
@@ -362,12 +359,7 @@ class ModelRunner:
         drafted = bool(shape.dmax) and carry.new_hidden is not None
         # the round's integers go with the step's plan and block tables, in one copy to the device
         extra = [[x for values in constants for x in values]] + ([list(range(n * shape.dmax))] if drafted else [])
-        if self.graphed_build:
-            hidden, logits, state, extra_t = self._step_from_carry(seqs, carry, starts, tokens, lora, tree, extra)
-        else:
-            state, tables_t, extra_t = self._built_state(seqs, carry, starts, tokens, extra)
-            inputs = build_step(state, self.layouts, tables_t, tokens, bucket, self.block_size, graphs.scratch_slot)
-            hidden, logits = graphs.step_built(inputs, tables_t, tokens, lora, tree, max(starts) + tokens)
+        hidden, logits, state, extra_t = self._step_from_carry(seqs, carry, starts, tokens, lora, tree, extra)
         ints_t = built_round_inputs(state, extra_t[0].view(4, bucket), tokens, shape)
         stored, stored_q, slots_t = [], [], None
         if drafted:
@@ -392,13 +384,7 @@ class ModelRunner:
             return None
         lora = self.with_lora and any(seq.params.mode == "risd" and lay.num_new for seq, lay in zip(seqs, layouts))
         tree = any(lay.num_branches for lay in layouts)
-        if self.graphed_build:
-            hidden, logits, _, _ = self._step_from_carry(seqs, carry, starts, tokens, lora, tree)
-        else:
-            state, tables_t, _ = self._built_state(seqs, carry, starts, tokens)
-            bucket = tables_t.shape[0]
-            inputs = build_step(state, self.layouts, tables_t, tokens, bucket, self.block_size, graphs.scratch_slot)
-            hidden, logits = graphs.step_built(inputs, tables_t, tokens, lora, tree, max(starts) + tokens)
+        hidden, logits, _, _ = self._step_from_carry(seqs, carry, starts, tokens, lora, tree)
         return self._launch_round(seqs, [i * tokens for i in range(len(seqs))], list(range(len(seqs))), hidden,
                                   logits, graphed=True)
 
@@ -408,19 +394,11 @@ class ModelRunner:
         """A device-built step replayed with its build inside the graph (DecodeGraphs.step_from_carry):
         hidden, logits, the state the graph built it from (views of the carry and the plan), and
         `extra` (integer lists sent in the same copy) on the device."""
-        plan_t, tables_t, extra_t = self._send_plan(seqs, starts, tokens, extra, whole_bucket=True)
+        plan_t, tables_t, extra_t = self._send_plan(seqs, starts, tokens, extra)
         n = len(seqs)
         hidden, logits = self.decode_graphs.step_from_carry(carry.table[:n], plan_t, tables_t, tokens, lora, tree,
                                                             max(starts) + tokens)
         return hidden, logits, self._slot_state(carry, plan_t[:4, :n]), extra_t
-
-    def _built_state(self, seqs: list[Sequence], carry: Carry, starts: list[int], tokens: int,
-                     extra: list[list[int]] = ()) -> tuple[SlotState, torch.Tensor, list[torch.Tensor]]:
-        """The state carry leaves with the host's plan, the block tables on the device, and
-        `extra` (integer lists sent in the same copy) on the device, of a step built on the
-        device with eager ops."""
-        plan_t, tables_t, extra_t = self._send_plan(seqs, starts, tokens, extra, whole_bucket=False)
-        return self._slot_state(carry, plan_t), tables_t, extra_t
 
     @staticmethod
     def _slot_state(carry: Carry, plan: torch.Tensor) -> SlotState:
@@ -428,20 +406,18 @@ class ModelRunner:
         num_new, branches, mask_id, gated = plan
         return SlotState.from_carry(carry.table, num_new, branches, mask_id, gated.bool())
 
-    def _send_plan(self, seqs: list[Sequence], starts: list[int], tokens: int, extra: list[list[int]],
-                   whole_bucket: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """A device-built step's plan (K, branch cap, MASK id, gated, a row each: [4, n]; or, for
-        the whole bucket, padding entries last, with a fifth row `valid`: [5, bucket]), its block
-        tables ([bucket, width], covering T rows from each start) and `extra`, on the device in
-        one copy."""
+    def _send_plan(self, seqs: list[Sequence], starts: list[int], tokens: int, extra: list[list[int]]
+                   ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """A device-built step's plan (K, branch cap, MASK id, gated, valid, a row each over the
+        bucket, padding entries last: [5, bucket]), its block tables ([bucket, width], covering T
+        rows from each start) and `extra`, on the device in one copy."""
         n, bucket = len(seqs), self.decode_graphs.bucket_for(len(seqs))
         width = max(-(-(start + tokens) // self.block_size) for start in starts)
         modes = [seq.params.mode for seq in seqs]
         rows = [[seq.num_new for seq in seqs], [seq.num_branches for seq in seqs],
                 [self.mask_ids.get(mode) or 0 for mode in modes], [mode == "risd" for mode in modes]]
-        if whole_bucket:
-            pad = [0] * (bucket - n)
-            rows = [row + pad for row in rows] + [[1] * n + pad]
+        pad = [0] * (bucket - n)
+        rows = [row + pad for row in rows] + [[1] * n + pad]
         tables = padded_block_tables([seq.block_table for seq in seqs], width, self.scratch_block, bucket)
         plan_t, tables_t, *extra_t = self._to_device([[x for row in rows for x in row], tables, *extra], torch.long)
         return plan_t.view(len(rows), -1), tables_t.view(bucket, width), extra_t
