@@ -122,7 +122,7 @@ def test_reference_yaml_loads_and_runs(idlm_dir, tmp_path, capsys):
     out = llm.generate([[2, 3, 4]], SamplingParams(mode="isd", seed=1, max_tokens=16, **fields))[0]
     assert out.stats["tokens"] == 16 or out.finish_reason == "stop"
     code = main(["generate", "x", "--model", str(idlm_dir), "--decoding-config", str(path), "--max-tokens", "8",
-                 "--prompt-ids", "2,3,4", "--stats", "--stride-policy", "fixed"])  # drafts every round
+                 "--prompt-ids", "2,3,4", "--stats", "--stride-policy", "fixed", "--ignore-eos"])  # drafts every round
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "tokens/forward" in captured.err and "acceptance by position" in captured.err

@@ -530,15 +530,29 @@ def test_playground_stop_keeps_the_answer_system_prompt_and_new_chat(server, tmp
         assert browser.eval("history.length + document.querySelectorAll('#messages .msg').length") == 0
 
 
-def test_sigterm_stops_the_server_cleanly(server):
-    """Runs last: the running stream ends with an error chunk and [DONE] after --shutdown-timeout
-    and the process exits 0."""
+# a request must outlive the shutdown timeout on any machine: the tiny model decodes about a
+# thousand tokens a second on a fast CPU, so it gets a context of thousands
+LONG_CONTEXT = 4096
+
+
+@pytest.fixture()
+def long_context_server(tmp_path):
+    make_model(tmp_path / "model", "sdar", max_position_embeddings=LONG_CONTEXT)
+    with running_server(tmp_path / "model", tmp_path / "serve.log", "--max-num-seqs", "2",
+                        "--kv-cache-tokens", str(2 * LONG_CONTEXT)) as s:
+        yield s
+
+
+def test_sigterm_stops_the_server_cleanly(long_context_server):
+    """The running stream ends with an error chunk and [DONE] after --shutdown-timeout and the
+    process exits 0."""
+    server = long_context_server
     first_chunk = threading.Event()
     lines = []
 
     def stream():
-        body = {"model": MODEL, "prompt": "one two", "max_tokens": 500, "ignore_eos": True, "stream": True,
-                "mode": "ar"}
+        body = {"model": MODEL, "prompt": "one two", "max_tokens": LONG_CONTEXT - 16, "ignore_eos": True,
+                "stream": True, "mode": "ar"}
         with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
             for line in r.iter_lines():
                 first_chunk.set()

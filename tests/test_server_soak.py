@@ -15,14 +15,17 @@ from server_helpers import MODEL, ROUTES, assert_openai_error, running_server, s
 SOAK_REQUESTS = 500
 CONCURRENCY = 32
 SHUTDOWN_TIMEOUT = 2.0
+LONG_CONTEXT = 4096
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("soak")
-    make_model(folder, "sdar")
+    # long requests must outlive the shutdown timeout on any machine (the tiny model decodes about a
+    # thousand tokens a second on a fast CPU): a context of thousands
+    make_model(folder, "sdar", max_position_embeddings=LONG_CONTEXT)
     with running_server(folder, tmp_path_factory.mktemp("serve") / "serve.log", "--max-num-seqs", "32",
-                        "--shutdown-timeout", str(SHUTDOWN_TIMEOUT)) as s:
+                        "--shutdown-timeout", str(SHUTDOWN_TIMEOUT), "--kv-cache-tokens", str(32 * LONG_CONTEXT)) as s:
         yield s
 
 
@@ -137,7 +140,7 @@ def test_soak_of_mixed_requests_with_disconnects(server):
 def test_sigterm_under_load_ends_every_request_cleanly_and_exits_0(server):
     """Runs last. Long requests outlive the shutdown timeout and end with a 503 body or an error
     chunk and [DONE]; short ones finish; a request sent during the drain gets a 503 body."""
-    long = {"prompt": "the cat sat", "max_tokens": 480, "mode": "ar", "ignore_eos": True}
+    long = {"prompt": "the cat sat", "max_tokens": LONG_CONTEXT - 64, "mode": "ar", "ignore_eos": True}
     short = {"prompt": "the dog ran", "max_tokens": 24, "mode": "ar", "ignore_eos": True, "temperature": 0}
     plan = [(route, body, stream) for route in ("completions", "chat") for stream in (False, True)
             for body in [long] * 5 + [short] * 2]
@@ -156,8 +159,16 @@ def test_sigterm_under_load_ends_every_request_cleanly_and_exits_0(server):
     async def load():
         async with httpx.AsyncClient(base_url=server.url, timeout=60,
                                      limits=httpx.Limits(max_connections=64)) as http:
+            answered = await asyncio.to_thread(server.metric, "idlm_requests_total", status="ok")
             tasks = [asyncio.ensure_future(one(http, *step)) for step in plan]
-            while await asyncio.to_thread(server.metric, "idlm_running_requests") < len(plan):
+            # every request of the load running, or (a short one, on a busy machine) already answered
+            def started() -> float:
+                m = server.metrics()
+                return m.get(("idlm_running_requests", ()), 0) + m.get(("idlm_requests_total", (("status", "ok"),)), 0)
+
+            deadline = time.monotonic() + 60
+            while await asyncio.to_thread(started) < len(plan) + answered:
+                assert time.monotonic() < deadline, "the load's requests never all ran"
                 await asyncio.sleep(0.02)
             server.proc.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
