@@ -1,5 +1,5 @@
 """The rotary + KV-write kernel (kernels/triton_rope_kv.py) against apply_rotary and the paged
-writer, in Triton's interpreter on the CPU (the GPU runs it under IDLM_FUSED_ROPE_KV=1)."""
+writer, in Triton's interpreter on the CPU (on the GPU every Triton-attention forward runs it)."""
 
 import os
 
