@@ -146,11 +146,12 @@ def test_calibration_rejects_tiles_that_break_invariance():
     assert cpu_gemm.smallest_invariant_tile(lambda a: linear(a, w), 96, torch.float32) == 8
 
 
-def test_row_exact_attention_does_not_depend_on_batch_mates():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_exact_attention_does_not_depend_on_batch_mates(dtype):
     gen = torch.Generator().manual_seed(4)
     block, heads, kv_heads, dim = 16, 9, 3, 64
-    cache = torch.randn(2, 1, 40, block, kv_heads, dim, generator=gen)
-    q_rows = torch.randn(60, heads, dim, generator=gen)
+    cache = torch.randn(2, 1, 40, block, kv_heads, dim, generator=gen).to(dtype)
+    q_rows = torch.randn(60, heads, dim, generator=gen).to(dtype)
 
     def run(seqs: list[tuple[int, int, list[int]]]) -> torch.Tensor:
         """seqs: (context length after the writes, new rows, block table)."""
@@ -173,6 +174,15 @@ def test_row_exact_attention_does_not_depend_on_batch_mates():
     batched = run([(130, 1, [10, 11, 12, 13, 14, 15, 16, 17, 18]), (51, 7, [3, 4, 5, 6])])
     assert torch.equal(alone[0], in_round[0])
     assert torch.equal(alone[0], batched[1])
+    # and each row is causal attention over its own keys (SDPA over the same cache as reference)
+    ctx, rows = 51, 7
+    keys = cache[0, 0, 3:7].reshape(-1, kv_heads, dim)[:ctx].transpose(0, 1).float()
+    values = cache[1, 0, 3:7].reshape(-1, kv_heads, dim)[:ctx].transpose(0, 1).float()
+    values[:, ctx - rows:] = keys[:, ctx - rows:]  # run() writes the new rows' k as their v
+    reference = F.scaled_dot_product_attention(q_rows[:rows].float().transpose(0, 1)[None], keys[None], values[None],
+                                               attn_mask=torch.ones(rows, ctx, dtype=torch.bool).tril(ctx - rows),
+                                               enable_gqa=True)[0].transpose(0, 1)
+    torch.testing.assert_close(in_round.float(), reference, **({} if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)))
 
 
 # ---------------------------------------------------------------- selection
