@@ -182,7 +182,8 @@ def test_row_exact_attention_does_not_depend_on_batch_mates(dtype):
     reference = F.scaled_dot_product_attention(q_rows[:rows].float().transpose(0, 1)[None], keys[None], values[None],
                                                attn_mask=torch.ones(rows, ctx, dtype=torch.bool).tril(ctx - rows),
                                                enable_gqa=True)[0].transpose(0, 1)
-    torch.testing.assert_close(in_round.float(), reference, **({} if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)))
+    tolerance = {} if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(in_round.float(), reference, **tolerance)
 
 
 # ---------------------------------------------------------------- selection
