@@ -12,9 +12,11 @@ from idlm.models.lora import DEFAULT_ADAPTER
 
 HELDOUT = Path(__file__).resolve().parents[1] / "configs" / "smollm2" / "prompts" / "heldout.jsonl"
 # The shipped adapter (v5) reaches TPF 1.78 over 100 held-out answers of up to 256 tokens (float32,
-# benchmarks/RESULTS.md, "The v5 adapter") and 1.55 over these first four at 48 tokens on the CPU's
-# default (quantised) path (v3 before it: 1.71 and 1.60); a broken adapter gives about 1.0.
-MIN_TPF = 1.5
+# benchmarks/RESULTS.md, "The v5 adapter") and 1.42-1.45 over the first 16 of them at 48 tokens on the
+# CPU's default (quantised) path, float32 or bfloat16 activations; a broken adapter gives about 1.0.
+# (Four prompts swung between 1.46 and 1.54 with the attention's last bits: too few to set a floor.)
+HELDOUT_PROMPTS = 16
+MIN_TPF = 1.35
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,7 @@ def test_default_is_smollm2_with_the_risd_adapter(default_llm):
 
 
 def test_default_risd_equals_ar_and_drafts_are_accepted(default_llm):
-    prompts = [json.loads(line)["prompt"] for line in HELDOUT.read_text().splitlines()[:4]]
+    prompts = [json.loads(line)["prompt"] for line in HELDOUT.read_text().splitlines()[:HELDOUT_PROMPTS]]
     chats = [[{"role": "user", "content": p}] for p in prompts]
     greedy = dict(temperature=0, max_tokens=48)
     ar = default_llm.chat(chats, SamplingParams(mode="ar", **greedy))
