@@ -3,7 +3,8 @@ risd, with decode steps replayed as CUDA graphs and run eagerly, on tiny models 
 lets the Triton kernel run, for each round shape: no branches, every branch that fits (tree
 attention in the Triton kernel), and the adaptive stride. Greedy must match the CPU token for
 token; seeded sampling must match between graphs and eager on the GPU. Then requests arriving
-mid-decode (at most 12 at once, each with its own length), greedy and seeded.
+mid-decode (at most 12 at once, each with its own length), greedy and seeded; then refills in a
+closed loop, where a newcomer's prefill is launched while a decode step is in flight.
 The GPU engines launch each decode step before reading the one before (overlap scheduling, the
 default; --no-overlap-scheduling: they read first); the CPU reference cannot launch ahead.
 
@@ -100,6 +101,53 @@ def compare_arrivals(folder: Path, adapter: Path | None, prompts: list[list[int]
     return ok
 
 
+def run_refills(folder: Path, adapter: Path | None, prompts, params, setup: str, concurrency: int = 4):
+    """A closed loop, as `idlm bench` drives the engine: `concurrency` requests at first, a new one
+    added as each finishes, so each newcomer waits while a decode step is in flight (with overlap,
+    its prefill is launched ahead). Tokens by prompt index."""
+    overlap = OVERLAP and setup != "cpu"
+    llm = LLM(str(folder), adapter=str(adapter) if adapter else None, dtype="float32", progress=False,
+              kv_cache_tokens=8192, max_num_seqs=concurrency, overlap_scheduling=overlap, **SETUPS[setup])
+    engine = llm.engine
+    prefills, after_prefill = count_prefills_ahead(engine), count_launches_after_prefill(engine)
+    ids, done, queued = {}, {}, iter(range(len(prompts)))
+    for i in itertools.islice(queued, concurrency):
+        ids[engine.add_request(prompts[i], params[i])] = i
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[ids[out.request_id]] = out.token_ids
+                i = next(queued, None)
+                if i is not None:
+                    ids[engine.add_request(prompts[i], params[i])] = i
+    if overlap:
+        print(f"  ({setup}: {prefills[0]} prefills launched ahead, {after_prefill[0]} decode steps launched while "
+              f"a prefill was in flight)")
+    return [done[i] for i in range(len(prompts))], prefills[0]
+
+
+def compare_refills(folder: Path, adapter: Path | None, prompts: list[list[int]], mode: str) -> bool:
+    """Refills in a closed loop (the path of a prefill launched ahead): greedy must equal the CPU,
+    seeded T = 0.8 must equal between graphs and eager, and under overlap prefills must have been
+    launched ahead (else this part checked nothing new)."""
+    ok = True
+    strides = itertools.cycle((2, 3, 4, 8))
+    greedy = [SamplingParams(temperature=0, max_tokens=10 + 5 * (i % 7), ignore_eos=True, mode=mode,
+                             stride=next(strides)) for i in range(len(prompts))]
+    outs = {setup: run_refills(folder, adapter, prompts, greedy, setup) for setup in SETUPS}
+    for setup in ("cuda-graphs", "cuda-eager"):
+        same = sum(a == b for a, b in zip(outs["cpu"][0], outs[setup][0]))
+        ok &= same == len(prompts) and (outs[setup][1] > 0 or not OVERLAP)
+        print(f"{folder.name} {mode} refills greedy: {same}/{len(prompts)} equal on {setup} and cpu")
+    sampled = [SamplingParams(temperature=0.8, top_p=0.95, seed=i, max_tokens=p.max_tokens, ignore_eos=True,
+                              mode=mode, stride=p.stride) for i, p in enumerate(greedy)]
+    graph_out, eager_out = (run_refills(folder, adapter, prompts, sampled, s)[0] for s in ("cuda-graphs", "cuda-eager"))
+    same = sum(a == b for a, b in zip(graph_out, eager_out))
+    ok &= same == len(prompts)
+    print(f"{folder.name} {mode} refills seeded T=0.8: {same}/{len(prompts)} equal with graphs and eager")
+    return ok
+
+
 def main() -> None:
     lora_only = "--lora-only" in sys.argv[1:]  # the risd checks alone (the gated LoRA's kernels)
     root = Path(tempfile.mkdtemp())
@@ -112,6 +160,8 @@ def main() -> None:
     ok &= compare(root / "llama", adapter, prompts, ["ar", "risd"])
     ok &= lora_only or compare_arrivals(root / "qwen3", None, prompts, "isd")
     ok &= compare_arrivals(root / "llama", adapter, prompts, "risd")
+    ok &= lora_only or compare_refills(root / "qwen3", None, prompts[:24], "isd")
+    ok &= compare_refills(root / "llama", adapter, prompts[:24], "risd")
     print("ALL GREEDY EQUAL" if ok else "MISMATCH")
     sys.exit(0 if ok else 1)
 
