@@ -78,29 +78,6 @@ def compare(folder: Path, adapter: Path | None, prompts: list[list[int]], modes:
     return ok
 
 
-def compare_arrivals(folder: Path, adapter: Path | None, prompts: list[list[int]], mode: str) -> bool:
-    """Requests that join while others decode: at most 12 run at once and each stops at its own length,
-    so every later request arrives mid-decode (a prefill beside running rounds). Strides 2/3/4/8
-    with branches; greedy must equal the CPU, seeded T = 0.8 must equal between graphs and eager."""
-    ok = True
-    strides = itertools.cycle((2, 3, 4, 8))
-    greedy = [SamplingParams(temperature=0, max_tokens=12 + 7 * (i % 6), ignore_eos=True, mode=mode,
-                             stride=next(strides)) for i in range(len(prompts))]
-    outs = {setup: run(folder, adapter, prompts, greedy, setup, max_num_seqs=12)[0] for setup in SETUPS}
-    for setup in ("cuda-graphs", "cuda-eager"):
-        same = sum(a == b for a, b in zip(outs["cpu"], outs[setup]))
-        ok &= same == len(prompts)
-        print(f"{folder.name} {mode} arrivals greedy: {same}/{len(prompts)} equal on {setup} and cpu")
-    sampled = [SamplingParams(temperature=0.8, top_p=0.95, seed=i, max_tokens=p.max_tokens, ignore_eos=True,
-                              mode=mode, stride=p.stride) for i, p in enumerate(greedy)]
-    graph_out, eager_out = (run(folder, adapter, prompts, sampled, s, max_num_seqs=12)[0]
-                            for s in ("cuda-graphs", "cuda-eager"))
-    same = sum(a == b for a, b in zip(graph_out, eager_out))
-    ok &= same == len(prompts)
-    print(f"{folder.name} {mode} arrivals seeded T=0.8: {same}/{len(prompts)} equal with graphs and eager")
-    return ok
-
-
 def run_refills(folder: Path, adapter: Path | None, prompts, params, setup: str, concurrency: int = 4):
     """A closed loop, as `idlm bench` drives the engine: `concurrency` requests at first, a new one
     added as each finishes, so each newcomer waits while a decode step is in flight (with overlap,
@@ -126,25 +103,34 @@ def run_refills(folder: Path, adapter: Path | None, prompts, params, setup: str,
     return [done[i] for i in range(len(prompts))], prefills[0]
 
 
-def compare_refills(folder: Path, adapter: Path | None, prompts: list[list[int]], mode: str) -> bool:
-    """Refills in a closed loop (the path of a prefill launched ahead): greedy must equal the CPU,
-    seeded T = 0.8 must equal between graphs and eager, and under overlap prefills must have been
-    launched ahead (else this part checked nothing new)."""
+def compare_joins(folder: Path, adapter: Path | None, prompts: list[list[int]], mode: str, kind: str) -> bool:
+    """Requests that join while others decode, strides 2/3/4/8 with branches, each with its own
+    length; greedy must equal the CPU, seeded T = 0.8 must equal between graphs and eager.
+    kind "arrivals": every request queued at once, at most 12 running, so each later one is
+    admitted mid-decode (a prefill beside running rounds). kind "refills": a closed loop
+    (run_refills), where under overlap a newcomer's prefill is launched ahead, which must happen."""
     ok = True
     strides = itertools.cycle((2, 3, 4, 8))
-    greedy = [SamplingParams(temperature=0, max_tokens=10 + 5 * (i % 7), ignore_eos=True, mode=mode,
-                             stride=next(strides)) for i in range(len(prompts))]
-    outs = {setup: run_refills(folder, adapter, prompts, greedy, setup) for setup in SETUPS}
+    lengths = (lambda i: 12 + 7 * (i % 6)) if kind == "arrivals" else (lambda i: 10 + 5 * (i % 7))
+    greedy = [SamplingParams(temperature=0, max_tokens=lengths(i), ignore_eos=True, mode=mode, stride=next(strides))
+              for i in range(len(prompts))]
+
+    def outputs(params, setup):
+        if kind == "arrivals":
+            return run(folder, adapter, prompts, params, setup, max_num_seqs=12)[0], None
+        return run_refills(folder, adapter, prompts, params, setup)
+
+    outs = {setup: outputs(greedy, setup) for setup in SETUPS}
     for setup in ("cuda-graphs", "cuda-eager"):
         same = sum(a == b for a, b in zip(outs["cpu"][0], outs[setup][0]))
-        ok &= same == len(prompts) and (outs[setup][1] > 0 or not OVERLAP)
-        print(f"{folder.name} {mode} refills greedy: {same}/{len(prompts)} equal on {setup} and cpu")
+        ok &= same == len(prompts) and (kind == "arrivals" or outs[setup][1] > 0 or not OVERLAP)
+        print(f"{folder.name} {mode} {kind} greedy: {same}/{len(prompts)} equal on {setup} and cpu")
     sampled = [SamplingParams(temperature=0.8, top_p=0.95, seed=i, max_tokens=p.max_tokens, ignore_eos=True,
                               mode=mode, stride=p.stride) for i, p in enumerate(greedy)]
-    graph_out, eager_out = (run_refills(folder, adapter, prompts, sampled, s)[0] for s in ("cuda-graphs", "cuda-eager"))
+    graph_out, eager_out = (outputs(sampled, s)[0] for s in ("cuda-graphs", "cuda-eager"))
     same = sum(a == b for a, b in zip(graph_out, eager_out))
     ok &= same == len(prompts)
-    print(f"{folder.name} {mode} refills seeded T=0.8: {same}/{len(prompts)} equal with graphs and eager")
+    print(f"{folder.name} {mode} {kind} seeded T=0.8: {same}/{len(prompts)} equal with graphs and eager")
     return ok
 
 
@@ -158,10 +144,10 @@ def main() -> None:
     prompts = [[5 + i % 40, 6, 7, 8 + i % 30] * (1 + i % 5) for i in range(40)]
     ok = lora_only or compare(root / "qwen3", None, prompts, ["ar", "isd"])
     ok &= compare(root / "llama", adapter, prompts, ["ar", "risd"])
-    ok &= lora_only or compare_arrivals(root / "qwen3", None, prompts, "isd")
-    ok &= compare_arrivals(root / "llama", adapter, prompts, "risd")
-    ok &= lora_only or compare_refills(root / "qwen3", None, prompts[:24], "isd")
-    ok &= compare_refills(root / "llama", adapter, prompts[:24], "risd")
+    ok &= lora_only or compare_joins(root / "qwen3", None, prompts, "isd", "arrivals")
+    ok &= compare_joins(root / "llama", adapter, prompts, "risd", "arrivals")
+    ok &= lora_only or compare_joins(root / "qwen3", None, prompts[:24], "isd", "refills")
+    ok &= compare_joins(root / "llama", adapter, prompts[:24], "risd", "refills")
     print("ALL GREEDY EQUAL" if ok else "MISMATCH")
     sys.exit(0 if ok else 1)
 
