@@ -359,7 +359,9 @@ class ModelRunner:
         drafted = bool(shape.dmax) and carry.new_hidden is not None
         # the round's integers go with the step's plan and block tables, in one copy to the device
         extra = [[x for values in constants for x in values]] + ([list(range(n * shape.dmax))] if drafted else [])
-        hidden, logits, state, extra_t = self._step_from_carry(seqs, carry, starts, tokens, lora, tree, extra)
+        hidden, logits, plan_t, extra_t = self._step_from_carry(seqs, carry, starts, tokens, lora, tree, extra)
+        num_new, branches, mask_id, gated = plan_t[:4, :n]  # the state the step was built from
+        state = SlotState.from_carry(carry.table, num_new, branches, mask_id, gated.bool())
         ints_t = built_round_inputs(state, extra_t[0].view(4, bucket), tokens, shape)
         stored, stored_q, slots_t = [], [], None
         if drafted:
@@ -390,21 +392,14 @@ class ModelRunner:
 
     def _step_from_carry(self, seqs: list[Sequence], carry: Carry, starts: list[int], tokens: int, lora: bool,
                          tree: bool, extra: list[list[int]] = ()
-                         ) -> tuple[torch.Tensor, torch.Tensor | None, SlotState, list[torch.Tensor]]:
+                         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, list[torch.Tensor]]:
         """A device-built step replayed with its build inside the graph (DecodeGraphs.step_from_carry):
-        hidden, logits, the state the graph built it from (views of the carry and the plan), and
-        `extra` (integer lists sent in the same copy) on the device."""
+        hidden, logits, the plan it was built with ([5, bucket], _send_plan) and `extra` (integer
+        lists sent in the same copy) on the device."""
         plan_t, tables_t, extra_t = self._send_plan(seqs, starts, tokens, extra)
-        n = len(seqs)
-        hidden, logits = self.decode_graphs.step_from_carry(carry.table[:n], plan_t, tables_t, tokens, lora, tree,
-                                                            max(starts) + tokens)
-        return hidden, logits, self._slot_state(carry, plan_t[:4, :n]), extra_t
-
-    @staticmethod
-    def _slot_state(carry: Carry, plan: torch.Tensor) -> SlotState:
-        """The state carry leaves, with the plan [4, n] (K, branch cap, MASK id, gated) of its requests."""
-        num_new, branches, mask_id, gated = plan
-        return SlotState.from_carry(carry.table, num_new, branches, mask_id, gated.bool())
+        hidden, logits = self.decode_graphs.step_from_carry(carry.table[:len(seqs)], plan_t, tables_t, tokens, lora,
+                                                            tree, max(starts) + tokens)
+        return hidden, logits, plan_t, extra_t
 
     def _send_plan(self, seqs: list[Sequence], starts: list[int], tokens: int, extra: list[list[int]]
                    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:

@@ -135,9 +135,6 @@ class TritonPagedAttention(PagedKVWriter):
     """The same attention with the Triton kernel of `triton_attention.py` (CUDA only)."""
 
     kv_chunk = 0  # > 0: deterministic mode's fixed KV chunks (FixedSplitPagedAttention)
-    # the layer's rotary and KV write in one kernel (rotate_and_attend): a fifth of the launches of
-    # a small model's decode step
-    fuses_rotary = True
 
     @staticmethod
     def supports(device: torch.device, head_dim: int) -> bool:
@@ -161,8 +158,9 @@ class TritonPagedAttention(PagedKVWriter):
 
     def rotate_and_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                           sin: torch.Tensor) -> torch.Tensor | None:
-        """q and k not yet rotated: the rotary and the KV write in one kernel (triton_rope_kv.py),
-        then the attention; None where the tensors' layout does not suit that kernel."""
+        """q and k not yet rotated: the rotary and the KV write in one kernel (triton_rope_kv.py;
+        four launches a layer otherwise, a fifth of a small model's decode step), then the
+        attention; None where the tensors' layout does not suit that kernel."""
         from idlm.kernels import triton_rope_kv
 
         if not triton_rope_kv.supports(q, k, v, cos):

@@ -150,8 +150,10 @@ class SelfAttention(nn.Module):
         v = v.view(*lead, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        fuse = getattr(attn, "fuses_rotary", False) and not self.batch_invariant
-        out = attn.rotate_and_attend(self.layer, q, k, v, *rope) if fuse else None
+        # a backend that rotates as it writes the cache does both in one kernel (not in deterministic
+        # mode, whose rotary is the batch-invariant kernel's)
+        fused = None if self.batch_invariant else getattr(attn, "rotate_and_attend", None)
+        out = fused(self.layer, q, k, v, *rope) if fused is not None else None
         if out is None:
             rotary = elementwise("apply_rotary", self.batch_invariant)
             out = attn(self.layer, rotary(q, *rope), rotary(k, *rope), v)
