@@ -1,6 +1,7 @@
 """GPU check of the gated-LoRA kernels against GatedLoRA's PyTorch path, then their speed:
 `gated_lora_add_` (two weights; deterministic mode) and `gated_lora_finish` (the widened weight
-[W; A] of GatedLoRA.widen, the engine's path on a GPU).
+[W; A] of GatedLoRA.widen, the engine's path on a GPU), and `gated_silu_mul` (gate_up's consumer,
+which adds the delta itself) against the finish kernel followed by silu_mul.
 
 Random inputs over decode and small-prefill row counts, SmolLM2-135M and Qwen3-8B projection
 shapes, float32 and bfloat16. Rows with gate 0 must come back bit for bit unchanged (they are
@@ -18,8 +19,9 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from idlm.kernels.triton_lora import gated_lora_add_, gated_lora_finish
+from idlm.kernels.triton_lora import gated_lora_add_, gated_lora_finish, gated_silu_mul
 from idlm.models.lora import GatedLoRA
+from idlm.models.transformer import FUSED, compile_elementwise, silu_mul
 
 SHAPES = {  # name: (in_features, shard sizes of the fused projection, rank)
     "smollm2 qkv": (576, [576, 192, 192], 24),
@@ -75,7 +77,24 @@ def check(dtype: torch.dtype, gen: torch.Generator) -> list[dict]:
                                 gate0_rows_unchanged=untouched, rel_err=err, ok=ok))
             if not ok:
                 print("FAIL", results[-1])
+            results += check_consumer(name, sizes, dtype, wide, lora, gate)
     return results
+
+
+def check_consumer(name: str, sizes: list[int], dtype: torch.dtype, wide: torch.Tensor, lora: GatedLoRA,
+                   gate: torch.Tensor) -> list[dict]:
+    """gated_silu_mul (a projection of two equal shards: gate_up) against the finish kernel then
+    the plain silu_mul, in float32."""
+    if len(sizes) != 2 or sizes[0] != sizes[1]:
+        return []
+    ref = silu_mul(gated_lora_finish(wide, lora.fused_B, gate).float())
+    got = gated_silu_mul(wide, lora.fused_B, gate)
+    err = ((got.float() - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+    ok = err < (1e-5 if dtype == torch.float32 else 1e-2)
+    result = dict(kernel="silu_mul", shape=name, rows=wide.shape[0], dtype=str(dtype), rel_err=err, ok=ok)
+    if not ok:
+        print("FAIL", result)
+    return [result]
 
 
 def speed(gen: torch.Generator) -> list[dict]:
@@ -95,12 +114,24 @@ def speed(gen: torch.Generator) -> list[dict]:
                 "two_weight": time_in_graph(partial(two_weight_projection, x, weight, lora, gate)),
                 "widened": time_in_graph(partial(widened_projection, x, wide_weight, lora, gate)),
             }
+            wide = F.linear(x, wide_weight)
+            if len(sizes) == 2:  # gate_up: finish then silu_mul, against the fused consumer
+                t["finish+consumer"] = time_in_graph(partial(finish_then_silu_mul, wide, lora.fused_B, gate))
+                t["consumer"] = time_in_graph(partial(gated_silu_mul, wide, lora.fused_B, gate))
             out.append(dict(shape=name, rows=rows, triton_us=t["triton"], torch_us=t["torch"], base_gemm_us=t["gemm"],
-                            two_weight_projection_us=t["two_weight"], widened_projection_us=t["widened"]))
+                            two_weight_projection_us=t["two_weight"], widened_projection_us=t["widened"],
+                            finish_then_consumer_us=t.get("finish+consumer"), fused_consumer_us=t.get("consumer")))
             print(f"{name:16s} rows {rows:4d}: add kernel {t['triton']:6.1f} us, torch delta {t['torch']:6.1f} us | "
                   f"projection: base GEMM {t['gemm']:6.1f}, + add kernel {t['two_weight']:6.1f}, "
-                  f"widened {t['widened']:6.1f} us")
+                  f"widened {t['widened']:6.1f} us" + (f" | finish + compiled consumer {t['finish+consumer']:6.1f}, "
+                                                       f"fused consumer {t['consumer']:6.1f} us"
+                                                       if "consumer" in t else ""))
     return out
+
+
+def finish_then_silu_mul(wide: torch.Tensor, fused_b: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """What the engine's graphs ran before gated_silu_mul: the finish kernel, then the compiled silu_mul."""
+    return FUSED["silu_mul"](gated_lora_finish(wide, fused_b, gate))
 
 
 def two_weight_projection(x: torch.Tensor, weight: torch.Tensor, lora: GatedLoRA, gate: torch.Tensor):
@@ -144,6 +175,7 @@ def main() -> None:
     failed = [c for c in checks if not c["ok"]]
     print(f"{len(checks) - len(failed)}/{len(checks)} checks passed; worst rel err "
           f"{max(c['rel_err'] for c in checks):.2e}")
+    compile_elementwise()
     timings = speed(gen)
     if args.json:
         with open(args.json, "w") as f:

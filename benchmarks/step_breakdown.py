@@ -1,6 +1,7 @@
 """Where a decode step's wall time goes, per engine function, without a profiler's overhead:
 each named function is wrapped in a perf_counter timer (nested times are included in their
-caller's). A closed loop of C requests from a workload per mode, one engine; every mode runs
+caller's). C requests from a workload per mode, one engine (with --requests R > C, a closed loop:
+a newcomer joins as each request finishes, until R have run, as `idlm bench` does); every mode runs
 the whole loop once untimed first (so CUDA graphs of every shape the loop meets are captured),
 then once timed. Steps are also told apart by kind: prefill, decode built on the device from
 the step before (next_step.build_step), decode built on the host.
@@ -96,6 +97,23 @@ def instrument() -> None:
         timed(owner, name, label)
 
 
+class Feed:
+    """Adds the workload's next request (greedy, stride 4 for isd/risd) each call, until `total`."""
+
+    def __init__(self, engine, lines: list[dict], mode: str, policy: str, total: int):
+        self.engine, self.lines, self.mode, self.policy, self.total = engine, lines, mode, policy, total
+        self.added = 0
+
+    def __call__(self) -> None:
+        if self.added == self.total:
+            return
+        line = self.lines[self.added % len(self.lines)]
+        self.added += 1
+        self.engine.add_request(line["prompt"], SamplingParams(
+            mode=self.mode, stride=None if self.mode == "ar" else 4, stride_policy=self.policy or None, temperature=0,
+            max_tokens=line.get("max_tokens", 256)))
+
+
 def summarise(run: str, c: int, steps: int, tokens: int, wall: float, engine) -> dict:
     per_step = {k: round(v / steps * 1e3, 3) for k, v in sorted(TOTALS.items(), key=lambda kv: -kv[1])}
     kinds = {k: dict(steps=len(v), median_ms=round(statistics.median(v) * 1e3, 3),
@@ -112,15 +130,17 @@ def summarise(run: str, c: int, steps: int, tokens: int, wall: float, engine) ->
                 adaptive_k_chosen=chosen)
 
 
-def profile_loop(engine) -> dict[str, tuple[int, float]]:
-    """Runs the engine's requests to the end under torch.profiler; prints and returns, per GPU
-    kernel name (shortened), (launches, microseconds) per step, the largest first."""
+def profile_loop(engine, refill) -> dict[str, tuple[int, float]]:
+    """Runs the engine's requests to the end under torch.profiler, calling refill() once for each
+    request that finishes; prints and returns, per GPU kernel name (shortened), (launches,
+    microseconds) per step, the largest first."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         n = 0
         while engine.has_unfinished():
-            engine.step()
+            for _ in range(sum(o.finished for o in engine.step())):
+                refill()
             n += 1
         if engine.device.type == "cuda":
             torch.cuda.synchronize()
@@ -147,6 +167,8 @@ def main() -> None:
     p.add_argument("--adapter")
     p.add_argument("--workload", required=True)
     p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--requests", type=int, default=0,
+                   help="requests in all (default: the concurrency, one wave); more refill the batch as they finish")
     p.add_argument("--modes", default="ar,risd:fixed,risd:adaptive", help="mode[:stride policy], comma-separated")
     p.add_argument("--gpu-profile", action="store_true",
                    help="a third pass of each mode under torch.profiler: GPU kernel time per step, by kernel")
@@ -156,6 +178,7 @@ def main() -> None:
     args = p.parse_args()
     lines = [json.loads(x) for x in Path(args.workload).read_text().splitlines() if x.strip()]
     c = args.concurrency
+    total = max(args.requests, c)
     engine = llm_engine.LLMEngine(EngineConfig(model=args.model, adapter=args.adapter, max_num_seqs=c,
                                                enable_prefix_caching=False, progress=False,
                                                overlap_scheduling=args.overlap_scheduling))
@@ -167,15 +190,13 @@ def main() -> None:
         for pass_ in ("warm", "timed", "profiled")[:3 if args.gpu_profile else 2]:
             TOTALS.clear()
             KINDS.clear()
-            for i in range(c):
-                line = lines[i % len(lines)]
-                engine.add_request(line["prompt"], SamplingParams(
-                    mode=mode, stride=None if mode == "ar" else 4, stride_policy=policy or None, temperature=0,
-                    max_tokens=line.get("max_tokens", 256)))
+            feed = Feed(engine, lines, mode, policy, total)
+            for _ in range(c):
+                feed()
             if engine.device.type == "cuda":
                 torch.cuda.synchronize()
             if pass_ == "profiled":
-                report[run]["gpu_kernels_us_per_step"] = profile_loop(engine)
+                report[run]["gpu_kernels_us_per_step"] = profile_loop(engine, feed)
                 continue
             t0 = time.perf_counter()
             steps = tokens = 0
@@ -183,6 +204,8 @@ def main() -> None:
                 outs = engine.step()
                 steps += 1
                 tokens += sum(len(o.new_token_sources) for o in outs)
+                for _ in range(sum(o.finished for o in outs)):
+                    feed()
             wall = time.perf_counter() - t0
             if pass_ == "timed":
                 report[run] = summarise(run, c, steps, tokens, wall, engine)

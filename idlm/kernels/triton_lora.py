@@ -134,3 +134,72 @@ def gated_lora_add_(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, fu
         num_warps=4,
     )
     return out
+
+
+# gate_up's gated delta folded into its consumer, silu_mul, so that projection spends no launch of
+# its own on the delta (a launch costs ~3 us of an H200's graph replay whatever its size; a risd
+# step had 120 finish launches, 0.5 ms of 2.5 at C = 64). The projection is rounded as
+# gated_lora_finish rounds it (bf16(base + delta) on gated rows, the base on the others) before
+# silu_mul. The other projections keep the finish kernel: folding o's and down's into the add +
+# norm after them made that kernel slower than finish + the compiled norm (it must hold whole rows,
+# so it gets few programs), and qkv's consumer (triton_rope_kv) works a row at a time
+# (benchmarks/RESULTS.md, "The gated delta in its consumer").
+
+
+@triton.jit
+def _gated_silu_mul(
+    wide_ptr, b_ptr, gate_ptr, out_ptr,
+    rows, inter, rank,
+    stride_wm, stride_bn, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, BLOCK_R)
+    row_ok = rm < rows
+    col_ok = rn < inter
+    r_ok = rr < rank
+    gate = tl.load(gate_ptr + rm, mask=row_ok, other=0.0).to(tl.float32)
+    gated = (gate != 0)[:, None]
+    both = row_ok[:, None] & col_ok[None, :]
+    w_row = wide_ptr + rm[:, None] * stride_wm
+    # wide row: [act (inter) | up (inter) | x A_act^T (rank) | x A_up^T (rank)]; fused_B is
+    # block-diagonal: act columns take B[:, :rank], up columns B[inter:, rank:2 rank]
+    act = tl.load(w_row + rn[None, :], mask=both, other=0.0)
+    up = tl.load(w_row + inter + rn[None, :], mask=both, other=0.0)
+    low_act = tl.load(w_row + 2 * inter + rr[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+    low_up = tl.load(w_row + 2 * inter + rank + rr[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+    b_act = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :], mask=col_ok[:, None] & r_ok[None, :], other=0.0)
+    b_up = tl.load(b_ptr + (inter + rn[:, None]) * stride_bn + rank + rr[None, :],
+                   mask=col_ok[:, None] & r_ok[None, :], other=0.0)
+    delta_act = tl.dot((low_act.to(tl.float32) * gate[:, None]).to(b_act.dtype), tl.trans(b_act),
+                       input_precision=PRECISION)
+    delta_up = tl.dot((low_up.to(tl.float32) * gate[:, None]).to(b_up.dtype), tl.trans(b_up),
+                      input_precision=PRECISION)
+    act = tl.where(gated, (act.to(tl.float32) + delta_act).to(act.dtype), act).to(tl.float32)
+    up = tl.where(gated, (up.to(tl.float32) + delta_up).to(up.dtype), up).to(tl.float32)
+    out = act / (1.0 + tl.exp(-act)) * up
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], out.to(low_act.dtype), mask=both)
+
+
+def gated_silu_mul(wide: torch.Tensor, fused_b: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """silu(act) * up of a fused gate_up projection whose two shards' gated deltas are still to be
+    added: wide [..., 2 I + 2 R] = x [W_act; W_up; A_act; A_up]^T, fused_b [2 I, 2 R] block-diagonal
+    (scaled), gate [...] of 0/1. Returns [..., I]."""
+    out2, rank2 = fused_b.shape
+    inter, rank = out2 // 2, rank2 // 2
+    lead = wide.shape[:-1]
+    w2 = wide.reshape(-1, wide.shape[-1])
+    assert w2.stride(-1) == 1 and w2.shape[1] == out2 + rank2
+    rows = w2.shape[0]
+    out = torch.empty(rows, inter, dtype=wide.dtype, device=wide.device)
+    if rows:
+        block_m = 16 if rows <= 16 else 32
+        grid = (triton.cdiv(rows, block_m), triton.cdiv(inter, 64))
+        _gated_silu_mul[grid](
+            w2, fused_b, gate.reshape(-1), out, rows, inter, rank,
+            w2.stride(0), fused_b.stride(0), out.stride(0),
+            BLOCK_M=block_m, BLOCK_N=64, BLOCK_R=max(16, triton.next_power_of_2(rank)),
+            PRECISION="ieee" if wide.dtype == torch.float32 else "tf32", num_warps=4,
+        )
+    return out.view(*lead, inter)

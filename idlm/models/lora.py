@@ -87,6 +87,17 @@ class GatedLoRA(nn.Module):
         delta = F.linear(low * gate[..., None].to(low.dtype), self.fused_B)
         return torch.where(gate[..., None] != 0, base + delta, base)
 
+    def leaves_delta_to_consumer(self, x: torch.Tensor) -> bool:
+        """Whether the projection's consumer may add the gated delta itself (wide_projection): a
+        widened LoRA on a GPU, outside deterministic mode."""
+        return self.wide_weight is not None and x.is_cuda and not self.batch_invariant
+
+    def wide_projection(self, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """x [W; A]^T alone (widened): the base columns, then x A^T. Its consumer adds the gated
+        delta as it reads (kernels/triton_lora.py gated_silu_mul), so the delta costs no launch of
+        its own."""
+        return F.linear(x, self.wide_weight, self.wide_bias)
+
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         if self.fused_B is not None:
             return F.linear(F.linear(x, self.lora_A), self.fused_B) * gate[..., None]

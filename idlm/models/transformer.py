@@ -177,6 +177,14 @@ class MLP(nn.Module):
         return out if self.all_reduce is None else self.all_reduce(out)
 
     def _forward(self, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        lora = self.gate_up_lora
+        if lora is not None and gate is not None and lora.leaves_delta_to_consumer(x):
+            from idlm.kernels.triton_lora import gated_silu_mul
+
+            # one kernel adds gate_up's gated delta and applies silu_mul (the finish kernel and
+            # the compiled silu_mul were two launches)
+            act = gated_silu_mul(lora.wide_projection(self.gate_up_proj, x), lora.fused_B, gate)
+            return project(self.down_proj, self.down_lora, act, gate)
         if x.is_cuda or type(self.gate_up_proj) is not nn.Linear:
             gate_up = project(self.gate_up_proj, self.gate_up_lora, x, gate)
             return project(self.down_proj, self.down_lora, elementwise("silu_mul", self.batch_invariant)(gate_up),
