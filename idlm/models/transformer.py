@@ -156,7 +156,13 @@ class SelfAttention(nn.Module):
         out = fused(self.layer, q, k, v, *rope) if fused is not None else None
         if out is None:
             rotary = elementwise("apply_rotary", self.batch_invariant)
-            out = attn(self.layer, rotary(q, *rope), rotary(k, *rope), v)
+            if self.q_norm is None and not self.batch_invariant:
+                # q and k sit side by side in the qkv row: one rotary over both heads halves its
+                # ops (a CPU decode step is a few rows, so each op's fixed cost is what counts)
+                qk = rotary(qkv[..., :self.q_size + self.kv_size].view(*lead, -1, self.head_dim), *rope)
+                out = attn(self.layer, qk[..., :self.num_heads, :], qk[..., self.num_heads:, :], v)
+            else:
+                out = attn(self.layer, rotary(q, *rope), rotary(k, *rope), v)
         out = project(self.o_proj, self.o_lora, out.reshape(*lead, self.q_size), gate)
         return out if self.all_reduce is None else self.all_reduce(out)
 
