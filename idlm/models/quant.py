@@ -162,13 +162,16 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (a decode step calls this 120 times on SmolLM2: every op and attribute lookup here counts)
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (.to's result is contiguous)
+        flat = x.reshape(-1, self.in_features)
+        if flat.dtype != torch.bfloat16 or not flat.is_contiguous():
+            flat = flat.to(torch.bfloat16).contiguous()
         if self.num_planes > 1:
             flat = flat.repeat(1, self.num_planes)
         out = _INT4_MM(flat, self.packed, GROUP, self.scale_zero)
         if self.n_pad:
             out = out[:, :self.out_features]
-        out = out.to(x.dtype)
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)
