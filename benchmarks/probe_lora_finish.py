@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from check_triton_lora import time_in_graph  # (benchmarks/ is the script's folder)
 
 from idlm.kernels.triton_lora import _gated_lora_finish, gated_lora_finish
 
@@ -81,23 +82,6 @@ def finish_blocks(wide, fused_b, gate, block_m, block_n, warps):
                              BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(rank)),
                              PRECISION="tf32", num_warps=warps)
     return out
-
-
-def graph_us(fn, reps=50) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps * 1e3
 
 
 def probe(rows: int, per_request: int) -> dict:
@@ -159,7 +143,7 @@ def probe(rows: int, per_request: int) -> dict:
             assert all(torch.equal(g[off], r[off]) for g, r in zip(got, ref)), f"{name}: ungated rows changed"
     timings = {}
     for name, fn in variants.items():
-        timings[name] = graph_us(lambda fn=fn: [fn() for _ in range(LAYERS)]) / LAYERS  # one layer's 4 calls
+        timings[name] = time_in_graph(fn, calls=LAYERS)  # one layer's 4 calls; a step's 30 layers in a graph
     best = sorted(timings.items(), key=lambda kv: kv[1])
     print(f"rows {rows} ({per_request} a request): us per layer (4 projections); x30 for a step")
     for name in ("gemm only", "copy", "current"):
