@@ -163,6 +163,9 @@ class RiggedLM(nn.Module):
         seen = attn(0, q, k, v)[:, 0, 0] * (positions + 1)
         return torch.stack([input_ids.float(), positions.float(), seen.round()], dim=-1)
 
+    def head_rows_independent(self) -> bool:
+        return True  # each row's logits are a function of that row alone: a round takes them in one call
+
     def logits(self, hidden):
         ids, p, m = hidden[:, 0].long(), hidden[:, 1].long(), hidden[:, 2].long()
         token = self.target(p + 1)
@@ -506,3 +509,32 @@ def test_seeded_requests_with_branches_draw_the_same_tokens_alone_or_batched(idl
         batched = llm.generate(prompts, params)
         assert sum(o.stats["branch_rounds"] for o in batched) > 0
         assert [o.token_ids for o in batched] == [llm.generate([p], [q])[0].token_ids for p, q in zip(prompts, params)]
+
+
+def test_one_head_call_reads_the_rows_each_outcome_takes_its_new_drafts_from():
+    """With a row-independent head (the CPU's) a round takes all its logits in one call, new-draft
+    rows for every outcome included: the rows picked for an outcome must be the ones the round's
+    own rule gives (a bonus: the main chain's MASK rows; a rejection at j < branches: branch j's),
+    over random layouts and outcomes."""
+    from idlm.engine.round_step import new_draft_candidates, picked_candidates
+
+    gen = torch.Generator().manual_seed(0)
+    picked_branch = 0
+    for _ in range(300):
+        b, k = (int(x) for x in torch.randint(1, 7, (2,), generator=gen))
+        num_new = torch.randint(0, k + 1, (b,), generator=gen)
+        branches = (torch.rand(b, generator=gen) * (num_new + 1).float()).long()  # at most num_new
+        num_drafts = torch.randint(0, k + 1, (b,), generator=gen)
+        accepted = (torch.rand(b, generator=gen) * (num_drafts + 1).float()).long()
+        main_rows = torch.randint(0, 60, (b,), generator=gen)
+        t = dict(main_rows=main_rows, branch_rows=main_rows + num_new, num_new=num_new, branches=branches)
+        num_rows = 70
+        candidates = new_draft_candidates(t, k, int(branches.max()), num_rows)
+        bonus = accepted == num_drafts
+        picked = candidates.flatten()[picked_candidates(candidates, bonus, accepted)]
+        first = torch.where(bonus, main_rows, t["branch_rows"] + accepted * num_new)
+        want = (first[:, None] + torch.arange(k)).clamp(max=num_rows - 1)
+        has_new = (bonus | (accepted < branches)) & (num_new > 0)
+        assert torch.equal(picked[has_new], want[has_new])
+        picked_branch += int((has_new & ~bonus & (accepted > 0)).sum())
+    assert picked_branch > 20  # branches past the first were picked, not only B_1 and the main chain

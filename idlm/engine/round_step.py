@@ -193,8 +193,22 @@ def run_round(model: CausalLM, hidden: torch.Tensor, all_logits: torch.Tensor | 
         return token_probs(logits, st, banned_token)
 
     rows = t["target_rows"]
-    logits = all_logits[rows] if all_logits is not None else model.logits(hidden[rows])
-    if d:  # the drafts' own distributions, from the rows that proposed them a round ago
+    candidates = None
+    if all_logits is None and model.head_rows_independent():
+        # one head call for every row the round may read (the head's weight streamed once, not
+        # three times): the targets, the drafts' stored rows, and the rows each outcome would
+        # take its new drafts from. A row's logits are the same bits in any call.
+        parts = [hidden[rows]] + ([stored_hidden] if d else [])
+        if k:
+            candidates = new_draft_candidates(t, k, int(t["branches"].max()), hidden.shape[0])
+            parts.append(hidden[candidates.flatten()])
+        all_logits = model.logits(torch.cat(parts))
+        logits = all_logits[:b * (2 * d + 1)]
+    elif all_logits is not None:
+        logits = all_logits[rows]
+    else:
+        logits = model.logits(hidden[rows])
+    if d and candidates is None:  # the drafts' own distributions, from the rows that proposed them a round ago
         logits = torch.cat([logits, model.logits(stored_hidden)])
     raw_logprobs = None
     if extras is not None and extras.top_n is not None:
@@ -229,7 +243,10 @@ def run_round(model: CausalLM, hidden: torch.Tensor, all_logits: torch.Tensor | 
         offsets = torch.arange(k, device=device)
         new_rows = (first[:, None] + offsets[None]).clamp(max=hidden.shape[0] - 1).flatten()
         new_hidden = hidden[new_rows]
-        new_logits = all_logits[new_rows] if all_logits is not None else model.logits(new_hidden)
+        if candidates is not None:
+            new_logits = all_logits[b * (2 * d + 1) + picked_candidates(candidates, bonus, accepted).flatten()]
+        else:
+            new_logits = all_logits[new_rows] if all_logits is not None else model.logits(new_hidden)
         if extras is not None and extras.propose is not None:
             new_drafts, new_q = extras.propose(new_logits.view(b, k, vocab), rb, verdict, probs_of)
         else:
@@ -249,6 +266,30 @@ def run_round(model: CausalLM, hidden: torch.Tensor, all_logits: torch.Tensor | 
         carry = carry_table(verdict.final_token, t["positions"], verdict.accepted, kept, num_kept)
     packed = torch.cat([x.double().flatten() for x in host.values()])
     return RoundResult(packed, [(name, x.numel()) for name, x in host.items()], new_q, new_hidden, carry)
+
+
+def new_draft_candidates(t: dict[str, torch.Tensor], k: int, max_branches: int, num_rows: int) -> torch.Tensor:
+    """[B, 1 + max_branches, K]: the rows each request's new drafts may come from, the main chain's
+    MASK rows first, then each branch's (rows clamped into the forward, as the round's own)."""
+    offsets = torch.arange(k, device=t["main_rows"].device)
+    main = t["main_rows"][:, None, None] + offsets
+    branch = torch.arange(max_branches, device=offsets.device)
+    branch_starts = t["branch_rows"][:, None] + branch * t["num_new"][:, None]
+    branches = branch_starts[:, :, None] + offsets
+    return torch.cat([main, branches], dim=1).clamp(max=num_rows - 1)
+
+
+def picked_candidates(candidates: torch.Tensor, bonus: torch.Tensor, accepted: torch.Tensor) -> torch.Tensor:
+    """[B, K] indices into candidates.flatten() (new_draft_candidates) of the rows each request's
+    new drafts come from: the main chain's after a bonus, branch j's after a rejection at j <
+    branches. A request rejected past its branches proposes nothing this round: the rows it reads
+    do not matter."""
+    b, choices, k = candidates.shape
+    num_branches = choices - 1
+    choice = (torch.where(bonus, 0, 1 + accepted.clamp(max=num_branches - 1)) if num_branches
+              else torch.zeros_like(accepted))
+    requests = torch.arange(b, device=candidates.device)
+    return (requests * choices + choice)[:, None] * k + torch.arange(k, device=candidates.device)[None]
 
 
 def _committed_logprobs(raw_logprobs: torch.Tensor, drafts: torch.Tensor, verdict: Verdict,

@@ -286,6 +286,11 @@ class CausalLM(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
+    def head_rows_independent(self) -> bool:
+        """Whether a row's logits are the same bits whatever rows share the head's call (a
+        row-tiled head: the CPU's quantised path), so one call may serve several row sets."""
+        return isinstance(self.lm_head, RowTiledLinear)
+
     def use_batch_invariant(self) -> None:
         """Deterministic mode: each row's bits stop depending on the rest of the forward. On CUDA
         every linear, the head, the norms and the elementwise steps run the fixed-configuration
