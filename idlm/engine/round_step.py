@@ -193,7 +193,7 @@ def run_round(model: CausalLM, hidden: torch.Tensor, all_logits: torch.Tensor | 
         return token_probs(logits, st, banned_token)
 
     rows = t["target_rows"]
-    candidates = None
+    candidates = candidate_logits = None
     if all_logits is None and model.head_rows_independent():
         # one head call for every row the round may read (the head's weight streamed once, not
         # three times): the targets, the drafts' stored rows, and the rows each outcome would
@@ -202,14 +202,12 @@ def run_round(model: CausalLM, hidden: torch.Tensor, all_logits: torch.Tensor | 
         if k:
             candidates = new_draft_candidates(t, k, int(t["branches"].max()), hidden.shape[0])
             parts.append(hidden[candidates.flatten()])
-        all_logits = model.logits(torch.cat(parts))
-        logits = all_logits[:b * (2 * d + 1)]
-    elif all_logits is not None:
-        logits = all_logits[rows]
+        logits = model.logits(torch.cat(parts))
+        logits, candidate_logits = logits[:b * (2 * d + 1)], logits[b * (2 * d + 1):]
     else:
-        logits = model.logits(hidden[rows])
-    if d and candidates is None:  # the drafts' own distributions, from the rows that proposed them a round ago
-        logits = torch.cat([logits, model.logits(stored_hidden)])
+        logits = all_logits[rows] if all_logits is not None else model.logits(hidden[rows])
+        if d:  # the drafts' own distributions, from the rows that proposed them a round ago
+            logits = torch.cat([logits, model.logits(stored_hidden)])
     raw_logprobs = None
     if extras is not None and extras.top_n is not None:
         raw_logprobs = logits[:b * (d + 1)].float().log_softmax(-1).view(b, d + 1, vocab)
@@ -244,7 +242,7 @@ def run_round(model: CausalLM, hidden: torch.Tensor, all_logits: torch.Tensor | 
         new_rows = (first[:, None] + offsets[None]).clamp(max=hidden.shape[0] - 1).flatten()
         new_hidden = hidden[new_rows]
         if candidates is not None:
-            new_logits = all_logits[b * (2 * d + 1) + picked_candidates(candidates, bonus, accepted).flatten()]
+            new_logits = candidate_logits[picked_candidates(candidates, bonus, accepted).flatten()]
         else:
             new_logits = all_logits[new_rows] if all_logits is not None else model.logits(new_hidden)
         if extras is not None and extras.propose is not None:
