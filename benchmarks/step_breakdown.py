@@ -3,7 +3,7 @@ each named function is wrapped in a perf_counter timer (nested times are include
 caller's). C requests from a workload per mode, one engine (with --requests R > C, a closed loop:
 a newcomer joins as each request finishes, until R have run, as `idlm bench` does); every mode runs
 the whole loop once untimed first (so CUDA graphs of every shape the loop meets are captured),
-then once timed. Steps are also told apart by kind: prefill, decode built on the device from
+then once timed. Steps are also told apart by kind (decode steps by K and rows per request): prefill, decode built on the device from
 the step before (next_step.build_step), decode built on the host.
 
   python benchmarks/step_breakdown.py --model M --adapter A --workload W --concurrency 64
@@ -53,20 +53,23 @@ def classify_steps() -> None:
     step, launch, built, ahead = E._step, R.launch, R._run_built, R.launch_next
     state = {}
 
+    def shape(seqs) -> str:  # a decode step's K and rows per request, the stride policy's key
+        return f" K={max(s.num_new for s in seqs)} rows={max(s.layout.num_rows for s in seqs)}"
+
     def launch_wrapper(self, seqs, num_new):
-        state["kind"] = "prefill" if any(n > 1 for n in num_new) else "decode, host-built"
+        state["kind"] = "prefill" if any(n > 1 for n in num_new) else "decode, host-built" + shape(seqs)
         return launch(self, seqs, num_new)
 
     def ahead_wrapper(self, seqs):
         out = ahead(self, seqs)
         if out is not None:
-            state["kind"] = "decode, launched ahead"  # (the step that launched it is filed under this kind)
+            state["kind"] = "decode, launched ahead" + shape(seqs)  # (the step that launched it is filed under this kind)
         return out
 
     def built_wrapper(self, seqs, carry):
         out = built(self, seqs, carry)
         if out is not None:
-            state["kind"] = "decode, device-built"
+            state["kind"] = "decode, device-built" + shape(seqs)
         return out
 
     def step_wrapper(self):
@@ -161,6 +164,29 @@ def profile_loop(engine, refill) -> dict[str, tuple[int, float]]:
     return out
 
 
+def cprofile_loop(engine, refill, top: int) -> list[dict]:
+    """Runs the engine's requests to the end under cProfile; prints and returns the `top` functions
+    by their own time per step."""
+    import cProfile
+    import pstats
+
+    prof, n = cProfile.Profile(), 0
+    prof.enable()
+    while engine.has_unfinished():
+        for _ in range(sum(o.finished for o in engine.step())):
+            refill()
+        n += 1
+    prof.disable()
+    stats = pstats.Stats(prof).stats
+    rows = sorted(((tt, ct, calls, f"{Path(file).name}:{line} {name}")
+                   for (file, line, name), (_, calls, tt, ct, _) in stats.items()), reverse=True)[:top]
+    print(f"  host functions, own time per step under cProfile ({n} steps):")
+    for tt, ct, calls, where in rows:
+        print(f"    {tt / n * 1e3:7.3f} ms own {ct / n * 1e3:7.3f} ms with callees {calls / n:7.1f} calls  {where}")
+    return [dict(function=where, own_ms=tt / n * 1e3, cumulative_ms=ct / n * 1e3, calls=calls / n)
+            for tt, ct, calls, where in rows]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model")
@@ -172,6 +198,9 @@ def main() -> None:
     p.add_argument("--modes", default="ar,risd:fixed,risd:adaptive", help="mode[:stride policy], comma-separated")
     p.add_argument("--gpu-profile", action="store_true",
                    help="a third pass of each mode under torch.profiler: GPU kernel time per step, by kernel")
+    p.add_argument("--cprofile", type=int, default=0, metavar="N",
+                   help="one more pass of each mode under cProfile: the N functions with the most host time of their "
+                        "own (the profiler slows Python, so compare shares, not times)")
     p.add_argument("--overlap-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="EngineConfig.overlap_scheduling (default on)")
     p.add_argument("-o", "--output")
@@ -185,9 +214,12 @@ def main() -> None:
     instrument()
     classify_steps()
     report = {}
+    if any(run.partition(":")[2] in ("", "adaptive") and not run.startswith("ar") for run in args.modes.split(",")):
+        engine.policy.cost.measure_up_to(c)  # as `idlm bench` does: no step of a pass measures the step costs
     for run in args.modes.split(","):
         mode, _, policy = run.partition(":")
-        for pass_ in ("warm", "timed", "profiled")[:3 if args.gpu_profile else 2]:
+        passes = ["warm", "timed"] + ["profiled"] * args.gpu_profile + ["cprofiled"] * bool(args.cprofile)
+        for pass_ in passes:
             TOTALS.clear()
             KINDS.clear()
             feed = Feed(engine, lines, mode, policy, total)
@@ -197,6 +229,9 @@ def main() -> None:
                 torch.cuda.synchronize()
             if pass_ == "profiled":
                 report[run]["gpu_kernels_us_per_step"] = profile_loop(engine, feed)
+                continue
+            if pass_ == "cprofiled":
+                report[run]["host_functions"] = cprofile_loop(engine, feed, args.cprofile)
                 continue
             t0 = time.perf_counter()
             steps = tokens = 0

@@ -159,6 +159,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.block_manager, self.policy)
         self.stats = EngineStats()
         self._decode_step: tuple[int, int, float] | None = None  # (batch, rows, start) of the step before
+        self._decode_ids: tuple[int, ...] = ()  # the requests of the last decode step
         # overlap scheduling: the next step (a decode step of the same requests, or a prefill of
         # waiting ones), launched before the outcome of the current one was read
         self.in_flight: tuple[ScheduledBatch, PendingRound | None] | None = None
@@ -362,9 +363,15 @@ class LLMEngine:
         for (mode, num_drafts, accepted), times in rounds.items():
             self.stats.drafts.record(num_drafts, accepted, times)
             self.policy.observe(mode, num_drafts, accepted, times)
-        if not batch.is_prefill and self.has_unfinished():  # (a last step has no next step to time to)
+        ids = () if batch.is_prefill else tuple(seq.seq_id for seq in batch.seqs)
+        # only a step of the same requests as the decode step before it is timed: the first one after a
+        # request joins or leaves carries that change's work (its inputs built on the host, a prefill
+        # in flight), whatever its shape, and the policy replans right then, so charging it to the new
+        # plan's shape once priced AR steps 30% too high at 64 requests with refills
+        if ids and ids == self._decode_ids and self.has_unfinished():  # (a last step has no next step to time to)
             rows = max(seq.layout.num_rows for seq in batch.seqs)  # the plan is still the one that ran
             self._decode_step = (len(batch.seqs), rows, start)
+        self._decode_ids = ids
         return outputs
 
     def _apply_round(self, seq: Sequence, r: RoundOutcome, rounds: Counter, keep_blocks: bool = False) -> None:
