@@ -3,8 +3,9 @@ each named function is wrapped in a perf_counter timer (nested times are include
 caller's). C requests from a workload per mode, one engine (with --requests R > C, a closed loop:
 a newcomer joins as each request finishes, until R have run, as `idlm bench` does); every mode runs
 the whole loop once untimed first (so CUDA graphs of every shape the loop meets are captured),
-then once timed. Steps are also told apart by kind (decode steps by K and rows per request): prefill, decode built on the device from
-the step before (next_step.build_step), decode built on the host.
+then once timed. Steps are also told apart by kind: prefill, decode built on the device from
+the step before (next_step.build_step), decode built on the host; decode steps by K and rows
+per request too.
 
   python benchmarks/step_breakdown.py --model M --adapter A --workload W --concurrency 64
 """
@@ -63,7 +64,8 @@ def classify_steps() -> None:
     def ahead_wrapper(self, seqs):
         out = ahead(self, seqs)
         if out is not None:
-            state["kind"] = "decode, launched ahead" + shape(seqs)  # (the step that launched it is filed under this kind)
+            # (the step that launched it is filed under this kind)
+            state["kind"] = "decode, launched ahead" + shape(seqs)
         return out
 
     def built_wrapper(self, seqs, carry):

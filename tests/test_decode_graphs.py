@@ -178,3 +178,22 @@ def test_widened_lora_in_the_padded_layout(dirs):
                for i in range(len(prompts))]
     assert ([o.token_ids for o in wide.generate(prompts, sampled)]
             == [o.token_ids for o in plain.generate(prompts, sampled)])
+
+
+def test_logits_written_into_a_shared_buffer_are_the_heads_own(dirs):
+    """The decode graphs write every step's logits into one buffer (a graph per shape holding its
+    own once ran a GPU out of memory): the plain head's GEMM writes there itself, any other head
+    is copied; either way the bits of model.logits."""
+    import torch
+
+    from idlm.kernels.cpu_gemm import row_tiled_linear
+
+    llm = LLM(str(dirs[0]), progress=False, kv_cache_tokens=1024)
+    model = llm.engine.model
+    hidden = torch.randn(5, model.cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    buffer = torch.full((8, model.cfg.vocab_size), float("nan"))
+    for head in (model.lm_head, row_tiled_linear(model.lm_head)):
+        model.lm_head = head
+        out = model.logits(hidden, out=buffer[:5])
+        assert out.data_ptr() == buffer.data_ptr() and torch.equal(out, model.logits(hidden))
+        assert buffer[5:].isnan().all()

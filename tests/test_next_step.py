@@ -280,3 +280,28 @@ def test_shared_draft_rows_need_a_row_for_every_request():
     assert ModelRunner._shared_draft_rows(seqs[:2], [3, 3], 4) is None  # more drafts than the round kept
     seqs[1].draft_rows = DraftRows(rows.hidden.clone(), rows.q.clone(), 1)
     assert ModelRunner._shared_draft_rows(seqs[:2], [3, 3], 3) is None  # rows of two rounds
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_round_inputs_built_over_a_whole_bucket_equal_those_built_over_its_requests(seed):
+    """A round graph makes its integers from the decode graph's static buffers, a whole bucket
+    whose padding entries hold stale carries and plans (state.valid False): the values, padding
+    included, must be those built from the real requests alone and padded, as the host pads them."""
+    from idlm.engine.round_step import RoundShape, built_round_inputs
+
+    g = torch.Generator().manual_seed(seed)
+    n, bucket, kmax, tokens = 3, 5, 3, 9
+    rand = lambda hi, *shape: torch.randint(0, hi, shape, generator=g)  # noqa: E731
+    num_new = torch.cat([rand(kmax + 1, n), rand(kmax + 1, bucket - n)])  # stale plans in the padding too
+    table = torch.cat([torch.stack([rand(12, bucket), 20 + rand(50, bucket), rand(kmax + 1, bucket)], 1),
+                       rand(12, bucket, kmax)], 1)
+    branches, mask_id, gated = rand(kmax + 1, bucket), rand(12, bucket), rand(2, bucket).bool()
+    valid = torch.arange(bucket) < n
+    constants = rand(100, 4 * bucket)
+    shape = RoundShape(bucket, kmax, kmax, True, False, False)
+    alone = SlotState.from_carry(table[:n], num_new[:n], branches[:n], mask_id[:n], gated[:n])
+    whole = SlotState.from_carry(table, num_new, branches, mask_id, gated, valid)
+    expected = built_round_inputs(alone, constants.view(4, bucket), tokens, shape)
+    assert torch.equal(built_round_inputs(whole, constants.view(4, bucket), tokens, shape), expected)
+    assert not torch.equal(built_round_inputs(replace(whole, valid=None), constants.view(4, bucket), tokens, shape),
+                           expected)

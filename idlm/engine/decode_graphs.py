@@ -31,6 +31,7 @@ import torch
 from idlm.config import MAX_STRIDE
 from idlm.engine.host_tensor import host_tensor
 from idlm.engine.next_step import LayoutTable, SlotState, StepInputs, build_step
+from idlm.engine.round_step import RoundShape, built_round_inputs
 from idlm.kernels.attention import PagedAttention, PagedBatch, TritonPagedAttention, padded_block_tables
 from idlm.models.transformer import CausalLM, fused_elementwise
 
@@ -94,6 +95,7 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int, bool, bool, bool],
                           tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.pool = None
+        self.logits_out: torch.Tensor | None = None  # _logits_out
         self.mirror: Callable[[PackedStep], None] | None = None  # tensor parallel: the other ranks run each step too
 
     def bucket_for(self, batch: int) -> int | None:
@@ -198,6 +200,19 @@ class DecodeGraphs:
         self.tables[:bucket, width:].fill_(self.scratch_block)
         return self._replay(bucket, tokens, lora, tree, max_context, from_carry=True)
 
+    def round_inputs_builder(self, bucket: int, tokens: int,
+                             shape: RoundShape) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The round integers of the step step_from_carry last built (bucket, T = tokens), from the
+        carry and plan buffers and the request constants ([4 * bucket]): run inside the round's
+        graph (round_graphs.RoundGraph's `build`) rather than as a dozen small ops from the host."""
+
+        def build(constants: torch.Tensor) -> torch.Tensor:
+            k, branches, mask_id, gated, valid = self.plan[:, :bucket]
+            state = SlotState.from_carry(self.carry[:bucket], k, branches, mask_id, gated.bool(), valid.bool())
+            return built_round_inputs(state, constants.view(4, bucket), tokens, shape)
+
+        return build
+
     def _build_from_carry(self, bucket: int, tokens: int, tree: bool) -> None:
         """The step's rows from the carry and plan buffers, into the buffers the forward reads."""
         k, branches, mask_id, gated, valid = self.plan[:, :bucket]
@@ -249,7 +264,20 @@ class DecodeGraphs:
         hidden = self.model(self.ids[:rows], self.positions[:rows], self.backend(self.kv_cache, batch), gate)
         # a prefill step wider than any round needs the logits of a few rows only: the runner takes
         # them from the hidden states, and the graph does not keep [bucket*T, V] logits alive
-        return hidden, self.model.logits(hidden) if tokens <= self.max_tokens else None
+        if tokens > self.max_tokens:
+            return hidden, None
+        return hidden, self.model.logits(hidden, out=self._logits_out(rows) if self.use_graphs else None)
+
+    def _logits_out(self, rows: int) -> torch.Tensor:
+        """The first `rows` rows of the one logits buffer every decode graph writes: a graph's
+        outputs live as long as it does, and a graph of each (bucket, T) the step costs measure
+        once held 14 GB of logits at 64 requests (the engine ran out of memory). The pool's
+        sizing reserved this buffer (kv_pool: the logits of every row of a full decode batch)."""
+        if self.logits_out is None:
+            head = self.model.lm_head.weight
+            self.logits_out = torch.empty(max(self.buckets) * self.max_tokens, head.shape[0], dtype=head.dtype,
+                                          device=self.device)
+        return self.logits_out[:rows]
 
     def _capture(self, bucket: int, tokens: int, lora: bool, tree: bool, from_carry: bool = False):
         torch.cuda.synchronize(self.device)

@@ -12,6 +12,8 @@ Without capture (the CPU), the same static buffers and padding run eagerly: the 
 this path in tests.
 """
 
+from collections.abc import Callable
+
 import torch
 
 from idlm.engine.round_step import FLOATS, RoundResult, RoundShape, run_round
@@ -24,16 +26,24 @@ class RoundGraph:
     """One captured round: its static inputs and outputs."""
 
     def __init__(self, model: CausalLM, hidden: torch.Tensor, all_logits: torch.Tensor | None, shape: RoundShape,
-                 banned_token: int | None, pool, capture: bool):
+                 banned_token: int | None, pool, capture: bool,
+                 build: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """build: the round's integers made inside the graph from static buffers and the
+        request constants (a step launched ahead: round_step.built_round_inputs), so that
+        replay takes `constants` on the device instead of the integers from the host."""
         device = hidden.device
         b, d = shape.batch, shape.dmax
         self.ints = torch.zeros(sum(shape.int_sizes()), dtype=torch.long, device=device)
+        self.constants = torch.zeros(4 * b, dtype=torch.long, device=device)
         self.floats = torch.ones(len(FLOATS) * b, dtype=torch.float32, device=device)
         self.stored_hidden = torch.zeros(b * d, hidden.shape[-1], dtype=hidden.dtype, device=device) if d else None
         self.draft_q = torch.ones(b * d, dtype=torch.float32, device=device)
+        self.built = build is not None
+        self.last_floats: list[float] | None = None  # what floats holds (a batch's sampling settings rarely change)
 
         def body(hidden: torch.Tensor, all_logits: torch.Tensor | None) -> RoundResult:
-            return run_round(model, hidden, all_logits, self.ints, self.floats, self.stored_hidden, self.draft_q,
+            ints = build(self.constants) if build is not None else self.ints
+            return run_round(model, hidden, all_logits, ints, self.floats, self.stored_hidden, self.draft_q,
                              shape, banned_token)
 
         self.body = body
@@ -48,17 +58,23 @@ class RoundGraph:
             with torch.cuda.graph(self.graph, pool=pool):
                 self.result = body(hidden, all_logits)
 
-    def replay(self, hidden: torch.Tensor, all_logits: torch.Tensor | None, ints: torch.Tensor, floats: torch.Tensor,
+    def replay(self, hidden: torch.Tensor, all_logits: torch.Tensor | None, ints: torch.Tensor,
+               floats: list[float], pinned: Callable[[list, torch.dtype], torch.Tensor],
                stored: list[torch.Tensor], stored_q: list[torch.Tensor],
                stored_slots: torch.Tensor | None) -> RoundResult:
-        """ints/floats: pinned host tensors; stored[i] / stored_q[i]: a request's drafts under test
-        (hidden rows and q), going to rows stored_slots of the static buffers. A captured graph
-        reads the hidden/all_logits it was captured with: the same static tensors."""
-        self.ints.copy_(ints, non_blocking=True)
-        self.floats.copy_(floats, non_blocking=True)
+        """ints: a pinned host tensor, or for a graph with `build` the request constants on the
+        device; floats: the sampling settings, sent only when they changed (pinned: a list as a
+        pinned host tensor); stored[i] / stored_q[i]: a request's drafts under test (hidden rows
+        and q), going to rows stored_slots of the static buffers. A captured graph reads the
+        hidden/all_logits it was captured with: the same static tensors."""
+        (self.constants if self.built else self.ints).copy_(ints, non_blocking=True)
+        if floats != self.last_floats:
+            self.floats.copy_(pinned(floats, torch.float32), non_blocking=True)
+            self.last_floats = floats
         if stored:
-            self.stored_hidden.index_copy_(0, stored_slots, torch.cat(stored))
-            self.draft_q.index_copy_(0, stored_slots, torch.cat(stored_q).float())
+            self.stored_hidden.index_copy_(0, stored_slots, stored[0] if len(stored) == 1 else torch.cat(stored))
+            q = stored_q[0] if len(stored_q) == 1 else torch.cat(stored_q)
+            self.draft_q.index_copy_(0, stored_slots, q.float())
         if self.graph is None:
             return self.body(hidden, all_logits)
         self.graph.replay()
@@ -77,9 +93,11 @@ class RoundGraphs:
         self.seen: dict[tuple[int, RoundShape], int] = {}
         self.pool = None
 
-    def get(self, hidden: torch.Tensor, all_logits: torch.Tensor | None, shape: RoundShape) -> RoundGraph:
-        """The graph of this shape over the forward graph whose static outputs are hidden/all_logits."""
-        key = (hidden.data_ptr() if self.capture else 0, shape)
+    def get(self, hidden: torch.Tensor, all_logits: torch.Tensor | None, shape: RoundShape,
+            build: Callable[[torch.Tensor], torch.Tensor] | None = None, build_key=None) -> RoundGraph:
+        """The graph of this shape over the forward graph whose static outputs are hidden/all_logits
+        (with `build`: RoundGraph's, which depends on build_key besides, a graph kept for each)."""
+        key = (hidden.data_ptr() if self.capture else 0, shape, build_key if build is not None else None)
         if key in self.graphs:
             return self.graphs[key]
         # a shape is captured the second time it comes: a capture stalls every running request
@@ -89,7 +107,7 @@ class RoundGraphs:
         capture = self.capture and seen >= CAPTURE_AT_SIGHTING
         if capture and self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        graph = RoundGraph(self.model, hidden, all_logits, shape, self.banned_token, self.pool, capture)
+        graph = RoundGraph(self.model, hidden, all_logits, shape, self.banned_token, self.pool, capture, build)
         if capture or not self.capture:
             self.graphs[key] = graph
         return graph

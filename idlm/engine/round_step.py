@@ -107,21 +107,26 @@ def built_round_inputs(state: SlotState, constants: torch.Tensor, tokens: int, s
     that depend on that round's outcome (rows, drafts under test, D, branches, the rows of the
     new drafts, positions) come from the state, the rest from `constants` [4, batch]
     (request_constants' integers). The same values, padding included, as round_inputs gives
-    once the host knows the outcome."""
+    once the host knows the outcome. A state over the whole bucket marks its padding entries
+    with state.valid (the graphed build, RoundGraph's `build`): they come out as zeros too."""
     n, b, d_max = state.pending.shape[0], shape.batch, shape.dmax
     device = state.pending.device
-    d = torch.minimum(state.num_drafts, state.num_new)
     start = torch.arange(n, device=device) * tokens
+    num_new, cache_start = state.num_new, state.start
+    if state.valid is not None:
+        start, num_new, cache_start = (torch.where(state.valid, x, 0) for x in (start, num_new, cache_start))
+    d = torch.minimum(state.num_drafts, num_new)
     j = torch.arange(d_max + 1, device=device)[None]
     rows = start[:, None] + torch.where(j <= d[:, None], j, 0)
     drafts = torch.where(j[:, :d_max] < d[:, None], state.drafts[:, :d_max], 0)
     main_rows = start + 1 + d
-    per_request = torch.stack([d, state.num_new, torch.minimum(state.num_branches, d), main_rows,
-                               main_rows + state.num_new])
+    if state.valid is not None:
+        main_rows = torch.where(state.valid, main_rows, 0)
+    per_request = torch.stack([d, num_new, torch.minimum(state.num_branches, d), main_rows, main_rows + num_new])
     extra = b - n  # padding requests: zeros, as round_inputs gives them
     return torch.cat([F.pad(rows, (0, 0, 0, extra)).flatten(), F.pad(drafts, (0, 0, 0, extra)).flatten(),
                       F.pad(per_request, (0, extra)).flatten(), constants[:2].flatten(),
-                      F.pad(state.start, (0, extra)), constants[2:].flatten()])
+                      F.pad(cache_start, (0, extra)), constants[2:].flatten()])
 
 
 @dataclass

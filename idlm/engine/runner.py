@@ -11,14 +11,13 @@ from idlm.decoding.layout import rows_of
 from idlm.decoding.penalties import Penalties
 from idlm.decoding.rounds import RoundBatch, propose
 from idlm.engine.decode_graphs import DecodeGraphs
-from idlm.engine.host_tensor import host_tensor
+from idlm.engine.host_tensor import PinnedRing, host_tensor
 from idlm.engine.kv_pool import MAX_DECODE_TOKENS, MAX_LOOKAHEAD, plan_kv_pool
-from idlm.engine.next_step import LayoutTable, SlotState
+from idlm.engine.next_step import LayoutTable
 from idlm.engine.round_graphs import RoundGraphs
 from idlm.engine.round_step import (
     RoundExtras,
     RoundResult,
-    built_round_inputs,
     request_constants,
     round_inputs,
     round_shape,
@@ -170,6 +169,7 @@ class ModelRunner:
         if tp is not None:
             tp.send("runner", num_blocks, block_size)
         self.device = next(model.parameters()).device
+        self.pinned_ring = PinnedRing(slots=16)
         self.block_size = block_size
         self.mask_ids = mask_ids
         self.banned_token = banned_token
@@ -359,17 +359,16 @@ class ModelRunner:
         drafted = bool(shape.dmax) and carry.new_hidden is not None
         # the round's integers go with the step's plan and block tables, in one copy to the device
         extra = [[x for values in constants for x in values]] + ([list(range(n * shape.dmax))] if drafted else [])
-        hidden, logits, plan_t, extra_t = self._step_from_carry(seqs, carry, starts, tokens, lora, tree, extra)
-        num_new, branches, mask_id, gated = plan_t[:4, :n]  # the state the step was built from
-        state = SlotState.from_carry(carry.table, num_new, branches, mask_id, gated.bool())
-        ints_t = built_round_inputs(state, extra_t[0].view(4, bucket), tokens, shape)
+        hidden, logits, _, extra_t = self._step_from_carry(seqs, carry, starts, tokens, lora, tree, extra)
         stored, stored_q, slots_t = [], [], None
         if drafted:
             stored = [carry.new_hidden[:n, :shape.dmax].flatten(0, 1)]
             stored_q = [carry.new_q[:n, :shape.dmax].flatten()]
             slots_t = extra_t[1]
-        graph = self.round_graphs.get(hidden, logits, shape)
-        result = graph.replay(hidden, logits, ints_t, self._pinned(floats, torch.float32), stored, stored_q, slots_t)
+        # the round's integers are made inside its graph from the state the step was built from
+        build = graphs.round_inputs_builder(bucket, tokens, shape)
+        graph = self.round_graphs.get(hidden, logits, shape, build, build_key=tokens)
+        result = graph.replay(hidden, logits, extra_t[0], floats, self._pinned, stored, stored_q, slots_t)
         self.carry = Carry.of(seqs, result)
         return PendingRound(seqs, list(range(len(seqs))), result.start_read(), shape.dmax, shape.kmax, None)
 
@@ -439,10 +438,10 @@ class ModelRunner:
             stored, stored_q = [h for h, _ in firsts], [q for _, q in firsts]
             slots = [b * shape.dmax + j for b, d in enumerate(num_d) for j in range(d)]
         if graphs is not None:
-            ints_h, floats_h = self._pinned(ints, torch.long), self._pinned(floats, torch.float32)
             slots_t = self._to_device([slots], torch.long)[0] if stored else None
             graph = graphs.get(hidden, all_logits, shape)
-            result = graph.replay(hidden, all_logits, ints_h, floats_h, stored, stored_q, slots_t)
+            result = graph.replay(hidden, all_logits, self._pinned(ints, torch.long), floats, self._pinned, stored,
+                                  stored_q, slots_t)
         else:
             ints_t, slots_t = self._to_device([ints, slots], torch.long)
             (floats_t,) = self._to_device([floats], torch.float32)
@@ -645,9 +644,11 @@ class ModelRunner:
         return out
 
     def _pinned(self, values: list, dtype: torch.dtype) -> torch.Tensor:
-        """values as a host tensor that can be copied to the device asynchronously."""
-        host = host_tensor(values, dtype)
-        return host.pin_memory() if self.device.type == "cuda" else host
+        """values as a host tensor that can be copied to the device asynchronously: copy it
+        before the next call (a pinned buffer is reused once its copy is done)."""
+        if self.device.type != "cuda":
+            return host_tensor(values, dtype)
+        return self.pinned_ring.take(values, dtype)
 
     def _to_device(self, lists: list, dtype: torch.dtype) -> list[torch.Tensor]:
         """The lists as device tensors, through one (pinned, asynchronous) host-to-device copy."""

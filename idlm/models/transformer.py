@@ -283,8 +283,14 @@ class CausalLM(nn.Module):
         is_mask = (input_ids == self.mask_embedding_id)[..., None]
         return torch.where(is_mask, self.mask_embedding.to(x.dtype), x)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+    def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """out: where to write them (the decode graphs' one shared buffer); a plain head's GEMM
+        writes there itself, any other head's output is copied."""
+        if out is None:
+            return self.lm_head(hidden)
+        if type(self.lm_head) is nn.Linear and self.lm_head.bias is None and hidden.dim() == 2:
+            return torch.mm(hidden, self.lm_head.weight.t(), out=out)
+        return out.copy_(self.lm_head(hidden))
 
     def head_rows_independent(self) -> bool:
         """Whether a row's logits are the same bits whatever rows share the head's call (a
