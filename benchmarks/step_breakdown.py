@@ -25,6 +25,7 @@ import idlm.engine.runner as runner
 from idlm.config import EngineConfig
 from idlm.engine.decode_graphs import DecodeGraphs
 from idlm.engine.detokenizer import IncrementalDetokenizer
+from idlm.engine.next_step import SlotState
 from idlm.engine.round_graphs import RoundGraph, RoundGraphs
 from idlm.engine.round_step import RoundResult
 from idlm.engine.sampling_params import SamplingParams
@@ -91,7 +92,7 @@ def instrument() -> None:
         (E, "_step", "step"), (Scheduler, "schedule", "schedule"), (R, "launch", "runner.launch"),
         (R, "launch_next", "runner.launch_next"), (R, "collect", "runner.collect"),
         (R, "_run_built", "_run_built"),
-        (runner.SlotState, "from_carry", "SlotState.from_carry"), (runner, "padded_block_tables", "block_tables"),
+        (SlotState, "from_carry", "SlotState.from_carry"), (runner, "padded_block_tables", "block_tables"),
         (DecodeGraphs, "step_from_carry", "graphs.step_from_carry"), (DecodeGraphs, "run", "graphs.run (host-built)"),
         (runner, "feed_rows", "feed_rows"), (R, "_launch_round", "_launch_round"),
         (runner, "round_inputs", "round_inputs"),
@@ -160,7 +161,7 @@ def profile_loop(engine, refill) -> dict[str, tuple[int, float]]:
     print(f"  GPU kernels: {sum(v[0] for v in by_name.values()) / n:.0f} launches, {total / n:.0f} us per step "
           f"({n} steps, profiled)")
     out = {}
-    for name, (count, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:30]:
+    for name, (count, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:60]:
         out[name] = (round(count / n, 2), round(us / n, 2))
         print(f"    {us / n:8.1f} us  {count / n:6.1f}x  {name}")
     return out
