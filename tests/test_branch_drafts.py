@@ -514,15 +514,19 @@ def test_adaptive_looks_at_drafts_now_and_then_when_ar_wins():
     for _ in range(3 * EXPLORE_EVERY):
         policy.plan(seqs)
         ks.append(seqs[0].num_new)
-    assert ks.count(0) == 3 * EXPLORE_EVERY - 3 and all(ks[i] > 0 for i in range(EXPLORE_EVERY - 1, len(ks),
-                                                                                    EXPLORE_EVERY))
-    # a look lasts one step even when plans are otherwise kept for 16 steps
+    # a look lasts two steps (a cold round, then a round of the shape looked at, whose price is then seen),
+    # after EXPLORE_EVERY AR plans
+    looks = [i for i, k in enumerate(ks) if k > 0]
+    period = EXPLORE_EVERY + 1
+    assert looks == [i for start in range(EXPLORE_EVERY - 1, len(ks), period) for i in (start, start + 1)
+                     if i < len(ks)]
+    # ... even when plans are otherwise kept for 16 steps
     policy = StridePolicy("adaptive", None, rigged_cost(1.0, 0.1))
     ks = []
     for _ in range(16 * (EXPLORE_EVERY + 1)):
         policy.plan(seqs)
         ks.append(seqs[0].num_new)
-    assert sum(k > 0 for k in ks) == 1
+    assert sum(k > 0 for k in ks) == 2 and ks.index(max(ks)) + 1 == len(ks) - ks[::-1].index(max(ks)) - 1
 
 
 def test_adaptive_does_not_look_at_rounds_that_cannot_pay():

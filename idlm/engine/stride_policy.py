@@ -139,9 +139,14 @@ class StridePolicy:
             k, b = self._shared  # a request joining the batch takes the running plan
         else:
             (k, b), exploring = self._choose_shared(shared, batch)
-            if decode:  # a look lasts one step: the next one chooses again
+            if decode:
+                # a look lasts two steps, then the policy chooses again: the first is a cold round
+                # (its drafts proposed), the second a round of the shape looked at, so that its
+                # price is seen (a GPU's table, timed on synchronous host-built steps, priced 16-row
+                # rounds at batch 1 at 4.5x an AR step where they ran at 1.5x, and from one-step
+                # looks, which run 4 rows, AR was never left)
                 self._last_batch, self._shared = key, (k, b)
-                self._since_plan = self.replan_every if exploring else 0
+                self._since_plan = self.replan_every - 2 if exploring else 0
         for seq in shared:
             seq.num_new = min(k, seq.max_new_drafts)
             seq.num_branches = min(b, self.branch_cap(seq, seq.num_new))
