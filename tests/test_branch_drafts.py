@@ -481,6 +481,24 @@ def test_a_decode_step_costs_until_the_next_step_starts(idlm_dir):
     assert len(steps) == 5 and min(steps) >= 0.02
 
 
+def test_a_step_that_captured_a_graph_is_not_timed(idlm_dir):
+    """A first sighting of a shape captures its graphs and compiles their kernels (on an H200 a look at
+    a 16-row round took 53-76 ms against 2): timed, that priced rounds out of use for good."""
+    import itertools
+
+    llm = LLM(str(idlm_dir), progress=False, kv_cache_tokens=4096)
+    engine = llm.engine
+    engine.policy.cost = cost = rigged_cost(0.001, 0.0)
+    cost.measure_up_to(1)
+    calls = itertools.count()
+    engine.runner.graphs_captured = lambda: int(next(calls) >= 4)  # a graph is captured during the 4th step
+    engine.add_request([2, 3, 4], SamplingParams(mode="ar", max_tokens=8, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    (steps,) = cost.seen.values()
+    assert len(steps) == 4  # 5 decode steps are timed otherwise (the test above)
+
+
 def test_only_steps_of_the_same_requests_as_the_step_before_are_timed(idlm_dir):
     """The first decode step after a request joins or leaves carries that change's work whatever its
     shape (and the policy replans just then): charged to its shape, it priced AR steps 30% too high

@@ -158,7 +158,8 @@ class LLMEngine:
                                    measure_step_cost(self.runner, config.max_num_seqs))
         self.scheduler = Scheduler(config, self.block_manager, self.policy)
         self.stats = EngineStats()
-        self._decode_step: tuple[int, int, float] | None = None  # (batch, rows, start) of the step before
+        # (batch, rows, start, graphs captured by then) of the step before
+        self._decode_step: tuple[int, int, float, int] | None = None
         self._decode_ids: tuple[int, ...] = ()  # the requests of the last decode step
         # overlap scheduling: the next step (a decode step of the same requests, or a prefill of
         # waiting ones), launched before the outcome of the current one was read
@@ -284,11 +285,13 @@ class LLMEngine:
 
     def _step(self) -> list[RequestOutput]:
         start = time.perf_counter()
+        captured = self.runner.graphs_captured()
         if self._decode_step is not None:
             # what a decode step costs is the time until the next one can start: scheduling, the
             # round's bookkeeping and the caller's work on the outputs as well as the forward
-            batch_size, rows, began = self._decode_step
-            self.policy.cost.observe(batch_size, rows, start - began)
+            batch_size, rows, began, captured_then = self._decode_step
+            if captured == captured_then:  # a step that captured a graph (and compiled its kernels) is no price
+                self.policy.cost.observe(batch_size, rows, start - began)
             self._decode_step = None
         self.last_batch = None
         if self.in_flight is not None:  # launched by the step before (overlap scheduling)
@@ -302,7 +305,7 @@ class LLMEngine:
         if self.config.overlap_scheduling and pending is not None:
             self._launch_ahead(batch)
         try:
-            outputs = self._finish_step(batch, pending, start)
+            outputs = self._finish_step(batch, pending, (start, captured))
         except BaseException:
             self.in_flight = None  # a failed step voids the one launched after it
             raise
@@ -340,8 +343,10 @@ class LLMEngine:
             if prefill is not None:
                 self.in_flight = (prefill, self.runner.launch(prefill.seqs, prefill.num_new_tokens))
 
-    def _finish_step(self, batch: ScheduledBatch, pending: PendingRound | None, start: float) -> list[RequestOutput]:
-        """Reads the step's outcome and applies it: the outputs of every request that advanced."""
+    def _finish_step(self, batch: ScheduledBatch, pending: PendingRound | None,
+                     began: tuple[float, int]) -> list[RequestOutput]:
+        """Reads the step's outcome and applies it: the outputs of every request that advanced.
+        began: when the step started, and the graphs captured by then."""
         outcomes = self.runner.collect(pending)
         if self.tp is not None:
             self.tp.check()  # before the outcomes are applied (on CUDA a dead worker's collectives end aborted)
@@ -370,7 +375,7 @@ class LLMEngine:
         # plan's shape once priced AR steps 30% too high at 64 requests with refills
         if ids and ids == self._decode_ids and self.has_unfinished():  # (a last step has no next step to time to)
             rows = max(seq.layout.num_rows for seq in batch.seqs)  # the plan is still the one that ran
-            self._decode_step = (len(batch.seqs), rows, start)
+            self._decode_step = (len(batch.seqs), rows, *began)
         self._decode_ids = ids
         return outputs
 

@@ -309,6 +309,11 @@ class ModelRunner:
         round_starts = [batch.query_start[i + 1] - feeds[i].round_rows for i in finals]
         return self._launch_round([seqs[i] for i in finals], round_starts, finals, hidden)
 
+    def graphs_captured(self) -> int:
+        """Decode and round graphs made so far (without capture, round shapes met): a step that made
+        one also paid for its capture and compiles."""
+        return sum(len(g.graphs) for g in (self.decode_graphs, self.round_graphs) if g is not None)
+
     def can_launch_next(self, seqs: list[Sequence]) -> bool:
         """launch_next can build a decode step of seqs, requests of the carry in its order (those
         that finished meanwhile left out): in the padded layout, from the carry, with no
