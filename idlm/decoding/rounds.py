@@ -86,6 +86,36 @@ def verify(rb: RoundBatch) -> Verdict:
     return Verdict(accepted, final_token, final_p, final_pos)
 
 
+def verify_greedy(target: torch.Tensor, drafts: torch.Tensor, draft_q: torch.Tensor, num_drafts: torch.Tensor,
+                  positions: torch.Tensor, seeds: torch.Tensor, verify_alpha: torch.Tensor,
+                  spec_verify: torch.Tensor) -> Verdict:
+    """verify() of a batch whose every distribution is one-hot, from the argmax tokens of its
+    target rows (target [B, D + 1]) instead of [B, D + 1, V] probabilities: the same verdict,
+    without the vocabulary-wide one-hot rows, the drafts' own distributions (a rejected draft's
+    residual against a one-hot p is p) or a second argmax. p of a draft is 1 at the target's
+    argmax and 0 elsewhere, so the ratio test, where asked for, keeps its uniforms and alpha."""
+    batch, dmax = drafts.shape
+    accepted = torch.zeros(batch, dtype=torch.long, device=drafts.device)
+    if dmax:
+        j = torch.arange(dmax, device=drafts.device)
+        matches = drafts == target[:, :dmax]
+        draft_pos = positions[:, None] + 1 + j[None]
+        u = uniform(seeds[:, None].expand(batch, dmax).reshape(-1), draft_pos.reshape(-1), Stream.ACCEPT)
+        ratio_test = accept_drafts(matches.float(), draft_q, u.view(batch, dmax).float(), verify_alpha[:, None])
+        ok = torch.where(spec_verify[:, None], ratio_test, matches) & (j[None] < num_drafts[:, None])
+        accepted = ok.long().cumprod(dim=1).sum(dim=1)
+    final_token = target.gather(1, accepted[:, None]).squeeze(1)
+    return Verdict(accepted, final_token, torch.ones(batch, device=drafts.device), positions + accepted + 1)
+
+
+def greedy_tokens(logits: torch.Tensor, banned_token: int | None = None) -> torch.Tensor:
+    """The argmax of each row, as token_probs' one-hot rows put it (a banned token never);
+    logits may be overwritten at the banned column."""
+    if banned_token is not None:
+        logits[:, banned_token] = float("-inf")
+    return logits.argmax(dim=-1)
+
+
 def propose(probs: torch.Tensor, seeds: torch.Tensor, final_pos: torch.Tensor, proposal: torch.Tensor,
             all_greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """New drafts [B, K] for positions final_pos + 1.., drawn from probs [B, K, V], with the

@@ -67,6 +67,11 @@ class DecodeGraphs:
         self.max_tokens = max_tokens
         self.max_positions = max_positions  # the context bound the kernels' launch shapes are fixed for
         self.backend = triton_attention if use_triton else PagedAttention
+        # a step built from a carry, and its round's integers: a Triton kernel each
+        # (kernels/triton_build_step.py) where Triton runs, else next_step.build_step's and
+        # round_step.built_round_inputs' torch ops (the CPU's check of this layout)
+        self.build_kernel = use_triton
+        self.is_mask8: torch.Tensor | None = None  # layouts.is_mask as int8, for the kernel
         self.use_graphs = use_graphs
         self.with_lora = with_lora
         device = kv_cache.device
@@ -207,6 +212,12 @@ class DecodeGraphs:
         graph (round_graphs.RoundGraph's `build`) rather than as a dozen small ops from the host."""
 
         def build(constants: torch.Tensor) -> torch.Tensor:
+            if self.build_kernel:
+                from idlm.kernels.triton_build_step import round_inputs_into
+
+                out = torch.empty(sum(shape.int_sizes()), dtype=torch.long, device=self.device)
+                return round_inputs_into(self.carry[:bucket], self.plan[:, :bucket], constants, tokens, shape.dmax,
+                                         out)
             k, branches, mask_id, gated, valid = self.plan[:, :bucket]
             state = SlotState.from_carry(self.carry[:bucket], k, branches, mask_id, gated.bool(), valid.bool())
             return built_round_inputs(state, constants.view(4, bucket), tokens, shape)
@@ -215,6 +226,16 @@ class DecodeGraphs:
 
     def _build_from_carry(self, bucket: int, tokens: int, tree: bool) -> None:
         """The step's rows from the carry and plan buffers, into the buffers the forward reads."""
+        if self.build_kernel:
+            from idlm.kernels.triton_build_step import build_step_into
+
+            if self.is_mask8 is None:
+                self.is_mask8 = self.layouts.is_mask.to(torch.int8)
+            out = dict(ids=self.ids, positions=self.positions, slots=self.slots, gate=self.gate,
+                       tree_bits=self.tree_bits, context_lens=self.context_lens, tree_rows=self.tree_rows)
+            build_step_into(self.carry[:bucket], self.plan[:, :bucket], self.layouts, self.tables[:bucket], tokens,
+                            self.block_size, self.scratch_slot, self.is_mask8, out)
+            return
         k, branches, mask_id, gated, valid = self.plan[:, :bucket]
         state = SlotState.from_carry(self.carry[:bucket], k, branches, mask_id, gated.bool(), valid.bool())
         self._load(build_step(state, self.layouts, self.tables[:bucket], tokens, bucket, self.block_size,
