@@ -119,3 +119,31 @@ def test_round_inputs_kernel_writes_built_round_inputs(seed):
     want = built_round_inputs(state, constants.view(4, bucket), tokens, shape)
     out = torch.full((sum(shape.int_sizes()),), -7)
     assert torch.equal(round_inputs_into(carry, plan, constants, tokens, dmax, out), want)
+
+
+def test_a_build_kernel_that_fails_falls_back_to_torch_ops_with_a_warning(tmp_path, monkeypatch):
+    pytest.importorskip("triton")
+    """A Triton compile error on some GPU must not fail every decode step: the build falls back."""
+    from helpers import make_random_adapter, make_small_idlm
+    from test_decode_graphs import mixed_params, padded_llm
+    from test_isd import prompts_for
+
+    import idlm.kernels.triton_build_step as kernels
+    from idlm import LLM, SamplingParams
+
+    def broken(*args):
+        raise RuntimeError("no such instruction")
+
+    monkeypatch.setattr(kernels, "build_step_into", broken)
+    model = make_small_idlm(tmp_path / "m", spread=0.25, vocab=12)
+    adapter = make_random_adapter(model, tmp_path / "a")
+    prompts = prompts_for(4, 12, seed=3, lo=5, hi=30)
+    padded = padded_llm(model, adapter, kv_cache_tokens=4096, max_num_seqs=8)
+    padded.engine.runner.decode_graphs.build_kernel = True
+    plain = LLM(str(model), adapter=str(adapter), progress=False, kv_cache_tokens=4096, max_num_seqs=8)
+    greedy = mixed_params(len(prompts), temperature=0, max_tokens=16, ignore_eos=True)
+    with pytest.warns(RuntimeWarning, match="Triton build kernels failed"):
+        outs = [o.token_ids for o in padded.generate(prompts, greedy)]
+    assert not padded.engine.runner.decode_graphs.build_kernel
+    assert outs == [o.token_ids for o in plain.generate(prompts, SamplingParams(mode="ar", temperature=0,
+                                                                                max_tokens=16, ignore_eos=True))]

@@ -216,13 +216,29 @@ class DecodeGraphs:
                 from idlm.kernels.triton_build_step import round_inputs_into
 
                 out = torch.empty(sum(shape.int_sizes()), dtype=torch.long, device=self.device)
-                return round_inputs_into(self.carry[:bucket], self.plan[:, :bucket], constants, tokens, shape.dmax,
-                                         out)
+                made = self._kernel(round_inputs_into, self.carry[:bucket], self.plan[:, :bucket], constants, tokens,
+                                    shape.dmax, out)
+                if made is not False:
+                    return made
             k, branches, mask_id, gated, valid = self.plan[:, :bucket]
             state = SlotState.from_carry(self.carry[:bucket], k, branches, mask_id, gated.bool(), valid.bool())
             return built_round_inputs(state, constants.view(4, bucket), tokens, shape)
 
         return build
+
+    def _kernel(self, fn: Callable, *args):
+        """fn(*args), or False where it fails to compile or launch (its first run is eager, before
+        any capture): the build then runs as torch ops from now on, with a warning, rather than
+        every decode step failing."""
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 (a Triton compile error has no common type)
+            import warnings
+
+            warnings.warn(f"the Triton build kernels failed ({type(e).__name__}: {e}); decode steps are built "
+                          f"with torch ops instead", RuntimeWarning, stacklevel=2)
+            self.build_kernel = False
+            return False
 
     def _build_from_carry(self, bucket: int, tokens: int, tree: bool) -> None:
         """The step's rows from the carry and plan buffers, into the buffers the forward reads."""
@@ -233,9 +249,10 @@ class DecodeGraphs:
                 self.is_mask8 = self.layouts.is_mask.to(torch.int8)
             out = dict(ids=self.ids, positions=self.positions, slots=self.slots, gate=self.gate,
                        tree_bits=self.tree_bits, context_lens=self.context_lens, tree_rows=self.tree_rows)
-            build_step_into(self.carry[:bucket], self.plan[:, :bucket], self.layouts, self.tables[:bucket], tokens,
-                            self.block_size, self.scratch_slot, self.is_mask8, out)
-            return
+            if self._kernel(build_step_into, self.carry[:bucket], self.plan[:, :bucket], self.layouts,
+                            self.tables[:bucket], tokens, self.block_size, self.scratch_slot, self.is_mask8,
+                            out) is not False:
+                return
         k, branches, mask_id, gated, valid = self.plan[:, :bucket]
         state = SlotState.from_carry(self.carry[:bucket], k, branches, mask_id, gated.bool(), valid.bool())
         self._load(build_step(state, self.layouts, self.tables[:bucket], tokens, bucket, self.block_size,
