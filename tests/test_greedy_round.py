@@ -1,4 +1,4 @@
-"""A round whose requests are all greedy runs from argmax tokens (round_step._greedy_round,
+"""A round whose requests are all greedy runs from argmax tokens (round_step.run_round with
 rounds.verify_greedy): the same verdict, new drafts, q and carry as the general path's one-hot
 distributions, over random rounds with accepts and rejections, branches, every proposal, the
 ratio test with any alpha, a banned token, and each way the round gets its logits."""

@@ -199,7 +199,8 @@ def run_round(model: CausalLM, hidden: torch.Tensor, all_logits: torch.Tensor | 
 
     rows = t["target_rows"]
     # every distribution one-hot and nothing from the host: the verdict and new drafts from argmax
-    # tokens (rounds.verify_greedy), and the drafts' own distributions are never needed
+    # tokens (rounds.verify_greedy: no one-hot rows, residuals or second argmax; the same values,
+    # tests/test_greedy_round.py), and the drafts' own distributions are never needed
     greedy = shape.all_greedy and extras is None
     own = d and not greedy  # the drafts' own distributions, from the rows that proposed them a round ago
     candidates = candidate_logits = None
@@ -218,37 +219,39 @@ def run_round(model: CausalLM, hidden: torch.Tensor, all_logits: torch.Tensor | 
         logits = all_logits[rows] if all_logits is not None else model.logits(hidden[rows])
         if own:
             logits = torch.cat([logits, model.logits(stored_hidden)])
+    raw_logprobs = rb = None
     if greedy:
-        return _greedy_round(model, hidden, all_logits, t, f["verify_alpha"], draft_q, shape, banned_token, with_carry,
-                             logits, candidates, candidate_logits)
-    raw_logprobs = None
-    if extras is not None and extras.top_n is not None:
-        raw_logprobs = logits[:b * (d + 1)].float().log_softmax(-1).view(b, d + 1, vocab)
-    if extras is not None and extras.adjust is not None:
-        logits = extras.adjust(logits.float())
-    request_of_row = torch.cat([requests.repeat_interleave(d + 1), requests.repeat_interleave(d)])
-    probs = probs_of(logits, request_of_row)
-    rb = RoundBatch(
-        target_probs=probs[:b * (d + 1)].view(b, d + 1, vocab),
-        draft_probs=probs[b * (d + 1):].view(b, d, vocab),
-        drafts=t["drafts"].view(b, d),
-        draft_q=draft_q.view(b, d),
-        num_drafts=t["num_drafts"],
-        proposal=t["proposal"],
-        seeds=t["seeds"],
-        positions=t["positions"],
-        verify_alpha=f["verify_alpha"],
-        spec_verify=t["spec_verify"].bool(),
-        all_greedy=shape.all_greedy,
-    )
-    verdict = verify(rb)
+        verdict = verify_greedy(greedy_tokens(logits, banned_token).view(b, d + 1), t["drafts"].view(b, d),
+                                draft_q.view(b, d), t["num_drafts"], t["positions"], t["seeds"], f["verify_alpha"],
+                                t["spec_verify"].bool())
+    else:
+        if extras is not None and extras.top_n is not None:
+            raw_logprobs = logits[:b * (d + 1)].float().log_softmax(-1).view(b, d + 1, vocab)
+        if extras is not None and extras.adjust is not None:
+            logits = extras.adjust(logits.float())
+        request_of_row = torch.cat([requests.repeat_interleave(d + 1), requests.repeat_interleave(d)])
+        probs = probs_of(logits, request_of_row)
+        rb = RoundBatch(
+            target_probs=probs[:b * (d + 1)].view(b, d + 1, vocab),
+            draft_probs=probs[b * (d + 1):].view(b, d, vocab),
+            drafts=t["drafts"].view(b, d),
+            draft_q=draft_q.view(b, d),
+            num_drafts=t["num_drafts"],
+            proposal=t["proposal"],
+            seeds=t["seeds"],
+            positions=t["positions"],
+            verify_alpha=f["verify_alpha"],
+            spec_verify=t["spec_verify"].bool(),
+            all_greedy=shape.all_greedy,
+        )
+        verdict = verify(rb)
     host = dict(accepted=verdict.accepted, final=verdict.final_token, final_p=verdict.final_p, draft_q=draft_q)
     if raw_logprobs is not None:
         host.update(_committed_logprobs(raw_logprobs, rb.drafts, verdict, extras.top_n))
     new_q = new_hidden = None
     if k:
         accepted = verdict.accepted
-        bonus = accepted == rb.num_drafts
+        bonus = accepted == t["num_drafts"]
         branched = accepted < t["branches"]
         first = torch.where(bonus, t["main_rows"], t["branch_rows"] + accepted * t["num_new"])
         offsets = torch.arange(k, device=device)
@@ -258,54 +261,15 @@ def run_round(model: CausalLM, hidden: torch.Tensor, all_logits: torch.Tensor | 
             new_logits = candidate_logits[picked_candidates(candidates, bonus, accepted).flatten()]
         else:
             new_logits = all_logits[new_rows] if all_logits is not None else model.logits(new_hidden)
-        if extras is not None and extras.propose is not None:
+        if greedy:
+            new_drafts = greedy_tokens(new_logits, banned_token).view(b, k)
+            new_q = torch.ones(b, k, device=device)  # a one-hot proposal's probability of its draw
+        elif extras is not None and extras.propose is not None:
             new_drafts, new_q = extras.propose(new_logits.view(b, k, vocab), rb, verdict, probs_of)
         else:
             new_probs = probs_of(new_logits, requests.repeat_interleave(k))
             new_drafts, new_q = propose(new_probs.view(b, k, vocab), rb.seeds, verdict.final_pos, rb.proposal,
                                         shape.all_greedy)
-        new_hidden = new_hidden.view(b, k, -1)
-        has_new = (bonus | branched) & (t["num_new"] > 0)
-        host.update(has_new=has_new, branched=branched, new_drafts=new_drafts)
-    carry = None
-    if with_carry:
-        if k:
-            kept, num_kept = torch.where(has_new[:, None], new_drafts, 0), torch.where(has_new, t["num_new"], 0)
-        else:
-            kept = torch.zeros(b, 1, dtype=torch.long, device=device)
-            num_kept = torch.zeros(b, dtype=torch.long, device=device)
-        carry = carry_table(verdict.final_token, t["positions"], verdict.accepted, kept, num_kept)
-    packed = torch.cat([x.double().flatten() for x in host.values()])
-    return RoundResult(packed, [(name, x.numel()) for name, x in host.items()], new_q, new_hidden, carry)
-
-
-def _greedy_round(model: CausalLM, hidden: torch.Tensor, all_logits: torch.Tensor | None, t: dict[str, torch.Tensor],
-                  verify_alpha: torch.Tensor, draft_q: torch.Tensor, shape: RoundShape, banned_token: int | None,
-                  with_carry: bool, logits: torch.Tensor, candidates: torch.Tensor | None,
-                  candidate_logits: torch.Tensor | None) -> RoundResult:
-    """run_round of a batch of greedy requests with no host-driven parts, from argmax tokens:
-    the same values as the general path (tests/test_greedy_round.py), with a vocabulary-wide
-    argmax per row read instead of one-hot rows, residuals and a second argmax."""
-    b, d, k = shape.batch, shape.dmax, shape.kmax
-    device = hidden.device
-    target = greedy_tokens(logits, banned_token).view(b, d + 1)
-    verdict = verify_greedy(target, t["drafts"].view(b, d), draft_q.view(b, d), t["num_drafts"], t["positions"],
-                            t["seeds"], verify_alpha, t["spec_verify"].bool())
-    host = dict(accepted=verdict.accepted, final=verdict.final_token, final_p=verdict.final_p, draft_q=draft_q)
-    new_q = new_hidden = None
-    if k:
-        accepted = verdict.accepted
-        bonus = accepted == t["num_drafts"]
-        branched = accepted < t["branches"]
-        first = torch.where(bonus, t["main_rows"], t["branch_rows"] + accepted * t["num_new"])
-        new_rows = (first[:, None] + torch.arange(k, device=device)[None]).clamp(max=hidden.shape[0] - 1).flatten()
-        new_hidden = hidden[new_rows]
-        if candidates is not None:
-            new_logits = candidate_logits[picked_candidates(candidates, bonus, accepted).flatten()]
-        else:
-            new_logits = all_logits[new_rows] if all_logits is not None else model.logits(new_hidden)
-        new_drafts = greedy_tokens(new_logits, banned_token).view(b, k)
-        new_q = torch.ones(b, k, device=device)  # a one-hot proposal's probability of its draw
         new_hidden = new_hidden.view(b, k, -1)
         has_new = (bonus | branched) & (t["num_new"] > 0)
         host.update(has_new=has_new, branched=branched, new_drafts=new_drafts)
