@@ -92,6 +92,7 @@ class RoundGraphs:
         self.graphs: dict[tuple[int, RoundShape], RoundGraph] = {}
         self.seen: dict[tuple[int, RoundShape], int] = {}
         self.pool = None
+        self.made = 0  # rounds that were not a replay: captures and first sightings (run eagerly)
 
     def get(self, hidden: torch.Tensor, all_logits: torch.Tensor | None, shape: RoundShape,
             build: Callable[[torch.Tensor], torch.Tensor] | None = None, build_key=None) -> RoundGraph:
@@ -108,6 +109,7 @@ class RoundGraphs:
         if capture and self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = RoundGraph(self.model, hidden, all_logits, shape, self.banned_token, self.pool, capture, build)
+        self.made += 1
         if capture or not self.capture:
             self.graphs[key] = graph
         return graph

@@ -310,9 +310,10 @@ class ModelRunner:
         return self._launch_round([seqs[i] for i in finals], round_starts, finals, hidden)
 
     def graphs_captured(self) -> int:
-        """Decode and round graphs made so far (without capture, round shapes met): a step that made
-        one also paid for its capture and compiles."""
-        return sum(len(g.graphs) for g in (self.decode_graphs, self.round_graphs) if g is not None)
+        """Decode graphs captured and rounds made other than by a replay (captures, and first
+        sightings that run eagerly) so far: a step that made one also paid for it."""
+        return ((len(self.decode_graphs.graphs) if self.decode_graphs is not None else 0)
+                + (self.round_graphs.made if self.round_graphs is not None else 0))
 
     def can_launch_next(self, seqs: list[Sequence]) -> bool:
         """launch_next can build a decode step of seqs, requests of the carry in its order (those
