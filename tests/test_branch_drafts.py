@@ -622,3 +622,35 @@ def test_one_head_call_reads_the_rows_each_outcome_takes_its_new_drafts_from():
         assert torch.equal(picked[has_new], want[has_new])
         picked_branch += int((has_new & ~bonus & (accepted > 0)).sum())
     assert picked_branch > 20  # branches past the first were picked, not only B_1 and the main chain
+
+
+def test_step_cost_table_is_measured_only_as_far_as_the_rounds_asked_about():
+    """A batch size's table is measured up to the widest round the policy asks about (a stride of 4:
+    16 rows), and further only when a wider one is asked about; measure_up_to measures it whole."""
+    from idlm.engine.step_cost import ROUND_SHAPES
+
+    measured = []
+
+    def extend(batch, have, up_to):
+        costs = dict(have)
+        for rows in sorted({rows_of_round(k, b) for k, b in ROUND_SHAPES}):
+            if rows in costs:
+                continue
+            if rows > up_to:
+                return costs, up_to
+            measured.append((batch, rows))
+            costs[rows] = 1.0 + 0.01 * rows
+        return costs, float("inf")
+
+    cost = StepCost(lambda batch: extend(batch, {}, float("inf"))[0], 8, buckets=[1, 2, 4, 8], extend=extend)
+    policy = StridePolicy("adaptive", None, cost, replan_every=1)
+    policy.plan(seqs_with([0.6] * 3, 4, stride=4))
+    assert measured and max(rows for _, rows in measured) == rows_of_round(3, max_branches(3, 3))
+    assert {batch for batch, _ in measured} == {4}
+    before = len(measured)
+    policy.plan(seqs_with([0.6] * 7, 4, stride=8))  # wider rounds: the same batch size's table goes on
+    assert len(measured) > before and all(rows > rows_of_round(3, max_branches(3, 3)) for _, rows in
+                                          measured[before:])
+    cost.measure_up_to(2)
+    assert {batch for batch, _ in measured} == {1, 2, 4}
+    assert max(rows for batch, rows in measured if batch == 1) == max(rows_of_round(k, b) for k, b in ROUND_SHAPES)

@@ -60,18 +60,37 @@ class StepCost:
     between batch sizes, linear in log batch."""
 
     def __init__(self, measure: Callable[[int], dict[int, float]], max_batch: int,
-                 buckets: list[int] | None = None):
+                 buckets: list[int] | None = None,
+                 extend: Callable[[int, dict[int, float], float], tuple[dict[int, float], float]] | None = None):
+        """measure(batch): a batch size's whole table. extend(batch, table so far, rows), where
+        given: the table with every shape of up to `rows` rows measured, and the rows it now covers
+        (inf: every shape there is). With it a batch size's table is measured only as far as the
+        rounds asked about reach: on an H200 the whole table at 64 requests, up to 64-row rounds
+        that a stride of 4 never runs, stalled every running request for 5.7 s."""
         self.measure = measure
+        self.extend = extend
         self.buckets = buckets is not None
         self.points = buckets or sorted({b for b in (1, 4, 16, 64, 256) if b < max_batch} | {max_batch})
         self.table: dict[int, dict[int, float]] = {}
+        self.covered: dict[int, float] = {}  # batch -> the rows up to which its table is measured
         self.seen: dict[tuple[int, int], deque[float]] = {}  # (batch, rows) -> the last steps' seconds
 
     def measure_up_to(self, batch: int) -> None:
-        """Measures now every batch size a step of up to `batch` requests would ask about."""
+        """Measures now every batch size a step of up to `batch` requests would ask about, every
+        round shape of each."""
         for point in self.points[:1 + next((i for i, p in enumerate(self.points) if p >= batch),
                                              len(self.points) - 1)]:
-            self._at(point, 1)
+            self._measured(point, math.inf)
+
+    def _measured(self, batch: int, rows: float) -> dict[int, float]:
+        """The table of `batch`, measured now as far as `rows` where it is not yet."""
+        if batch in self.table and rows <= self.covered[batch]:
+            return self.table[batch]
+        if self.extend is None:
+            self.table[batch], self.covered[batch] = self.measure(batch), math.inf
+        else:
+            self.table[batch], self.covered[batch] = self.extend(batch, self.table.get(batch, {}), rows)
+        return self.table[batch]
 
     def seconds(self, batch: int, rows: int) -> float:
         recent = self.seen.get((batch, rows), ())
@@ -115,9 +134,7 @@ class StepCost:
         return (1 - w) * self._at(lo, rows) + w * self._at(hi, rows)
 
     def _at(self, batch: int, rows: int) -> float:
-        if batch not in self.table:
-            self.table[batch] = self.measure(batch)
-        costs = self.table[batch]
+        costs = self._measured(batch, rows)
         xs = sorted(costs)
         if len(xs) == 1:  # only one-row steps were measured: more rows cost in proportion
             return costs[xs[0]] * max(rows, xs[0]) / xs[0]
@@ -141,10 +158,14 @@ def measure_step_cost(runner, max_batch: int) -> StepCost:
     with_graphs = graphs is not None and graphs.use_graphs
     shapes, repeats = (ROUND_SHAPES, 2) if with_graphs else (EAGER_SHAPES, 1)
 
-    def measure(batch: int) -> dict[int, float]:
-        costs = {}
+    def extend(batch: int, have: dict[int, float], up_to: float) -> tuple[dict[int, float], float]:
+        costs = dict(have)
         for k, b in sorted(shapes, key=lambda kb: rows_of_round(*kb)):
             rows = rows_of_round(k, b)
+            if rows in costs:
+                continue
+            if rows > up_to:
+                return costs, up_to
             if len(costs) >= 2 and max(costs.values()) > MAX_COST_RATIO * costs[1]:
                 break
             if costs and not with_graphs and batch * rows > EAGER_MAX_ROWS:
@@ -157,10 +178,12 @@ def measure_step_cost(runner, max_batch: int) -> StepCost:
                 runner.run(seqs, [1] * batch)
                 _sync(runner.device)
                 times.append(time.perf_counter() - start)
-            costs[rows] = min(times[1:])  # the least disturbed run: a busy host only ever adds time
-        return monotone(costs)
+            costs[rows] = monotone({**costs, rows: min(times[1:])})[rows]  # the least disturbed run: a busy
+            # host only ever adds time; more rows never cost less (a measured dip is noise)
+        return costs, math.inf
 
-    return StepCost(measure, max_batch, graphs.buckets if with_graphs else None)
+    return StepCost(lambda batch: extend(batch, {}, math.inf)[0], max_batch, graphs.buckets if with_graphs else None,
+                    extend)
 
 
 def _dummy(runner, k: int, b: int) -> Sequence:
