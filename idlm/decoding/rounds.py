@@ -111,6 +111,10 @@ def verify_greedy(target: torch.Tensor, drafts: torch.Tensor, draft_q: torch.Ten
 def greedy_tokens(logits: torch.Tensor, banned_token: int | None = None) -> torch.Tensor:
     """The argmax of each row, as token_probs' one-hot rows put it (a banned token never);
     logits may be overwritten at the banned column."""
+    if not logits.is_cuda:
+        # the CPU's bfloat16 argmax is not vectorised: 640 us for 8 x 49k logits against 125 us
+        # converted to float32 first (a CUDA argmax reads bfloat16 at full speed)
+        logits = logits.float()
     if banned_token is not None:
         logits[:, banned_token] = float("-inf")
     return logits.argmax(dim=-1)
