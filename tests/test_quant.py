@@ -368,3 +368,11 @@ def test_gated_lora_delta_of_a_row_is_the_same_bits_alone_and_batched(in_feature
     for rows in (slice(0, 1), slice(4, 5), slice(0, 3), slice(5, 12)):
         assert torch.equal(lora.add_to(out[rows], x[rows], gate[rows]), full[rows])
     assert torch.equal(full[gate == 0], out[gate == 0])  # ungated rows are the base's, bit for bit
+
+
+def test_row_exact_cpu_engines_keep_a_float32_kv_cache(quant_idlm):
+    """The row-exact attention reads K/V in float32: the cache holds them so (bfloat16 widens
+    exactly), converted once when written rather than every step for every row's context."""
+    engine = quant_idlm["int4"].engine
+    assert engine.runner.kv_cache.dtype == torch.float32
+    assert engine.runner.dtype == next(engine.model.parameters()).dtype

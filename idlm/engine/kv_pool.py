@@ -26,11 +26,12 @@ class KVPool:
     max_model_len: int  # prompt + output of one request: the model's context, the pool's, or the user's limit
 
 
-def plan_kv_pool(model, model_config: ModelConfig, config: EngineConfig, device: torch.device, name: str) -> KVPool:
+def plan_kv_pool(model, model_config: ModelConfig, config: EngineConfig, device: torch.device, name: str,
+                 kv_dtype: torch.dtype | None = None) -> KVPool:
     """The pool for `model` (under tensor parallelism rank 0's shard, whose KV heads every rank
     holds as many of): `config.kv_cache_tokens`, else a fixed CPU budget or what the GPU has left
     after a warm-up; clear errors for limits that cannot hold."""
-    kv_tokens = config.kv_cache_tokens or _default_tokens(model, model_config, config, device)
+    kv_tokens = config.kv_cache_tokens or _default_tokens(model, model_config, config, device, kv_dtype)
     num_blocks = kv_tokens // config.kv_block_size
     pool_len = num_blocks * config.kv_block_size - MAX_LOOKAHEAD
     if pool_len < 1:
@@ -45,9 +46,10 @@ def plan_kv_pool(model, model_config: ModelConfig, config: EngineConfig, device:
     return KVPool(num_blocks, min(config.max_model_len or context, context, pool_len))
 
 
-def _default_tokens(model, model_config: ModelConfig, config: EngineConfig, device: torch.device) -> int:
+def _default_tokens(model, model_config: ModelConfig, config: EngineConfig, device: torch.device,
+                    kv_dtype: torch.dtype | None = None) -> int:
     cfg = model.cfg  # (under tensor parallelism this rank's KV heads)
-    elem = next(model.parameters()).element_size()
+    elem = torch.empty((), dtype=kv_dtype).element_size() if kv_dtype else next(model.parameters()).element_size()
     per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * elem
     if device.type == "cuda":
         return _free_memory_after_warmup(model, model_config, config, device) // per_token

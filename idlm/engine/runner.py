@@ -160,7 +160,7 @@ class ModelRunner:
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, mask_ids: dict[str, int | None],
                  banned_token: int | None = None, deterministic: bool = False,
-                 tp: "TensorParallel | None" = None):
+                 tp: "TensorParallel | None" = None, kv_dtype: torch.dtype | None = None):
         cfg = model.cfg
         self.model = model
         # tensor parallel (engine/tensor_parallel.py): model is rank 0's LeaderModel, and the
@@ -176,11 +176,12 @@ class ModelRunner:
         self.use_triton = TritonPagedAttention.supports(self.device, cfg.head_dim)
         self.with_lora = any("_lora" in name for name, _ in model.named_modules())
         param = next(model.parameters())
+        self.dtype = param.dtype  # the activations' (the KV cache may be wider: kv_dtype)
         # one block past the pool: the scratch block that padded rows of decode graphs write to
         self.num_blocks = self.scratch_block = num_blocks
         self.max_model_len: int | None = None  # set by start(), from the pool
         self.kv_cache = zeros((2, cfg.num_layers, num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim),
-                              param.dtype, self.device)
+                              kv_dtype or param.dtype, self.device)
         self.decode_graphs: DecodeGraphs | None = None
         self.round_graphs: RoundGraphs | None = None
         self.cpu_attention = PagedAttention  # RowExactPagedAttention for quantised models and deterministic mode
@@ -199,9 +200,14 @@ class ModelRunner:
         """The runner and its KV pool, in nano-vllm's order: warm up and size the pool
         (engine/kv_pool.py), allocate it, then capture the decode graphs (CUDA) into what is left.
         row_exact: CPU attention computes each row alone (quantised weights, deterministic mode)."""
-        pool = plan_kv_pool(model, model_config, config, next(model.parameters()).device, name)
+        device = next(model.parameters()).device
+        # the CPU's row-exact attention reads K/V in float32: a float32 cache holds the same values
+        # (bfloat16 widens exactly) converted once when written, not every step for every row's
+        # context (at batch 8 on a 2-core CPU those conversions were ~5% of an `ar` step)
+        kv_dtype = torch.float32 if row_exact and device.type == "cpu" and tp is None else None
+        pool = plan_kv_pool(model, model_config, config, device, name, kv_dtype)
         runner = cls(model, pool.num_blocks, config.kv_block_size, mask_ids, banned_token=banned_token,
-                     deterministic=config.deterministic, tp=tp)
+                     deterministic=config.deterministic, tp=tp, kv_dtype=kv_dtype)
         runner.max_model_len = pool.max_model_len
         if row_exact:
             runner.cpu_attention = RowExactPagedAttention

@@ -197,7 +197,7 @@ def _dummy(runner, k: int, b: int) -> Sequence:
     seq.block_table = [runner.scratch_block] * (2 + rows_of(k, k, b) // bs)
     hidden = runner.model.cfg.hidden_size
     seq.drafts = [0] * k
-    seq.draft_rows = DraftRows(torch.zeros(1, k, hidden, dtype=runner.kv_cache.dtype, device=runner.device),
+    seq.draft_rows = DraftRows(torch.zeros(1, k, hidden, dtype=runner.dtype, device=runner.device),
                                torch.ones(1, k, device=runner.device), 0)
     seq.num_new, seq.num_branches = k, min(b, max_branches(k, k))
     return seq

@@ -75,8 +75,9 @@ class PagedKVWriter:
         flat_k, flat_v = k_cache.view(-1, heads, head_dim), v_cache.view(-1, heads, head_dim)
         if self.write_rows is not None:
             k, v = k.index_select(0, self.write_rows), v.index_select(0, self.write_rows)
-        flat_k.index_copy_(0, self.write_slots, k)
-        flat_v.index_copy_(0, self.write_slots, v)
+        # (a cache wider than the activations, the CPU's float32 one, takes them exactly)
+        flat_k.index_copy_(0, self.write_slots, k.to(flat_k.dtype))
+        flat_v.index_copy_(0, self.write_slots, v.to(flat_v.dtype))
         return k_cache, v_cache
 
 
