@@ -279,8 +279,8 @@ def test_expected_tokens_matches_the_design_formula_and_a_simulation(a):
 
 def rigged_cost(per_step: float, per_row: float, max_batch: int = 64) -> StepCost:
     """A cost table; the engine's own steps are still observed into it (their real times)."""
-    return StepCost(lambda batch: {rows: per_step + per_row * batch * rows for rows in (1, 4, 7, 16, 31, 64)},
-                    max_batch)
+    return StepCost.whole_tables(lambda batch: {rows: per_step + per_row * batch * rows
+                                                for rows in (1, 4, 7, 16, 31, 64)}, max_batch)
 
 
 def seqs_with(acceptance: list[float], n: int, stride: int = 8, **fields) -> list[Sequence]:
@@ -352,7 +352,7 @@ def test_adaptive_rounds_must_beat_ar_by_the_margin(gain, drafts):
     def measure(batch):
         return {1: 1.0, 2: price, 64: price}
 
-    policy = StridePolicy("adaptive", None, StepCost(measure, 64), replan_every=1)
+    policy = StridePolicy("adaptive", None, StepCost.whole_tables(measure, 64), replan_every=1)
     policy.plan(seqs)
     assert (seqs[0].num_new > 0) == drafts
 
@@ -393,7 +393,7 @@ def test_step_cost_interpolates_then_trusts_the_steps_that_ran():
         measured.append(batch)
         return {1: 1.0 * batch, 16: 2.0 * batch}
 
-    cost = StepCost(measure, 64)
+    cost = StepCost.whole_tables(measure, 64)
     assert cost.seconds(1, 1) == 1.0 and cost.seconds(1, 16) == 2.0 and cost.seconds(1, 31) == 3.0
     assert cost.seconds(4, 1) == 4.0 and measured == [1, 4]
     assert 4.0 < cost.seconds(8, 1) < 16.0 and measured == [1, 4, 16]
@@ -414,7 +414,7 @@ def test_step_cost_learnt_from_long_rounds_never_prices_an_ar_step_at_or_below_z
     """On a GPU the table's host-built, synchronous steps cost more than real steps: 64 requests,
     table 2.95 ms for 1 row, 6.34 for 4 and 7.81 for 16, real rounds of 16 rows 4.3 ms. Learnt as a
     difference (-3.5 ms), that priced an AR step below zero, and AR was never chosen."""
-    cost = StepCost(lambda batch: {1: 2.95e-3, 4: 6.34e-3, 16: 7.81e-3}, 64, buckets=[64])
+    cost = StepCost.whole_tables(lambda batch: {1: 2.95e-3, 4: 6.34e-3, 16: 7.81e-3}, 64, buckets=[64])
     cost.measure_up_to(64)
     for _ in range(3):
         cost.observe(64, 16, 4.3e-3)
@@ -439,7 +439,7 @@ def test_eager_step_cost_times_few_rows_and_extrapolates_in_proportion(idlm_dir)
 
 
 def test_step_cost_with_graph_buckets_charges_the_padded_bucket():
-    cost = StepCost(lambda batch: {1: float(batch), 16: 2.0 * batch}, 8, buckets=[1, 2, 4, 8])
+    cost = StepCost.whole_tables(lambda batch: {1: float(batch), 16: 2.0 * batch}, 8, buckets=[1, 2, 4, 8])
     cost.measure_up_to(3)
     assert sorted(cost.table) == [1, 2, 4]
     assert cost.seconds(3, 1) == 4.0 and cost.seconds(5, 16) == 16.0 and cost.seconds(2, 1) == 2.0
@@ -642,7 +642,7 @@ def test_step_cost_table_is_measured_only_as_far_as_the_rounds_asked_about():
             costs[rows] = 1.0 + 0.01 * rows
         return costs, float("inf")
 
-    cost = StepCost(lambda batch: extend(batch, {}, float("inf"))[0], 8, buckets=[1, 2, 4, 8], extend=extend)
+    cost = StepCost(extend, 8, buckets=[1, 2, 4, 8])
     policy = StridePolicy("adaptive", None, cost, replan_every=1)
     policy.plan(seqs_with([0.6] * 3, 4, stride=4))
     assert measured and max(rows for _, rows in measured) == rows_of_round(3, max_branches(3, 3))

@@ -59,21 +59,25 @@ class StepCost:
     measured batch size, linear in rows between the measured row counts (and beyond them);
     between batch sizes, linear in log batch."""
 
-    def __init__(self, measure: Callable[[int], dict[int, float]], max_batch: int,
-                 buckets: list[int] | None = None,
-                 extend: Callable[[int, dict[int, float], float], tuple[dict[int, float], float]] | None = None):
-        """measure(batch): a batch size's whole table. extend(batch, table so far, rows), where
-        given: the table with every shape of up to `rows` rows measured, and the rows it now covers
-        (inf: every shape there is). With it a batch size's table is measured only as far as the
-        rounds asked about reach: on an H200 the whole table at 64 requests, up to 64-row rounds
-        that a stride of 4 never runs, stalled every running request for 5.7 s."""
+    def __init__(self, measure: Callable[[int, dict[int, float], float], tuple[dict[int, float], float]],
+                 max_batch: int, buckets: list[int] | None = None):
+        """measure(batch, table so far, rows): the batch size's table with every shape of up to
+        `rows` rows measured, and the rows it now covers (inf: every shape there is). A table is
+        measured only as far as the rounds asked about reach: on an H200 the whole table at 64
+        requests, up to 64-row rounds that a stride of 4 never runs, stalled every running request
+        for 5.7 s."""
         self.measure = measure
-        self.extend = extend
         self.buckets = buckets is not None
         self.points = buckets or sorted({b for b in (1, 4, 16, 64, 256) if b < max_batch} | {max_batch})
         self.table: dict[int, dict[int, float]] = {}
         self.covered: dict[int, float] = {}  # batch -> the rows up to which its table is measured
         self.seen: dict[tuple[int, int], deque[float]] = {}  # (batch, rows) -> the last steps' seconds
+
+    @classmethod
+    def whole_tables(cls, table: Callable[[int], dict[int, float]], max_batch: int,
+                     buckets: list[int] | None = None) -> "StepCost":
+        """A StepCost whose batch sizes' tables come whole from table(batch)."""
+        return cls(lambda batch, have, rows: (table(batch), math.inf), max_batch, buckets)
 
     def measure_up_to(self, batch: int) -> None:
         """Measures now every batch size a step of up to `batch` requests would ask about, every
@@ -84,12 +88,8 @@ class StepCost:
 
     def _measured(self, batch: int, rows: float) -> dict[int, float]:
         """The table of `batch`, measured now as far as `rows` where it is not yet."""
-        if batch in self.table and rows <= self.covered[batch]:
-            return self.table[batch]
-        if self.extend is None:
-            self.table[batch], self.covered[batch] = self.measure(batch), math.inf
-        else:
-            self.table[batch], self.covered[batch] = self.extend(batch, self.table.get(batch, {}), rows)
+        if batch not in self.table or rows > self.covered[batch]:
+            self.table[batch], self.covered[batch] = self.measure(batch, self.table.get(batch, {}), rows)
         return self.table[batch]
 
     def seconds(self, batch: int, rows: int) -> float:
@@ -158,7 +158,7 @@ def measure_step_cost(runner, max_batch: int) -> StepCost:
     with_graphs = graphs is not None and graphs.use_graphs
     shapes, repeats = (ROUND_SHAPES, 2) if with_graphs else (EAGER_SHAPES, 1)
 
-    def extend(batch: int, have: dict[int, float], up_to: float) -> tuple[dict[int, float], float]:
+    def measure(batch: int, have: dict[int, float], up_to: float) -> tuple[dict[int, float], float]:
         costs = dict(have)
         for k, b in sorted(shapes, key=lambda kb: rows_of_round(*kb)):
             rows = rows_of_round(k, b)
@@ -182,8 +182,7 @@ def measure_step_cost(runner, max_batch: int) -> StepCost:
             # host only ever adds time; more rows never cost less (a measured dip is noise)
         return costs, math.inf
 
-    return StepCost(lambda batch: extend(batch, {}, math.inf)[0], max_batch, graphs.buckets if with_graphs else None,
-                    extend)
+    return StepCost(measure, max_batch, graphs.buckets if with_graphs else None)
 
 
 def _dummy(runner, k: int, b: int) -> Sequence:
