@@ -371,7 +371,7 @@ class ModelRunner:
         drafted = bool(shape.dmax) and carry.new_hidden is not None
         # the round's integers go with the step's plan and block tables, in one copy to the device
         extra = [[x for values in constants for x in values]] + ([list(range(n * shape.dmax))] if drafted else [])
-        hidden, logits, _, extra_t = self._step_from_carry(seqs, carry, starts, tokens, lora, tree, extra)
+        hidden, logits, extra_t = self._step_from_carry(seqs, carry, starts, tokens, lora, tree, extra)
         stored, stored_q, slots_t = [], [], None
         if drafted:
             stored = [carry.new_hidden[:n, :shape.dmax].flatten(0, 1)]
@@ -397,20 +397,19 @@ class ModelRunner:
             return None
         lora = self.with_lora and any(seq.params.mode == "risd" and lay.num_new for seq, lay in zip(seqs, layouts))
         tree = any(lay.num_branches for lay in layouts)
-        hidden, logits, _, _ = self._step_from_carry(seqs, carry, starts, tokens, lora, tree)
+        hidden, logits, _ = self._step_from_carry(seqs, carry, starts, tokens, lora, tree)
         return self._launch_round(seqs, [i * tokens for i in range(len(seqs))], list(range(len(seqs))), hidden,
                                   logits, graphed=True)
 
     def _step_from_carry(self, seqs: list[Sequence], carry: Carry, starts: list[int], tokens: int, lora: bool,
                          tree: bool, extra: list[list[int]] = ()
-                         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, list[torch.Tensor]]:
+                         ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
         """A device-built step replayed with its build inside the graph (DecodeGraphs.step_from_carry):
-        hidden, logits, the plan it was built with ([5, bucket], _send_plan) and `extra` (integer
-        lists sent in the same copy) on the device."""
+        hidden, logits and `extra` (integer lists sent in the same copy as the plan) on the device."""
         plan_t, tables_t, extra_t = self._send_plan(seqs, starts, tokens, extra)
         hidden, logits = self.decode_graphs.step_from_carry(carry.table[:len(seqs)], plan_t, tables_t, tokens, lora,
                                                             tree, max(starts) + tokens)
-        return hidden, logits, plan_t, extra_t
+        return hidden, logits, extra_t
 
     def _send_plan(self, seqs: list[Sequence], starts: list[int], tokens: int, extra: list[list[int]]
                    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
