@@ -198,7 +198,9 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--requests", type=int, default=0,
                    help="requests in all (default: the concurrency, one wave); more refill the batch as they finish")
-    p.add_argument("--modes", default="ar,risd:fixed,risd:adaptive", help="mode[:stride policy], comma-separated")
+    p.add_argument("--modes", default="ar,risd:fixed,risd:adaptive",
+                   help="mode[:stride policy], comma-separated; policy k0: adaptive held at K = 0 (AR steps of "
+                        "risd requests, to compare with ar's)")
     p.add_argument("--gpu-profile", action="store_true",
                    help="a third pass of each mode under torch.profiler: GPU kernel time per step, by kernel")
     p.add_argument("--cprofile", type=int, default=0, metavar="N",
@@ -219,8 +221,11 @@ def main() -> None:
     report = {}
     if any(run.partition(":")[2] in ("", "adaptive") and not run.startswith("ar") for run in args.modes.split(",")):
         engine.policy.cost.measure_up_to(c)  # as `idlm bench` does: no step of a pass measures the step costs
+    choose = engine.policy._choose_shared
     for run in args.modes.split(","):
         mode, _, policy = run.partition(":")
+        engine.policy._choose_shared = (lambda shared, batch: ((0, 0), False)) if policy == "k0" else choose
+        policy = "adaptive" if policy == "k0" else policy
         passes = ["warm", "timed"] + ["profiled"] * args.gpu_profile + ["cprofiled"] * bool(args.cprofile)
         for pass_ in passes:
             TOTALS.clear()

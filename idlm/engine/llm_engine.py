@@ -327,7 +327,7 @@ class LLMEngine:
             return
         # the next step goes to the GPU before this one's outcome comes back, so the host's work on
         # that outcome runs while the GPU computes
-        chosen = dict(self.policy.chosen)
+        planned = self.policy.state()
         nxt = self.scheduler.schedule_next(follow)
         ahead = self.runner.launch_next(nxt.seqs) if nxt is not None else None
         if ahead is not None:
@@ -335,7 +335,7 @@ class LLMEngine:
             if self.scheduler.on_schedule is not None:
                 self.scheduler.on_schedule(nxt)
             return
-        self.policy.chosen = chosen  # the synchronous step plans, and counts, the step again
+        self.policy.restore(planned)  # the synchronous step plans, and counts, the step again
         if self.scheduler.waiting and not batch.is_prefill:
             # requests wait to join: their prefill does not depend on this step's outcome either
             # (after a prefill step it might: a prompt's next chunk needs this one's commit)

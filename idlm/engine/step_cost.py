@@ -24,7 +24,7 @@ batch in between is interpolated in log batch."""
 import math
 import statistics
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 
 import torch
@@ -72,6 +72,7 @@ class StepCost:
         self.table: dict[int, dict[int, float]] = {}
         self.covered: dict[int, float] = {}  # batch -> the rows up to which its table is measured
         self.seen: dict[tuple[int, int], deque[float]] = {}  # (batch, rows) -> the last steps' seconds
+        self.timed: Counter[tuple[int, int]] = Counter()  # (batch, rows) -> steps timed in all
 
     @classmethod
     def whole_tables(cls, table: Callable[[int], dict[int, float]], max_batch: int,
@@ -120,6 +121,8 @@ class StepCost:
         if lo not in self.table or hi not in self.table:
             return
         self.seen.setdefault((batch, rows), deque(maxlen=RECENT)).append(seconds)
+        self.timed[batch, rows] += 1
+
 
     def _bracket(self, batch: int) -> tuple[int, int]:
         i = next((i for i, p in enumerate(self.points) if p >= batch), len(self.points) - 1)

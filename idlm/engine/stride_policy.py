@@ -20,23 +20,30 @@ from idlm.config import MAX_STRIDE
 from idlm.decoding.layout import max_branches
 from idlm.engine.sampling_params import STRIDE_POLICIES
 from idlm.engine.sequence import DraftCounts, Sequence
-from idlm.engine.step_cost import ROUND_SHAPES, StepCost, rows_of_round
+from idlm.engine.step_cost import MIN_SEEN, ROUND_SHAPES, StepCost, rows_of_round
 
 PRIOR_ACCEPTANCE = 0.5  # per draft position, before anything is known
 PRIOR_WEIGHT = 4.0  # pseudo-rounds the prior counts for in a request's own estimate
 MIN_ENGINE_REACHED = 20  # rounds at a position before the engine-wide rate replaces the prior
 BRANCH_ROOM = np.array([max_branches(k, k) for k in range(MAX_STRIDE)])  # by K: the branches that fit
-# after this many plans in a row chose AR, one step takes the best K > 0 to keep measuring, if a
-# round of that K could pay were every draft accepted (on a CPU a round can cost 3 AR steps: no
-# acceptance makes it pay, and looking would only cost)
+# after this many plans in a row chose AR, the policy looks at the best K > 0 to keep measuring, if
+# a round of that K could pay were every draft accepted (on a CPU a round can cost 3 AR steps: no
+# acceptance makes it pay, and looking would only cost); so it does at once where no round of that
+# shape was ever timed at a batch size near this one
 EXPLORE_EVERY = 16
+# A look lasts until MIN_SEEN steps of the round looked at were timed, or this many steps: its first
+# step is a cold round, and the first steps of a shape capture CUDA graphs, which are not timed. On
+# an H200 at one request, looks of two steps never timed a round (both captured), so the policy
+# priced rounds from the table, at 2-3 times what they cost, and ran 0.6x the fixed stride.
+LOOK_STEPS = 8
 # A new choice must beat the running one by this factor: switching costs a round (drafts made for
 # the old shape are dropped, or a cold round is needed), and the estimates are noisy.
 HYSTERESIS = 1.03
 # A round with drafts must beat an AR step by this factor, for costs its step price leaves out: the
 # rounds after a switch, and requests that finish out of step, so that newcomers arrive one by one and
 # each costs a prefill step of its own. On an H200 at 64 requests with refills (2026-12-01) rounds were
-# priced 7% better than AR steps yet ran 17% slower: 148 prefill steps against AR's 8.
+# priced 7% better than AR steps yet ran 17% slower: 148 prefill steps against AR's 8. (A batch of one
+# request has no others to finish out of step with: there the margin is HYSTERESIS's alone.)
 ROUND_MARGIN = 1.10
 
 
@@ -63,6 +70,11 @@ def expected_tokens(accept: np.ndarray, k: np.ndarray, b: np.ndarray) -> np.ndar
     return (e_verify + cold) / (1.0 + cold)
 
 
+def near(batch: int, other: int) -> bool:
+    """Batch sizes within a factor of 2 of each other."""
+    return batch <= 2 * other and other <= 2 * batch
+
+
 class StridePolicy:
     """Sets seq.num_new (K) and seq.num_branches before each schedule."""
 
@@ -78,6 +90,20 @@ class StridePolicy:
         self._since_plan = 0
         self._shared: tuple[int, int] = (0, 0)
         self._ar_plans = 0
+        # a look in progress: (batch size, rows of the round looked at, its steps timed before, steps left)
+        self._look: tuple[int, int, int, int] | None = None
+        self._looked: set[int] = set()  # the batch sizes of every look begun
+
+    def state(self) -> tuple:
+        """What planning changes, for restore(): a step planned and then not launched (overlap
+        scheduling: the plan changed, or the step could not be built ahead) is planned again, and
+        must count once (a look at drafts counted twice lasted one step: its cold round)."""
+        return (dict(self.chosen), self._last_batch, self._since_plan, self._shared, self._ar_plans, self._look,
+                set(self._looked))
+
+    def restore(self, state: tuple) -> None:
+        chosen, self._last_batch, self._since_plan, self._shared, self._ar_plans, self._look, looked = state
+        self.chosen, self._looked = dict(chosen), set(looked)
 
     def is_adaptive(self, seq: Sequence) -> bool:
         params = seq.params
@@ -135,26 +161,32 @@ class StridePolicy:
         host time that a small step cannot spare)."""
         key = (len(batch), len(shared))
         self._since_plan += decode
-        if (key == self._last_batch and self._since_plan < self.replan_every) or (not decode and self._last_batch):
+        if decode and self._look is not None and (key != self._last_batch or self._look_done()):
+            self._look, self._since_plan = None, self.replan_every  # the look is over: choose with its price
+        if self._look is not None and decode:
+            k, b = self._shared
+            self._look = self._look[:3] + (self._look[3] - 1,)
+        elif (key == self._last_batch and self._since_plan < self.replan_every) or (not decode and self._last_batch):
             k, b = self._shared  # a request joining the batch takes the running plan
         else:
-            (k, b), exploring = self._choose_shared(shared, batch)
+            (k, b), look_rows = self._choose_shared(shared, batch)
             if decode:
-                # a look lasts two steps, then the policy chooses again: the first is a cold round
-                # (its drafts proposed), the second a round of the shape looked at, so that its
-                # price is seen (a GPU's table, timed on synchronous host-built steps, priced 16-row
-                # rounds at batch 1 at 4.5x an AR step where they ran at 1.5x, and from one-step
-                # looks, which run 4 rows, AR was never left)
-                self._last_batch, self._shared = key, (k, b)
-                self._since_plan = self.replan_every - 2 if exploring else 0
+                self._last_batch, self._shared, self._since_plan = key, (k, b), 0
+                if look_rows:
+                    self._look = (len(batch), look_rows, self.cost.timed[len(batch), look_rows], LOOK_STEPS - 1)
         for seq in shared:
             seq.num_new = min(k, seq.max_new_drafts)
             seq.num_branches = min(b, self.branch_cap(seq, seq.num_new))
         if decode:
             self.chosen[k] = self.chosen.get(k, 0) + 1
 
-    def _choose_shared(self, shared: list[Sequence], batch: list[Sequence]) -> tuple[tuple[int, int], bool]:
-        """The (K, b) to run, and whether it is a look at drafts rather than the best choice."""
+    def _look_done(self) -> bool:
+        batch, rows, timed_before, left = self._look
+        return left <= 0 or self.cost.timed[batch, rows] - timed_before >= MIN_SEEN
+
+    def _choose_shared(self, shared: list[Sequence], batch: list[Sequence]) -> tuple[tuple[int, int], int]:
+        """The (K, b) to run, and for a look at drafts rather than the best choice the rows of the
+        round looked at (else 0)."""
         mine = set(shared)
         others = [seq for seq in batch if seq not in mine]
         floor_rows = max((seq.layout.num_rows for seq in others), default=1)
@@ -172,17 +204,26 @@ class StridePolicy:
         tokens = expected_tokens(self._acceptance(shared, kmax), ks, bs).sum(axis=1) + others_tokens
         rows = np.maximum(rows_of_round(ks, bs).max(axis=1), floor_rows)
         seconds = [self.cost.seconds(len(batch), int(r)) for r in rows]
-        rates = {kb: t / s / (ROUND_MARGIN if kb[0] else 1.0) for kb, t, s in zip(candidates, tokens, seconds)}
+        margin = ROUND_MARGIN if len(batch) > 1 else 1.0
+        rates = {kb: t / s / (margin if kb[0] else 1.0) for kb, t, s in zip(candidates, tokens, seconds)}
         choice = max(rates, key=lambda kb: (rates[kb], -kb[0], -kb[1]))  # ties keep the smaller K and b
         if self._shared in rates and rates[choice] < HYSTERESIS * rates[self._shared]:
             choice = self._shared
         self._ar_plans = self._ar_plans + 1 if choice[0] == 0 else 0
-        if self._ar_plans >= EXPLORE_EVERY:
-            # AR drafts nothing, so the acceptance estimates would never move again: look once, at
-            # a round that every draft accepted would make pay
-            self._ar_plans = 0
+        if choice[0] == 0:
+            # AR drafts nothing, so the acceptance estimates would never move again: look, at a
+            # round that every draft accepted would make pay
             best_case = (1 + ks).sum(axis=1) + others_tokens
-            could_pay = [kb for kb, t, s in zip(candidates, best_case, seconds) if kb[0] and t / s > rates[choice]]
+            could_pay = {kb: int(r) for kb, t, s, r in zip(candidates, best_case, seconds, rows)
+                         if kb[0] and t / s > rates[choice]}
             if could_pay:
-                return max(could_pay, key=lambda kb: (rates[kb], -kb[0], -kb[1])), True
-        return choice, False
+                look = max(could_pay, key=lambda kb: (rates[kb], -kb[0], -kb[1]))
+                # at once where no round was ever timed, or looked at, near this batch size (looked at
+                # once only: a batch that keeps changing ends every look before its round is timed)
+                first = not any(near(b, len(batch)) for b in self._looked) and not any(
+                    rows > 1 and near(b, len(batch)) for b, rows in self.cost.seen)
+                if self._ar_plans >= EXPLORE_EVERY or first:
+                    self._ar_plans = 0
+                    self._looked.add(len(batch))
+                    return look, could_pay[look]
+        return choice, 0
