@@ -8,7 +8,6 @@ import yaml
 # The widest stride N any part decodes or trains: kernels, CUDA graphs and the KV lookahead are
 # sized for its verify round of 2N - 1 tokens.
 MAX_STRIDE = 16
-ADMIT_WAIT_STEPS = 8  # EngineConfig.admit_wait_steps by default
 
 
 def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
@@ -37,9 +36,6 @@ class EngineConfig:
     device: str = "auto"  # cuda when available
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048  # prefill tokens per step; longer prompts are chunked
-    # while requests decode, newcomers wait up to this many decode steps to be prefilled together
-    # (admitted at once when a group of max(1, running / 8) waits, or nothing decodes); 0: at once
-    admit_wait_steps: int = ADMIT_WAIT_STEPS
     kv_cache_tokens: int | None = None
     kv_block_size: int = 16  # tokens per page of the paged KV cache
     max_model_len: int | None = None  # None: the model's context, or what the KV pool holds if less
@@ -78,10 +74,6 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.admit_wait_steps, int) or isinstance(self.admit_wait_steps, bool) \
-                or self.admit_wait_steps < 0:
-            raise ValueError(f"admit_wait_steps must be a whole number of decode steps >= 0, got "
-                             f"{self.admit_wait_steps!r}")
         if not isinstance(self.deterministic, bool):
             raise ValueError(f"deterministic must be true or false, got {self.deterministic!r}")
         if self.deterministic and isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size > 1:

@@ -17,7 +17,7 @@ from idlm.bench.report import DEFINITIONS
 from idlm.bench.roofline import H100_FLOPS, Roofline, measure_copy_bandwidth
 from idlm.bench.runner import poisson_arrivals, run_closed_loop, run_open_loop
 from idlm.bench.workload import Request, cycle, read_workload, synthetic_requests, tokenize_workload
-from idlm.config import ADMIT_WAIT_STEPS, MAX_STRIDE, EngineConfig
+from idlm.config import MAX_STRIDE, EngineConfig
 from idlm.engine.kv_pool import MAX_LOOKAHEAD
 from idlm.engine.llm_engine import LLMEngine
 from idlm.engine.sampling_params import MODES, STRIDE_POLICIES, SamplingParams
@@ -58,8 +58,6 @@ class BenchConfig:
     enforce_eager: bool = False  # CUDA: decode steps without CUDA graphs
     # EngineConfig.overlap_scheduling of each run; both: every run twice on the same engine, alternating
     overlap: tuple[bool, ...] = (True,)
-    # EngineConfig.admit_wait_steps of each run; several: every run with each on the same engine, alternating
-    admit_wait_steps: tuple[int, ...] = (ADMIT_WAIT_STEPS,)
     # untimed before each closed-loop run: "short" (C short requests, every batch size once) or
     # "full" (the run itself once, so that no graph is captured inside the timed run)
     warmup: str = "short"
@@ -96,8 +94,6 @@ class BenchConfig:
             raise ValueError(f"warmup must be short or full, got {self.warmup!r}")
         if not self.overlap or len(set(self.overlap)) != len(self.overlap):
             raise ValueError(f"overlap scheduling must be off, on, or both once, got {list(self.overlap)}")
-        if not self.admit_wait_steps or any(not isinstance(w, int) or w < 0 for w in self.admit_wait_steps):
-            raise ValueError(f"admit wait steps must be whole numbers >= 0, got {list(self.admit_wait_steps)}")
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ValueError(f"max-num-seqs must be >= 1, got {self.max_num_seqs}")
         if self.temperature < 0:
@@ -251,16 +247,12 @@ def _bench_engine(engine: LLMEngine, cfg: BenchConfig, runs: dict[str, SamplingP
                   base: list[Request], counts: dict[int, int], rate_count: int, vocab: int, exclude: set[int],
                   roofline: Roofline, result: dict, log: Callable[[str], None]) -> None:
     """Every run on one engine, each at every concurrency and request rate."""
-    for (label, params), overlap, wait in itertools.product(runs.items(), cfg.overlap, cfg.admit_wait_steps):
+    for (label, params), overlap in itertools.product(runs.items(), cfg.overlap):
         engine.config.overlap_scheduling = overlap  # read every step: the engine's graphs serve both
-        engine.scheduler.admit_wait_steps = wait
         if len(cfg.overlap) > 1:
             label += " overlap" if overlap else ""
-        if len(cfg.admit_wait_steps) > 1:
-            label += f" admit{wait}"
         run = dict(mode=label + tag, decoding=params.mode, stride=params.stride, stride_policy=params.stride_policy,
-                   branches=params.branches, tensor_parallel_size=tp, overlap_scheduling=overlap,
-                   admit_wait_steps=wait)
+                   branches=params.branches, tensor_parallel_size=tp, overlap_scheduling=overlap)
         for c in cfg.concurrency:
             requests = cycle(base, counts[c])
             warm = requests if cfg.warmup == "full" else warmup_requests(requests[:c], vocab, exclude, cfg.seed + 1)

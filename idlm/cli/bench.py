@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from idlm.cli.options import CHAT_TEMPLATE, ENGINE, GENERATION_CONFIG, MAX_MODEL_LEN, QUANTIZATION, add_options
-from idlm.config import ADMIT_WAIT_STEPS, MAX_STRIDE
+from idlm.config import MAX_STRIDE
 from idlm.engine.sampling_params import MODES, STRIDE_POLICIES
 from idlm.models.shapes import SHAPES
 
@@ -77,10 +77,6 @@ def add_parsers(sub) -> None:
                    help="off, on, or off,on: launch each decode step before the host has read the one before "
                         "(EngineConfig.overlap_scheduling); off,on runs everything both ways on one engine, "
                         "alternating (default on)")
-    p.add_argument("--admit-wait-steps", default=str(ADMIT_WAIT_STEPS),
-                   help="decode steps newcomers may wait to be prefilled together while others decode "
-                        "(EngineConfig.admit_wait_steps); a comma list runs everything with each on one engine, "
-                        f"alternating (default {ADMIT_WAIT_STEPS}; 0: at once)")
     p.add_argument("--warmup", choices=("short", "full"), default="short",
                    help="untimed before each closed-loop run: short (C short requests, default) or full (the run "
                         "itself once, so that no CUDA graph is captured inside the timed run)")
@@ -111,13 +107,6 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise ValueError(f"{value} is not a positive integer")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError(f"{value} is below 0")
     return value
 
 
@@ -177,7 +166,6 @@ def run(args: argparse.Namespace) -> None:
         prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
         warmup=args.warmup, overlap=tuple(x == "on" for x in comma_list(args.overlap_scheduling, "--overlap-scheduling",
                                                       one_of(("off", "on"), "setting"))),
-        admit_wait_steps=comma_list(args.admit_wait_steps, "--admit-wait-steps", non_negative_int),
         deterministic=bool(args.deterministic),
         tensor_parallel_sizes=comma_list(args.tensor_parallel_size, "--tensor-parallel-size", positive_int),
         request_rates=comma_list(args.request_rate, "--request-rate", positive_float) if args.request_rate else (),

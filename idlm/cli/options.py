@@ -86,10 +86,7 @@ OVERLAP_SCHEDULING = option("--overlap-scheduling", action=argparse.BooleanOptio
                             help="CUDA: launch each decode step of the same requests before the host has "
                                  "read the outcome of the one before, so that the host's work on it overlaps the "
                                  "GPU's next step; the same tokens either way (default on)")
-ADMIT_WAIT_STEPS = option("--admit-wait-steps", type=int, default=None, metavar="STEPS",
-                          help="while requests decode, newcomers wait up to this many decode steps to be "
-                               "prefilled together (at once when max(1, running/8) wait); 0: at once (default 8)")
-SCHEDULING = (MAX_NUM_BATCHED_TOKENS, ADMIT_WAIT_STEPS, GPU_MEMORY_UTILIZATION, ENFORCE_EAGER, OVERLAP_SCHEDULING)
+SCHEDULING = (MAX_NUM_BATCHED_TOKENS, GPU_MEMORY_UTILIZATION, ENFORCE_EAGER, OVERLAP_SCHEDULING)
 
 MAX_NUM_SEQS = option("--max-num-seqs", type=int, default=64, help="requests decoded together (default 64)")
 

@@ -16,14 +16,6 @@ class ScheduledBatch:
     is_prefill: bool
 
 
-# While requests decode, newcomers are admitted once this share of the running batch waits (or
-# after EngineConfig.admit_wait_steps decode steps): a prefill step stalls every running request
-# about as long as a decode step, and requests whose rounds commit different numbers of tokens
-# finish out of step, so that admitted one by one each newcomer cost a step of its own (an H200,
-# 64 requests, risd: 148 prefill steps against ar's 8, a quarter of the run's time).
-ADMIT_GROUP = 8
-
-
 class Scheduler:
     """Continuous batching: prefill admission under a token budget (long prompts chunked), else
     one decode step for every running sequence; recompute preemption when blocks run out. The
@@ -32,8 +24,6 @@ class Scheduler:
     def __init__(self, config: EngineConfig, block_manager: BlockManager, policy: StridePolicy):
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
-        self.admit_wait_steps = config.admit_wait_steps
-        self.deferred_steps = 0  # decode steps handed out since requests began to wait for admission
         self.block_manager = block_manager
         self.policy = policy
         self.waiting: deque[Sequence] = deque()
@@ -47,18 +37,8 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def admission_due(self) -> bool:
-        """Whether waiting requests are prefilled now (ADMIT_GROUP): nothing decodes, a prompt is
-        part-way through its chunks, a group waits, or the first has waited admit_wait_steps."""
-        if not self.waiting:
-            return False
-        if not self.running or self.waiting[0].num_computed or self.deferred_steps >= self.admit_wait_steps:
-            return True
-        free = self.max_num_seqs - len(self.running)
-        return min(len(self.waiting), free) >= max(1, len(self.running) // ADMIT_GROUP)
-
     def schedule(self) -> ScheduledBatch | None:
-        batch = (self._schedule_prefill() if self.admission_due() else None) or self._schedule_decode()
+        batch = self._schedule_prefill() or self._schedule_decode()
         if batch is not None and self.on_schedule is not None:
             self.on_schedule(batch)
         return batch
@@ -67,7 +47,7 @@ class Scheduler:
         """A prefill step of waiting requests alone, or None (overlap scheduling: launched while a
         decode step of the running ones is in flight, whose outcome it does not depend on; the
         slots and blocks that step may free are not counted yet)."""
-        batch = self._schedule_prefill() if self.admission_due() else None
+        batch = self._schedule_prefill()
         if batch is not None and self.on_schedule is not None:
             self.on_schedule(batch)
         return batch
@@ -97,10 +77,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-        if not seqs:
-            return None
-        self.deferred_steps = 0
-        return ScheduledBatch(seqs, counts, is_prefill=True)
+        return ScheduledBatch(seqs, counts, is_prefill=True) if seqs else None
 
     def _schedule_decode(self) -> ScheduledBatch | None:
         bm = self.block_manager
@@ -119,10 +96,7 @@ class Scheduler:
                 bm.reserve(seq, seq.num_computed + n + seq.num_lookahead)
                 seqs.append(seq)
                 counts.append(n)
-        if not seqs:
-            return None
-        self.deferred_steps += bool(self.waiting)
-        return ScheduledBatch(seqs, counts, is_prefill=False)
+        return ScheduledBatch(seqs, counts, is_prefill=False) if seqs else None
 
     def schedule_next(self, seqs: list[Sequence]) -> ScheduledBatch | None:
         """The decode step of seqs (the requests of a step in flight, those that finished left
@@ -133,7 +107,7 @@ class Scheduler:
         blocks run short (preemption waits for the outcome). Blocks cover what the step can
         reach: the pending token moves on by at most D + 1 (1 after a prompt's last chunk), and
         a round then feeds at most the rows of D = K."""
-        if self.admission_due() or not seqs or seqs != self.running:
+        if self.waiting or not seqs or seqs != self.running:
             return None
         plans = [(seq.num_new, seq.num_branches) for seq in seqs]
         self.policy.plan(seqs)
@@ -147,7 +121,6 @@ class Scheduler:
             return None
         for seq, n in zip(seqs, reach):
             bm.reserve(seq, n)
-        self.deferred_steps += bool(self.waiting)
         return ScheduledBatch(seqs, [1] * len(seqs), is_prefill=False)
 
     def _pick_victim(self, needy: Sequence) -> Sequence:
