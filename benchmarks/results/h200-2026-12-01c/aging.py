@@ -25,7 +25,8 @@ closed = suite.run_closed_loop
 def timed_closed_loop(engine, requests, c, params, roofline):
     before, t = list(gc_time), time.perf_counter()
     out = closed(engine, requests, c, params, roofline)
-    print(f"[aging] {params.mode} C={c} n={len(requests)} {out['output_tok_s']:.0f} tok/s, wall {time.perf_counter() - t:.2f} s,"
+    wall = time.perf_counter() - t
+    print(f"[aging] {params.mode} C={c} n={len(requests)} {out['output_tok_s']:.0f} tok/s, wall {wall:.2f} s,"
           f" gc {gc_time[0] - before[0]:.3f} s ({gc_time[1] - before[1]} gen-2), objects {len(gc.get_objects())}",
           flush=True)
     return out
