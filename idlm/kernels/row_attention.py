@@ -31,12 +31,15 @@ class RowExactPagedAttention(PagedKVWriter):
         tables = batch.block_tables.tolist()
         tree_rows = [0] * len(context_lens) if batch.tree_rows is None else batch.tree_rows.tolist()
         tree_bits = None if batch.tree_bits is None else batch.tree_bits.tolist()
-        # per sequence: (cache blocks of its context, its length, [(row, prefix length or key index)]);
-        # whole blocks are gathered, then cut to the context: the same keys, in a few long copies
-        # rather than one per position (at batch 8 the per-position gathers took 2.7 of 22 ms a step)
-        self.seqs = []
+        # Every sequence's context blocks are gathered in one copy a layer, and each sequence's keys
+        # cut from it: the same keys with the same strides as a gather of its own, so the same bits
+        # (at batch 8, one gather an index a position took 2.7 of 22 ms a step, one a sequence 0.9).
+        # per sequence: (its first position in the gathered blocks, its length, [(row, prefix
+        # length or key index)])
+        blocks, self.seqs = [], []
         for b, ctx in enumerate(context_lens):
-            blocks = torch.tensor(tables[b][:-(-ctx // block_size)], device=kv_cache.device)
+            offset = len(blocks) * block_size
+            blocks += tables[b][:-(-ctx // block_size)]
             num_rows = starts[b + 1] - starts[b]
             tree_start = ctx - tree_rows[b]
             rows = []
@@ -48,7 +51,8 @@ class RowExactPagedAttention(PagedKVWriter):
                 bits = tree_bits[row]
                 seen = list(range(tree_start)) + [tree_start + j for j in range(tree_rows[b]) if bits >> j & 1]
                 rows.append((row, torch.tensor(seen, device=kv_cache.device)))
-            self.seqs.append((blocks, ctx, rows))
+            self.seqs.append((offset, ctx, rows))
+        self.blocks = torch.tensor(blocks, device=kv_cache.device)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.write(layer, k, v)  # [blocks, block_size, kv_heads, head_dim]
@@ -64,12 +68,14 @@ class RowExactPagedAttention(PagedKVWriter):
             q32 = q32 * scale
         out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         widen = k_cache.dtype != torch.float32  # (the CPU's row-exact cache is float32 already)
-        for blocks, ctx, rows in self.seqs:
-            # [kv_heads, ctx, dim] in float32, once for all the sequence's rows
-            seq_k = k_cache.index_select(0, blocks).view(-1, kv_heads, head_dim)[:ctx].transpose(0, 1)
-            seq_v = v_cache.index_select(0, blocks).view(-1, kv_heads, head_dim)[:ctx].transpose(0, 1)
-            if widen:
-                seq_k, seq_v = seq_k.float(), seq_v.float()
+        all_k = k_cache.index_select(0, self.blocks).view(-1, kv_heads, head_dim)
+        all_v = v_cache.index_select(0, self.blocks).view(-1, kv_heads, head_dim)
+        if widen:
+            all_k, all_v = all_k.float(), all_v.float()
+        for offset, ctx, rows in self.seqs:
+            # [kv_heads, ctx, dim] in float32, for all the sequence's rows
+            seq_k = all_k[offset:offset + ctx].transpose(0, 1)
+            seq_v = all_v[offset:offset + ctx].transpose(0, 1)
             for row, seen in rows:
                 if isinstance(seen, int):
                     kr, vr = seq_k[:, :seen], seq_v[:, :seen]
