@@ -72,19 +72,21 @@ class RowExactPagedAttention(PagedKVWriter):
         all_v = v_cache.index_select(0, self.blocks).view(-1, kv_heads, head_dim)
         if widen:
             all_k, all_v = all_k.float(), all_v.float()
+        # [kv_heads, dim, positions] and [kv_heads, positions, dim] views: a row's keys are a slice
+        # of each, with the strides a sequence's own gather had (the same bits), in two calls
+        keys_t, values = all_k.permute(1, 2, 0), all_v.transpose(0, 1)
+        out_rows = out.view(q.shape[0], kv_heads, group, head_dim)
         for offset, ctx, rows in self.seqs:
-            # [kv_heads, ctx, dim] in float32, for all the sequence's rows
-            seq_k = all_k[offset:offset + ctx].transpose(0, 1)
-            seq_v = all_v[offset:offset + ctx].transpose(0, 1)
             for row, seen in rows:
                 if isinstance(seen, int):
-                    kr, vr = seq_k[:, :seen], seq_v[:, :seen]
-                else:
-                    kr, vr = seq_k.index_select(1, seen), seq_v.index_select(1, seen)
+                    kt, vr = keys_t[:, :, offset:offset + seen], values[:, offset:offset + seen]
+                else:  # a tree row: the keys it sees, gathered
+                    kt = all_k[offset:offset + ctx].transpose(0, 1).index_select(1, seen).transpose(1, 2)
+                    vr = values[:, offset:offset + ctx].index_select(1, seen)
                 # [kv_heads, group, dim] against [kv_heads, keys, dim]: the same calls for a row
                 # whatever else the forward holds
-                scores = torch.bmm(q32[row], kr.transpose(1, 2))
+                scores = torch.bmm(q32[row], kt)
                 if not scale_q:
                     scores = scores * scale
-                torch.bmm(scores.softmax(-1), vr, out=out[row].view(kv_heads, group, head_dim))
+                torch.bmm(scores.softmax(-1), vr, out=out_rows[row])
         return out.to(q.dtype)
