@@ -389,14 +389,15 @@ class LLMEngine:
         seq.token_q.extend(r.drafts_q[:r.accepted] + [r.final_p])
         if r.logprobs is not None:
             seq.token_logprobs.extend(r.logprobs)
-        for st in (seq.stats, self.stats):
-            if r.num_drafts:
-                st.verify_rounds += 1
-                if seq.drafts_from_branch:
-                    st.branch_rounds += 1
-                    st.branch_drafts_accepted += r.accepted
-            elif seq.num_new:
-                st.cold_rounds += 1
+        if r.num_drafts or seq.num_new:  # (an AR step's round counts nothing here: a step of 64 spends it)
+            for st in (seq.stats, self.stats):
+                if r.num_drafts:
+                    st.verify_rounds += 1
+                    if seq.drafts_from_branch:
+                        st.branch_rounds += 1
+                        st.branch_drafts_accepted += r.accepted
+                else:
+                    st.cold_rounds += 1
         if r.num_drafts:
             seq.stats.drafts.record(r.num_drafts, r.accepted)
             rounds[seq.params.mode, r.num_drafts, r.accepted] += 1
@@ -404,8 +405,10 @@ class LLMEngine:
         seq.drafts, seq.draft_rows = r.new_drafts, r.new_draft_rows
         seq.drafts_from_branch = r.from_branch
         self._append(seq, tokens)
-        del seq.token_sources[seq.num_output_tokens:], seq.token_q[seq.num_output_tokens:]
-        del seq.token_logprobs[seq.num_output_tokens:]
+        kept = seq.num_output_tokens  # tokens after a stop inside the round were not appended
+        if len(seq.token_sources) > kept:
+            del seq.token_sources[kept:], seq.token_q[kept:]
+            del seq.token_logprobs[kept:]
         if not seq.is_finished:
             self.block_manager.commit(seq, computed, keep_blocks)
 
@@ -413,13 +416,15 @@ class LLMEngine:
         params = seq.params
         reason = None
         detok = self.detokenizers[seq.seq_id]
+        token_ids = seq.token_ids
+        full = min(seq.num_prompt_tokens + params.max_tokens, self.max_model_len)  # a length that ends it
         for i, token in enumerate(new_tokens):
-            seq.token_ids.append(token)
+            token_ids.append(token)
             if seq.constraint is not None:
                 seq.constraint.accept(token)
             if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
                 reason = "stop"
-            elif seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
+            elif len(token_ids) >= full:
                 reason = "length"
             elif params.stop and i < len(new_tokens) - 1:
                 # a stop string completed inside a round ends the output at this token, as in AR
