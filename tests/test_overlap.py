@@ -184,3 +184,27 @@ def test_adaptive_plans_are_counted_once_per_decode_step(dirs):
                              ignore_eos=True) for i in range(len(ps))]
     llm.generate(ps, params)
     assert launched[0] > 0 and sum(engine.policy.chosen.values()) == len(decode_steps)
+
+
+def test_a_look_at_drafts_lasts_its_steps_under_overlap(dirs):
+    """A look at drafts changes the plan, so overlap scheduling gives its first step back to the
+    synchronous path, which plans it again. Counted twice, a two-step look lasted one step on an H200
+    (its cold round) and never timed a round. With no step timed, a look lasts LOOK_STEPS decode
+    steps, every one of them a round with drafts."""
+    from idlm.engine.step_cost import StepCost
+    from idlm.engine.stride_policy import LOOK_STEPS
+
+    llm = padded_llm(dirs, overlap=True, kv_cache_tokens=4096, max_num_seqs=4)
+    engine = llm.engine
+    # rows cost 40% of a step each: AR wins at any acceptance, yet a round could pay were every
+    # draft accepted (4 tokens for at most 7 rows' 3.4 steps), so the policy looks at once
+    engine.policy.cost = cost = StepCost.whole_tables(lambda batch: {r: 1.0 + 0.4 * (r - 1) for r in (1, 4, 7, 16)},
+                                                      4)
+    cost.observe = lambda *args: None
+    ks = []
+    engine.scheduler.on_schedule = lambda batch: batch.is_prefill or ks.append(batch.seqs[0].num_new)
+    launched = count_launches_ahead(engine.runner)
+    llm.generate([[2, 3, 4, 5]], SamplingParams(mode="risd", stride=4, stride_policy="adaptive", temperature=0,
+                                                max_tokens=40, ignore_eos=True))
+    runs = [len(list(group)) for k, group in itertools.groupby(ks) if k > 0]
+    assert runs and runs[0] == LOOK_STEPS and launched[0] > 0, (ks, runs)

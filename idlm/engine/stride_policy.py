@@ -169,7 +169,7 @@ class StridePolicy:
         elif (key == self._last_batch and self._since_plan < self.replan_every) or (not decode and self._last_batch):
             k, b = self._shared  # a request joining the batch takes the running plan
         else:
-            (k, b), look_rows = self._choose_shared(shared, batch)
+            (k, b), look_rows = self._choose_shared(shared, batch, decode)
             if decode:
                 self._last_batch, self._shared, self._since_plan = key, (k, b), 0
                 if look_rows:
@@ -184,9 +184,11 @@ class StridePolicy:
         batch, rows, timed_before, left = self._look
         return left <= 0 or self.cost.timed[batch, rows] - timed_before >= MIN_SEEN
 
-    def _choose_shared(self, shared: list[Sequence], batch: list[Sequence]) -> tuple[tuple[int, int], int]:
+    def _choose_shared(self, shared: list[Sequence], batch: list[Sequence],
+                       decode: bool) -> tuple[tuple[int, int], int]:
         """The (K, b) to run, and for a look at drafts rather than the best choice the rows of the
-        round looked at (else 0)."""
+        round looked at (else 0). decode=False (a prompt's final chunk): the best choice alone, and
+        the policy's counts untouched (no decode step runs it)."""
         mine = set(shared)
         others = [seq for seq in batch if seq not in mine]
         floor_rows = max((seq.layout.num_rows for seq in others), default=1)
@@ -209,6 +211,8 @@ class StridePolicy:
         choice = max(rates, key=lambda kb: (rates[kb], -kb[0], -kb[1]))  # ties keep the smaller K and b
         if self._shared in rates and rates[choice] < HYSTERESIS * rates[self._shared]:
             choice = self._shared
+        if not decode:
+            return choice, 0
         self._ar_plans = self._ar_plans + 1 if choice[0] == 0 else 0
         if choice[0] == 0:
             # AR drafts nothing, so the acceptance estimates would never move again: look, at a
