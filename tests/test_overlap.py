@@ -184,6 +184,8 @@ def test_adaptive_plans_are_counted_once_per_decode_step(dirs):
                              ignore_eos=True) for i in range(len(ps))]
     llm.generate(ps, params)
     assert launched[0] > 0 and sum(engine.policy.chosen.values()) == len(decode_steps)
+    # the engine's count of them (a step launched ahead whose requests all finished first never runs)
+    assert 0 < engine.stats.decode_steps_launched_ahead <= launched[0]
 
 
 def test_a_look_at_drafts_lasts_its_steps_under_overlap(dirs):

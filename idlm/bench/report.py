@@ -16,6 +16,9 @@ DEFINITIONS = {
                  "(batch x rows: seconds), whose median it uses",
     "chosen_k": "adaptive stride: decode steps of the run by the K (drafts a round) the policy chose (0 = AR steps)",
     "branch_rounds": "verify rounds that tested drafts a branch proposed (after a rejection, instead of a cold round)",
+    "decode_steps_launched_ahead": "decode steps launched before the outcome of the step before was read (overlap "
+                                   "scheduling); the rest of decode_steps waited for it (a plan changed, a request "
+                                   "joined or left)",
     "decode_step_s_mean": "mean wall time of engine.step() over steps with no prefill (device synchronised)",
     "roofline_fraction": "sum over decode steps of the floor / their measured time; floor = max((weight bytes + "
                          "KV bytes read) / peak bandwidth, FLOPs / peak matmul rate), KV bytes = sum over the "

@@ -112,7 +112,8 @@ def _synchronizer(device: torch.device):
     return lambda: None
 
 
-ROUND_COUNTERS = ("cold_rounds", "verify_rounds", "branch_rounds", "branch_drafts_accepted")
+ROUND_COUNTERS = ("cold_rounds", "verify_rounds", "branch_rounds", "branch_drafts_accepted",
+                  "decode_steps_launched_ahead")
 
 
 def _counters(engine: LLMEngine) -> dict:

@@ -296,6 +296,7 @@ class LLMEngine:
         self.last_batch = None
         if self.in_flight is not None:  # launched by the step before (overlap scheduling)
             (batch, pending), self.in_flight = self.in_flight, None
+            self.stats.decode_steps_launched_ahead += not batch.is_prefill
         else:
             batch = self.scheduler.schedule()
             if batch is None:

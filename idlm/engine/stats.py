@@ -34,6 +34,9 @@ class EngineStats:
     verify_rounds: int = 0
     branch_rounds: int = 0
     branch_drafts_accepted: int = 0
+    # decode steps launched before the outcome of the step before was read (overlap scheduling);
+    # the others waited for it: a plan that changed, a request that joined, left or needs host work
+    decode_steps_launched_ahead: int = 0
 
     def record_finished(self, seq: Sequence) -> None:
         self.requests += 1
