@@ -100,3 +100,18 @@ def test_compiled_elementwise_only_inside_fused_sections(monkeypatch):
         assert transformer.elementwise("rms_norm") is sentinel
         assert transformer.elementwise("silu_mul") is transformer.silu_mul  # not compiled: the plain one
     assert transformer.elementwise("rms_norm") is transformer.rms_norm
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cpu_rotary_by_a_signed_permutation_matmul_equals_rotate_half_bit_for_bit(dtype):
+    from idlm.models.transformer import apply_rotary
+
+    gen = torch.Generator().manual_seed(0)
+    for rows, heads, dim in ((1, 12, 64), (7, 4, 8), (64, 3, 128)):
+        x = (torch.randn(rows, heads, dim, generator=gen) * 4).to(dtype)
+        angles = torch.rand(rows, dim, generator=gen) * 1000
+        half = dim // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1).float()
+        cos, sin = angles.cos().unsqueeze(-2), angles.sin().unsqueeze(-2)
+        expected = (x.float() * cos + rotated * sin).to(dtype)
+        assert torch.equal(apply_rotary(x, angles.cos(), angles.sin()), expected)
