@@ -115,3 +115,18 @@ def test_cpu_rotary_by_a_signed_permutation_matmul_equals_rotate_half_bit_for_bi
         cos, sin = angles.cos().unsqueeze(-2), angles.sin().unsqueeze(-2)
         expected = (x.float() * cos + rotated * sin).to(dtype)
         assert torch.equal(apply_rotary(x, angles.cos(), angles.sin()), expected)
+
+
+def test_cpu_rotary_made_in_inference_mode_serves_autograd_after():
+    """An engine's step (inference mode) can be the first to make the rotation; training after it in
+    the same process must still differentiate through the rotary."""
+    import idlm.models.transformer as transformer
+
+    transformer._ROTATIONS.clear()
+    x = torch.randn(3, 2, 8)
+    angles = torch.rand(3, 8)
+    with torch.inference_mode():
+        transformer.apply_rotary(x, angles.cos(), angles.sin())
+    leaf = x.clone().requires_grad_()
+    transformer.apply_rotary(leaf, angles.cos(), angles.sin()).sum().backward()
+    assert leaf.grad is not None and leaf.grad.shape == x.shape

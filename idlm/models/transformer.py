@@ -60,10 +60,11 @@ def _half_rotation(dim: int, device: torch.device) -> torch.Tensor:
     key = (dim, device)
     if key not in _ROTATIONS:
         half = dim // 2
-        r = torch.zeros(dim, dim)
-        r[torch.arange(half, dim), torch.arange(half)] = -1.0
-        r[torch.arange(half), torch.arange(half, dim)] = 1.0
-        _ROTATIONS[key] = r.to(device)
+        with torch.inference_mode(False):  # made in an engine's step, used in training's autograd too
+            r = torch.zeros(dim, dim)
+            r[torch.arange(half, dim), torch.arange(half)] = -1.0
+            r[torch.arange(half), torch.arange(half, dim)] = 1.0
+            _ROTATIONS[key] = r.to(device)
     return _ROTATIONS[key]
 
 
