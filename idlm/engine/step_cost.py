@@ -123,7 +123,6 @@ class StepCost:
         self.seen.setdefault((batch, rows), deque(maxlen=RECENT)).append(seconds)
         self.timed[batch, rows] += 1
 
-
     def _bracket(self, batch: int) -> tuple[int, int]:
         i = next((i for i, p in enumerate(self.points) if p >= batch), len(self.points) - 1)
         lo, hi = self.points[max(i - 1, 0)], self.points[i]

@@ -28,8 +28,8 @@ MIN_ENGINE_REACHED = 20  # rounds at a position before the engine-wide rate repl
 BRANCH_ROOM = np.array([max_branches(k, k) for k in range(MAX_STRIDE)])  # by K: the branches that fit
 # after this many plans in a row chose AR, the policy looks at the best K > 0 to keep measuring, if
 # a round of that K could pay were every draft accepted (on a CPU a round can cost 3 AR steps: no
-# acceptance makes it pay, and looking would only cost); so it does at once where no round of that
-# shape was ever timed at a batch size near this one
+# acceptance makes it pay, and looking would only cost); and at once where no round was ever timed,
+# or looked at, at a batch size near this one
 EXPLORE_EVERY = 16
 # A look lasts until MIN_SEEN steps of the round looked at were timed, or this many steps: its first
 # step is a cold round, and the first steps of a shape capture CUDA graphs, which are not timed. On
