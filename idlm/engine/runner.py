@@ -111,8 +111,11 @@ class Carry:
     def rows_of(self, seqs: list[Sequence]) -> list[int] | None:
         """The row of each of seqs: requests of this carry in its order, those that left since
         left out; None where seqs are not that."""
+        ids = tuple(seq.seq_id for seq in seqs)
+        if ids == self.seq_ids:  # the same requests (asked two or three times a step)
+            return list(range(len(ids)))
         row = {seq_id: i for i, seq_id in enumerate(self.seq_ids)}
-        rows = [row.get(seq.seq_id) for seq in seqs]
+        rows = [row.get(seq_id) for seq_id in ids]
         return None if None in rows or rows != sorted(rows) else rows
 
 

@@ -117,10 +117,12 @@ class Scheduler:
             return None
         bm = self.block_manager
         reach = [len(seq) + seq.layout.num_drafts + rows_of(k, k, min(b, k)) for seq, (k, b) in zip(seqs, plans)]
-        if sum(bm.blocks_needed(seq, n) for seq, n in zip(seqs, reach)) > bm.num_free:
+        needed = [bm.blocks_needed(seq, n) for seq, n in zip(seqs, reach)]
+        if sum(needed) > bm.num_free:
             return None
-        for seq, n in zip(seqs, reach):
-            bm.reserve(seq, n)
+        for seq, n, new_blocks in zip(seqs, reach, needed):
+            if new_blocks:
+                bm.reserve(seq, n)
         return ScheduledBatch(seqs, [1] * len(seqs), is_prefill=False)
 
     def _pick_victim(self, needy: Sequence) -> Sequence:

@@ -128,11 +128,14 @@ class StridePolicy:
         seqs = list(seqs)
         shared = []
         for seq in seqs:
-            if self.is_adaptive(seq) and seq.max_new_drafts:
+            drafts = seq.max_new_drafts
+            if not drafts:  # an `ar` request (every step of a 64-request batch plans each one)
+                seq.num_new = seq.num_branches = 0
+            elif self.is_adaptive(seq):
                 shared.append(seq)
             else:
-                seq.num_new = seq.max_new_drafts
-                seq.num_branches = self.branch_cap(seq, seq.num_new)
+                seq.num_new = drafts
+                seq.num_branches = self.branch_cap(seq, drafts)
         if shared:
             self._plan_shared(shared, seqs, decode)
 
