@@ -19,7 +19,8 @@ DEFINITIONS = {
     "decode_steps_launched_ahead": "decode steps launched before the outcome of the step before was read (overlap "
                                    "scheduling); the rest of decode_steps waited for it (a plan changed, a request "
                                    "joined or left)",
-    "decode_step_s_mean": "mean wall time of engine.step() over steps with no prefill (device synchronised)",
+    "decode_step_s_mean": "mean wall time of engine.step() over steps with no prefill, from the call to its return "
+                          "(with --sync-steps the device synchronised before and after each)",
     "roofline_fraction": "sum over decode steps of the floor / their measured time; floor = max((weight bytes + "
                          "KV bytes read) / peak bandwidth, FLOPs / peak matmul rate), KV bytes = sum over the "
                          "batch of (cached + fed tokens) * 2 * layers * kv_heads * head_dim * element bytes",

@@ -130,24 +130,30 @@ def poisson_arrivals(n: int, rate: float, seed: int) -> list[float]:
 
 
 def run_closed_loop(engine: LLMEngine, requests: list[Request], concurrency: int, params: SamplingParams,
-                    roofline: Roofline) -> dict:
+                    roofline: Roofline, sync_steps: bool = False) -> dict:
     """Runs `requests` keeping `concurrency` of them in flight: a new one is added as soon as one
-    finishes. Returns the run's figures (see idlm.bench.report.DEFINITIONS)."""
-    return _run(engine, requests, params, roofline, concurrency=concurrency)
+    finishes. Returns the run's figures (see idlm.bench.report.DEFINITIONS). sync_steps: the
+    device synchronised around every step (each step's device work in its time, but a step
+    launched ahead then waits for the host: overlap scheduling's pipeline stalls every step)."""
+    return _run(engine, requests, params, roofline, concurrency=concurrency, sync_steps=sync_steps)
 
 
 def run_open_loop(engine: LLMEngine, requests: list[Request], arrivals: list[float], params: SamplingParams,
-                  roofline: Roofline) -> dict:
+                  roofline: Roofline, sync_steps: bool = False) -> dict:
     """Adds request i at `arrivals[i]` seconds after the start (or at the first moment after it
     that the loop is not inside a step), however many are in flight; its TTFT counts from that
     scheduled time, so time spent queued behind a step or the engine's own queue is in it."""
-    return _run(engine, requests, params, roofline, arrivals=arrivals)
+    return _run(engine, requests, params, roofline, arrivals=arrivals, sync_steps=sync_steps)
 
 
 def _run(engine: LLMEngine, requests: list[Request], params: SamplingParams, roofline: Roofline,
-         concurrency: int | None = None, arrivals: list[float] | None = None) -> dict:
+         concurrency: int | None = None, arrivals: list[float] | None = None, sync_steps: bool = False) -> dict:
     assert not engine.has_unfinished(), "the engine must be idle before a timed run"
     sync = _synchronizer(engine.device)
+    # by default a step is timed as the caller sees it, from the call to its return: the outputs it
+    # returns are then on the host, and the step launched ahead runs on (an engine loop serving
+    # requests never waits for the device between steps)
+    step_sync = sync if sync_steps else (lambda: None)
     waiting = deque(requests)
     due = deque(arrivals or [])
     live: dict[int, Trace] = {}
@@ -178,10 +184,10 @@ def _run(engine: LLMEngine, requests: list[Request], params: SamplingParams, roo
                 if not live:  # idle until the next arrival
                     time.sleep(max(0.0, start + due[0] - time.perf_counter()))
                     continue
-            sync()
+            step_sync()
             t0 = time.perf_counter()
             outputs = engine.step()
-            sync()
+            step_sync()
             now = time.perf_counter()
             shape = probe.last()
             if shape is None:

@@ -62,6 +62,7 @@ class BenchConfig:
     # "full" (the run itself once, so that no graph is captured inside the timed run)
     warmup: str = "short"
     deterministic: bool = False  # batch-invariant kernels (EngineConfig.deterministic)
+    sync_steps: bool = False  # the device synchronised around every step (runner.run_closed_loop)
     tensor_parallel_sizes: tuple[int, ...] = (1,)  # an engine each, every run on each (labels "tp=N" when several)
     peak_bandwidth: float | None = None  # None: measured on the device in the same call (a large copy)
     peak_flops: float = H100_FLOPS
@@ -256,17 +257,18 @@ def _bench_engine(engine: LLMEngine, cfg: BenchConfig, runs: dict[str, SamplingP
         for c in cfg.concurrency:
             requests = cycle(base, counts[c])
             warm = requests if cfg.warmup == "full" else warmup_requests(requests[:c], vocab, exclude, cfg.seed + 1)
-            run_closed_loop(engine, warm, c, params, roofline)
-            figures = run_closed_loop(engine, requests, c, params, roofline)
+            run_closed_loop(engine, warm, c, params, roofline, cfg.sync_steps)
+            figures = run_closed_loop(engine, requests, c, params, roofline, cfg.sync_steps)
             result["results"].append({**run, "concurrency": c, **figures})
             log(f"{label}{tag} C={c}: {figures['num_requests']} requests, {figures['output_tok_s']:.1f} tok/s, "
                 f"{figures['per_request_tok_s']:.1f} tok/s per request"
                 + (f", K chosen {figures['chosen_k']}" if figures["chosen_k"] else ""))
         for rate in cfg.request_rates:
             requests = cycle(base, rate_count)
-            run_closed_loop(engine, warmup_requests(requests[:4], vocab, exclude, cfg.seed + 1), 4, params, roofline)
+            run_closed_loop(engine, warmup_requests(requests[:4], vocab, exclude, cfg.seed + 1), 4, params, roofline,
+                            cfg.sync_steps)
             figures = run_open_loop(engine, requests, poisson_arrivals(len(requests), rate, cfg.seed), params,
-                                    roofline)
+                                    roofline, cfg.sync_steps)
             result["results"].append({**run, "concurrency": None, "request_rate": rate, **figures})
             log(f"{label}{tag} {rate} req/s: {figures['num_requests']} requests, ITL p50/p99 "
                 f"{figures['itl_s_p50'] * 1e3:.1f}/{figures['itl_s_p99'] * 1e3:.1f} ms")

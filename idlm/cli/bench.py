@@ -77,6 +77,10 @@ def add_parsers(sub) -> None:
                    help="off, on, or off,on: launch each decode step before the host has read the one before "
                         "(EngineConfig.overlap_scheduling); off,on runs everything both ways on one engine, "
                         "alternating (default on)")
+    p.add_argument("--sync-steps", action="store_true",
+                   help="synchronise the device around every engine step, so that a step's time holds its device "
+                        "work; it stalls overlap scheduling's pipeline every step (idlm bench's only way before "
+                        "2026-12-01); default: steps timed as the caller sees them")
     p.add_argument("--warmup", choices=("short", "full"), default="short",
                    help="untimed before each closed-loop run: short (C short requests, default) or full (the run "
                         "itself once, so that no CUDA graph is captured inside the timed run)")
@@ -166,7 +170,7 @@ def run(args: argparse.Namespace) -> None:
         prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
         warmup=args.warmup, overlap=tuple(x == "on" for x in comma_list(args.overlap_scheduling, "--overlap-scheduling",
                                                       one_of(("off", "on"), "setting"))),
-        deterministic=bool(args.deterministic),
+        deterministic=bool(args.deterministic), sync_steps=args.sync_steps,
         tensor_parallel_sizes=comma_list(args.tensor_parallel_size, "--tensor-parallel-size", positive_int),
         request_rates=comma_list(args.request_rate, "--request-rate", positive_float) if args.request_rate else (),
         peak_bandwidth=None if args.peak_bandwidth == "auto" else positive_number(args.peak_bandwidth,
