@@ -224,7 +224,7 @@ def main() -> None:
     choose = engine.policy._choose_shared
     for run in args.modes.split(","):
         mode, _, policy = run.partition(":")
-        engine.policy._choose_shared = (lambda shared, batch: ((0, 0), False)) if policy == "k0" else choose
+        engine.policy._choose_shared = (lambda shared, batch, decode: ((0, 0), 0)) if policy == "k0" else choose
         policy = "adaptive" if policy == "k0" else policy
         passes = ["warm", "timed"] + ["profiled"] * args.gpu_profile + ["cprofiled"] * bool(args.cprofile)
         for pass_ in passes:

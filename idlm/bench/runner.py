@@ -112,7 +112,7 @@ def _synchronizer(device: torch.device):
     return lambda: None
 
 
-ROUND_COUNTERS = ("cold_rounds", "verify_rounds", "branch_rounds", "branch_drafts_accepted",
+ENGINE_COUNTERS = ("cold_rounds", "verify_rounds", "branch_rounds", "branch_drafts_accepted",
                   "decode_steps_launched_ahead")
 
 
@@ -120,7 +120,7 @@ def _counters(engine: LLMEngine) -> dict:
     st = engine.stats
     return {"tokens": st.tokens, "request_forwards": st.request_forwards, "forwards": st.forwards,
             "reached": list(st.drafts.reached), "accepted": list(st.drafts.accepted),
-            "chosen": dict(engine.policy.chosen), **{k: getattr(st, k) for k in ROUND_COUNTERS}}
+            "chosen": dict(engine.policy.chosen), **{k: getattr(st, k) for k in ENGINE_COUNTERS}}
 
 
 def poisson_arrivals(n: int, rate: float, seed: int) -> list[float]:
@@ -238,7 +238,7 @@ def _figures(done: list[Trace], steps: list[StepTiming], elapsed: float, before:
         "tokens_per_forward": delta["tokens"] / delta["request_forwards"] if delta["request_forwards"] else None,
         "forwards": delta["forwards"],
         "draft_acceptance": [a / r if r else None for a, r in zip(accepted, reached)],
-        **{k: after[k] - before[k] for k in ROUND_COUNTERS},
+        **{k: after[k] - before[k] for k in ENGINE_COUNTERS},
         "chosen_k": {str(k): n for k, n in chosen.items() if n},
         "steps": len(steps),
         "decode_steps": len(decode),

@@ -100,7 +100,7 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int, bool, bool, bool],
                           tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.pool = None
-        self.logits_out: torch.Tensor | None = None  # _logits_out
+        self.logits_out: torch.Tensor | None = None  # the one logits buffer of every decode graph (_logits_out)
         self.mirror: Callable[[PackedStep], None] | None = None  # tensor parallel: the other ranks run each step too
 
     def bucket_for(self, batch: int) -> int | None:
@@ -220,11 +220,14 @@ class DecodeGraphs:
                                     shape.dmax, out)
                 if made is not False:
                     return made
-            k, branches, mask_id, gated, valid = self.plan[:, :bucket]
-            state = SlotState.from_carry(self.carry[:bucket], k, branches, mask_id, gated.bool(), valid.bool())
-            return built_round_inputs(state, constants.view(4, bucket), tokens, shape)
+            return built_round_inputs(self._state(bucket), constants.view(4, bucket), tokens, shape)
 
         return build
+
+    def _state(self, bucket: int) -> SlotState:
+        """The slots' state the carry and plan buffers describe, over the whole bucket (the torch build's input)."""
+        k, branches, mask_id, gated, valid = self.plan[:, :bucket]
+        return SlotState.from_carry(self.carry[:bucket], k, branches, mask_id, gated.bool(), valid.bool())
 
     def _kernel(self, fn: Callable, *args):
         """fn(*args), or False where it fails to compile or launch (its first run is eager, before
@@ -253,9 +256,7 @@ class DecodeGraphs:
                             self.tables[:bucket], tokens, self.block_size, self.scratch_slot, self.is_mask8,
                             out) is not False:
                 return
-        k, branches, mask_id, gated, valid = self.plan[:, :bucket]
-        state = SlotState.from_carry(self.carry[:bucket], k, branches, mask_id, gated.bool(), valid.bool())
-        self._load(build_step(state, self.layouts, self.tables[:bucket], tokens, bucket, self.block_size,
+        self._load(build_step(self._state(bucket), self.layouts, self.tables[:bucket], tokens, bucket, self.block_size,
                               self.scratch_slot), bucket, tree)
 
     def _replay(self, bucket: int, tokens: int, lora: bool, tree: bool, max_context: int,

@@ -12,6 +12,7 @@ same everywhere, so such a request always decodes with its fixed stride. (Greedy
 depend on the shape, so greedy requests with a seed adapt.)
 """
 
+import copy
 from collections.abc import Iterable
 
 import numpy as np
@@ -75,6 +76,10 @@ def near(batch: int, other: int) -> bool:
     return batch <= 2 * other and other <= 2 * batch
 
 
+# what plan() changes (StridePolicy.state)
+PLANNING_STATE = ("chosen", "_last_batch", "_since_plan", "_shared", "_ar_plans", "_look", "_looked")
+
+
 class StridePolicy:
     """Sets seq.num_new (K) and seq.num_branches before each schedule."""
 
@@ -94,16 +99,15 @@ class StridePolicy:
         self._look: tuple[int, int, int, int] | None = None
         self._looked: set[int] = set()  # the batch sizes of every look begun
 
-    def state(self) -> tuple:
+    def state(self) -> dict:
         """What planning changes, for restore(): a step planned and then not launched (overlap
         scheduling: the plan changed, or the step could not be built ahead) is planned again, and
         must count once (a look at drafts counted twice lasted one step: its cold round)."""
-        return (dict(self.chosen), self._last_batch, self._since_plan, self._shared, self._ar_plans, self._look,
-                set(self._looked))
+        return {name: copy.copy(getattr(self, name)) for name in PLANNING_STATE}
 
-    def restore(self, state: tuple) -> None:
-        chosen, self._last_batch, self._since_plan, self._shared, self._ar_plans, self._look, looked = state
-        self.chosen, self._looked = dict(chosen), set(looked)
+    def restore(self, state: dict) -> None:
+        for name, value in state.items():
+            setattr(self, name, copy.copy(value))
 
     def is_adaptive(self, seq: Sequence) -> bool:
         params = seq.params
@@ -168,7 +172,8 @@ class StridePolicy:
             self._look, self._since_plan = None, self.replan_every  # the look is over: choose with its price
         if self._look is not None and decode:
             k, b = self._shared
-            self._look = self._look[:3] + (self._look[3] - 1,)
+            batch_size, rows, timed_before, left = self._look
+            self._look = (batch_size, rows, timed_before, left - 1)
         elif (key == self._last_batch and self._since_plan < self.replan_every) or (not decode and self._last_batch):
             k, b = self._shared  # a request joining the batch takes the running plan
         else:
@@ -228,7 +233,7 @@ class StridePolicy:
                 # at once where no round was ever timed, or looked at, near this batch size (looked at
                 # once only: a batch that keeps changing ends every look before its round is timed)
                 first = not any(near(b, len(batch)) for b in self._looked) and not any(
-                    rows > 1 and near(b, len(batch)) for b, rows in self.cost.seen)
+                    r > 1 and near(b, len(batch)) for b, r in self.cost.seen)
                 if self._ar_plans >= EXPLORE_EVERY or first:
                     self._ar_plans = 0
                     self._looked.add(len(batch))
