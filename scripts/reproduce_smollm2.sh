@@ -22,7 +22,7 @@
 #   v2-distill  the base answers ALL v2 prompts (configs/smollm2/prompts/v2/train.jsonl.gz plus the
 #            300 held-out ones) greedily, in shards of SHARD (5000) prompts; a shard already written
 #            is skipped, so the stage continues across calls -> data/smollm2-v2/onpolicy.jsonl and
-#            heldout_onpolicy.jsonl
+#            heldout_onpolicy.jsonl (DISTILL_SEQS requests at once, default 256)
 #   v2-questions  questions the base writes itself: it answers prompts/v2/question_seeds.jsonl
 #            (960 seeds x 4 samples at T = 1), scripts/self_questions.py keeps the new questions,
 #            and the base answers those greedily -> data/smollm2-v2/self_questions_onpolicy.jsonl
@@ -35,10 +35,14 @@
 #            ones greedily -> data/smollm2-v5/, then configs/smollm2/risd_v5.yaml continues the risd
 #            stage's adapter with the TV loss -> runs/smollm2-risd-v5/final (resumable)
 #   v5-eval  as v2-eval for that adapter
+#   v6       v5 trained on with TV over the v2-distill stage's first V6_SHARDS (5) training shards (25,000
+#            answers; run v2-distill first) -> runs/smollm2-risd-v6/final (configs/smollm2/risd_v6.yaml,
+#            resumable; the shipped v6 is its step-650 checkpoint of 750)
+#   v6-eval  as v2-eval for that adapter
 # The loss comparison (ce / kl / tv on 3,500 prompts in one call): scripts/gpu_loss_comparison.sh (with
 # VARIANTS, any other comparison: the rank sweep's command is in docs/REPRODUCTION.md);
 # the conversion with the acceptance-driven noisy stream: scripts/gpu_idlm_v2.sh.
-# (not in the default list: sdar sdar-eval sampled v2-distill v2-questions v2-risd v2-eval v5 v5-eval)
+# (not in the default list: sdar sdar-eval sampled v2-distill v2-questions v2-risd v2-eval v5 v5-eval v6 v6-eval)
 # Each stage takes under ~7 minutes on an H100; a stage reads what earlier ones wrote under data/ and
 # runs/, so STAGES="eval" re-evaluates an adapter trained earlier on the same machine.
 set -euo pipefail
@@ -207,7 +211,7 @@ EOF
     answers=${prompts/prompts_/answers_}
     if [ -s "$answers" ]; then continue; fi
     "$PY" -m idlm distill "$prompts" "$answers.tmp" "${model_args[@]}" --mode ar --temperature 0 --max-tokens 256 \
-      --max-num-seqs 256 2>&1 | tail -n 2 | tee -a "$OUT/distill_v2.log"
+      --max-num-seqs "${DISTILL_SEQS:-256}" 2>&1 | tail -n 2 | tee -a "$OUT/distill_v2.log"
     mv "$answers.tmp" "$answers"
     log "v2-distill: $answers"
   done
@@ -280,6 +284,22 @@ if has v5; then
 fi
 
 if has v5-eval; then adapter_eval v5; fi
+
+if has v6; then
+  log "v6: start"
+  t=$SECONDS
+  shards=$(find data/smollm2-v2/shards -name 'answers_*.jsonl' ! -name answers_00.jsonl | sort | head -n "${V6_SHARDS:-5}")
+  if [ "$(echo "$shards" | grep -c .)" -lt "${V6_SHARDS:-5}" ] || [ ! -s data/smollm2-v2/shards/answers_00.jsonl ]; then
+    echo "v6 needs the held-out shard and ${V6_SHARDS:-5} training shards of the v2-distill stage; run it first" >&2
+    exit 1
+  fi
+  cp data/smollm2-v2/shards/answers_00.jsonl data/smollm2-v2/heldout_onpolicy.jsonl
+  echo "$shards" | xargs cat > data/smollm2-v2/onpolicy.jsonl
+  "$PY" -m idlm train configs/smollm2/risd_v6.yaml "${model_args[@]}" 2>&1 | tee "$OUT/train_risd_v6.log"
+  log "v6: done in $((SECONDS - t)) s"
+fi
+
+if has v6-eval; then adapter_eval v6; fi
 
 # one line per result file
 "$PY" - "$OUT" <<'EOF' | tee "$OUT/summary.txt"
