@@ -58,7 +58,13 @@ def test_bench_end_to_end(tmp_path, capsys):
         assert r["decode_steps"] > 0 and r["decode_step_s_mean"] > 0 and r["roofline_fraction"] > 0
         assert r["decode_batch_mean"] <= r["concurrency"]
         assert r["peak_memory_bytes"] is None
+        shapes = r["decode_shapes"]
+        assert sum(n for n, _ in shapes.values()) == r["decode_steps"]
+        assert all(int(k.split("x")[0]) <= r["concurrency"] and sec > 0 for k, (_, sec) in shapes.items())
     assert all(r["tokens_per_forward"] == 1 for r in result["results"] if r["mode"] == "ar")
+    # AR steps feed one row a request; fixed stride-4 rounds more
+    assert all(k.endswith("x1") for r in result["results"] if r["mode"] == "ar" for k in r["decode_shapes"])
+    assert any(not k.endswith("x1") for k in result["results"][2]["decode_shapes"])
     assert len(result["results"][2]["draft_acceptance"]) == 3  # stride 4: three draft positions
     assert not result["results"][2]["chosen_k"] and sum(result["results"][4]["chosen_k"].values()) > 0
     hf = result["hf_baseline"]

@@ -450,6 +450,24 @@ def test_eager_step_cost_times_few_rows_and_extrapolates_in_proportion(idlm_dir)
     assert cost.seconds(16, 4) == pytest.approx(4 * cost.seconds(16, 1))
 
 
+def test_a_server_measures_every_batch_size_before_it_serves(idlm_dir, capsys, monkeypatch):
+    """`idlm serve` prices the adaptive policy's batch sizes at start, not inside a running batch;
+    where the defaults do not adapt there is nothing to price."""
+    import idlm.server.serve
+    from idlm.cli import build_parser
+    from idlm.cli.serve import run
+
+    engines = []
+    monkeypatch.setattr(idlm.server.serve, "serve", lambda engine, *args, **kwargs: engines.append(engine))
+    for policy in ("adaptive", "fixed"):
+        run(build_parser().parse_args(["serve", str(idlm_dir), "--device", "cpu", "--kv-cache-tokens", "4096",
+                                       "--max-num-seqs", "16", "--stride-policy", policy]))
+    adaptive, fixed = engines
+    assert sorted(adaptive.policy.cost.table) == [p for p in adaptive.policy.cost.points if p <= 16]
+    assert not fixed.policy.cost.table
+    assert capsys.readouterr().out.count("measured decode step costs up to 16 requests") == 1
+
+
 def test_step_cost_with_graph_buckets_charges_the_padded_bucket():
     cost = StepCost.whole_tables(lambda batch: {1: float(batch), 16: 2.0 * batch}, 8, buckets=[1, 2, 4, 8])
     cost.measure_up_to(3)

@@ -15,6 +15,8 @@ DEFINITIONS = {
                  "per request (dummy requests, the runner's whole path), the last steps that ran "
                  "(batch x rows: seconds), whose median it uses",
     "chosen_k": "adaptive stride: decode steps of the run by the K (drafts a round) the policy chose (0 = AR steps)",
+    "decode_shapes": "decode steps by shape, 'requests x rows' (rows: the most any request fed; x1 = AR steps), "
+                     "most frequent first: [steps, mean seconds]",
     "branch_rounds": "verify rounds that tested drafts a branch proposed (after a rejection, instead of a cold round)",
     "decode_steps_launched_ahead": "decode steps launched before the outcome of the step before was read (overlap "
                                    "scheduling); the rest of decode_steps waited for it (a plan changed, a request "

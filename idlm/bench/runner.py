@@ -211,6 +211,17 @@ def _run(engine: LLMEngine, requests: list[Request], params: SamplingParams, roo
     return result
 
 
+def decode_shapes(decode: list[StepTiming]) -> dict[str, list]:
+    """Decode steps by shape, "requests x rows" (rows: the most any request fed), most frequent first:
+    [steps, mean seconds]. At one concurrency it tells AR steps (x1) at a full batch, a price the
+    policy chose, from those of a batch draining at the end of a run."""
+    groups: dict[tuple[int, int], list[float]] = {}
+    for s in decode:
+        groups.setdefault((len(s.shape.queries), max(s.shape.queries)), []).append(s.seconds)
+    ranked = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    return {f"{b}x{t}": [len(v), sum(v) / len(v)] for (b, t), v in ranked}
+
+
 def _figures(done: list[Trace], steps: list[StepTiming], elapsed: float, before: dict, after: dict) -> dict:
     requests = [t.summary() for t in done]
     tokens = sum(r["output_tokens"] for r in requests)
@@ -245,6 +256,7 @@ def _figures(done: list[Trace], steps: list[StepTiming], elapsed: float, before:
         "decode_step_s_mean": decode_time / len(decode) if decode else None,
         "decode_batch_mean": float(np.mean([len(s.shape.queries) for s in decode])) if decode else None,
         "decode_floor_s_mean": sum(s.floor for s in decode) / len(decode) if decode else None,
+        "decode_shapes": decode_shapes(decode),
         "roofline_fraction": sum(s.floor for s in decode) / decode_time if decode else None,
         "requests": requests,
     }
