@@ -228,3 +228,29 @@ def test_bench_leaves_the_pipeline_alone_unless_asked_to_sync_each_step(dirs, mo
     figures = runner.run_closed_loop(engine, reqs, 4, SamplingParams(ignore_eos=True), Roofline.of(engine.model),
                                      sync_steps=sync_steps)
     assert len(syncs) == (1 + 2 * figures["steps"] if sync_steps else 1)
+
+
+def test_step_cost_measurement_meets_the_rounds_steps_launched_ahead_will_replay(dirs):
+    """Measuring a batch size also runs its shapes' next steps as overlap scheduling launches them,
+    so that a running batch meeting one later replays its round (a graph, on a GPU) rather than
+    capturing it then; the tokens are those of an engine that measured nothing."""
+    from idlm.engine.step_cost import measure_step_cost
+
+    def run(measure: bool):
+        llm = padded_llm(dirs, overlap=True, kv_cache_tokens=8192, max_num_seqs=4)
+        engine = llm.engine
+        engine.policy.cost = measure_step_cost(engine.runner, 4)  # over the padded layout made above
+        if measure:
+            engine.policy.cost.measure_up_to(4)
+        made = set(engine.runner.round_graphs.graphs)
+        params = SamplingParams(mode="risd", stride=2, stride_policy="fixed", temperature=0, max_tokens=24,
+                                ignore_eos=True)
+        out = llm.generate(prompts(4, seed=3, lo=10, hi=12), params)
+        new = set(engine.runner.round_graphs.graphs) - made
+        return [o.token_ids for o in out], {(key[1].batch, key[1].kmax) for key in new if key[2] is not None}
+
+    tokens, new_launched_ahead = run(measure=True)
+    assert (4, 1) not in new_launched_ahead  # 4 requests, 1 draft (4 rows: measured eagerly), met then
+    baseline, unmeasured = run(measure=False)
+    assert (4, 1) in unmeasured  # the same run without the measurement makes it
+    assert tokens == baseline

@@ -30,6 +30,7 @@ from collections.abc import Callable
 import torch
 
 from idlm.decoding.layout import max_branches, rows_of
+from idlm.engine.round_graphs import CAPTURE_AT_SIGHTING
 from idlm.engine.sampling_params import SamplingParams
 from idlm.engine.sequence import DraftRows, Sequence
 
@@ -73,6 +74,7 @@ class StepCost:
         self.covered: dict[int, float] = {}  # batch -> the rows up to which its table is measured
         self.seen: dict[tuple[int, int], deque[float]] = {}  # (batch, rows) -> the last steps' seconds
         self.timed: Counter[tuple[int, int]] = Counter()  # (batch, rows) -> steps timed in all
+        self.up_front = False  # measuring inside measure_up_to, where no step of real requests is in flight
 
     @classmethod
     def whole_tables(cls, table: Callable[[int], dict[int, float]], max_batch: int,
@@ -82,10 +84,14 @@ class StepCost:
 
     def measure_up_to(self, batch: int) -> None:
         """Measures now every batch size a step of up to `batch` requests would ask about, every
-        round shape of each."""
-        for point in self.points[:1 + next((i for i, p in enumerate(self.points) if p >= batch),
-                                             len(self.points) - 1)]:
-            self._measured(point, math.inf)
+        round shape of each (before any request runs: `up_front` tells the measurement so)."""
+        self.up_front = True
+        try:
+            for point in self.points[:1 + next((i for i, p in enumerate(self.points) if p >= batch),
+                                                 len(self.points) - 1)]:
+                self._measured(point, math.inf)
+        finally:
+            self.up_front = False
 
     def _measured(self, batch: int, rows: float) -> dict[int, float]:
         """The table of `batch`, measured now as far as `rows` where it is not yet."""
@@ -182,9 +188,27 @@ def measure_step_cost(runner, max_batch: int) -> StepCost:
                 times.append(time.perf_counter() - start)
             costs[rows] = monotone({**costs, rows: min(times[1:])})[rows]  # the least disturbed run: a busy
             # host only ever adds time; more rows never cost less (a measured dip is noise)
+            if cost.up_front:  # (lazily, a step launched ahead may be in flight, replaying these graphs)
+                meet_launched_ahead(runner, seqs)
         return costs, math.inf
 
-    return StepCost(measure, max_batch, graphs.buckets if with_graphs else None)
+    cost = StepCost(measure, max_batch, graphs.buckets if with_graphs else None)
+    return cost
+
+
+def meet_launched_ahead(runner, seqs: list[Sequence]) -> None:
+    """Runs the step after the measured ones as overlap scheduling launches it (built from the
+    carry, its round's integers made inside the round's graph), as often as a round graph must be
+    seen to be captured: the measured steps' rounds take the host-built path, whose graphs are
+    others. A running batch that meets this shape later (a look of the adaptive policy, a batch
+    draining at the end of a run) then replays a graph where it would have stalled for a capture."""
+    if runner.decode_graphs is None:
+        return
+    for _ in range(CAPTURE_AT_SIGHTING):
+        pending = runner.launch_next(seqs)
+        if pending is None:
+            return
+        runner.collect(pending)
 
 
 def _dummy(runner, k: int, b: int) -> Sequence:
