@@ -207,14 +207,12 @@ for i, part in enumerate(parts):
         f.writelines(json.dumps({"prompt": p}) + "\n" for p in part)
 print(f"{len(parts)} shards: 00 held-out ({len(held)}), then {len(parts) - 1} of <= {shard} training prompts")
 EOF
-  for prompts in data/smollm2-v2/shards/prompts_*.jsonl; do
-    answers=${prompts/prompts_/answers_}
-    if [ -s "$answers" ]; then continue; fi
-    "$PY" -m idlm distill "$prompts" "$answers.tmp" "${model_args[@]}" --mode ar --temperature 0 --max-tokens 256 \
-      --max-num-seqs "${DISTILL_SEQS:-256}" 2>&1 | tail -n 2 | tee -a "$OUT/distill_v2.log"
-    mv "$answers.tmp" "$answers"
-    log "v2-distill: $answers"
-  done
+  # one engine answers every shard not yet answered, each written whole (--skip-existing, --more)
+  more=()
+  for prompts in data/smollm2-v2/shards/prompts_*.jsonl; do more+=(--more "$prompts" "${prompts/prompts_/answers_}"); done
+  "$PY" -m idlm distill "${more[1]}" "${more[2]}" "${more[@]:3}" --skip-existing "${model_args[@]}" --mode ar \
+    --temperature 0 --max-tokens 256 --max-num-seqs "${DISTILL_SEQS:-256}" 2>&1 | grep -a "^wrote\|^every" \
+    | tee -a "$OUT/distill_v2.log"
   cp data/smollm2-v2/shards/answers_00.jsonl data/smollm2-v2/heldout_onpolicy.jsonl
   find data/smollm2-v2/shards -name 'answers_*.jsonl' ! -name answers_00.jsonl | sort | xargs cat \
     > data/smollm2-v2/onpolicy.jsonl

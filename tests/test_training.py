@@ -465,6 +465,31 @@ def test_distill_writes_chat_data(tmp_path, llama_dir, capsys):
     assert len(examples) == 4 and all(any(ex.response) for ex in examples)
 
 
+def test_distill_answers_shards_with_one_engine_and_skips_finished_ones(tmp_path, llama_dir, capsys, monkeypatch):
+    from idlm.cli import distill as distill_cli
+    from idlm.cli import main
+
+    loads = []
+    real_llm = distill_cli.LLM
+    monkeypatch.setattr(distill_cli, "LLM", lambda **kw: loads.append(kw) or real_llm(**kw))
+    shards = [tmp_path / f"p{i}.txt" for i in range(3)]
+    for i, shard in enumerate(shards):
+        shard.write_text(f"prompt {i} a\nprompt {i} b\n")
+    outs = [tmp_path / f"a{i}.jsonl" for i in range(3)]
+    outs[1].write_text("kept\n")  # answered by an earlier run
+    argv = ["distill", str(shards[0]), str(outs[0]), "--more", str(shards[1]), str(outs[1]), "--more",
+            str(shards[2]), str(outs[2]), "--model", str(llama_dir), "--max-tokens", "3", "--ignore-eos",
+            "--kv-cache-tokens", "512", "--skip-existing"]
+    assert main(argv) == 0 and len(loads) == 1
+    assert outs[1].read_text() == "kept\n"
+    for i in (0, 2):
+        lines = [json.loads(line) for line in outs[i].read_text().splitlines()]
+        assert [ex["messages"][0]["content"] for ex in lines] == [f"prompt {i} a", f"prompt {i} b"]
+    assert not list(tmp_path.glob("*.tmp"))
+    assert main(argv) == 0 and len(loads) == 1  # nothing left: no model loaded
+    assert "nothing to distill" in capsys.readouterr().out
+
+
 def test_distill_refuses_token_id_prompts(tmp_path):
     from idlm.eval.data import read_conversations
 

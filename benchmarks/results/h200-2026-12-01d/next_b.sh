@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Next session, call 2 (issue 17, ~8.5 min; not yet run): the base answers the other six shards of the v2
+# Next session, call 2 (issue 17, ~6-8 min; not yet run): the base answers the other six shards of the v2
 # prompts (reproduce_smollm2.sh v2-distill; shards 00-05 come from this session's gzipped answers, which
 # are tracked files, so the stage skips them). The new shards come back gzipped and stay in data/ for
 # call 3. Carry [".carry/next_b.sh", ".carry/gguf.part03", ".whl"] (right after call 1, while warm).
