@@ -32,3 +32,7 @@ if [ -f $R/final/COMPLETE ]; then
   done
   wait; date -u
 fi
+# (call 5, if time is left, ~2 min: where a training step goes on the H200, for the R-ISD run's 46k tokens/s
+#  against 88k for a full fine-tune of the same shape on an H100 in benchmarks/train_throughput.py:
+#  python3 benchmarks/train_profile.py configs/smollm2/risd_v7.yaml --model $M --init_adapter idlm/adapters/smollm2-risd
+#  --steps 6 --warmup 2 > $OUT/train_profile.txt)
