@@ -211,6 +211,20 @@ def test_bench_help():
     assert info.value.code == 0
 
 
+def test_bench_repeats_interleave_the_runs_on_one_engine(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main([*TINY_RUN, "--concurrency", "2", "--modes", "ar,isd", "--stride-policy", "fixed", "--repeats", "2",
+                 "-o", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [(r["mode"], r["repeat"]) for r in result["results"]] == [
+        ("ar #1", 1), ("isd N=4 fixed #1", 1), ("ar #2", 2), ("isd N=4 fixed #2", 2)]
+    assert result["settings"]["repeats"] == 2
+    assert all(r["num_requests"] == 3 and r["output_tokens"] == 15 for r in result["results"])
+    capsys.readouterr()
+    assert main([*TINY_RUN, "--repeats", "0"]) == 1
+    assert "repeats must be a positive integer" in capsys.readouterr().err
+
+
 def test_bench_overlap_both_ways_and_full_warmup(tmp_path, capsys):
     """--overlap-scheduling off,on runs each mode both ways on one engine, the second labelled;
     --warmup full warms up with the run itself. Bad values of either are refused."""

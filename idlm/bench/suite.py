@@ -61,6 +61,9 @@ class BenchConfig:
     # untimed before each closed-loop run: "short" (C short requests, every batch size once) or
     # "full" (the run itself once, so that no graph is captured inside the timed run)
     warmup: str = "short"
+    # every run this many times on the one engine, interleaved (all runs once, then again): a noisy
+    # machine's drift then falls on every mode alike, and each round's ratios compare side by side
+    repeats: int = 1
     deterministic: bool = False  # batch-invariant kernels (EngineConfig.deterministic)
     sync_steps: bool = False  # the device synchronised around every step (runner.run_closed_loop)
     tensor_parallel_sizes: tuple[int, ...] = (1,)  # an engine each, every run on each (labels "tp=N" when several)
@@ -91,6 +94,8 @@ class BenchConfig:
                              f"({max(self.concurrency)}), or C requests can never be in flight")
         if not self.tensor_parallel_sizes or any(not isinstance(n, int) or n < 1 for n in self.tensor_parallel_sizes):
             raise ValueError(f"tensor-parallel sizes must be positive integers, got {list(self.tensor_parallel_sizes)}")
+        if not isinstance(self.repeats, int) or self.repeats < 1:
+            raise ValueError(f"repeats must be a positive integer, got {self.repeats}")
         if self.warmup not in ("short", "full"):
             raise ValueError(f"warmup must be short or full, got {self.warmup!r}")
         if not self.overlap or len(set(self.overlap)) != len(self.overlap):
@@ -247,13 +252,17 @@ def run_bench(cfg: BenchConfig, command: str = "", log: Callable[[str], None] = 
 def _bench_engine(engine: LLMEngine, cfg: BenchConfig, runs: dict[str, SamplingParams], tag: str, tp: int,
                   base: list[Request], counts: dict[int, int], rate_count: int, vocab: int, exclude: set[int],
                   roofline: Roofline, result: dict, log: Callable[[str], None]) -> None:
-    """Every run on one engine, each at every concurrency and request rate."""
-    for (label, params), overlap in itertools.product(runs.items(), cfg.overlap):
+    """Every run on one engine, each at every concurrency and request rate (cfg.repeats times over,
+    interleaved; the repeats labelled #1, #2, ..)."""
+    for repeat, ((label, params), overlap) in itertools.product(range(1, cfg.repeats + 1),
+                                                                 itertools.product(runs.items(), cfg.overlap)):
         engine.config.overlap_scheduling = overlap  # read every step: the engine's graphs serve both
         if len(cfg.overlap) > 1:
             label += " overlap" if overlap else ""
+        if cfg.repeats > 1:
+            label += f" #{repeat}"
         run = dict(mode=label + tag, decoding=params.mode, stride=params.stride, stride_policy=params.stride_policy,
-                   branches=params.branches, tensor_parallel_size=tp, overlap_scheduling=overlap)
+                   branches=params.branches, tensor_parallel_size=tp, overlap_scheduling=overlap, repeat=repeat)
         for c in cfg.concurrency:
             requests = cycle(base, counts[c])
             warm = requests if cfg.warmup == "full" else warmup_requests(requests[:c], vocab, exclude, cfg.seed + 1)

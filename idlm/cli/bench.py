@@ -84,6 +84,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--warmup", choices=("short", "full"), default="short",
                    help="untimed before each closed-loop run: short (C short requests, default) or full (the run "
                         "itself once, so that no CUDA graph is captured inside the timed run)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run everything R times on the one engine, interleaved (every mode once, then again; rows "
+                        "labelled #1 .. #R): on a noisy machine compare modes within a round (default 1)")
     p.add_argument("--hf-baseline", action="store_true",
                    help="also time transformers generate (greedy, static left-padded batches of C prompts)")
     p.add_argument("--request-rate", default=None,
@@ -170,7 +173,7 @@ def run(args: argparse.Namespace) -> None:
         prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
         warmup=args.warmup, overlap=tuple(x == "on" for x in comma_list(args.overlap_scheduling, "--overlap-scheduling",
                                                       one_of(("off", "on"), "setting"))),
-        deterministic=bool(args.deterministic), sync_steps=args.sync_steps,
+        deterministic=bool(args.deterministic), sync_steps=args.sync_steps, repeats=args.repeats,
         tensor_parallel_sizes=comma_list(args.tensor_parallel_size, "--tensor-parallel-size", positive_int),
         request_rates=comma_list(args.request_rate, "--request-rate", positive_float) if args.request_rate else (),
         peak_bandwidth=None if args.peak_bandwidth == "auto" else positive_number(args.peak_bandwidth,
