@@ -465,7 +465,25 @@ def test_a_server_measures_every_batch_size_before_it_serves(idlm_dir, capsys, m
     adaptive, fixed = engines
     assert sorted(adaptive.policy.cost.table) == [p for p in adaptive.policy.cost.points if p <= 16]
     assert not fixed.policy.cost.table
-    assert capsys.readouterr().out.count("measured decode step costs up to 16 requests") == 1
+    assert capsys.readouterr().out.count("decode steps up to 16 requests timed") == 1
+
+
+def test_with_cuda_graphs_every_decode_shape_is_prepared_whatever_the_policy(idlm_dir):
+    """Where decode steps replay CUDA graphs, preparing them captures every bucket's shapes (by
+    timing them) even under a fixed default policy: else a batch meeting a new bucket stalls for its
+    captures. Without graphs a fixed policy has nothing to prepare."""
+    import math
+
+    from idlm.engine.kv_pool import MAX_LOOKAHEAD
+
+    llm = LLM(str(idlm_dir), progress=False, kv_cache_tokens=4096, max_num_seqs=8, stride_policy="fixed")
+    engine = llm.engine
+    assert engine.prepare_decode_steps() is None
+    engine.runner.use_padded_decode(8, engine.max_model_len + MAX_LOOKAHEAD, cuda_graphs=False)
+    engine.runner.decode_graphs.use_graphs = True  # (as on a GPU; nothing runs here)
+    calls = []
+    engine.policy.cost.measure_up_to = lambda batch, rows=math.inf: calls.append((batch, rows))
+    assert engine.prepare_decode_steps() is not None and calls == [(8, math.inf)]
 
 
 def test_step_cost_with_graph_buckets_charges_the_padded_bucket():

@@ -211,8 +211,10 @@ def run_bench(cfg: BenchConfig, command: str = "", log: Callable[[str], None] = 
                                  f"{engine.max_model_len}; raise --kv-cache-tokens")
             modes = cfg.modes or default_modes(engine)
             runs = variants(engine, cfg, modes)
-            if any(p.stride_policy == "adaptive" and p.mode != "ar" for p in runs.values()):
-                engine.policy.cost.measure_up_to(max_num_seqs)  # its step costs, measured before any timed run
+            # the adaptive stride's prices, and every decode graph, before any timed run (as `idlm serve`)
+            prepared = engine.prepare_decode_steps()
+            if prepared is not None:
+                log(f"decode steps up to {max_num_seqs} requests timed and their graphs captured in {prepared:.1f} s")
             vocab, exclude = random_ids(engine)
             if not base:
                 base = synthetic_requests(max(counts.values()), cfg.prompt_len, cfg.output_len, vocab, cfg.seed,

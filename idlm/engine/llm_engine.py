@@ -1,4 +1,5 @@
 import dataclasses
+import math
 import os
 import random
 import time
@@ -273,15 +274,22 @@ class LLMEngine:
             self.scheduler.finish(seq, "abort")
         self.detokenizers.pop(request_id, None)
 
-    def measure_step_costs(self) -> float | None:
-        """Prices every batch size up to max_num_seqs for the adaptive stride policy now (a server's
-        start), where the default policy adapts: else the first step at each new batch size measures
-        it, a stall of the running requests (one step of 5.7 s at 64 requests on an H200). Returns
-        the seconds it took, or None where the defaults do not adapt."""
-        if self.defaults["stride_policy"] != "adaptive" or self.defaults["mode"] == "ar":
+    def prepare_decode_steps(self) -> float | None:
+        """Before serving: every batch size up to max_num_seqs priced for the adaptive stride policy
+        (where the default policy adapts) and, with CUDA graphs, every decode shape's graphs captured,
+        by timing dummy steps of each (step_cost.py). Otherwise the first step at each new batch size
+        or shape measures or captures it while the running requests wait: one step of 5.7 s at 64
+        requests on an H200 for the prices; about 60 ms a graph. Returns the seconds it took, or None
+        where there is nothing to prepare."""
+        graphs = self.runner.decode_graphs
+        captures = graphs is not None and graphs.use_graphs
+        adaptive = self.defaults["stride_policy"] == "adaptive" and self.defaults["mode"] != "ar"
+        if not (captures or adaptive):
             return None
+        drafts = self.mask_ids["isd"] is not None or self.mask_ids["risd"] is not None
         start = time.perf_counter()
-        self.policy.cost.measure_up_to(self.config.max_num_seqs)
+        # an engine that cannot draft runs AR steps alone: one row a request
+        self.policy.cost.measure_up_to(self.config.max_num_seqs, math.inf if drafts else 1)
         return time.perf_counter() - start
 
     def has_unfinished(self) -> bool:

@@ -82,14 +82,15 @@ class StepCost:
         """A StepCost whose batch sizes' tables come whole from table(batch)."""
         return cls(lambda batch, have, rows: (table(batch), math.inf), max_batch, buckets)
 
-    def measure_up_to(self, batch: int) -> None:
+    def measure_up_to(self, batch: int, rows: float = math.inf) -> None:
         """Measures now every batch size a step of up to `batch` requests would ask about, every
-        round shape of each (before any request runs: `up_front` tells the measurement so)."""
+        round shape of each up to `rows` rows (before any request runs: `up_front` tells the
+        measurement so)."""
         self.up_front = True
         try:
             for point in self.points[:1 + next((i for i, p in enumerate(self.points) if p >= batch),
                                                  len(self.points) - 1)]:
-                self._measured(point, math.inf)
+                self._measured(point, rows)
         finally:
             self.up_front = False
 
