@@ -1,3 +1,4 @@
+import contextlib
 import dataclasses
 import math
 import os
@@ -288,8 +289,9 @@ class LLMEngine:
             return None
         drafts = self.mask_ids["isd"] is not None or self.mask_ids["risd"] is not None
         start = time.perf_counter()
-        # an engine that cannot draft runs AR steps alone: one row a request
-        self.policy.cost.measure_up_to(self.config.max_num_seqs, math.inf if drafts else 1)
+        with self.tp.guard() if self.tp is not None else contextlib.nullcontext():  # (dummy steps run on every rank)
+            # an engine that cannot draft runs AR steps alone: one row a request
+            self.policy.cost.measure_up_to(self.config.max_num_seqs, math.inf if drafts else 1)
         return time.perf_counter() - start
 
     def has_unfinished(self) -> bool:
