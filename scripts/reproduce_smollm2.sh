@@ -211,8 +211,8 @@ EOF
   more=()
   for prompts in data/smollm2-v2/shards/prompts_*.jsonl; do more+=(--more "$prompts" "${prompts/prompts_/answers_}"); done
   "$PY" -m idlm distill "${more[1]}" "${more[2]}" "${more[@]:3}" --skip-existing "${model_args[@]}" --mode ar \
-    --temperature 0 --max-tokens 256 --max-num-seqs "${DISTILL_SEQS:-256}" 2>&1 | grep -a "^wrote\|^every" \
-    | tee -a "$OUT/distill_v2.log"
+    --temperature 0 --max-tokens 256 --max-num-seqs "${DISTILL_SEQS:-256}" 2>&1 \
+    | { grep -a "wrote \|every output" || true; } | tee -a "$OUT/distill_v2.log"
   cp data/smollm2-v2/shards/answers_00.jsonl data/smollm2-v2/heldout_onpolicy.jsonl
   find data/smollm2-v2/shards -name 'answers_*.jsonl' ! -name answers_00.jsonl | sort | xargs cat \
     > data/smollm2-v2/onpolicy.jsonl

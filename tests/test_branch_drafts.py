@@ -483,7 +483,9 @@ def test_with_cuda_graphs_every_decode_shape_is_prepared_whatever_the_policy(idl
     engine.runner.decode_graphs.use_graphs = True  # (as on a GPU; nothing runs here)
     calls = []
     engine.policy.cost.measure_up_to = lambda batch, rows=math.inf: calls.append((batch, rows))
-    assert engine.prepare_decode_steps() is not None and calls == [(8, math.inf)]
+    assert engine.prepare_decode_steps() is not None
+    k = engine.defaults["stride"] - 1  # the default stride's rounds, branches and all: no longer ones
+    assert calls == [(8, rows_of_round(k, max_branches(k, k)))]
 
 
 def test_step_cost_with_graph_buckets_charges_the_padded_bucket():

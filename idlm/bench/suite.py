@@ -212,7 +212,7 @@ def run_bench(cfg: BenchConfig, command: str = "", log: Callable[[str], None] = 
             modes = cfg.modes or default_modes(engine)
             runs = variants(engine, cfg, modes)
             # the adaptive stride's prices, and every decode graph, before any timed run (as `idlm serve`)
-            prepared = engine.prepare_decode_steps()
+            prepared = engine.prepare_decode_steps(max((p.stride for p in runs.values() if p.mode != "ar"), default=1))
             if prepared is not None:
                 log(f"decode steps up to {max_num_seqs} requests timed and their graphs captured in {prepared:.1f} s")
             vocab, exclude = random_ids(engine)

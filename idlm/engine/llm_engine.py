@@ -1,6 +1,5 @@
 import contextlib
 import dataclasses
-import math
 import os
 import random
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 import torch
 
 from idlm.config import MAX_STRIDE, EngineConfig
+from idlm.decoding.layout import max_branches
 from idlm.decoding.noise import compile_noise
 from idlm.engine.block_manager import BlockManager
 from idlm.engine.detokenizer import IncrementalDetokenizer
@@ -19,7 +19,7 @@ from idlm.engine.sampling_params import SamplingParams
 from idlm.engine.scheduler import ScheduledBatch, Scheduler
 from idlm.engine.sequence import Sequence, TokenSource
 from idlm.engine.stats import EngineStats, request_stats
-from idlm.engine.step_cost import measure_step_cost
+from idlm.engine.step_cost import measure_step_cost, rows_of_round
 from idlm.engine.stride_policy import StridePolicy
 from idlm.engine.structured import Grammars
 from idlm.engine.tensor_parallel import TensorParallel, check_tensor_parallel
@@ -275,23 +275,27 @@ class LLMEngine:
             self.scheduler.finish(seq, "abort")
         self.detokenizers.pop(request_id, None)
 
-    def prepare_decode_steps(self) -> float | None:
+    def prepare_decode_steps(self, max_stride: int | None = None) -> float | None:
         """Before serving: every batch size up to max_num_seqs priced for the adaptive stride policy
         (where the default policy adapts) and, with CUDA graphs, every decode shape's graphs captured,
         by timing dummy steps of each (step_cost.py). Otherwise the first step at each new batch size
         or shape measures or captures it while the running requests wait: one step of 5.7 s at 64
         requests on an H200 for the prices; about 60 ms a graph. Returns the seconds it took, or None
-        where there is nothing to prepare."""
+        where there is nothing to prepare. max_stride: the longest stride to prepare the rounds of
+        (default: the engine's default stride)."""
         graphs = self.runner.decode_graphs
         captures = graphs is not None and graphs.use_graphs
         adaptive = self.defaults["stride_policy"] == "adaptive" and self.defaults["mode"] != "ar"
         if not (captures or adaptive):
             return None
         drafts = self.mask_ids["isd"] is not None or self.mask_ids["risd"] is not None
+        # the rounds of the default stride at most (a request asking for a longer one measures and
+        # captures its shapes when it comes); an engine that cannot draft runs AR steps alone
+        k = (max_stride or self.defaults["stride"]) - 1 if drafts else 0
+        rows = rows_of_round(k, max_branches(k, k))
         start = time.perf_counter()
         with self.tp.guard() if self.tp is not None else contextlib.nullcontext():  # (dummy steps run on every rank)
-            # an engine that cannot draft runs AR steps alone: one row a request
-            self.policy.cost.measure_up_to(self.config.max_num_seqs, math.inf if drafts else 1)
+            self.policy.cost.measure_up_to(self.config.max_num_seqs, rows)
         return time.perf_counter() - start
 
     def has_unfinished(self) -> bool:
