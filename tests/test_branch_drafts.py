@@ -11,7 +11,14 @@ from idlm.decoding.layout import MAX_ROUND_ROWS, max_branches, round_layout, row
 from idlm.engine.runner import feed_rows
 from idlm.engine.sequence import DraftCounts, Sequence
 from idlm.engine.step_cost import MIN_SEEN, ROUND_SHAPES, StepCost, rows_of_round
-from idlm.engine.stride_policy import EXPLORE_EVERY, LOOK_STEPS, ROUND_MARGIN, StridePolicy, expected_tokens
+from idlm.engine.stride_policy import (
+    EXPLORE_EVERY,
+    EXPLORE_MAX,
+    LOOK_STEPS,
+    ROUND_MARGIN,
+    StridePolicy,
+    expected_tokens,
+)
 from idlm.kernels.attention import DenseAttention, PagedAttention, PagedBatch
 
 # ---------------------------------------------------------------- the layout
@@ -575,26 +582,34 @@ def test_only_steps_of_the_same_requests_as_the_step_before_are_timed(idlm_dir):
 
 def test_adaptive_looks_at_drafts_at_once_then_now_and_then_when_ar_wins():
     """AR wins at this acceptance. A round never timed near this batch size is looked at at once,
-    later ones after EXPLORE_EVERY plans chose AR; a look lasts LOOK_STEPS steps (its first steps are a
-    cold round and graph captures, which are not timed), or until MIN_SEEN steps of its round were
-    timed. On an H200 two-step looks never timed a round, and the policy ran 0.6x the fixed stride."""
+    later ones after EXPLORE_EVERY plans chose AR, twice as many after each look that AR still won, up
+    to EXPLORE_MAX; a look lasts LOOK_STEPS steps (its first steps are a cold round and graph captures,
+    which are not timed), or until MIN_SEEN steps of its round were timed. On an H200 two-step looks
+    never timed a round, and the policy ran 0.6x the fixed stride."""
     cost = rigged_cost(1.0, 0.1)
     policy = StridePolicy("adaptive", None, cost, replan_every=1)
     seqs = seqs_with([0.1] * 3, 4, stride=4)
     ks = []
-    for _ in range(3 * EXPLORE_EVERY):
+    for _ in range(8 * EXPLORE_MAX):
         policy.plan(seqs)
         ks.append(seqs[0].num_new)
-    period = LOOK_STEPS + EXPLORE_EVERY - 1
+    starts, every = [0], EXPLORE_EVERY
+    while True:  # each look AR wins: the next one after twice as many AR plans
+        every = min(2 * every, EXPLORE_MAX)
+        nxt = starts[-1] + LOOK_STEPS + every - 1
+        if nxt >= len(ks):
+            break
+        starts.append(nxt)
     assert [i for i, k in enumerate(ks) if k > 0] == [
-        i for start in range(0, len(ks), period) for i in range(start, start + LOOK_STEPS) if i < len(ks)]
+        i for start in starts for i in range(start, start + LOOK_STEPS) if i < len(ks)]
+    assert starts[-1] - starts[-2] == LOOK_STEPS + EXPLORE_MAX - 1  # the interval stops growing
     # ... even when plans are otherwise kept for 16 steps
     policy = StridePolicy("adaptive", None, rigged_cost(1.0, 0.1))
     ks = []
-    for _ in range(16 * EXPLORE_EVERY + LOOK_STEPS):
+    for _ in range(16 * 2 * EXPLORE_EVERY + LOOK_STEPS):
         policy.plan(seqs)
         ks.append(seqs[0].num_new)
-    second = LOOK_STEPS + 16 * (EXPLORE_EVERY - 1)
+    second = LOOK_STEPS + 16 * (2 * EXPLORE_EVERY - 1)
     assert [i for i, k in enumerate(ks) if k > 0] == list(range(LOOK_STEPS)) + list(range(second, second + LOOK_STEPS))
     # a look ends once its round was timed
     policy = StridePolicy("adaptive", None, cost, replan_every=1)
@@ -607,6 +622,30 @@ def test_adaptive_looks_at_drafts_at_once_then_now_and_then_when_ar_wins():
         cost.observe(4, rows, cost.seconds(4, rows))
     policy.plan(seqs)
     assert seqs[0].num_new == 0
+
+
+def test_a_choice_of_drafts_brings_the_looks_back_to_their_first_interval():
+    """Looks grow rarer while AR keeps winning; once rounds win again (the requests' drafts got
+    better), the next run of AR plans looks after EXPLORE_EVERY of them again."""
+    policy = StridePolicy("adaptive", None, rigged_cost(1.0, 0.1), replan_every=1)
+    poor, good = seqs_with([0.1] * 3, 4, stride=4), seqs_with([0.95] * 3, 4, stride=4)
+
+    def first_look(seqs) -> int:
+        for i in range(4 * EXPLORE_MAX):
+            policy.plan(seqs)
+            if seqs[0].num_new:
+                return i
+        raise AssertionError("no look")
+
+    first_look(poor)
+    for _ in range(LOOK_STEPS - 1):  # the rest of the look
+        policy.plan(poor)
+    assert first_look(poor) == 2 * EXPLORE_EVERY - 1  # AR won the first look: the next after twice as many
+    for _ in range(LOOK_STEPS - 1):
+        policy.plan(poor)
+    policy.plan(good)
+    assert good[0].num_new > 0  # rounds win
+    assert first_look(poor) == EXPLORE_EVERY - 1
 
 
 def test_a_plan_taken_back_counts_for_nothing():

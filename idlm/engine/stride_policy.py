@@ -32,6 +32,10 @@ BRANCH_ROOM = np.array([max_branches(k, k) for k in range(MAX_STRIDE)])  # by K:
 # acceptance makes it pay, and looking would only cost); and at once where no round was ever timed,
 # or looked at, at a batch size near this one
 EXPLORE_EVERY = 16
+# Each look after which AR still wins doubles that interval, up to this many plans (a look at a round
+# that loses costs a few rounds: on a CPU, where a round costs 3-5 AR steps, looks every 16 plans made
+# the default 4% slower than `ar`); a choice of drafts starts it again from EXPLORE_EVERY.
+EXPLORE_MAX = 256
 # A look lasts until MIN_SEEN steps of the round looked at were timed, or this many steps: its first
 # step is a cold round, and the first steps of a shape capture CUDA graphs, which are not timed. On
 # an H200 at one request, looks of two steps never timed a round (both captured), so the policy
@@ -77,7 +81,8 @@ def near(batch: int, other: int) -> bool:
 
 
 # what plan() changes (StridePolicy.state)
-PLANNING_STATE = ("chosen", "_last_batch", "_since_plan", "_shared", "_ar_plans", "_look", "_looked")
+PLANNING_STATE = ("chosen", "_last_batch", "_since_plan", "_shared", "_ar_plans", "_look", "_looked", "_explore_every",
+                  "_judge_look")
 
 
 class StridePolicy:
@@ -98,6 +103,8 @@ class StridePolicy:
         # a look in progress: (batch size, rows of the round looked at, its steps timed before, steps left)
         self._look: tuple[int, int, int, int] | None = None
         self._looked: set[int] = set()  # the batch sizes of every look begun
+        self._explore_every = EXPLORE_EVERY  # AR plans between looks, now
+        self._judge_look = False  # a look has ended: the next choice tells whether it found rounds that pay
 
     def state(self) -> dict:
         """What planning changes, for restore(): a step planned and then not launched (overlap
@@ -170,6 +177,7 @@ class StridePolicy:
         self._since_plan += decode
         if decode and self._look is not None and (key != self._last_batch or self._look_done()):
             self._look, self._since_plan = None, self.replan_every  # the look is over: choose with its price
+            self._judge_look = True
         if self._look is not None and decode:
             k, b = self._shared
             batch_size, rows, timed_before, left = self._look
@@ -222,6 +230,11 @@ class StridePolicy:
         if not decode:
             return choice, 0
         self._ar_plans = self._ar_plans + 1 if choice[0] == 0 else 0
+        if choice[0]:
+            self._explore_every = EXPLORE_EVERY
+        elif self._judge_look:  # a look, and still AR: look less often
+            self._explore_every = min(2 * self._explore_every, EXPLORE_MAX)
+        self._judge_look = False
         if choice[0] == 0:
             # AR drafts nothing, so the acceptance estimates would never move again: look, at a
             # round that every draft accepted would make pay
@@ -234,7 +247,7 @@ class StridePolicy:
                 # once only: a batch that keeps changing ends every look before its round is timed)
                 first = not any(near(b, len(batch)) for b in self._looked) and not any(
                     r > 1 and near(b, len(batch)) for b, r in self.cost.seen)
-                if self._ar_plans >= EXPLORE_EVERY or first:
+                if self._ar_plans >= self._explore_every or first:
                     self._ar_plans = 0
                     self._looked.add(len(batch))
                     return look, could_pay[look]
