@@ -472,7 +472,7 @@ def test_a_server_measures_every_batch_size_before_it_serves(idlm_dir, capsys, m
     adaptive, fixed = engines
     assert sorted(adaptive.policy.cost.table) == [p for p in adaptive.policy.cost.points if p <= 16]
     assert not fixed.policy.cost.table
-    assert capsys.readouterr().out.count("decode steps up to 16 requests timed") == 1
+    assert capsys.readouterr().out.count("decode steps up to 16 requests timed (the adaptive stride's prices)") == 1
 
 
 def test_with_cuda_graphs_every_decode_shape_is_prepared_whatever_the_policy(idlm_dir):

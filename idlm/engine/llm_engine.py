@@ -275,6 +275,12 @@ class LLMEngine:
             self.scheduler.finish(seq, "abort")
         self.detokenizers.pop(request_id, None)
 
+    @property
+    def replays_graphs(self) -> bool:
+        """Decode steps replay CUDA graphs (captured as each shape first comes, or prepared)."""
+        graphs = self.runner.decode_graphs
+        return graphs is not None and graphs.use_graphs
+
     def prepare_decode_steps(self, max_stride: int | None = None) -> float | None:
         """Before serving: every batch size up to max_num_seqs priced for the adaptive stride policy
         (where the default policy adapts) and, with CUDA graphs, every decode shape's graphs captured,
@@ -283,10 +289,8 @@ class LLMEngine:
         requests on an H200 for the prices; about 60 ms a graph. Returns the seconds it took, or None
         where there is nothing to prepare. max_stride: the longest stride to prepare the rounds of
         (default: the engine's default stride)."""
-        graphs = self.runner.decode_graphs
-        captures = graphs is not None and graphs.use_graphs
         adaptive = self.defaults["stride_policy"] == "adaptive" and self.defaults["mode"] != "ar"
-        if not (captures or adaptive):
+        if not (self.replays_graphs or adaptive):
             return None
         drafts = self.mask_ids["isd"] is not None or self.mask_ids["risd"] is not None
         # the rounds of the default stride at most (a request asking for a longer one measures and

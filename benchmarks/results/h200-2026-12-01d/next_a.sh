@@ -18,7 +18,7 @@ export PYTHONPATH=$PWD:/tmp/site
 date -u
 timeout 330 python3 -m idlm bench --model $M --adapter $A --stride 4 --workload $W --modes ar,risd \
   --stride-policy fixed,adaptive --concurrency 64 --num-prompts 512 --max-num-seqs 64 --warmup full --repeats 3 \
-  --request-rate 84 -o $OUT/bench_c64_repeats.json 2>&1 | grep "^ar \|^risd\|K chosen\|timed and their graphs\|req/s"
+  --request-rate 84 -o $OUT/bench_c64_repeats.json 2>&1 | grep "^ar \|^risd\|K chosen\|CUDA graphs captured\|req/s"
 date -u
 timeout 200 python3 -m idlm bench --model $M --adapter $A --stride 4 --workload $W --modes ar,risd \
   --stride-policy fixed,adaptive --concurrency 1,16 --num-prompts 64 --max-num-seqs 64 --warmup full --repeats 2 \
