@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Next session, calls 3 and 4 (issue 17; not yet run): v7 = the shipped v6 trained on with TV over every v2
-# answer (configs/smollm2/risd_v7.yaml), ~520 s a call, resumed from its 25-step checkpoint in the next call
-# (same command); when the run is complete, v7 and v6 on the 100 held-out chats (float32, greedy and T = 1).
+# Next session, call 3 (issue 17, ~9.5 min; not yet run): v7 = the shipped v6 trained on with TV over every v2
+# answer (configs/smollm2/risd_v7.yaml, 650 steps: what one call holds at ~1.6 steps/s), resumable from its
+# 25-step checkpoint by the same command; then v7 (or its newest checkpoint) and v6 on the 100 held-out chats
+# (float32, greedy and T = 1).
 # Each call returns the newest adapter's three files (not trainer_state.pt: 88 MB), so a machine that went
 # cold loses at most the optimizer state (then pass the returned adapter as --init_adapter).
 # Carry [".carry/next_c.sh", ".carry/gguf.part03", ".whl"] (+ ".carry/v2answers" if the machine went cold).
@@ -16,14 +17,14 @@ for g in benchmarks/results/h200-2026-12-01d/v2answers/*.gz .carry/v2answers/*.g
 cp $S/answers_00.jsonl $D/heldout_onpolicy.jsonl
 find $S -name 'answers_*.jsonl' ! -name answers_00.jsonl | sort | xargs cat > $D/onpolicy.jsonl
 wc -l $D/heldout_onpolicy.jsonl $D/onpolicy.jsonl; date -u
-timeout ${TRAIN_LIMIT:-520} python3 -m idlm train configs/smollm2/risd_v7.yaml --model $M \
+timeout ${TRAIN_LIMIT:-440} python3 -m idlm train configs/smollm2/risd_v7.yaml --model $M \
   --init_adapter idlm/adapters/smollm2-risd --progress false >> $OUT/train_v7.log 2>&1
 echo "train rc $?"; date -u; tail -n 2 $OUT/train_v7.log
 R=runs/smollm2-risd-v7
 if [ -f $R/final/COMPLETE ]; then V7=$R/final; else V7=$(ls -d $R/checkpoints/step-* | grep -v '\.tmp$' | tail -n 1); fi
 echo "v7 adapter: $V7"; cp $R/log.jsonl $OUT/train_v7_log.jsonl
 mkdir -p $OUT/v7 && cp $V7/adapter_config.json $V7/adapter_model.safetensors $V7/mask_embedding.safetensors $OUT/v7/
-if [ -f $R/final/COMPLETE ]; then
+if [ -n "$V7" ]; then
   for pair in "v7 $V7" "v6 idlm/adapters/smollm2-risd"; do
     set -- $pair
     timeout 150 python3 scripts/compare_modes.py --model $M --adapter $2 --prompts configs/smollm2/prompts/heldout.jsonl \
