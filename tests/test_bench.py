@@ -55,6 +55,9 @@ def test_bench_end_to_end(tmp_path, capsys):
         assert r["output_tok_s"] > 0 and r["per_request_tok_s"] > 0
         assert r["tokens_per_forward"] >= 1
         assert 0 <= r["ttft_s_p50"] <= r["ttft_s_p99"] and 0 < r["itl_s_p50"] <= r["itl_s_p99"]
+        assert 0 < r["tbt_s_p50"] <= r["tbt_s_p99"]
+        if r["mode"] == "ar":  # one token an output: the gap between outputs is the gap between tokens
+            assert (r["tbt_s_p50"], r["tbt_s_p99"]) == (r["itl_s_p50"], r["itl_s_p99"])
         assert r["decode_steps"] > 0 and r["decode_step_s_mean"] > 0 and r["roofline_fraction"] > 0
         assert r["decode_batch_mean"] <= r["concurrency"]
         assert r["peak_memory_bytes"] is None

@@ -10,6 +10,9 @@ DEFINITIONS = {
     "ttft_s": "request added -> the engine step that returned its first token (queueing and prefill included)",
     "itl_s": "per output token after the first: the gap since the request's previous output divided by the "
              "tokens that output carried (an ISD round returns several tokens at once)",
+    "tbt_s": "time between outputs: the gaps between a request's outputs, whatever each carried (a round's "
+             "tokens arrive together, so at several tokens per forward ITL's median falls below a step while "
+             "this one's does not)",
     "tokens_per_forward": "output tokens / forwards each request took part in (prefill included), engine stats",
     "step_cost": "the adaptive stride's price list: decode-step seconds measured at start per batch size and rows "
                  "per request (dummy requests, the runner's whole path), the last steps that ran "

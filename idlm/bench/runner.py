@@ -83,6 +83,10 @@ class Trace:
             gaps += [(now - prev) / n] * n
         return gaps
 
+    def output_gaps(self) -> list[float]:
+        """The gaps between the request's outputs, whatever each carried (time between outputs)."""
+        return [now - prev for prev, now in zip(self.times, self.times[1:])]
+
     def summary(self) -> dict:
         latency = self.times[-1] - self.arrival
         decode = self.times[-1] - self.times[0]
@@ -227,6 +231,7 @@ def _figures(done: list[Trace], steps: list[StepTiming], elapsed: float, before:
     tokens = sum(r["output_tokens"] for r in requests)
     ttft = percentiles([r["ttft_s"] for r in requests])
     itl = percentiles([gap for t in done for gap in t.token_gaps()])
+    tbt = percentiles([gap for t in done for gap in t.output_gaps()])
     decode = [s for s in steps if not s.shape.is_prefill]
     decode_time = sum(s.seconds for s in decode)
     delta = {k: after[k] - before[k] for k in ("tokens", "request_forwards", "forwards")}
@@ -246,6 +251,8 @@ def _figures(done: list[Trace], steps: list[StepTiming], elapsed: float, before:
         "ttft_s_p99": ttft[1],
         "itl_s_p50": itl[0],
         "itl_s_p99": itl[1],
+        "tbt_s_p50": tbt[0],
+        "tbt_s_p99": tbt[1],
         "tokens_per_forward": delta["tokens"] / delta["request_forwards"] if delta["request_forwards"] else None,
         "forwards": delta["forwards"],
         "draft_acceptance": [a / r if r else None for a, r in zip(accepted, reached)],

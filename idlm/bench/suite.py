@@ -283,7 +283,8 @@ def _bench_engine(engine: LLMEngine, cfg: BenchConfig, runs: dict[str, SamplingP
                                     roofline, cfg.sync_steps)
             result["results"].append({**run, "concurrency": None, "request_rate": rate, **figures})
             log(f"{label}{tag} {rate} req/s: {figures['num_requests']} requests, ITL p50/p99 "
-                f"{figures['itl_s_p50'] * 1e3:.1f}/{figures['itl_s_p99'] * 1e3:.1f} ms")
+                f"{figures['itl_s_p50'] * 1e3:.1f}/{figures['itl_s_p99'] * 1e3:.1f} ms, between outputs "
+                f"{figures['tbt_s_p50'] * 1e3:.1f}/{figures['tbt_s_p99'] * 1e3:.1f} ms")
 
 
 def _header(cfg: BenchConfig, command: str, engine: LLMEngine, folder: Path, roofline: Roofline,
