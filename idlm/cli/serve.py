@@ -79,6 +79,9 @@ def run(args: argparse.Namespace) -> None:
 
     check_args(args)
     engine = LLMEngine(EngineConfig(**engine_args(args, model=args.model_path or args.model)))
+    if engine.replays_graphs:  # (seconds to minutes: say so before it starts)
+        print(f"idlm: timing decode steps up to {engine.config.max_num_seqs} requests and capturing their CUDA "
+              f"graphs, before serving", flush=True)
     seconds = engine.prepare_decode_steps()
     if seconds is not None:
         done = ("timed and their CUDA graphs captured" if engine.replays_graphs
