@@ -193,7 +193,7 @@ def measure_step_cost(runner, max_batch: int) -> StepCost:
                 meet_launched_ahead(runner, seqs)
         return costs, math.inf
 
-    cost = StepCost(measure, max_batch, graphs.buckets if with_graphs else None)
+    cost = StepCost(measure, max_batch, graphs.buckets if with_graphs else None)  # (measure reads cost.up_front)
     return cost
 
 
