@@ -254,3 +254,24 @@ def test_step_cost_measurement_meets_the_rounds_steps_launched_ahead_will_replay
     baseline, unmeasured = run(measure=False)
     assert (4, 1) in unmeasured  # the same run without the measurement makes it
     assert tokens == baseline
+
+
+def test_a_failing_launch_ahead_warm_up_warns_and_the_engine_still_runs(dirs, monkeypatch):
+    """Meeting a shape's launched-ahead step is a warm-up: where it fails, the measurement goes on
+    with a warning, and the engine serves as it would have (that graph captured when first needed)."""
+    from idlm.engine.step_cost import measure_step_cost
+
+    llm = padded_llm(dirs, overlap=True, kv_cache_tokens=8192, max_num_seqs=4)
+    engine = llm.engine
+    engine.policy.cost = measure_step_cost(engine.runner, 4)
+
+    def broken(seqs):
+        raise RuntimeError("no")
+
+    monkeypatch.setattr(engine.runner, "launch_next", broken)
+    with pytest.warns(RuntimeWarning, match="overlap scheduling launches it"):
+        engine.policy.cost.measure_up_to(4)
+    monkeypatch.undo()
+    params = SamplingParams(mode="risd", stride=2, stride_policy="fixed", temperature=0, max_tokens=12, ignore_eos=True)
+    out = llm.generate(prompts(4, seed=3, lo=10, hi=12), params)
+    assert all(len(o.token_ids) == 12 for o in out)
