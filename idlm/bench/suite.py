@@ -214,8 +214,7 @@ def run_bench(cfg: BenchConfig, command: str = "", log: Callable[[str], None] = 
             # the adaptive stride's prices, and every decode graph, before any timed run (as `idlm serve`)
             prepared = engine.prepare_decode_steps(max((p.stride for p in runs.values() if p.mode != "ar"), default=1))
             if prepared is not None:
-                done = "timed and their CUDA graphs captured" if engine.replays_graphs else "timed"
-                log(f"decode steps up to {max_num_seqs} requests {done} in {prepared:.1f} s")
+                log(engine.prepared(prepared))
             vocab, exclude = random_ids(engine)
             if not base:
                 base = synthetic_requests(max(counts.values()), cfg.prompt_len, cfg.output_len, vocab, cfg.seed,

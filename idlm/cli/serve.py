@@ -84,9 +84,7 @@ def run(args: argparse.Namespace) -> None:
               f"graphs, before serving", flush=True)
     seconds = engine.prepare_decode_steps()
     if seconds is not None:
-        done = ("timed and their CUDA graphs captured" if engine.replays_graphs
-                else "timed (the adaptive stride's prices)")
-        print(f"idlm: decode steps up to {engine.config.max_num_seqs} requests {done} in {seconds:.1f} s", flush=True)
+        print(f"idlm: {engine.prepared(seconds)}", flush=True)
     serve(engine, args.served_model_name or engine.name, host=args.host, port=args.port,
           max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout, api_key=api_key(args))
 

@@ -302,6 +302,11 @@ class LLMEngine:
             self.policy.cost.measure_up_to(self.config.max_num_seqs, rows)
         return time.perf_counter() - start
 
+    def prepared(self, seconds: float) -> str:
+        """What prepare_decode_steps did, in a line for a log."""
+        done = "timed and their CUDA graphs captured" if self.replays_graphs else "timed (the adaptive stride's prices)"
+        return f"decode steps up to {self.config.max_num_seqs} requests {done} in {seconds:.1f} s"
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or self.in_flight is not None
 

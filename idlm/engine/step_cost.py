@@ -204,8 +204,6 @@ def meet_launched_ahead(runner, seqs: list[Sequence]) -> None:
     seen to be captured: the measured steps' rounds take the host-built path, whose graphs are
     others. A running batch that meets this shape later (a look of the adaptive policy, a batch
     draining at the end of a run) then replays a graph where it would have stalled for a capture."""
-    if runner.decode_graphs is None:
-        return
     try:
         for _ in range(CAPTURE_AT_SIGHTING):
             pending = runner.launch_next(seqs)

@@ -230,25 +230,25 @@ class StridePolicy:
         if not decode:
             return choice, 0
         self._ar_plans = self._ar_plans + 1 if choice[0] == 0 else 0
+        judged, self._judge_look = self._judge_look, False
         if choice[0]:
             self._explore_every = EXPLORE_EVERY
-        elif self._judge_look:  # a look, and still AR: look less often
+            return choice, 0
+        if judged:  # a look, and still AR: look less often
             self._explore_every = min(2 * self._explore_every, EXPLORE_MAX)
-        self._judge_look = False
-        if choice[0] == 0:
-            # AR drafts nothing, so the acceptance estimates would never move again: look, at a
-            # round that every draft accepted would make pay
-            best_case = (1 + ks).sum(axis=1) + others_tokens
-            could_pay = {kb: int(r) for kb, t, s, r in zip(candidates, best_case, seconds, rows)
-                         if kb[0] and t / s > rates[choice]}
-            if could_pay:
-                look = max(could_pay, key=lambda kb: (rates[kb], -kb[0], -kb[1]))
-                # at once where no round was ever timed, or looked at, near this batch size (looked at
-                # once only: a batch that keeps changing ends every look before its round is timed)
-                first = not any(near(b, len(batch)) for b in self._looked) and not any(
-                    r > 1 and near(b, len(batch)) for b, r in self.cost.seen)
-                if self._ar_plans >= self._explore_every or first:
-                    self._ar_plans = 0
-                    self._looked.add(len(batch))
-                    return look, could_pay[look]
+        # AR drafts nothing, so the acceptance estimates would never move again: look, at a round
+        # that every draft accepted would make pay
+        best_case = (1 + ks).sum(axis=1) + others_tokens
+        could_pay = {kb: int(r) for kb, t, s, r in zip(candidates, best_case, seconds, rows)
+                     if kb[0] and t / s > rates[choice]}
+        if could_pay:
+            look = max(could_pay, key=lambda kb: (rates[kb], -kb[0], -kb[1]))
+            # at once where no round was ever timed, or looked at, near this batch size (looked at
+            # once only: a batch that keeps changing ends every look before its round is timed)
+            first = not any(near(b, len(batch)) for b in self._looked) and not any(
+                r > 1 and near(b, len(batch)) for b, r in self.cost.seen)
+            if self._ar_plans >= self._explore_every or first:
+                self._ar_plans = 0
+                self._looked.add(len(batch))
+                return look, could_pay[look]
         return choice, 0
