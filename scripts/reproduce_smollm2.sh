@@ -37,12 +37,15 @@
 #   v5-eval  as v2-eval for that adapter
 #   v6       v5 trained on with TV over the v2-distill stage's first V6_SHARDS (5) training shards (25,000
 #            answers; run v2-distill first) -> runs/smollm2-risd-v6/final (configs/smollm2/risd_v6.yaml,
-#            resumable; the shipped v6 is its step-650 checkpoint of 750)
+#            resumable; v6 (shipped before v7) was its step-650 checkpoint of 750)
 #   v6-eval  as v2-eval for that adapter
+#   v7       v6 trained on with TV over every v2-distill training shard (51,629 answers; run v2-distill
+#            and v6 first) -> runs/smollm2-risd-v7/final (configs/smollm2/risd_v7.yaml, resumable; shipped)
+#   v7-eval  as v2-eval for that adapter
 # The loss comparison (ce / kl / tv on 3,500 prompts in one call): scripts/gpu_loss_comparison.sh (with
 # VARIANTS, any other comparison: the rank sweep's command is in docs/REPRODUCTION.md);
 # the conversion with the acceptance-driven noisy stream: scripts/gpu_idlm_v2.sh.
-# (not in the default list: sdar sdar-eval sampled v2-distill v2-questions v2-risd v2-eval v5 v5-eval v6 v6-eval)
+# (not in the default list: sdar sdar-eval sampled v2-distill v2-questions v2-risd v2-eval v5 v5-eval v6 v6-eval v7 v7-eval)
 # Each stage takes under ~7 minutes on an H100; a stage reads what earlier ones wrote under data/ and
 # runs/, so STAGES="eval" re-evaluates an adapter trained earlier on the same machine.
 set -euo pipefail
@@ -298,6 +301,22 @@ if has v6; then
 fi
 
 if has v6-eval; then adapter_eval v6; fi
+
+if has v7; then
+  log "v7: start"
+  t=$SECONDS
+  shards=$(find data/smollm2-v2/shards -name 'answers_*.jsonl' ! -name answers_00.jsonl | sort)
+  if [ "$(echo "$shards" | grep -c .)" -lt 11 ] || [ ! -s data/smollm2-v2/shards/answers_00.jsonl ]; then
+    echo "v7 needs the held-out shard and all 11 training shards of the v2-distill stage; run it first" >&2
+    exit 1
+  fi
+  cp data/smollm2-v2/shards/answers_00.jsonl data/smollm2-v2/heldout_onpolicy.jsonl
+  echo "$shards" | xargs cat > data/smollm2-v2/onpolicy.jsonl
+  "$PY" -m idlm train configs/smollm2/risd_v7.yaml "${model_args[@]}" 2>&1 | tee "$OUT/train_risd_v7.log"
+  log "v7: done in $((SECONDS - t)) s"
+fi
+
+if has v7-eval; then adapter_eval v7; fi
 
 # one line per result file
 "$PY" - "$OUT" <<'EOF' | tee "$OUT/summary.txt"

@@ -8,11 +8,11 @@
 # inside the timed runs (decode_shapes and the ITL p99 tell); every bucket's graphs are now captured before
 # any run (LLMEngine.prepare_decode_steps), so the Poisson runs at 84 requests/s (issue 14's ITL p99 <= 2.5x
 # p50; last measured with the per-step sync and captures inside the runs: ar 2.6x, risd 4.3-4.8x) no longer
-# capture as the batch size wanders. Carry [".carry/next_a.sh", ".carry/gguf.part03",
+# capture as the batch size wanders. Carry [".carry/next_a.sh", ".carry/gguf.last",
 # ".whl"] after the c1-c3 chain (bash scripts/gpu_stage.sh makes them).
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 IDLM_CACHE=/tmp/idlm-cache
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-[ -f /tmp/smollm2.gguf ] || cat /tmp/gguf.part0[012] .carry/gguf.part03 > /tmp/smollm2.gguf
+[ -f /tmp/smollm2.gguf ] || cat /tmp/gguf.part* .carry/gguf.last > /tmp/smollm2.gguf
 M=/tmp/smollm2.gguf; A=$PWD/idlm/adapters/smollm2-risd; W=$PWD/configs/smollm2/prompts/bench_workload.jsonl
 export PYTHONPATH=$PWD:/tmp/site
 date -u

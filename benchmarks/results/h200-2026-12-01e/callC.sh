@@ -5,10 +5,10 @@
 # (float32, greedy and T = 1).
 # Each call returns the newest adapter's three files (not trainer_state.pt: 88 MB), so a machine that went
 # cold loses at most the optimizer state (then pass the returned adapter as --init_adapter).
-# Carry [".carry/next_c.sh", ".carry/gguf.part03", ".whl"] (+ ".carry/v2answers" if the machine went cold).
+# Carry [".carry/next_c.sh", ".carry/gguf.last", ".whl"] (+ ".carry/v2answers" if the machine went cold).
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 IDLM_CACHE=/tmp/idlm-cache
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-[ -f /tmp/smollm2.gguf ] || cat /tmp/gguf.part0[012] .carry/gguf.part03 > /tmp/smollm2.gguf
+[ -f /tmp/smollm2.gguf ] || cat /tmp/gguf.part* .carry/gguf.last > /tmp/smollm2.gguf
 export PYTHONPATH=$PWD:/tmp/site
 M=/tmp/smollm2.gguf; D=data/smollm2-v2; S=$D/shards; mkdir -p $S
 [ -s $S/answers_11.jsonl ] || cp /tmp/v2shards/answers_*.jsonl $S/ 2>/dev/null || true
