@@ -674,6 +674,49 @@ def test_adaptive_does_not_look_at_rounds_that_cannot_pay():
         assert seqs[0].num_new == 0
 
 
+@pytest.mark.parametrize("fade", [True, False])
+def test_a_request_sent_to_ar_by_a_bad_streak_comes_back_to_rounds(monkeypatch, fade):
+    """Rounds pay at the engine's acceptance; one request's first eight rounds rejected every draft,
+    so it goes AR. An AR step tests no drafts, so without the fade its counts would never move and it
+    would stay AR to its end (no look comes: its rounds were timed, and few plans chose AR); with it,
+    its own counts fade with the tokens it commits, and rounds come back."""
+    import idlm.engine.stride_policy as stride_policy
+
+    if not fade:
+        monkeypatch.setattr(stride_policy, "OWN_FADE", 1.0)
+    cost = timed_as_priced(StepCost.whole_tables(lambda batch: {1: 1.0, 2: 1.5, 64: 1.5}, 64), 1)
+    policy = StridePolicy("adaptive", None, cost, replan_every=1)
+    for accepted, times in enumerate((300, 210, 147, 343)):  # the engine's rounds: 0.7 at each position
+        policy.observe("isd", 3, accepted, times)
+    (seq,) = seqs_with([], 1, stride=4)
+    seq.stats.drafts.record(3, 0, times=12)
+    policy.plan([seq])
+    assert seq.num_new == 0
+    seq.tokens_since_verify = 30  # thirty AR steps later
+    policy.plan([seq])
+    assert (seq.num_new > 0) == fade
+
+
+def test_the_engine_counts_the_tokens_a_request_commits_without_testing_drafts(idlm_dir):
+    llm = LLM(str(idlm_dir), progress=False, kv_cache_tokens=4096)
+    engine = llm.engine
+    engine.policy.cost = rigged_cost(1.0, 0.0)  # rows are free: rounds
+    request = engine.add_request([2, 3, 4], SamplingParams(mode="isd", stride=4, stride_policy="adaptive",
+                                                          temperature=0, max_tokens=80, ignore_eos=True))
+    seq = engine.seqs[request]
+    seen, since = [], 0
+    while engine.has_unfinished():
+        if len(seen) == 6:
+            engine.policy.cost = rigged_cost(1.0, 10.0)  # rows are dear: AR steps from the next plan on
+        before = (seq.num_output_tokens, seq.stats.verify_rounds)
+        engine.step()
+        committed, verified = seq.num_output_tokens - before[0], seq.stats.verify_rounds - before[1]
+        seen.append(verified)
+        since = 0 if verified else since + committed
+        assert seq.tokens_since_verify == since
+    assert seen.count(0) > 1 and 0 < sum(seen) < len(seen)  # AR steps and some rounds that tested drafts
+
+
 def test_adaptive_follows_the_steps_that_ran_over_the_table():
     """The table says more rows are nearly free (multi-token wins). Steps that ran say the chosen
     round costs 5 AR steps (so, interpolated, every round with drafts loses at this acceptance);

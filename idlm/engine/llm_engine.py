@@ -436,6 +436,9 @@ class LLMEngine:
         if r.num_drafts:
             seq.stats.drafts.record(r.num_drafts, r.accepted)
             rounds[seq.params.mode, r.num_drafts, r.accepted] += 1
+            seq.tokens_since_verify = 0
+        else:
+            seq.tokens_since_verify += len(tokens)
         computed = len(seq) + r.accepted
         seq.drafts, seq.draft_rows = r.new_drafts, r.new_draft_rows
         seq.drafts_from_branch = r.from_branch

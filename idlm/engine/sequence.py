@@ -104,6 +104,7 @@ class Sequence:
         self.drafts: list[int] = []
         self.draft_rows: DraftRows | None = None  # q_j(d_j) at proposal time, and the rows that give it
         self.drafts_from_branch = False
+        self.tokens_since_verify = 0  # output tokens since its last round that tested drafts (stride policy)
         # the next round's shape, set by the stride policy before each schedule
         self.num_new = 0  # K: drafts it proposes (0: an AR step)
         self.num_branches = 0

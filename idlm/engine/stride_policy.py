@@ -25,6 +25,15 @@ from idlm.engine.step_cost import MIN_SEEN, ROUND_SHAPES, StepCost, rows_of_roun
 
 PRIOR_ACCEPTANCE = 0.5  # per draft position, before anything is known
 PRIOR_WEIGHT = 4.0  # pseudo-rounds the prior counts for in a request's own estimate
+# A request's own counts lose this share of their weight with each token it commits without testing
+# drafts (AR steps, cold rounds), so that its estimate returns to the prior. A request's acceptance
+# persists (over 48 held-out answers, its two halves correlate 0.59) but a bad streak mostly passes
+# (consecutive rounds 0.32, eight apart 0.23); with frozen counts a request that went AR after one
+# stayed AR to its end (H200, one request: 20% of plans AR, those stretches accepting no less than the
+# rest, 2% below the fixed stride). Replayed over those answers' rounds (benchmarks/policy_traces.py),
+# 0.9 lost 0.4% to the fixed stride where rounds pay (frozen: 1.7-3.4%) and kept the 4% gain near
+# break-even.
+OWN_FADE = 0.9
 MIN_ENGINE_REACHED = 20  # rounds at a position before the engine-wide rate replaces the prior
 BRANCH_ROOM = np.array([max_branches(k, k) for k in range(MAX_STRIDE)])  # by K: the branches that fit
 # after this many plans in a row chose AR, the policy looks at the best K > 0 to keep measuring, if
@@ -151,8 +160,9 @@ class StridePolicy:
             self._plan_shared(shared, seqs, decode)
 
     def _acceptance(self, seqs: list[Sequence], positions: int) -> np.ndarray:
-        """[S, positions]: each request's acceptance by draft position, its own counts shrunk towards
-        its mode's engine-wide rate (or PRIOR_ACCEPTANCE) with PRIOR_WEIGHT pseudo-rounds."""
+        """[S, positions]: each request's acceptance by draft position, its own counts (faded by
+        OWN_FADE a token since it last tested drafts) shrunk towards its mode's engine-wide rate (or
+        PRIOR_ACCEPTANCE) with PRIOR_WEIGHT pseudo-rounds."""
         priors = {}
         for mode in {seq.params.mode for seq in seqs}:
             prior = np.full(positions, PRIOR_ACCEPTANCE)
@@ -163,8 +173,9 @@ class StridePolicy:
                         prior[j] = a / r
             priors[mode] = prior
         pad = [0] * positions
-        reached = np.array([(seq.stats.drafts.reached + pad)[:positions] for seq in seqs], dtype=float)
-        accepted = np.array([(seq.stats.drafts.accepted + pad)[:positions] for seq in seqs], dtype=float)
+        fade = OWN_FADE ** np.array([[seq.tokens_since_verify] for seq in seqs], dtype=float)
+        reached = fade * np.array([(seq.stats.drafts.reached + pad)[:positions] for seq in seqs], dtype=float)
+        accepted = fade * np.array([(seq.stats.drafts.accepted + pad)[:positions] for seq in seqs], dtype=float)
         prior = np.stack([priors[seq.params.mode] for seq in seqs])
         return (accepted + PRIOR_WEIGHT * prior) / (reached + PRIOR_WEIGHT)
 
