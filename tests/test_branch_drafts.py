@@ -377,9 +377,11 @@ def test_adaptive_rounds_must_beat_ar_by_the_margin(gain, drafts):
 
 
 def test_adaptive_shortens_rounds_as_the_batch_grows():
-    policy = StridePolicy("adaptive", None, rigged_cost(1.0, 0.004))
+    cost = rigged_cost(1.0, 0.004)
+    policy = StridePolicy("adaptive", None, cost)
     chosen = []
     for batch in (1, 8, 64):
+        timed_as_priced(cost, batch)
         seqs = seqs_with([0.7] * 7, batch)
         policy.plan(seqs)
         chosen.append(rows_of_round(seqs[0].num_new, seqs[0].num_branches))
@@ -643,6 +645,8 @@ def test_a_choice_of_drafts_brings_the_looks_back_to_their_first_interval():
     assert first_look(poor) == 2 * EXPLORE_EVERY - 1  # AR won the first look: the next after twice as many
     for _ in range(LOOK_STEPS - 1):
         policy.plan(poor)
+    for _ in range(MIN_SEEN):  # (AR steps were timed: no look at them)
+        policy.cost.observe(4, 1, policy.cost.seconds(4, 1))
     policy.plan(good)
     assert good[0].num_new > 0  # rounds win
     assert first_look(poor) == EXPLORE_EVERY - 1
@@ -724,6 +728,9 @@ def test_adaptive_follows_the_steps_that_ran_over_the_table():
     cost = rigged_cost(1.0, 0.01)
     policy = StridePolicy("adaptive", None, cost, replan_every=1)
     seqs = seqs_with([0.6] * 3, 4, stride=4)
+    cost.measure_up_to(4)
+    for _ in range(MIN_SEEN):  # AR steps were timed at the table's price
+        cost.observe(4, 1, 1.04)
     policy.plan(seqs)
     first = (seqs[0].num_new, seqs[0].num_branches)
     assert first[0] > 0
@@ -734,6 +741,31 @@ def test_adaptive_follows_the_steps_that_ran_over_the_table():
     assert seqs[0].num_new == 0
     for _ in range(30):
         cost.observe(4, 1, 10.0)
+    policy.plan(seqs)
+    assert seqs[0].num_new > 0
+
+
+def test_rounds_that_win_on_a_guessed_ar_price_look_at_ar_steps_once():
+    """Rounds were timed (dear), AR steps never: an AR step's price is then the table's scaled by what
+    rounds cost over theirs, a guess that kept a CPU on rounds that took 2.2 AR steps. Where rounds
+    win on such a price, the policy times AR steps first, once near that batch size."""
+    cost = rigged_cost(1.0, 0.01)
+    policy = StridePolicy("adaptive", None, cost, replan_every=1)
+    seqs = seqs_with([0.6] * 3, 4, stride=4)
+    cost.measure_up_to(4)
+    for rows in {rows_of_round(k, b) for k, b in ROUND_SHAPES if k}:
+        for _ in range(MIN_SEEN):
+            cost.observe(4, rows, 4.0 * cost.device_seconds(4, rows))
+    policy.plan(seqs)
+    assert seqs[0].num_new == 0  # a look at AR steps
+    for _ in range(MIN_SEEN):
+        cost.observe(4, 1, 1.0)  # they cost what the table said
+    policy.plan(seqs)
+    assert seqs[0].num_new == 0  # AR wins on the price timed
+    cost = rigged_cost(1.0, 0.01)  # rounds cheap again: they win, and AR steps are not looked at twice
+    policy.cost = cost
+    timed_as_priced(cost, 4)
+    cost.seen.pop((4, 1))
     policy.plan(seqs)
     assert seqs[0].num_new > 0
 
@@ -806,6 +838,8 @@ def test_step_cost_table_is_measured_only_as_far_as_the_rounds_asked_about():
     assert measured and max(rows for _, rows in measured) == rows_of_round(3, max_branches(3, 3))
     assert {batch for batch, _ in measured} == {4}
     before = len(measured)
+    for _ in range(MIN_SEEN):  # the AR steps of the look at them that the first plan began
+        cost.observe(4, 1, 1.01)
     policy.plan(seqs_with([0.6] * 7, 4, stride=8))  # wider rounds: the same batch size's table goes on
     assert len(measured) > before and all(rows > rows_of_round(3, max_branches(3, 3)) for _, rows in
                                           measured[before:])

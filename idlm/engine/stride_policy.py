@@ -90,8 +90,8 @@ def near(batch: int, other: int) -> bool:
 
 
 # what plan() changes (StridePolicy.state)
-PLANNING_STATE = ("chosen", "_last_batch", "_since_plan", "_shared", "_ar_plans", "_look", "_looked", "_explore_every",
-                  "_judge_look")
+PLANNING_STATE = ("chosen", "_last_batch", "_since_plan", "_shared", "_ar_plans", "_look", "_looked", "_looked_ar",
+                  "_explore_every", "_judge_look")
 
 
 class StridePolicy:
@@ -112,6 +112,7 @@ class StridePolicy:
         # a look in progress: (batch size, rows of the round looked at, its steps timed before, steps left)
         self._look: tuple[int, int, int, int] | None = None
         self._looked: set[int] = set()  # the batch sizes of every look begun
+        self._looked_ar: set[int] = set()  # the batch sizes of every look at AR steps begun
         self._explore_every = EXPLORE_EVERY  # AR plans between looks, now
         self._judge_look = False  # a look has ended: the next choice tells whether it found rounds that pay
 
@@ -187,8 +188,8 @@ class StridePolicy:
         key = (len(batch), len(shared))
         self._since_plan += decode
         if decode and self._look is not None and (key != self._last_batch or self._look_done()):
+            self._judge_look = self._look[1] > 1  # a look at drafts (not at AR steps) is judged by the next choice
             self._look, self._since_plan = None, self.replan_every  # the look is over: choose with its price
-            self._judge_look = True
         if self._look is not None and decode:
             k, b = self._shared
             batch_size, rows, timed_before, left = self._look
@@ -244,6 +245,15 @@ class StridePolicy:
         judged, self._judge_look = self._judge_look, False
         if choice[0]:
             self._explore_every = EXPLORE_EVERY
+            # rounds win, but where no AR step was timed near this batch size its price is the table's
+            # times what rounds cost over theirs, and the table's dummy requests have one-block
+            # contexts: on a CPU, whose row-exact attention costs by context, that priced a round at 1.5
+            # AR steps where it took 2.2, and rounds ran on at a loss. Look at AR steps, once
+            ar_timed = any(r == 1 and near(b, len(batch)) and len(steps) >= MIN_SEEN
+                           for (b, r), steps in self.cost.seen.items())
+            if floor_rows == 1 and not ar_timed and not any(near(b, len(batch)) for b in self._looked_ar):
+                self._looked_ar.add(len(batch))
+                return (0, 0), 1
             return choice, 0
         if judged:  # a look, and still AR: look less often
             self._explore_every = min(2 * self._explore_every, EXPLORE_MAX)
