@@ -333,6 +333,13 @@ def test_default_model_runs_quantised_and_risd_equals_ar():
     assert llm.engine.model.model.layers[0].self_attn.qkv_proj.fmt == "Q4_1"
     # the cache entry holds the decoded blocks, out of a float loader's way, and no float weights beside them
     assert (llm.engine.folder / QUANT_CACHE).is_file() and not list(llm.engine.folder.glob("*.safetensors"))
+    # the tied table: lookups dequantise its Q8_0 rows, the head keeps only its packed float copy
+    model = llm.engine.model
+    assert model.lm_head.weight.is_meta and model.lm_head.packed is not None
+    table = next(t for t in gguf.GGUFReader(default_gguf_path()).tensors if t.name == "token_embd.weight")
+    rows = torch.tensor([0, 2, 17, 49151])
+    full = gguf.quants.dequantize(np.asarray(table.data)[rows.numpy()], table.tensor_type)
+    assert torch.equal(model.model.embed_tokens(rows), torch.from_numpy(full).to(model.model.embed_tokens.dtype))
     ids = [llm.engine.chat_prompt([{"role": "user", "content": c}]) for c in CHATS]
     greedy = dict(temperature=0, max_tokens=24)
     ar = [llm.generate([x], SamplingParams(mode="ar", **greedy))[0] for x in ids]

@@ -75,6 +75,13 @@ class RowTiledLinear(nn.Linear):
             probe = partial(F.linear, weight=w[:PROBE_OUTPUTS])
         self.tile = smallest_invariant_tile(probe, w.shape[1], w.dtype)
 
+    def drop_float_weight(self) -> None:
+        """Once packed, forward() reads the packed copy alone: the float weight goes, its shape left
+        on the meta device so that any other use of it fails at once."""
+        if self.packed is not None:
+            self.weight = nn.Parameter(torch.empty(self.weight.shape, dtype=self.weight.dtype, device="meta"),
+                                       requires_grad=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return row_tiled(onednn_gemm(self.packed), x, self.tile)

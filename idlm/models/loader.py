@@ -166,9 +166,8 @@ def quantize_model(model: CausalLM, fmt: str) -> None:
 
 
 def load_gguf_quantized(folder: Path, gguf_path: Path, dtype: torch.dtype) -> CausalLM:
-    """The model of a quantised GGUF (CPU): the projections run on the file's blocks; the head,
-    the norms and a tied embedding are float; an untied quantised embedding dequantises the rows it
-    looks up."""
+    """The model of a quantised GGUF (CPU): the projections run on the file's blocks; the head and
+    the norms are float; a quantised embedding, tied or not, dequantises the rows it looks up."""
     cfg = ModelConfig.from_folder(folder)
     tensors = gguf.quantized_tensors(gguf_path)
     with torch.device("meta"):
@@ -185,12 +184,14 @@ def load_gguf_quantized(folder: Path, gguf_path: Path, dtype: torch.dtype) -> Ca
     # on meta: a CPU head would first be filled with random numbers (~0.25 s of every start)
     model.lm_head = RowTiledLinear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta", dtype=dtype)
     model.lm_head.weight = nn.Parameter(head, requires_grad=False)
-    if cfg.tie_word_embeddings:
+    if isinstance(embed, GroupQuant):
+        # rows dequantised on lookup: the head's values, and a tied head's float table then serves the
+        # head alone, which lets it go once the head has a packed copy (CausalLM.store_head_column_major)
+        model.model.embed_tokens = QuantEmbedding(embed, dtype)
+    elif cfg.tie_word_embeddings:
         with torch.device("meta"):
             model.model.embed_tokens = meta_aware_embedding(cfg.vocab_size, cfg.hidden_size)
         model.model.embed_tokens.weight = model.lm_head.weight  # one tensor, also once made column-major
-    elif isinstance(embed, GroupQuant):
-        model.model.embed_tokens = QuantEmbedding(embed, dtype)
     else:
         model.model.embed_tokens = nn.Embedding.from_pretrained(embed.to(dtype), freeze=True)
     for module in model.modules():

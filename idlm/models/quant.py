@@ -187,9 +187,10 @@ class QuantEmbedding(nn.Module):
         super().__init__()
         self.fmt, self.dtype = weight.fmt, dtype
         self.num_embeddings, self.embedding_dim = weight.shape
-        self.register_buffer("codes", weight.codes.contiguous())
-        self.register_buffer("scale", weight.scale.contiguous())
-        self.register_buffer("offset", None if weight.offset is None else weight.offset.contiguous())
+        # copies: a view would keep the whole mapped file it came from (every layer's blocks) resident
+        self.register_buffer("codes", weight.codes.clone())
+        self.register_buffer("scale", weight.scale.clone())
+        self.register_buffer("offset", None if weight.offset is None else weight.offset.clone())
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)

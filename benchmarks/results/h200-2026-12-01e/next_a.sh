@@ -3,8 +3,7 @@
 # (a request's own acceptance counts fade while it runs AR steps; a look at AR steps where rounds won on a
 # guessed AR price) against the fixed stride and ar, on one engine, the v7 adapter: at C = 1 the adaptive
 # policy had trailed fixed by 2% (its AR stretches, 20% of plans, accepted no worse than the rest). Then
-# C = 64 twice over (does it still match fixed there?), and the host's time at C = 64 `ar` with the
-# collector frozen after the preparation (gc.freeze, if built by then: else the same run twice).
+# C = 16 and 64 twice over (does it still match fixed there?).
 # Carry [".carry/next_a.sh", ".carry/gguf.last", ".whl"] after the c1.. chain (bash scripts/gpu_stage.sh).
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 IDLM_CACHE=/tmp/idlm-cache
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
