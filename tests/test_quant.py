@@ -133,6 +133,23 @@ def test_head_gemm_is_row_invariant():
         assert torch.equal(head(big)[:5], head(big[:5]))
 
 
+def test_head_without_a_packed_onednn_weight_runs_on_blas_and_keeps_its_table(monkeypatch):
+    """oneDNN packs bfloat16 only with AVX-512 (or AVX-NE-CONVERT): `--dtype bfloat16` on an AVX2 CPU
+    raised from the head's packing and the engine never started."""
+    def unsupported(*args):
+        raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx512bw")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", unsupported)
+    gen = torch.Generator().manual_seed(4)
+    head = RowTiledLinear(64, 300, bias=False)
+    torch.nn.init.normal_(head.weight, generator=gen)
+    head.prepare()
+    head.drop_float_weight()  # (nothing to drop to: BLAS reads the table)
+    x = torch.randn(6, 64, generator=gen)
+    assert head.packed is None and not head.weight.is_meta
+    assert rows_invariant(head, x) and torch.allclose(head(x), x @ head.weight.t(), atol=1e-5)
+
+
 def test_calibration_rejects_tiles_that_break_invariance():
     """With a GEMM that computes tails of fewer than 8 rows its own way, tile 8 is chosen."""
     w = torch.randn(64, 96, generator=torch.Generator().manual_seed(5))

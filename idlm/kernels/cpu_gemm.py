@@ -68,11 +68,15 @@ class RowTiledLinear(nn.Linear):
 
     def prepare(self) -> None:
         w = self.weight.detach()
+        probe = partial(F.linear, weight=w[:PROBE_OUTPUTS])
         if self.bias is None and torch.backends.mkldnn.is_available():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
-            probe = onednn_gemm(torch.ops.mkldnn._reorder_linear_weight(w[:PROBE_OUTPUTS].contiguous(), None))
-        else:
-            probe = partial(F.linear, weight=w[:PROBE_OUTPUTS])
+            try:
+                packed_probe = torch.ops.mkldnn._reorder_linear_weight(w[:PROBE_OUTPUTS].contiguous(), None)
+            except RuntimeError:  # e.g. bfloat16 on a CPU without AVX-512 (`--dtype bfloat16` asked for): BLAS
+                packed_probe = None
+            if packed_probe is not None:
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+                probe = onednn_gemm(packed_probe)
         self.tile = smallest_invariant_tile(probe, w.shape[1], w.dtype)
 
     def drop_float_weight(self) -> None:
