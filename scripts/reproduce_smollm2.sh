@@ -286,36 +286,25 @@ fi
 
 if has v5-eval; then adapter_eval v5; fi
 
-if has v6; then
-  log "v6: start"
-  t=$SECONDS
-  shards=$(find data/smollm2-v2/shards -name 'answers_*.jsonl' ! -name answers_00.jsonl | sort | head -n "${V6_SHARDS:-5}")
-  if [ "$(echo "$shards" | grep -c .)" -lt "${V6_SHARDS:-5}" ] || [ ! -s data/smollm2-v2/shards/answers_00.jsonl ]; then
-    echo "v6 needs the held-out shard and ${V6_SHARDS:-5} training shards of the v2-distill stage; run it first" >&2
+# train_on_answers NAME SHARDS: configs/smollm2/risd_NAME.yaml on the v2-distill stage's first SHARDS
+# training shards (its held-out shard held out)
+train_on_answers() {
+  log "$1: start"
+  local t=$SECONDS shards
+  shards=$(find data/smollm2-v2/shards -name 'answers_*.jsonl' ! -name answers_00.jsonl | sort | head -n "$2")
+  if [ "$(echo "$shards" | grep -c .)" -lt "$2" ] || [ ! -s data/smollm2-v2/shards/answers_00.jsonl ]; then
+    echo "$1 needs the held-out shard and $2 training shards of the v2-distill stage; run it first" >&2
     exit 1
   fi
   cp data/smollm2-v2/shards/answers_00.jsonl data/smollm2-v2/heldout_onpolicy.jsonl
   echo "$shards" | xargs cat > data/smollm2-v2/onpolicy.jsonl
-  "$PY" -m idlm train configs/smollm2/risd_v6.yaml "${model_args[@]}" 2>&1 | tee "$OUT/train_risd_v6.log"
-  log "v6: done in $((SECONDS - t)) s"
-fi
+  "$PY" -m idlm train "configs/smollm2/risd_$1.yaml" "${model_args[@]}" 2>&1 | tee "$OUT/train_risd_$1.log"
+  log "$1: done in $((SECONDS - t)) s"
+}
 
+if has v6; then train_on_answers v6 "${V6_SHARDS:-5}"; fi
 if has v6-eval; then adapter_eval v6; fi
-
-if has v7; then
-  log "v7: start"
-  t=$SECONDS
-  shards=$(find data/smollm2-v2/shards -name 'answers_*.jsonl' ! -name answers_00.jsonl | sort)
-  if [ "$(echo "$shards" | grep -c .)" -lt 11 ] || [ ! -s data/smollm2-v2/shards/answers_00.jsonl ]; then
-    echo "v7 needs the held-out shard and all 11 training shards of the v2-distill stage; run it first" >&2
-    exit 1
-  fi
-  cp data/smollm2-v2/shards/answers_00.jsonl data/smollm2-v2/heldout_onpolicy.jsonl
-  echo "$shards" | xargs cat > data/smollm2-v2/onpolicy.jsonl
-  "$PY" -m idlm train configs/smollm2/risd_v7.yaml "${model_args[@]}" 2>&1 | tee "$OUT/train_risd_v7.log"
-  log "v7: done in $((SECONDS - t)) s"
-fi
-
+if has v7; then train_on_answers v7 11; fi
 if has v7-eval; then adapter_eval v7; fi
 
 # one line per result file
