@@ -246,9 +246,9 @@ class StridePolicy:
         if choice[0]:
             self._explore_every = EXPLORE_EVERY
             # rounds win, but where no AR step was timed near this batch size its price is the table's
-            # times what rounds cost over theirs, and the table's dummy requests have one-block
-            # contexts: on a CPU, whose row-exact attention costs by context, that priced a round at 1.5
-            # AR steps where it took 2.2, and rounds ran on at a loss. Look at AR steps, once
+            # times what rounds cost over theirs, a guess (the table's dummy requests have one-block
+            # contexts): on a CPU it priced a round at 1.5 AR steps where it took 2.2, and rounds ran on
+            # at a loss. Look at AR steps, once
             ar_timed = any(r == 1 and near(b, len(batch)) and len(steps) >= MIN_SEEN
                            for (b, r), steps in self.cost.seen.items())
             if floor_rows == 1 and not ar_timed and not any(near(b, len(batch)) for b in self._looked_ar):
