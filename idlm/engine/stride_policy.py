@@ -208,6 +208,12 @@ class StridePolicy:
         if decode:
             self.chosen[k] = self.chosen.get(k, 0) + 1
 
+    def _unexplored(self, batch: int, ar: bool) -> bool:
+        """No step of the kind (AR steps, or rounds with drafts) was timed, or looked at, near batch."""
+        looked = self._looked_ar if ar else self._looked
+        return not any(near(b, batch) for b in looked) and not any(
+            (rows == 1) == ar and near(b, batch) for b, rows in self.cost.seen)
+
     def _look_done(self) -> bool:
         batch, rows, timed_before, left = self._look
         return left <= 0 or self.cost.timed[batch, rows] - timed_before >= MIN_SEEN
@@ -249,9 +255,7 @@ class StridePolicy:
             # times what rounds cost over theirs, a guess (the table's dummy requests have one-block
             # contexts): on a CPU it priced a round at 1.5 AR steps where it took 2.2, and rounds ran on
             # at a loss. Look at AR steps, once
-            ar_timed = any(r == 1 and near(b, len(batch)) and len(steps) >= MIN_SEEN
-                           for (b, r), steps in self.cost.seen.items())
-            if floor_rows == 1 and not ar_timed and not any(near(b, len(batch)) for b in self._looked_ar):
+            if floor_rows == 1 and self._unexplored(len(batch), ar=True):
                 self._looked_ar.add(len(batch))
                 return (0, 0), 1
             return choice, 0
@@ -266,9 +270,7 @@ class StridePolicy:
             look = max(could_pay, key=lambda kb: (rates[kb], -kb[0], -kb[1]))
             # at once where no round was ever timed, or looked at, near this batch size (looked at
             # once only: a batch that keeps changing ends every look before its round is timed)
-            first = not any(near(b, len(batch)) for b in self._looked) and not any(
-                r > 1 and near(b, len(batch)) for b, r in self.cost.seen)
-            if self._ar_plans >= self._explore_every or first:
+            if self._ar_plans >= self._explore_every or self._unexplored(len(batch), ar=False):
                 self._ar_plans = 0
                 self._looked.add(len(batch))
                 return look, could_pay[look]
