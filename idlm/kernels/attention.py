@@ -72,13 +72,16 @@ class PagedKVWriter:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k_cache, v_cache = self.kv_cache[0, layer], self.kv_cache[1, layer]
         heads, head_dim = k_cache.shape[-2:]
-        flat_k, flat_v = k_cache.view(-1, heads, head_dim), v_cache.view(-1, heads, head_dim)
+        self.write_flat(k_cache.view(-1, heads, head_dim), v_cache.view(-1, heads, head_dim), k, v)
+        return k_cache, v_cache
+
+    def write_flat(self, flat_k: torch.Tensor, flat_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """write() into one layer's cache viewed as [slots, kv heads, head dim]."""
         if self.write_rows is not None:
             k, v = k.index_select(0, self.write_rows), v.index_select(0, self.write_rows)
         # (a cache wider than the activations, the CPU's float32 one, takes them exactly)
-        flat_k.index_copy_(0, self.write_slots, k.to(flat_k.dtype))
-        flat_v.index_copy_(0, self.write_slots, v.to(flat_v.dtype))
-        return k_cache, v_cache
+        flat_k.index_copy_(0, self.write_slots, k if k.dtype == flat_k.dtype else k.to(flat_k.dtype))
+        flat_v.index_copy_(0, self.write_slots, v if v.dtype == flat_v.dtype else v.to(flat_v.dtype))
 
 
 class PagedAttention(PagedKVWriter):

@@ -25,7 +25,11 @@ from idlm.kernels.attention import PagedBatch, PagedKVWriter
 class RowExactPagedAttention(PagedKVWriter):
     def __init__(self, kv_cache: torch.Tensor, batch: PagedBatch):
         super().__init__(kv_cache, batch)
-        block_size = kv_cache.shape[3]
+        _, num_layers, _, block_size, kv_heads, head_dim = kv_cache.shape
+        device = kv_cache.device
+        # each layer's cache as [slots, kv heads, head dim], viewed once a forward, not per layer
+        flat = kv_cache.view(2, num_layers, -1, kv_heads, head_dim)
+        self.k_layers, self.v_layers = flat[0].unbind(0), flat[1].unbind(0)
         starts = batch.query_start
         context_lens = batch.context_lens.tolist()
         tables = batch.block_tables.tolist()
@@ -34,59 +38,80 @@ class RowExactPagedAttention(PagedKVWriter):
         # Every sequence's context blocks are gathered in one copy a layer, and each sequence's keys
         # cut from it: the same keys with the same strides as a gather of its own, so the same bits
         # (at batch 8, one gather an index a position took 2.7 of 22 ms a step, one a sequence 0.9).
-        # per sequence: (its first position in the gathered blocks, its length, [(row, prefix
-        # length or key index)])
-        blocks, self.seqs = [], []
+        # rows: (row, first position of its sequence in the gathered blocks, its prefix length or
+        # the indices of the keys it sees, its sequence's context length)
+        blocks, self.rows = [], []
         for b, ctx in enumerate(context_lens):
             offset = len(blocks) * block_size
             blocks += tables[b][:-(-ctx // block_size)]
             num_rows = starts[b + 1] - starts[b]
             tree_start = ctx - tree_rows[b]
-            rows = []
             for i in range(num_rows):
                 row, pos = starts[b] + i, ctx - num_rows + i
                 if pos < tree_start:
-                    rows.append((row, pos + 1))
+                    self.rows.append((row, offset, pos + 1, ctx))
                     continue
                 bits = tree_bits[row]
                 seen = list(range(tree_start)) + [tree_start + j for j in range(tree_rows[b]) if bits >> j & 1]
-                rows.append((row, torch.tensor(seen, device=kv_cache.device)))
-            self.seqs.append((offset, ctx, rows))
-        self.blocks = torch.tensor(blocks, device=kv_cache.device)
+                self.rows.append((row, offset, torch.tensor(seen, device=device), ctx))
+        self.slots = torch.tensor([b * block_size + i for b in blocks for i in range(block_size)], device=device)
+        # Every layer gathers into the same buffers, and q goes into one too, so each row's views of
+        # them are made once a forward: a layer is then its writes, its gathers and three calls a row
+        # (the views were half of a decode step's attention ops).
+        self.q32: torch.Tensor | None = None  # made at the first layer, which gives q's heads
+        self.views: list[tuple] | None = None
+        self.gathered = [torch.empty(len(self.slots), kv_heads, head_dim, dtype=kv_cache.dtype, device=device)
+                         for _ in range(2)]
+        # (the CPU's row-exact cache is float32 already; another one is widened after each gather)
+        self.widen = kv_cache.dtype != torch.float32
+        self.all_k, self.all_v = [g.float() for g in self.gathered] if self.widen else self.gathered
+
+    def _row_views(self, q32: torch.Tensor) -> list[tuple]:
+        # [kv_heads, dim, positions] and [kv_heads, positions, dim] views: a row's keys are a slice
+        # of each, with the strides a sequence's own gather had (the same bits)
+        keys_t, values = self.all_k.permute(1, 2, 0), self.all_v.transpose(0, 1)
+        views = []
+        for row, offset, seen, ctx in self.rows:
+            if isinstance(seen, int):
+                views.append((row, q32[row], keys_t[:, :, offset:offset + seen], values[:, offset:offset + seen], None))
+            else:  # a tree row: the keys it sees, gathered each layer from its sequence's
+                views.append((row, q32[row], self.all_k[offset:offset + ctx].transpose(0, 1),
+                              values[:, offset:offset + ctx], seen))
+        return views
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        k_cache, v_cache = self.write(layer, k, v)  # [blocks, block_size, kv_heads, head_dim]
-        kv_heads, head_dim = k_cache.shape[-2:]
-        group = q.shape[1] // kv_heads
+        k_layer, v_layer = self.k_layers[layer], self.v_layers[layer]
+        self.write_flat(k_layer, v_layer, k, v)
+        torch.index_select(k_layer, 0, self.slots, out=self.gathered[0])
+        torch.index_select(v_layer, 0, self.slots, out=self.gathered[1])
+        if self.widen:
+            self.all_k.copy_(self.gathered[0])
+            self.all_v.copy_(self.gathered[1])
+        kv_heads, head_dim = k_layer.shape[-2:]
         scale = head_dim ** -0.5
-        q32 = q.float().view(q.shape[0], kv_heads, group, head_dim)
+        if self.q32 is None:
+            self.q32 = torch.empty(q.shape[0], kv_heads, q.shape[1] // kv_heads, head_dim, device=q.device)
+            self.views = self._row_views(self.q32)
         # a power-of-two scale (head_dim 4, 16, 64, 256) times q is exact, and so are the dot
         # products of the scaled q: scaling q once for all rows gives the scores' bits, one call
         # fewer a row
         scale_q = math.frexp(scale)[0] == 0.5
-        if scale_q:
-            q32 = q32 * scale
-        out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-        widen = k_cache.dtype != torch.float32  # (the CPU's row-exact cache is float32 already)
-        all_k = k_cache.index_select(0, self.blocks).view(-1, kv_heads, head_dim)
-        all_v = v_cache.index_select(0, self.blocks).view(-1, kv_heads, head_dim)
-        if widen:
-            all_k, all_v = all_k.float(), all_v.float()
-        # [kv_heads, dim, positions] and [kv_heads, positions, dim] views: a row's keys are a slice
-        # of each, with the strides a sequence's own gather had (the same bits), in two calls
-        keys_t, values = all_k.permute(1, 2, 0), all_v.transpose(0, 1)
-        out_rows = out.view(q.shape[0], kv_heads, group, head_dim)
-        for offset, ctx, rows in self.seqs:
-            for row, seen in rows:
-                if isinstance(seen, int):
-                    kt, vr = keys_t[:, :, offset:offset + seen], values[:, offset:offset + seen]
-                else:  # a tree row: the keys it sees, gathered
-                    kt = all_k[offset:offset + ctx].transpose(0, 1).index_select(1, seen).transpose(1, 2)
-                    vr = values[:, offset:offset + ctx].index_select(1, seen)
-                # [kv_heads, group, dim] against [kv_heads, keys, dim]: the same calls for a row
-                # whatever else the forward holds
-                scores = torch.bmm(q32[row], kt)
-                if not scale_q:
-                    scores = scores * scale
-                torch.bmm(scores.softmax(-1), vr, out=out_rows[row])
-        return out.to(q.dtype)
+        q_rows = q.view(self.q32.shape)
+        if scale_q and q.dtype == torch.float32:
+            torch.mul(q_rows, scale, out=self.q32)
+        else:  # (a bfloat16 q is widened first, as its float32 product may need more bits)
+            self.q32.copy_(q_rows)
+            if scale_q:
+                self.q32.mul_(scale)
+        out = torch.empty(self.q32.shape, dtype=torch.float32, device=q.device)
+        for row, q_row, kt, vr, seen in self.views:
+            if seen is not None:
+                kt, vr = kt.index_select(1, seen).transpose(1, 2), vr.index_select(1, seen)
+            # [kv_heads, group, dim] against [kv_heads, keys, dim]: the same calls for a row
+            # whatever else the forward holds
+            scores = torch.bmm(q_row, kt)
+            if not scale_q:
+                scores = scores * scale
+            torch.bmm(scores.softmax(-1), vr, out=out[row])
+        out = out.view(q.shape)
+        return out if q.dtype == torch.float32 else out.to(q.dtype)
