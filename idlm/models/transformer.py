@@ -170,27 +170,37 @@ class SelfAttention(nn.Module):
                 gate: torch.Tensor | None):
         lead = x.shape[:-1]
         qkv = project(self.qkv_proj, self.qkv_lora, x, gate)
+        # a backend that rotates as it writes the cache does both in one kernel (not in deterministic
+        # mode, whose rotary is the batch-invariant kernel's)
+        fused = None if self.batch_invariant else getattr(attn, "rotate_and_attend", None)
+        joint = self.q_norm is None and not self.batch_invariant
+        heads = self.heads(qkv, lead) if fused is not None or not joint else None
+        out = fused(self.layer, *heads, *rope) if fused is not None else None
+        if out is None:
+            if joint:
+                # q and k sit side by side in the qkv row: one rotary over both heads halves its
+                # ops, and q and k are split from its output in one call (a CPU decode step is a
+                # few rows, so each op's fixed cost is what counts)
+                qk, v = qkv.split((self.q_size + self.kv_size, self.kv_size), dim=-1)
+                q, k = elementwise("apply_rotary")(qk.view(*lead, -1, self.head_dim), *rope).split(
+                    (self.num_heads, self.num_kv_heads), dim=-2)
+                out = attn(self.layer, q, k, v.view(*lead, self.num_kv_heads, self.head_dim))
+            else:
+                rotary = elementwise("apply_rotary", self.batch_invariant)
+                q, k, v = heads
+                out = attn(self.layer, rotary(q, *rope), rotary(k, *rope), v)
+        out = project(self.o_proj, self.o_lora, out.reshape(*lead, self.q_size), gate)
+        return out if self.all_reduce is None else self.all_reduce(out)
+
+    def heads(self, qkv: torch.Tensor, lead: torch.Size) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v as [*lead, heads, head_dim] views of the fused projection's output, q and k normed."""
         q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         q = q.view(*lead, self.num_heads, self.head_dim)
         k = k.view(*lead, self.num_kv_heads, self.head_dim)
         v = v.view(*lead, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        # a backend that rotates as it writes the cache does both in one kernel (not in deterministic
-        # mode, whose rotary is the batch-invariant kernel's)
-        fused = None if self.batch_invariant else getattr(attn, "rotate_and_attend", None)
-        out = fused(self.layer, q, k, v, *rope) if fused is not None else None
-        if out is None:
-            rotary = elementwise("apply_rotary", self.batch_invariant)
-            if self.q_norm is None and not self.batch_invariant:
-                # q and k sit side by side in the qkv row: one rotary over both heads halves its
-                # ops (a CPU decode step is a few rows, so each op's fixed cost is what counts)
-                qk = rotary(qkv[..., :self.q_size + self.kv_size].view(*lead, -1, self.head_dim), *rope)
-                out = attn(self.layer, qk[..., :self.num_heads, :], qk[..., self.num_heads:, :], v)
-            else:
-                out = attn(self.layer, rotary(q, *rope), rotary(k, *rope), v)
-        out = project(self.o_proj, self.o_lora, out.reshape(*lead, self.q_size), gate)
-        return out if self.all_reduce is None else self.all_reduce(out)
+        return q, k, v
 
 
 class MLP(nn.Module):
