@@ -117,6 +117,24 @@ def test_cpu_rotary_by_a_signed_permutation_matmul_equals_rotate_half_bit_for_bi
         assert torch.equal(apply_rotary(x, angles.cos(), angles.sin()), expected)
 
 
+def test_cpu_float32_rms_norm_in_one_call_equals_the_weight_times_the_norm_bit_for_bit():
+    """The CPU float32 path norms with one torch.rms_norm call that takes the weight; it must give
+    the bits of weight * rms_norm(x) (the formula every other path uses), a row alone as in a batch."""
+    import torch.nn.functional as F
+
+    from idlm.models.transformer import rms_norm
+
+    gen = torch.Generator().manual_seed(0)
+    for rows, width in ((1, 576), (7, 576), (16, 64), (3, 1000), (5, 17)):
+        for spread in (1e-3, 1.0, 300.0):
+            x = torch.randn(rows, width, generator=gen) * spread
+            weight = torch.randn(width, generator=gen)
+            expected = weight * F.rms_norm(x, (width,), eps=1e-5)
+            got = rms_norm(x, weight, 1e-5)
+            assert torch.equal(got, expected)
+            assert torch.equal(rms_norm(x[-1:], weight, 1e-5), got[-1:])
+
+
 def test_cpu_rotary_made_in_inference_mode_serves_autograd_after():
     """An engine's step (inference mode) can be the first to make the rotation; training after it in
     the same process must still differentiate through the rotary."""
