@@ -1,5 +1,5 @@
-"""The acceptance-driven draft losses (KL(p || q), 1 - sum(min(p, q))): values by hand, gradients
-against finite differences, zero at q = p, and short training runs with each of them."""
+"""The acceptance-driven draft losses (KL(p || q), 1 - sum(min(p, q)), the expected accepted run): values by
+hand, gradients against finite differences, zero at q = p, and short training runs with each of them."""
 
 import json
 import math
@@ -14,7 +14,7 @@ from idlm.models.loader import load_model
 from idlm.training import objective
 from idlm.training.config import build_config
 from idlm.training.data import Example, collate
-from idlm.training.objective import draft_terms, loss_targets, summed_draft_loss
+from idlm.training.objective import draft_terms, length_weights, loss_targets, summed_draft_loss
 from idlm.training.trainer import Trainer
 
 P = [0.5, 0.3, 0.2]
@@ -86,6 +86,46 @@ def test_gradients_match_finite_differences(kind, kl_weight, monkeypatch):
     torch.testing.assert_close(accept, expected)
 
 
+def test_length_weights_by_hand():
+    # three runs: rows 0-2 (draft positions 1-3), rows 5-6 (positions 2-3: a response that starts inside its
+    # block), row 7 (position 1 again: the next block)
+    a = torch.tensor([0.5, 0.4, 0.3, 0.6, 0.7, 0.8], dtype=torch.float64)
+    w = length_weights(a, torch.tensor([0, 1, 2, 1, 2, 0]), torch.tensor([0, 1, 2, 5, 6, 7]))
+    expected = [1 + 0.4 + 0.4 * 0.3, 0.5 * (1 + 0.3), 0.5 * 0.4, 1 + 0.7, 0.6, 1.0]
+    torch.testing.assert_close(w, torch.tensor(expected, dtype=torch.float64))
+    # positions that rise across a gap in the rows are two runs (another block, or another sample)
+    gap = length_weights(a[:2], torch.tensor([0, 2]), torch.tensor([0, 3]))
+    torch.testing.assert_close(gap, torch.ones(2, dtype=torch.float64))
+    assert len(length_weights(a[:0], torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))) == 0
+
+
+def test_length_loss_has_the_gradient_of_minus_the_expected_accepted_run(monkeypatch):
+    """sum_j w_j (1 - a_j), w detached, against E = sum_k prod_{m<=k} a_m differentiated whole; and zero at q = p."""
+    monkeypatch.setattr(objective, "LOSS_CHUNK_ROWS", 3)  # the weights' first pass and the loss both chunked
+    torch.manual_seed(3)
+    head = torch.nn.Linear(5, 7, bias=False).double()
+    hidden = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(7, 5, dtype=torch.float64)
+    block_pos, rows = torch.tensor([0, 1, 2, 0, 1, 2, 1]), torch.tensor([0, 1, 2, 3, 4, 5, 9])
+    t = torch.zeros(7, dtype=torch.long)
+    loss, accept = summed_draft_loss(hidden, teacher, head, t, "length", block_pos=block_pos, rows=rows)
+    (grad,) = torch.autograd.grad(loss, hidden)
+    a = torch.minimum(torch.softmax(head(teacher), -1), torch.softmax(head(hidden), -1)).sum(-1)
+    runs = [a[0:3], a[3:6], a[6:7]]
+    expected_run = sum(torch.cumprod(run, 0).sum() for run in runs)
+    (grad_e,) = torch.autograd.grad(expected_run, hidden)
+    torch.testing.assert_close(grad, -grad_e)
+    torch.testing.assert_close(accept, a.detach())
+    # plain tv weighs every position alike: not the same gradient
+    (grad_tv,) = torch.autograd.grad(summed_draft_loss(hidden, teacher, head, t, "tv")[0], hidden)
+    assert not torch.allclose(grad_tv, grad)
+    same, _ = summed_draft_loss(teacher.clone().requires_grad_(True), teacher, head, t, "length", block_pos=block_pos,
+                                rows=rows)
+    assert abs(same.item()) < 1e-9
+    with pytest.raises(ValueError, match="draft position"):
+        summed_draft_loss(hidden, teacher, head, t, "length")
+
+
 def test_the_mask_id_is_left_out_of_p_and_q():
     torch.manual_seed(2)
     head = torch.nn.Linear(4, 6, bias=False)
@@ -136,7 +176,7 @@ def tiny(tmp_path, **overrides):
     return build_config(raw, "test")
 
 
-@pytest.mark.parametrize("kind", ["ce", "kl", "tv"])
+@pytest.mark.parametrize("kind", ["ce", "kl", "tv", "length"])
 def test_risd_training_with_each_draft_loss_keeps_the_base(tmp_path, kind):
     trainer = Trainer(tiny(tmp_path, mode="lora", draft_loss=kind, output_dir=str(tmp_path / kind)))
     before = {k: v.clone() for k, v in trainer.model.hf_state_dict().items()}

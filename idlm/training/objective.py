@@ -28,8 +28,10 @@ OBJECTIVES = ("introspective", "sdar")
 # What trains a MASK row (docs/TRAINING.md, "Draft losses"): ce, cross-entropy to the data's next
 # token; kl, KL(p || q) to the clean stream's distribution p at the same position (the frozen base
 # in lora mode, the model's own clean stream, detached, in full mode); tv, the total variation
-# 1 - sum(min(p, q)), one minus the probability that a draft sampled from q is accepted.
-DRAFT_LOSSES = ("ce", "kl", "tv")
+# 1 - sum(min(p, q)), one minus the probability that a draft sampled from q is accepted; length,
+# minus the expected number of a block's drafts accepted in a row, sum_k prod_{j<=k} a_j (a_j the
+# acceptance at draft position j): what tokens per forward grows with, where tv counts every position alike.
+DRAFT_LOSSES = ("ce", "kl", "tv", "length")
 MASKED_LOGIT = -1e9  # the MASK id's logit in the soft losses: never sampled, never a target
 
 
@@ -206,7 +208,7 @@ def draft_terms(logits_q: torch.Tensor, logits_p: torch.Tensor, kind: str, kl_we
         loss = -logq.gather(-1, targets[:, None]).squeeze(-1)
     elif kind == "kl":
         loss = kl
-    elif kind == "tv":
+    elif kind in ("tv", "length"):  # (length: tv weighted per row by length_weights)
         loss = 1 - overlap
     else:
         raise ValueError(f"draft loss must be one of {', '.join(DRAFT_LOSSES)}, got {kind!r}")
@@ -215,21 +217,63 @@ def draft_terms(logits_q: torch.Tensor, logits_p: torch.Tensor, kind: str, kl_we
     return loss, overlap.detach()
 
 
+def length_weights(accept: torch.Tensor, block_pos: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Per MASK row j: d E / d a_j, where E = sum_k prod_{m<=k} a_m is the expected number of its
+    block's drafts accepted in a row (a: each row's acceptance, block_pos: its draft position - 1,
+    rows: its flat index, in order). E is linear in each a_j, so sum_j w_j (1 - a_j) with these w
+    detached has the gradient of -E: w_j = prod_{m<j} a_m * (1 + a_{j+1} + a_{j+1} a_{j+2} + ...).
+    A block is a run of consecutive rows whose draft positions rise (a response that starts inside a
+    block begins its run there)."""
+    a = accept.double()
+    n = len(a)
+    starts = torch.ones(n, dtype=torch.bool, device=a.device)
+    if n > 1:
+        starts[1:] = (block_pos[1:] <= block_pos[:-1]) | (rows[1:] != rows[:-1] + 1)
+    segment = torch.cumsum(starts.long(), 0)
+    index = torch.arange(n, device=a.device)
+    offset = index - torch.cummax(torch.where(starts, index, 0), 0).values  # place in its run
+    before = torch.ones_like(a)  # prod_{m<j} a_m
+    after = torch.ones_like(a)  # 1 + a_{j+1} + a_{j+1} a_{j+2} + ...
+    longest = int(offset.max()) + 1 if n else 0
+    for t in range(1, longest):
+        at = (offset == t).nonzero().squeeze(1)
+        before[at] = before[at - 1] * a[at - 1]
+    for t in range(longest - 2, -1, -1):
+        at = (offset == t).nonzero().squeeze(1)
+        at = at[(at + 1 < n)]
+        at = at[segment[(at + 1).clamp(max=n - 1)] == segment[at]]
+        after[at] = 1 + a[at + 1] * after[at + 1]
+    return (before * after).to(accept.dtype)
+
+
 def summed_draft_loss(hidden: torch.Tensor, teacher: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor,
-                      kind: str, kl_weight: float = 0.0, banned: int | None = None
+                      kind: str, kl_weight: float = 0.0, banned: int | None = None,
+                      block_pos: torch.Tensor | None = None, rows: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """The MASK rows' loss summed over rows, and each row's expected acceptance sum(min(p, q)).
     hidden: the MASK rows; teacher: the clean rows at the same positions, whose softmax is p (no
     gradient flows into them). Chunked and recomputed in backward like summed_ce. `banned` (the
-    MASK id, when it is inside the head's vocabulary) is left out of both p and q for kl and tv:
-    the engine never samples it (ce keeps today's plain softmax, so a ce run trains as before)."""
+    MASK id, when it is inside the head's vocabulary) is left out of both p and q for kl, tv and
+    length: the engine never samples it (ce keeps today's plain softmax, so a ce run trains as
+    before). length needs block_pos and rows (length_weights), and a first pass for the
+    acceptances its weights are made of."""
+    teacher = teacher.detach()
+    weights = None
+    if kind == "length":
+        if block_pos is None or rows is None:
+            raise ValueError("draft loss length needs each MASK row's draft position and row index")
+        with torch.no_grad():
+            accept = torch.cat([_chunk_draft(hidden[i:i + LOSS_CHUNK_ROWS], teacher[i:i + LOSS_CHUNK_ROWS],
+                                             targets[i:i + LOSS_CHUNK_ROWS], lm_head, "tv", 0.0, banned)[1]
+                                for i in range(0, hidden.shape[0], LOSS_CHUNK_ROWS)] or [hidden.new_zeros(0)])
+        weights = length_weights(accept.float(), block_pos, rows)
     total = hidden.new_zeros((), dtype=torch.float32)
     accept = []
-    teacher = teacher.detach()
     for start in range(0, hidden.shape[0], LOSS_CHUNK_ROWS):
         end = start + LOSS_CHUNK_ROWS
         loss, acc = checkpoint(_chunk_draft, hidden[start:end], teacher[start:end], targets[start:end], lm_head, kind,
-                               kl_weight, banned, use_reentrant=False)
+                               kl_weight, banned, None if weights is None else weights[start:end],
+                               use_reentrant=False)
         total = total + loss
         accept.append(acc)
     return total, (torch.cat(accept) if accept else hidden.new_zeros(0, dtype=torch.float32))
@@ -240,7 +284,7 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _chunk_draft(h, teacher, t, lm_head, kind, kl_weight, banned):
+def _chunk_draft(h, teacher, t, lm_head, kind, kl_weight, banned, weights=None):
     logits_q = _upcast(lm_head(h))
     with torch.no_grad():
         logits_p = _upcast(lm_head(teacher))
@@ -248,7 +292,7 @@ def _chunk_draft(h, teacher, t, lm_head, kind, kl_weight, banned):
         logits_q = logits_q.index_fill(-1, torch.tensor([banned], device=h.device), MASKED_LOGIT)
         logits_p = logits_p.index_fill(-1, torch.tensor([banned], device=h.device), MASKED_LOGIT)
     loss, acc = draft_terms(logits_q, logits_p, kind, kl_weight, t)
-    return loss.sum(), acc
+    return (loss if weights is None else loss * weights).sum(), acc
 
 
 @dataclass

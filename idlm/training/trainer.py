@@ -54,9 +54,10 @@ class Objective(nn.Module):
         self.draft_loss, self.draft_kl_weight, self.mask_id = draft_loss, draft_kl_weight, mask_id
 
     def forward(self, db: DoubledBatch, attn, noisy_rows, noisy_targets, clean_rows, clean_targets,
-                teacher_rows=None):
+                teacher_rows=None, block_pos=None):
         """teacher_rows (the clean row at each MASK row's position) switch on the draft loss of
-        draft_loss and return each MASK row's expected acceptance; without them CE as always."""
+        draft_loss and return each MASK row's expected acceptance; without them CE as always.
+        block_pos (each MASK row's draft position - 1): for draft_loss length."""
         gate = db.is_mask.float() if self.lora else None
         hidden = self.model(db.input_ids, db.positions, attn, gate).flatten(0, 1)
         accept = None
@@ -66,7 +67,8 @@ class Objective(nn.Module):
             # in lora mode the clean rows are the frozen base (their gate is 0); in full mode the
             # model's own clean stream: either way p is detached and CE_clean alone trains it
             noisy, accept = summed_draft_loss(hidden[noisy_rows], hidden[teacher_rows], self.model.lm_head,
-                                              noisy_targets, self.draft_loss, self.draft_kl_weight, self.mask_id)
+                                              noisy_targets, self.draft_loss, self.draft_kl_weight, self.mask_id,
+                                              block_pos, noisy_rows)
         clean = None if self.lora else summed_ce(hidden[clean_rows], self.model.lm_head, clean_targets)
         return noisy, clean, accept
 
@@ -298,7 +300,7 @@ class Trainer:
                 teacher_rows = targets.teacher_rows if self.use_teacher else None
                 noisy_sum, clean_sum, accept = self.parallel_objective(
                     db, attn, targets.noisy_rows, targets.noisy_targets, targets.clean_rows, targets.clean_targets,
-                    teacher_rows)
+                    teacher_rows, targets.block_pos)
                 losses = combine(noisy_sum, clean_sum, targets.num_response, len(targets.clean_targets),
                                  stage.clean_weight, denominator, targets.num_noisy)
                 (losses.loss * self.world).backward()
@@ -354,7 +356,8 @@ class Trainer:
             targets = loss_targets(batch, None, block)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 noisy, _, accept = self.objective(db, attn, targets.noisy_rows, targets.noisy_targets,
-                                                  targets.clean_rows, targets.clean_targets, targets.teacher_rows)
+                                                  targets.clean_rows, targets.clean_targets, targets.teacher_rows,
+                                                  targets.block_pos)
             pos = targets.block_pos.cpu()
             sums += torch.zeros(block, dtype=torch.float64).index_add_(0, pos, accept.double().cpu())
             counts += torch.bincount(pos, minlength=block).double()
