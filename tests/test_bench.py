@@ -70,6 +70,9 @@ def test_bench_end_to_end(tmp_path, capsys):
     assert any(not k.endswith("x1") for k in result["results"][2]["decode_shapes"])
     assert len(result["results"][2]["draft_acceptance"]) == 3  # stride 4: three draft positions
     assert not result["results"][2]["chosen_k"] and sum(result["results"][4]["chosen_k"].values()) > 0
+    assert not result["results"][2]["priced_round_gain"]  # the fixed stride prices nothing
+    assert all(gain > 0 for r in result["results"][4:] for gain in r["priced_round_gain"].values())
+    assert result["results"][5]["priced_round_gain"]
     hf = result["hf_baseline"]
     assert [h["batch_size"] for h in hf] == [1, 2]
     assert all(h["output_tokens"] == 5 * h["batch_size"] and h["output_tok_s"] > 0 for h in hf)

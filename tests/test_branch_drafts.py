@@ -374,6 +374,8 @@ def test_adaptive_rounds_must_beat_ar_by_the_margin(gain, drafts):
                           replan_every=1)
     policy.plan(seqs)
     assert (seqs[0].num_new > 0) == drafts
+    n, total = policy.priced[8]  # what `idlm bench` reports: the best round's priced rate over AR's, no margin
+    assert n == 1 and total == pytest.approx(gain)
 
 
 def test_adaptive_shortens_rounds_as_the_batch_grows():

@@ -18,6 +18,9 @@ DEFINITIONS = {
                  "per request (dummy requests, the runner's whole path), the last steps that ran "
                  "(batch x rows: seconds), whose median it uses",
     "chosen_k": "adaptive stride: decode steps of the run by the K (drafts a round) the policy chose (0 = AR steps)",
+    "priced_round_gain": "adaptive stride: by batch size, the mean over the run's choices of the best round's expected "
+                         "tokens per second over an AR step's, as the policy priced them (before its margin); set "
+                         "beside the fixed stride's measured rate over ar's to see what a step's price leaves out",
     "decode_shapes": "decode steps by shape, 'requests x rows' (rows: the most any request fed; x1 = AR steps), "
                      "most frequent first: [steps, mean seconds]",
     "branch_rounds": "verify rounds that tested drafts a branch proposed (after a rejection, instead of a cold round)",

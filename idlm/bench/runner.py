@@ -124,7 +124,8 @@ def _counters(engine: LLMEngine) -> dict:
     st = engine.stats
     return {"tokens": st.tokens, "request_forwards": st.request_forwards, "forwards": st.forwards,
             "reached": list(st.drafts.reached), "accepted": list(st.drafts.accepted),
-            "chosen": dict(engine.policy.chosen), **{k: getattr(st, k) for k in ENGINE_COUNTERS}}
+            "chosen": dict(engine.policy.chosen), "priced": {b: list(v) for b, v in engine.policy.priced.items()},
+            **{k: getattr(st, k) for k in ENGINE_COUNTERS}}
 
 
 def poisson_arrivals(n: int, rate: float, seed: int) -> list[float]:
@@ -239,6 +240,8 @@ def _figures(done: list[Trace], steps: list[StepTiming], elapsed: float, before:
     accepted = [a - b for a, b in zip(after["accepted"], before["accepted"] + [0] * len(after["accepted"]))]
     decode_tok_s = [r["decode_tok_s"] for r in requests if r["decode_tok_s"] is not None]
     chosen = {k: n - before["chosen"].get(k, 0) for k, n in sorted(after["chosen"].items())}
+    priced = {b: (n - before["priced"].get(b, [0, 0.0])[0], total - before["priced"].get(b, [0, 0.0])[1])
+              for b, (n, total) in sorted(after["priced"].items())}
     return {
         "num_requests": len(requests),
         "output_tokens": tokens,
@@ -258,6 +261,7 @@ def _figures(done: list[Trace], steps: list[StepTiming], elapsed: float, before:
         "draft_acceptance": [a / r if r else None for a, r in zip(accepted, reached)],
         **{k: after[k] - before[k] for k in ENGINE_COUNTERS},
         "chosen_k": {str(k): n for k, n in chosen.items() if n},
+        "priced_round_gain": {str(b): round(total / n, 4) for b, (n, total) in priced.items() if n},
         "steps": len(steps),
         "decode_steps": len(decode),
         "decode_step_s_mean": decode_time / len(decode) if decode else None,

@@ -273,7 +273,9 @@ def _bench_engine(engine: LLMEngine, cfg: BenchConfig, runs: dict[str, SamplingP
             result["results"].append({**run, "concurrency": c, **figures})
             log(f"{label}{tag} C={c}: {figures['num_requests']} requests, {figures['output_tok_s']:.1f} tok/s, "
                 f"{figures['per_request_tok_s']:.1f} tok/s per request"
-                + (f", K chosen {figures['chosen_k']}" if figures["chosen_k"] else ""))
+                + (f", K chosen {figures['chosen_k']}" if figures["chosen_k"] else "")
+                + (f", rounds priced {figures['priced_round_gain'][str(c)]:.2f}x an AR step at {c}"
+                   if str(c) in figures["priced_round_gain"] else ""))
         for rate in cfg.request_rates:
             requests = cycle(base, rate_count)
             run_closed_loop(engine, warmup_requests(requests[:4], vocab, exclude, cfg.seed + 1), 4, params, roofline,

@@ -115,6 +115,10 @@ class StridePolicy:
         self._looked_ar: set[int] = set()  # the batch sizes of every look at AR steps begun
         self._explore_every = EXPLORE_EVERY  # AR plans between looks, now
         self._judge_look = False  # a look has ended: the next choice tells whether it found rounds that pay
+        # batch size -> [choices, sum of the best round's priced rate over an AR step's, margin left out]:
+        # what `idlm bench` sets beside the rates that ran, to see what a step's price leaves out (a plan
+        # taken back and made again counts twice here)
+        self.priced: dict[int, list[float]] = {}
 
     def state(self) -> dict:
         """What planning changes, for restore(): a step planned and then not launched (overlap
@@ -241,7 +245,12 @@ class StridePolicy:
         rows = np.maximum(rows_of_round(ks, bs).max(axis=1), floor_rows)
         seconds = [self.cost.seconds(len(batch), int(r)) for r in rows]
         margin = ROUND_MARGIN if len(batch) > 1 else 1.0
-        rates = {kb: t / s / (margin if kb[0] else 1.0) for kb, t, s in zip(candidates, tokens, seconds)}
+        priced = {kb: t / s for kb, t, s in zip(candidates, tokens, seconds)}
+        rates = {kb: rate / (margin if kb[0] else 1.0) for kb, rate in priced.items()}
+        if decode:
+            tally = self.priced.setdefault(len(batch), [0, 0.0])
+            tally[0] += 1
+            tally[1] += max(rate for kb, rate in priced.items() if kb[0]) / priced[0, 0]
         choice = max(rates, key=lambda kb: (rates[kb], -kb[0], -kb[1]))  # ties keep the smaller K and b
         if self._shared in rates and rates[choice] < HYSTERESIS * rates[self._shared]:
             choice = self._shared
