@@ -201,9 +201,10 @@ def test_risd_training_with_each_draft_loss_keeps_the_base(tmp_path, kind):
             assert r["ce_noisy"] == pytest.approx((1 - r["acceptance_mean"]) * 12 / 13, abs=1e-4)
 
 
-def test_tv_training_raises_the_expected_acceptance(tmp_path):
+@pytest.mark.parametrize("kind", ["tv", "length"])
+def test_acceptance_driven_training_raises_the_expected_acceptance(tmp_path, kind):
     """The logged acceptance moves the right way under its own loss (counting language, 40 steps)."""
-    cfg = tiny(tmp_path, mode="lora", draft_loss="tv", stages=[{"stride": 3, "steps": 40}], lr=1e-2)
+    cfg = tiny(tmp_path, mode="lora", draft_loss=kind, stages=[{"stride": 3, "steps": 40}], lr=1e-2)
     Trainer(cfg).train()
     log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
     first = sum(r["acceptance_mean"] for r in log[:5]) / 5
