@@ -84,14 +84,18 @@ def check(dtype: torch.dtype, gen: torch.Generator) -> list[dict]:
 def check_consumer(name: str, sizes: list[int], dtype: torch.dtype, wide: torch.Tensor, lora: GatedLoRA,
                    gate: torch.Tensor) -> list[dict]:
     """gated_silu_mul (a projection of two equal shards: gate_up) against the finish kernel then
-    the plain silu_mul, in float32."""
+    the plain silu_mul, in float32; without a gate (a step with no gated rows) bit for bit the
+    gated call's ungated rows."""
     if len(sizes) != 2 or sizes[0] != sizes[1]:
         return []
     ref = silu_mul(gated_lora_finish(wide, lora.fused_B, gate).float())
     got = gated_silu_mul(wide, lora.fused_B, gate)
     err = ((got.float() - ref).norm() / ref.norm().clamp(min=1e-30)).item()
-    ok = err < (1e-5 if dtype == torch.float32 else 1e-2)
-    result = dict(kernel="silu_mul", shape=name, rows=wide.shape[0], dtype=str(dtype), rel_err=err, ok=ok)
+    clean = gate == 0
+    ungated_equal = bool(torch.equal(gated_silu_mul(wide, lora.fused_B, None)[clean], got[clean]))
+    ok = err < (1e-5 if dtype == torch.float32 else 1e-2) and ungated_equal
+    result = dict(kernel="silu_mul", shape=name, rows=wide.shape[0], dtype=str(dtype), rel_err=err,
+                  ungated_equal=ungated_equal, ok=ok)
     if not ok:
         print("FAIL", result)
     return [result]

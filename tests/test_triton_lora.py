@@ -63,14 +63,10 @@ def test_gated_silu_mul_is_finish_then_silu_mul(rows):
     assert (silu_mul(wide[:, :160].float())[gate != 0] - want[gate != 0]).abs().max() > 10 * tol["atol"]
 
 
-def test_a_model_whose_gate_up_delta_is_added_by_silu_mul_is_the_same_model(monkeypatch):
-    """The wiring: with GatedLoRA.leaves_delta_to_consumer() true (as on a GPU), gate_up's delta is
-    added by gated_silu_mul; the forward's hidden states are the forward's where every projection
-    finishes its own delta (float32, the interpreter)."""
-    import idlm.kernels.triton_lora as kernels
-    from idlm.kernels.attention import DenseAttention
+def tiny_lora_model(ungated_too: bool = True):
+    """A 2-layer Llama with a random gated LoRA, fused and widened as a GPU engine's (float32)."""
     from idlm.models.config import ModelConfig
-    from idlm.models.lora import AdapterConfig, GatedLoRA, attach_lora, fuse_for_inference, widen_for_inference
+    from idlm.models.lora import AdapterConfig, attach_lora, fuse_for_inference, widen_for_inference
     from idlm.models.transformer import CausalLM
 
     cfg = ModelConfig(model_type="llama", vocab_size=64, hidden_size=48, intermediate_size=80, num_layers=2,
@@ -85,7 +81,19 @@ def test_a_model_whose_gate_up_delta_is_added_by_silu_mul_is_the_same_model(monk
         for name, p in model.named_parameters():
             p.copy_(torch.randn(p.shape) * (0.3 if "_lora." in name else 0.2) + (1.0 if "norm" in name else 0.0))
     fuse_for_inference(model)
-    widen_for_inference(model)
+    widen_for_inference(model, ungated_too)
+    return model
+
+
+def test_a_model_whose_gate_up_delta_is_added_by_silu_mul_is_the_same_model(monkeypatch):
+    """The wiring: with GatedLoRA.leaves_delta_to_consumer() true (as on a GPU), gate_up's delta is
+    added by gated_silu_mul; the forward's hidden states are the forward's where every projection
+    finishes its own delta (float32, the interpreter)."""
+    import idlm.kernels.triton_lora as kernels
+    from idlm.kernels.attention import DenseAttention
+
+    model = tiny_lora_model()
+    cfg = model.cfg
     ids = torch.randint(0, 64, (1, 9))
     positions = torch.arange(9)[None]
     gate = torch.tensor([[0, 1, 1, 0, 1, 0, 0, 1, 1]], dtype=torch.float32)
@@ -100,3 +108,35 @@ def test_a_model_whose_gate_up_delta_is_added_by_silu_mul_is_the_same_model(monk
     assert len(fused) == cfg.num_layers
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert (want - plain).abs().max() > 1e-2  # the deltas matter
+
+
+@pytest.mark.parametrize("ungated_too", [True, False])
+def test_a_step_without_gated_rows_runs_the_gated_steps_kernels(monkeypatch, ungated_too):
+    """A step without gated rows (gate None, as an `ar` step) has the bits of a gated step's clean
+    rows (a gate of zeros): the same [W; A] GEMMs, the base columns kept, and the same silu_mul
+    kernel. With ungated_too=False (IDLM_WIDE_UNGATED=0) it runs the base weight and the plain
+    silu_mul instead, so the spies see neither."""
+    import idlm.kernels.triton_lora as kernels
+    from idlm.kernels.attention import DenseAttention
+
+    model = tiny_lora_model(ungated_too)
+    monkeypatch.setattr(GatedLoRA, "leaves_delta_to_consumer", lambda self, x: self.wide_weight is not None)
+    wide = {id(m.wide_weight) for m in model.modules() if isinstance(m, GatedLoRA)}
+    consumer, wide_gemms = [], []
+    real_silu, real_linear = kernels.gated_silu_mul, F.linear
+    monkeypatch.setattr(kernels, "gated_silu_mul", lambda *args: consumer.append(args[2]) or real_silu(*args))
+    monkeypatch.setattr(F, "linear", lambda x, w, b=None: wide_gemms.append(id(w) in wide) or real_linear(x, w, b))
+    ids = torch.randint(0, 64, (1, 9))
+    positions = torch.arange(9)[None]
+    with torch.no_grad():
+        zeros = model(ids, positions, DenseAttention(), torch.zeros(1, 9))
+        assert sum(wide_gemms) == len(wide) == 4 * model.cfg.num_layers
+        wide_gemms.clear()
+        consumer.clear()
+        none = model(ids, positions, DenseAttention(), None)
+    if ungated_too:
+        assert consumer == [None] * model.cfg.num_layers
+        assert sum(wide_gemms) == len(wide)  # every projection's GEMM as wide as in the gated step
+        assert torch.equal(none, zeros)
+    else:
+        assert consumer == [] and sum(wide_gemms) == 0

@@ -138,8 +138,9 @@ class LLMEngine:
             self.model.use_batch_invariant()
         elif self.device.type == "cuda" and self.tp is None and os.environ.get("IDLM_WIDE_LORA", "1") != "0":
             # one GEMM for the base output and x A^T, then the gated delta (models/lora.py);
-            # IDLM_WIDE_LORA=0 keeps the two-weight kernel (for comparisons)
-            widen_for_inference(self.model)
+            # IDLM_WIDE_LORA=0 keeps the two-weight kernel, IDLM_WIDE_UNGATED=0 the base weight
+            # alone in steps without gated rows (for comparisons)
+            widen_for_inference(self.model, ungated_too=os.environ.get("IDLM_WIDE_UNGATED", "1") != "0")
         self.mask_ids = {"isd": self._find_mask_token(), "risd": None}
         self.mask_ids["risd"] = self._risd_mask_token()
         default_mode = config.mode or ("risd" if self.adapter else "isd" if self.mask_ids["isd"] is not None else "ar")

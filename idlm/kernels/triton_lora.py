@@ -152,40 +152,45 @@ def _gated_silu_mul(
     rows, inter, rank,
     stride_wm, stride_bn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_GATE: tl.constexpr,
 ):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rr = tl.arange(0, BLOCK_R)
     row_ok = rm < rows
     col_ok = rn < inter
-    r_ok = rr < rank
-    gate = tl.load(gate_ptr + rm, mask=row_ok, other=0.0).to(tl.float32)
-    gated = (gate != 0)[:, None]
     both = row_ok[:, None] & col_ok[None, :]
     w_row = wide_ptr + rm[:, None] * stride_wm
     # wide row: [act (inter) | up (inter) | x A_act^T (rank) | x A_up^T (rank)]; fused_B is
     # block-diagonal: act columns take B[:, :rank], up columns B[inter:, rank:2 rank]
     act = tl.load(w_row + rn[None, :], mask=both, other=0.0)
     up = tl.load(w_row + inter + rn[None, :], mask=both, other=0.0)
-    low_act = tl.load(w_row + 2 * inter + rr[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-    low_up = tl.load(w_row + 2 * inter + rank + rr[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-    b_act = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :], mask=col_ok[:, None] & r_ok[None, :], other=0.0)
-    b_up = tl.load(b_ptr + (inter + rn[:, None]) * stride_bn + rank + rr[None, :],
-                   mask=col_ok[:, None] & r_ok[None, :], other=0.0)
-    delta_act = tl.dot((low_act.to(tl.float32) * gate[:, None]).to(b_act.dtype), tl.trans(b_act),
-                       input_precision=PRECISION)
-    delta_up = tl.dot((low_up.to(tl.float32) * gate[:, None]).to(b_up.dtype), tl.trans(b_up),
-                      input_precision=PRECISION)
-    act = tl.where(gated, (act.to(tl.float32) + delta_act).to(act.dtype), act).to(tl.float32)
-    up = tl.where(gated, (up.to(tl.float32) + delta_up).to(up.dtype), up).to(tl.float32)
-    out = act / (1.0 + tl.exp(-act)) * up
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], out.to(low_act.dtype), mask=both)
+    if HAS_GATE:
+        rr = tl.arange(0, BLOCK_R)
+        r_ok = rr < rank
+        gate = tl.load(gate_ptr + rm, mask=row_ok, other=0.0).to(tl.float32)
+        gated = (gate != 0)[:, None]
+        low_act = tl.load(w_row + 2 * inter + rr[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        low_up = tl.load(w_row + 2 * inter + rank + rr[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        b_act = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :], mask=col_ok[:, None] & r_ok[None, :],
+                        other=0.0)
+        b_up = tl.load(b_ptr + (inter + rn[:, None]) * stride_bn + rank + rr[None, :],
+                       mask=col_ok[:, None] & r_ok[None, :], other=0.0)
+        delta_act = tl.dot((low_act.to(tl.float32) * gate[:, None]).to(b_act.dtype), tl.trans(b_act),
+                           input_precision=PRECISION)
+        delta_up = tl.dot((low_up.to(tl.float32) * gate[:, None]).to(b_up.dtype), tl.trans(b_up),
+                          input_precision=PRECISION)
+        act = tl.where(gated, (act.to(tl.float32) + delta_act).to(act.dtype), act)
+        up = tl.where(gated, (up.to(tl.float32) + delta_up).to(up.dtype), up)
+    act = act.to(tl.float32)
+    out = act / (1.0 + tl.exp(-act)) * up.to(tl.float32)
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], out.to(out_ptr.dtype.element_ty), mask=both)
 
 
-def gated_silu_mul(wide: torch.Tensor, fused_b: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+def gated_silu_mul(wide: torch.Tensor, fused_b: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
     """silu(act) * up of a fused gate_up projection whose two shards' gated deltas are still to be
     added: wide [..., 2 I + 2 R] = x [W_act; W_up; A_act; A_up]^T, fused_b [2 I, 2 R] block-diagonal
-    (scaled), gate [...] of 0/1. Returns [..., I]."""
+    (scaled), gate [...] of 0/1, or None for a step without gated rows (the bits of a gated
+    step's ungated rows). Returns [..., I]."""
     out2, rank2 = fused_b.shape
     inter, rank = out2 // 2, rank2 // 2
     lead = wide.shape[:-1]
@@ -197,9 +202,9 @@ def gated_silu_mul(wide: torch.Tensor, fused_b: torch.Tensor, gate: torch.Tensor
         block_m = 16 if rows <= 16 else 32
         grid = (triton.cdiv(rows, block_m), triton.cdiv(inter, 64))
         _gated_silu_mul[grid](
-            w2, fused_b, gate.reshape(-1), out, rows, inter, rank,
+            w2, fused_b, fused_b if gate is None else gate.reshape(-1), out, rows, inter, rank,
             w2.stride(0), fused_b.stride(0), out.stride(0),
             BLOCK_M=block_m, BLOCK_N=64, BLOCK_R=max(16, triton.next_power_of_2(rank)),
-            PRECISION="ieee" if wide.dtype == torch.float32 else "tf32", num_warps=4,
+            PRECISION="ieee" if wide.dtype == torch.float32 else "tf32", num_warps=4, HAS_GATE=gate is not None,
         )
     return out.view(*lead, inter)

@@ -53,6 +53,7 @@ class GatedLoRA(nn.Module):
         # widened (GPU inference): [W; A], the base weight with A stacked under it, and its bias
         self.wide_weight: torch.Tensor | None = None
         self.wide_bias: torch.Tensor | None = None
+        self.ungated_wide = True  # steps without gated rows run the wide GEMM too (ungated)
 
     def fuse_for_inference(self) -> None:
         """One GEMM for all shards: B_1..B_s as one scaled block-diagonal matrix (frozen weights)."""
@@ -86,6 +87,15 @@ class GatedLoRA(nn.Module):
         base, low = wide[..., :n], wide[..., n:]
         delta = F.linear(low * gate[..., None].to(low.dtype), self.fused_B)
         return torch.where(gate[..., None] != 0, base + delta, base)
+
+    def ungated(self, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """linear(x) in a step without gated rows. Where a gated step's consumer adds the delta
+        (leaves_delta_to_consumer), the step runs the gated steps' GEMM, [W; A] (N = out + rank),
+        and keeps the base columns: cuBLAS tiles another N otherwise, and a round's clean rows
+        would not carry an AR step's bits in plain bfloat16."""
+        if not self.leaves_delta_to_consumer(x) or not self.ungated_wide:
+            return linear(x)
+        return F.linear(x, self.wide_weight, self.wide_bias)[..., :self.fused_B.shape[0]]
 
     def leaves_delta_to_consumer(self, x: torch.Tensor) -> bool:
         """Whether the projection's consumer may add the gated delta itself (wide_projection): a
@@ -224,10 +234,11 @@ def fuse_for_inference(model: "CausalLM") -> None:
             module.fuse_for_inference()
 
 
-def widen_for_inference(model: "CausalLM") -> None:
+def widen_for_inference(model: "CausalLM", ungated_too: bool = True) -> None:
     """Every attached LoRA takes the widened path (GatedLoRA.widen), after fuse_for_inference.
     For single-GPU engines outside deterministic mode: there the base GEMMs are fixed-tile
-    kernels and the gated delta keeps a fixed row tile (gated_lora_add_)."""
+    kernels and the gated delta keeps a fixed row tile (gated_lora_add_). ungated_too=False
+    leaves steps without gated rows on the base weight alone (GatedLoRA.ungated; for comparisons)."""
     for layer in model.model.layers:
         for proj_path, (lora_path, _) in FUSED.items():
             owner, _, attr = lora_path.rpartition(".")
@@ -235,6 +246,7 @@ def widen_for_inference(model: "CausalLM") -> None:
             linear = layer.get_submodule(proj_path)
             if lora is not None and type(linear) is nn.Linear:
                 lora.widen(linear)
+                lora.ungated_wide = ungated_too
 
 
 def load_adapter(model: "CausalLM", folder: Path) -> AdapterConfig:

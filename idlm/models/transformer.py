@@ -22,9 +22,9 @@ class AttentionBackend(Protocol):
 
 
 def project(linear: nn.Linear, lora: GatedLoRA | None, x: torch.Tensor, gate: torch.Tensor | None):
-    if lora is None or gate is None:
+    if lora is None:
         return linear(x)
-    return lora.project(linear, x, gate)
+    return lora.ungated(linear, x) if gate is None else lora.project(linear, x, gate)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -220,11 +220,12 @@ class MLP(nn.Module):
 
     def _forward(self, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         lora = self.gate_up_lora
-        if lora is not None and gate is not None and lora.leaves_delta_to_consumer(x):
+        if lora is not None and lora.leaves_delta_to_consumer(x) and (gate is not None or lora.ungated_wide):
             from idlm.kernels.triton_lora import gated_silu_mul
 
             # one kernel adds gate_up's gated delta and applies silu_mul (the finish kernel and
-            # the compiled silu_mul were two launches)
+            # the compiled silu_mul were two launches); a step without gated rows runs it too, as
+            # the compiled silu_mul rounds otherwise than it does
             act = gated_silu_mul(lora.wide_projection(self.gate_up_proj, x), lora.fused_B, gate)
             return project(self.down_proj, self.down_lora, act, gate)
         if x.is_cuda or type(self.gate_up_proj) is not nn.Linear:
