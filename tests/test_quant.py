@@ -16,6 +16,7 @@ from idlm.kernels.cpu_gemm import RowTiledLinear
 from idlm.kernels.row_attention import RowExactPagedAttention
 from idlm.models import loader
 from idlm.models.gguf import QUANT_CACHE, default_gguf_path
+from idlm.models.loader import cpu_kernel
 from idlm.models.quant import (
     FORMATS,
     GroupQuant,
@@ -350,9 +351,14 @@ def test_default_model_runs_quantised_and_risd_equals_ar():
     assert llm.engine.model.model.layers[0].self_attn.qkv_proj.fmt == "Q4_1"
     # the cache entry holds the decoded blocks, out of a float loader's way, and no float weights beside them
     assert (llm.engine.folder / QUANT_CACHE).is_file() and not list(llm.engine.folder.glob("*.safetensors"))
-    # the tied table: lookups dequantise its Q8_0 rows, the head keeps only its packed float copy
+    # the tied table: lookups dequantise its Q8_0 rows; the head runs on the same codes through the
+    # group GEMM where it builds (float32 activations), else it keeps only its packed float copy
     model = llm.engine.model
-    assert model.lm_head.weight.is_meta and model.lm_head.packed is not None
+    if cpu_kernel("Q8_0", model.model.embed_tokens.dtype) == "group":
+        assert isinstance(model.lm_head, QuantLinear) and model.lm_head.kernel == "group"
+        assert model.lm_head.codes is model.model.embed_tokens.codes
+    else:
+        assert model.lm_head.weight.is_meta and model.lm_head.packed is not None
     table = next(t for t in gguf.GGUFReader(default_gguf_path()).tensors if t.name == "token_embd.weight")
     rows = torch.tensor([0, 2, 17, 49151])
     full = gguf.quants.dequantize(np.asarray(table.data)[rows.numpy()], table.tensor_type)

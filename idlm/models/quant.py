@@ -139,13 +139,25 @@ def _inverse(d: torch.Tensor) -> torch.Tensor:
 
 
 class QuantLinear(nn.Module):
-    """y = x W^T (+ b) with W groupwise quantised; activations enter the int4 kernel as bfloat16
-    (its vectorised x86 form) and it accumulates in float32."""
+    """y = x W^T (+ b) with W groupwise quantised. Two kernels: PyTorch's int4 one (`int4pack`),
+    whose activations enter as bfloat16 (its vectorised x86 form) and leave as bfloat16, and
+    idlm's group GEMM (`group`, kernels/group_gemm.py: the codes as the file has them, float32 in
+    and out, AVX2). Both accumulate each output in float32 in an order that does not depend on
+    the other rows."""
 
-    def __init__(self, weight: GroupQuant, bias: torch.Tensor | None = None):
+    def __init__(self, weight: GroupQuant, bias: torch.Tensor | None = None, kernel: str = "int4pack"):
         super().__init__()
-        self.fmt = weight.fmt
+        self.fmt, self.kernel = weight.fmt, kernel
         self.out_features, self.in_features = weight.shape
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        if kernel == "group":
+            from idlm.kernels.group_gemm import pack_nibbles
+
+            # copies: a view would keep the whole mapped file it came from resident (QuantEmbedding)
+            self.register_buffer("codes", weight.codes.clone() if weight.fmt == "Q8_0" else pack_nibbles(weight.codes))
+            self.register_buffer("scale", weight.scale.clone())
+            self.register_buffer("offset", None if weight.offset is None else weight.offset.clone())
+            return
         planes = weight.int4_planes()
         self.num_planes = len(planes)
         n_pad = -self.out_features % _N_ALIGN
@@ -158,13 +170,19 @@ class QuantLinear(nn.Module):
             scale, zero = F.pad(scale, (0, 0, 0, n_pad)), F.pad(zero, (0, 0, 0, n_pad))
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
         self.register_buffer("scale_zero", torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous())
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.plain = self.num_planes == 1 and not n_pad and bias is None  # one kernel call, nothing around it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (a decode step calls this 120 times on SmolLM2: every op and attribute lookup here counts,
         # about 1 us each on a 2-core CPU against the 30 us of a 576-wide projection's kernel)
         flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if self.kernel == "group":
+            from idlm.kernels.group_gemm import group_linear
+
+            out = group_linear(flat.float(), self.codes, self.scale, self.offset).to(x.dtype)
+            if self.bias is not None:
+                out = out + self.bias
+            return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
         flat = flat.to(torch.bfloat16, memory_format=torch.contiguous_format)  # (the kernel's A must be)
         if self.plain:
             out = _INT4_MM(flat, self.packed, GROUP, self.scale_zero).to(x.dtype)
@@ -177,7 +195,8 @@ class QuantLinear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt}, "
+                f"kernel={self.kernel}")
 
 
 class QuantEmbedding(nn.Module):

@@ -340,7 +340,7 @@ class CausalLM(nn.Module):
         Triton kernels of kernels/batch_invariant.py, and the gated LoRA a fixed row tile. On the
         CPU float linears are padded to whole row tiles (kernels/cpu_gemm.py; quantised ones
         already are invariant), and the elementwise steps are plain per-row ops already."""
-        if self.lm_head.weight.is_cuda:
+        if self.model.norm.weight.is_cuda:  # (a quantised CPU head has no float weight)
             from idlm.kernels.batch_invariant import invariant_linear as convert
         else:
             convert = row_tiled_linear
@@ -349,7 +349,7 @@ class CausalLM(nn.Module):
             attn.qkv_proj, attn.o_proj = convert(attn.qkv_proj), convert(attn.o_proj)
             mlp.gate_up_proj, mlp.down_proj = convert(mlp.gate_up_proj), convert(mlp.down_proj)
         self.lm_head = convert(self.lm_head)
-        if self.lm_head.weight.is_cuda:
+        if self.model.norm.weight.is_cuda:
             for module in self.modules():
                 if isinstance(module, RMSNorm | SelfAttention | MLP | GatedLoRA):
                     module.batch_invariant = True

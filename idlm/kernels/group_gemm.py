@@ -1,0 +1,76 @@
+"""y = x W^T for groupwise quantised weights (llama.cpp's Q4_0/Q4_1/Q8_0 blocks), float32
+activations and outputs, on AVX2 + FMA CPUs: csrc/group_gemm.cpp, built with the compiler that
+PyTorch's extensions use on first use and kept under $IDLM_CACHE/kernels.
+
+PyTorch's int4 weight-only kernel takes bfloat16 activations and returns bfloat16 (its fast
+x86 form), so on a CPU without AVX-512 BF16 every projection of a float32 model paid two
+conversions, and a quantised head could not give float32 logits. This kernel reads the GGUF's
+4-bit and 8-bit codes as they are, computes in float32 throughout, and gives every row the same
+bits whatever the rows around it (the file's header says how).
+
+IDLM_CPU_KERNEL=int4pack keeps PyTorch's kernel (for comparisons); a CPU without AVX2 and FMA,
+or a machine where the build fails (no C++ compiler), falls back to it with one warning.
+"""
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).parent / "csrc" / "group_gemm.cpp"
+_module: list = []  # [the built module or None], once tried
+
+
+def cpu_has_avx2_fma() -> bool:
+    """AVX2 (which every x86 CPU with it pairs with FMA in practice) as PyTorch's dispatcher sees it."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def _build():
+    from torch.utils.cpp_extension import load
+
+    from idlm.models.cache import cache_root
+
+    folder = cache_root() / "kernels" / f"group_gemm-torch{torch.__version__}"
+    folder.mkdir(parents=True, exist_ok=True)
+    # -ffp-contract=off: only the FMAs written in the source, so no compiler may fuse others
+    return load(name="idlm_group_gemm", sources=[str(SOURCE)], build_directory=str(folder),
+                extra_cflags=["-O3", "-mavx2", "-mfma", "-ffp-contract=off"], verbose=False)
+
+
+def group_gemm_module():
+    """The built kernel, or None where it cannot run here (see the module's docstring)."""
+    if not _module:
+        module = None
+        if os.environ.get("IDLM_CPU_KERNEL", "group") == "int4pack":
+            pass
+        elif not cpu_has_avx2_fma():
+            log.warning("this CPU has no AVX2: quantised projections run on PyTorch's int4 kernel")
+        else:
+            try:
+                module = _build()
+            except Exception as e:  # noqa: BLE001 (a missing compiler, ninja or header: fall back)
+                log.warning("could not build idlm's CPU group GEMM (%s); quantised projections run on "
+                            "PyTorch's int4 kernel, slower on CPUs without AVX-512 BF16", str(e).splitlines()[0])
+        _module.append(module)
+    return _module[0]
+
+
+def group_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                 offset: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] float32; codes [N, K / 2] uint8 (4-bit: a group's 32 codes in 16 bytes, element i
+    in byte i's low nibble and 16 + i in its high one) or [N, K] int8 (Q8_0); scale and offset
+    [N, K / 32] float32 (offset None for Q8_0). Returns [M, N] float32."""
+    return group_gemm_module().group_linear(x, codes, scale, offset if offset is not None else _EMPTY)
+
+
+_EMPTY = torch.empty(0)
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes [N, K] (uint8 0..15) as the kernel reads them: [N, K / 2], GGUF's byte order."""
+    n, k = codes.shape
+    g = codes.view(n, k // 32, 32)
+    return (g[..., :16] | (g[..., 16:] << 4)).reshape(n, k // 2).contiguous()
