@@ -232,14 +232,13 @@ def _float(w: GroupQuant | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def cpu_kernel(fmt: str, dtype: torch.dtype) -> str:
-    """QuantLinear's kernel for a format under activations of dtype: idlm's group GEMM for Q8_0
-    with float32 activations where it builds (2.5x PyTorch's int4 kernel's two planes for a
-    SmolLM2 projection at one row on an AVX2 CPU, and float32 logits for a head), else PyTorch's
-    int4 kernel (faster for the 4-bit formats: 0.21 against 0.24 ms at one row, 0.66 against
-    1.2 at seven)."""
+    """QuantLinear's kernel under activations of dtype: idlm's group GEMM with float32 activations
+    where it builds (on an AVX2 CPU, for SmolLM2's projections at one row: Q8_0 2.5x faster than
+    PyTorch's int4 kernel's two planes, the 4-bit formats 1.2-1.5x; float32 logits for a head),
+    else PyTorch's int4 kernel (its fast form takes bfloat16 activations)."""
     from idlm.kernels.group_gemm import group_gemm_module
 
-    return "group" if fmt == "Q8_0" and dtype == torch.float32 and group_gemm_module() is not None else "int4pack"
+    return "group" if dtype == torch.float32 and group_gemm_module() is not None else "int4pack"
 
 
 def _linear(w: GroupQuant | torch.Tensor, dtype: torch.dtype) -> nn.Module:

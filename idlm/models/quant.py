@@ -151,12 +151,13 @@ class QuantLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         if kernel == "group":
-            from idlm.kernels.group_gemm import pack_nibbles
+            from idlm.kernels.group_gemm import EMPTY, kernel_for, pack_nibbles
 
             # copies: a view would keep the whole mapped file it came from resident (QuantEmbedding)
             self.register_buffer("codes", weight.codes.clone() if weight.fmt == "Q8_0" else pack_nibbles(weight.codes))
             self.register_buffer("scale", weight.scale.clone())
             self.register_buffer("offset", None if weight.offset is None else weight.offset.clone())
+            self.gemm, self.no_offset = kernel_for(self.codes), EMPTY
             return
         planes = weight.int4_planes()
         self.num_planes = len(planes)
@@ -177,9 +178,9 @@ class QuantLinear(nn.Module):
         # about 1 us each on a 2-core CPU against the 30 us of a 576-wide projection's kernel)
         flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         if self.kernel == "group":
-            from idlm.kernels.group_gemm import group_linear
-
-            out = group_linear(flat.float(), self.codes, self.scale, self.offset).to(x.dtype)
+            offset = self.no_offset if self.offset is None else self.offset
+            out = self.gemm(flat if flat.dtype == torch.float32 else flat.float(), self.codes, self.scale, offset)
+            out = out if x.dtype == torch.float32 else out.to(x.dtype)
             if self.bias is not None:
                 out = out + self.bias
             return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
