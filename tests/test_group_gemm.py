@@ -1,10 +1,9 @@
 """idlm's CPU group GEMM (kernels/group_gemm.py, csrc/group_gemm.cpp): llama.cpp's groupwise
 codes times float32 activations, against dequantise-then-matmul, row-invariant bit for bit, its
-4-bit layout the GGUF's own, and the selection of the kernel with its fallbacks."""
+4-bit weights the GGUF's own blocks, and the selection of the kernel with its fallbacks."""
 
 import logging
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 from idlm.kernels import group_gemm
 from idlm.kernels.cpu_gemm import rows_invariant
 from idlm.models.loader import cpu_kernel
-from idlm.models.quant import FORMATS, QuantLinear, quantize, to_gguf_blocks
+from idlm.models.quant import BLOCK_BYTES, FORMATS, QuantLinear, quantize, to_gguf_blocks
 
 needs_kernel = pytest.mark.skipif(group_gemm.group_gemm_module() is None,
                                   reason="the group GEMM does not build or run here (no compiler or no AVX2)")
@@ -23,8 +22,10 @@ def weight(n: int, k: int, fmt: str, seed: int = 0):
     return quantize(torch.randn(n, k, generator=gen) * 0.1 + 0.01, fmt)
 
 
-def kernel_codes(gq):
-    return gq.codes if gq.fmt == "Q8_0" else group_gemm.pack_nibbles(gq.codes)
+def group_linear(x, gq):
+    if gq.fmt == "Q8_0":
+        return group_gemm.group_linear_q8(x, gq.codes, gq.scale)
+    return group_gemm.group_linear_q4(x, torch.from_numpy(to_gguf_blocks(gq)), BLOCK_BYTES[gq.fmt])
 
 
 @needs_kernel
@@ -34,7 +35,7 @@ def test_group_linear_is_dequantise_then_matmul(fmt, n, k):
     gq = weight(n, k, fmt)
     x = torch.randn(9, k, generator=torch.Generator().manual_seed(1))
     want = x.double() @ gq.dequantize().double().t()
-    got = group_gemm.group_linear(x, kernel_codes(gq), gq.scale, gq.offset)
+    got = group_linear(x, gq)
     assert got.dtype == torch.float32 and got.shape == (9, n)
     slack = 1e-5 * want.abs().max().item()
     if fmt == "Q8_0":  # float32 x
@@ -56,20 +57,13 @@ def test_a_rows_bits_do_not_depend_on_the_other_rows(fmt):
     """Rows come in blocks of four and a tail of one to three: every row count up to 11 gives each
     row the bits it has alone."""
     gq = weight(70, 128, fmt)
-    codes = kernel_codes(gq)
     x = torch.randn(11, 128, generator=torch.Generator().manual_seed(2))
 
     def fn(a):
-        return group_gemm.group_linear(a, codes, gq.scale, gq.offset)
+        return group_linear(a, gq)
 
     assert rows_invariant(fn, x)
     assert all(torch.equal(fn(x[i:i + 1])[0], fn(x)[i]) for i in range(len(x)))
-
-
-def test_the_4_bit_codes_are_laid_out_as_in_the_gguf_blocks():
-    gq = weight(5, 96, "Q4_1")
-    blocks = to_gguf_blocks(gq).reshape(5, 3, 20)  # per group: d (2 bytes), m (2), then 16 bytes of codes
-    assert np.array_equal(group_gemm.pack_nibbles(gq.codes).numpy().reshape(5, 3, 16), blocks[..., 4:])
 
 
 @needs_kernel

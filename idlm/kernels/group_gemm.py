@@ -6,7 +6,8 @@ PyTorch's int4 weight-only kernel takes bfloat16 activations and returns bfloat1
 x86 form), so on a CPU without AVX-512 BF16 every projection of a float32 model paid two
 conversions, and a quantised head could not give float32 logits. This kernel reads the GGUF's
 4-bit and 8-bit codes as they are, computes in float32 throughout, and gives every row the same
-bits whatever the rows around it (the file's header says how).
+bits whatever the rows around it (the file's header says how). The 4-bit weights stay in the file's
+own blocks, one stream of 20 (Q4_1) or 18 (Q4_0) bytes a group.
 
 IDLM_CPU_KERNEL=int4pack keeps PyTorch's kernel (for comparisons); a CPU without AVX2 and FMA,
 or a machine where the build fails (no C++ compiler), falls back to it with one warning.
@@ -24,7 +25,7 @@ _module: list = []  # [the built module or None], once tried
 
 
 def cpu_has_avx2_fma() -> bool:
-    """AVX2 (which every x86 CPU with it pairs with FMA in practice) as PyTorch's dispatcher sees it."""
+    """AVX2 (which every x86 CPU with it pairs with FMA and F16C) as PyTorch's dispatcher sees it."""
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
@@ -35,9 +36,11 @@ def _build():
 
     folder = cache_root() / "kernels" / f"group_gemm-torch{torch.__version__}"
     folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "idlm_group_gemm.so").exists():
+        log.warning("building idlm's CPU kernel into %s (once, about a minute)", folder)
     # -ffp-contract=off: only the FMAs written in the source, so no compiler may fuse others
     return load(name="idlm_group_gemm", sources=[str(SOURCE)], build_directory=str(folder),
-                extra_cflags=["-O3", "-mavx2", "-mfma", "-ffp-contract=off"], verbose=False)
+                extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off"], verbose=False)
 
 
 def group_gemm_module():
@@ -58,29 +61,15 @@ def group_gemm_module():
     return _module[0]
 
 
-def group_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
-                 offset: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] float32; codes [N, K / 2] uint8 (4-bit: a group's 32 codes in 16 bytes, element i
-    in byte i's low nibble and 16 + i in its high one) or [N, K] int8 (Q8_0); scale and offset
-    [N, K / 32] float32 (offset None for Q8_0). Returns [M, N] float32.
-
-    4-bit codes meet x quantised per group of 32 to int16 (the group's dot product exact in
-    int32; 30% faster than the float32 form at one row, and 100x closer to the float result than
-    PyTorch's int4 kernel on bfloat16 x); Q8_0 codes meet float32 x."""
-    return kernel_for(codes)(x, codes, scale, offset if offset is not None else EMPTY)
+def group_linear_q4(x: torch.Tensor, blocks: torch.Tensor, block_bytes: int) -> torch.Tensor:
+    """x [M, K] float32; blocks [N, K / 32 * block_bytes] uint8, llama.cpp's Q4_1 (20-byte) or
+    Q4_0 (18-byte) blocks as the file stores them. x meets them rounded per group of 32 to int16
+    (the group's dot product exact in int32, then scaled: 100x closer to the float result than
+    PyTorch's int4 kernel on bfloat16 x). Returns [M, N] float32."""
+    return group_gemm_module().group_linear_q4(x, blocks, block_bytes)
 
 
-def kernel_for(codes: torch.Tensor):
-    """The built kernel function for codes of this dtype (its offset argument: a tensor, empty for none)."""
-    module = group_gemm_module()
-    return module.group_linear_i16 if codes.dtype == torch.uint8 else module.group_linear
-
-
-EMPTY = torch.empty(0)
-
-
-def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """4-bit codes [N, K] (uint8 0..15) as the kernel reads them: [N, K / 2], GGUF's byte order."""
-    n, k = codes.shape
-    g = codes.view(n, k // 32, 32)
-    return (g[..., :16] | (g[..., 16:] << 4)).reshape(n, k // 2).contiguous()
+def group_linear_q8(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] float32; Q8_0 codes [N, K] int8 and their scales [N, K / 32] float32 (apart, so that a
+    tied embedding shares them). Returns [M, N] float32."""
+    return group_gemm_module().group_linear_q8(x, codes, scale)

@@ -196,7 +196,7 @@ def load_gguf_quantized(folder: Path, gguf_path: Path, dtype: torch.dtype) -> Ca
         # head alone, which lets it go once the head has a packed copy (CausalLM.store_head_column_major)
         model.model.embed_tokens = QuantEmbedding(embed, dtype)
         if head is embed and isinstance(model.lm_head, QuantLinear):  # tied: one copy of the codes
-            for name in ("codes", "scale", "offset"):
+            for name in ("codes", "scale"):  # (Q8_0: no offset)
                 setattr(model.model.embed_tokens, name, getattr(model.lm_head, name))
     elif cfg.tie_word_embeddings:
         with torch.device("meta"):

@@ -141,9 +141,9 @@ def _inverse(d: torch.Tensor) -> torch.Tensor:
 class QuantLinear(nn.Module):
     """y = x W^T (+ b) with W groupwise quantised. Two kernels: PyTorch's int4 one (`int4pack`),
     whose activations enter as bfloat16 (its vectorised x86 form) and leave as bfloat16, and
-    idlm's group GEMM (`group`, kernels/group_gemm.py: the codes as the file has them, float32 in
-    and out, AVX2). Both accumulate each output in float32 in an order that does not depend on
-    the other rows."""
+    idlm's group GEMM (`group`, kernels/group_gemm.py: the file's 4-bit blocks as they are, Q8_0
+    codes and scales, float32 in and out, AVX2). Both accumulate each output in float32 in an
+    order that does not depend on the other rows."""
 
     def __init__(self, weight: GroupQuant, bias: torch.Tensor | None = None, kernel: str = "int4pack"):
         super().__init__()
@@ -151,13 +151,17 @@ class QuantLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         if kernel == "group":
-            from idlm.kernels.group_gemm import EMPTY, kernel_for, pack_nibbles
+            from idlm.kernels.group_gemm import group_gemm_module
 
-            # copies: a view would keep the whole mapped file it came from resident (QuantEmbedding)
-            self.register_buffer("codes", weight.codes.clone() if weight.fmt == "Q8_0" else pack_nibbles(weight.codes))
-            self.register_buffer("scale", weight.scale.clone())
-            self.register_buffer("offset", None if weight.offset is None else weight.offset.clone())
-            self.gemm, self.no_offset = kernel_for(self.codes), EMPTY
+            module = group_gemm_module()
+            if self.fmt == "Q8_0":
+                # copies: a view would keep the whole mapped file it came from resident (QuantEmbedding)
+                self.register_buffer("codes", weight.codes.clone())
+                self.register_buffer("scale", weight.scale.clone())
+                self.gemm, self.gemm_arg = module.group_linear_q8, None
+            else:  # the file's blocks, one stream (a new array)
+                self.register_buffer("blocks", torch.from_numpy(to_gguf_blocks(weight)))
+                self.gemm, self.gemm_arg = module.group_linear_q4, BLOCK_BYTES[self.fmt]
             return
         planes = weight.int4_planes()
         self.num_planes = len(planes)
@@ -178,8 +182,11 @@ class QuantLinear(nn.Module):
         # about 1 us each on a 2-core CPU against the 30 us of a 576-wide projection's kernel)
         flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         if self.kernel == "group":
-            offset = self.no_offset if self.offset is None else self.offset
-            out = self.gemm(flat if flat.dtype == torch.float32 else flat.float(), self.codes, self.scale, offset)
+            flat = flat if flat.dtype == torch.float32 else flat.float()
+            if self.gemm_arg is None:
+                out = self.gemm(flat, self.codes, self.scale)
+            else:
+                out = self.gemm(flat, self.blocks, self.gemm_arg)
             out = out if x.dtype == torch.float32 else out.to(x.dtype)
             if self.bias is not None:
                 out = out + self.bias
