@@ -82,13 +82,15 @@ def test_quant_linear_on_the_group_kernel(fmt):
 
 
 def test_kernel_selection(monkeypatch, caplog):
-    """The group GEMM serves every format under float32 activations; bfloat16 activations keep
-    PyTorch's int4 kernel; IDLM_CPU_KERNEL=int4pack, a CPU without AVX2 or a failed build fall
-    back to it (the last two with a warning)."""
-    built = group_gemm.group_gemm_module()
+    """Under float32 activations the group GEMM serves Q8_0, and the 4-bit formats with
+    IDLM_CPU_KERNEL=group; bfloat16 activations keep PyTorch's int4 kernel; IDLM_CPU_KERNEL=int4pack,
+    a CPU without AVX2 or a failed build fall back to it (the last two with a warning)."""
+    group = "group" if group_gemm.group_gemm_module() is not None else "int4pack"
     for fmt in FORMATS:
         assert cpu_kernel(fmt, torch.bfloat16) == "int4pack"
-        assert cpu_kernel(fmt, torch.float32) == ("group" if built is not None else "int4pack")
+        assert cpu_kernel(fmt, torch.float32) == (group if fmt == "Q8_0" else "int4pack")
+    monkeypatch.setenv("IDLM_CPU_KERNEL", "group")
+    assert all(cpu_kernel(fmt, torch.float32) == group for fmt in FORMATS)
 
     def fresh():
         monkeypatch.setattr(group_gemm, "_module", [])

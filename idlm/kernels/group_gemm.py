@@ -9,8 +9,9 @@ conversions, and a quantised head could not give float32 logits. This kernel rea
 bits whatever the rows around it (the file's header says how). The 4-bit weights stay in the file's
 own blocks, one stream of 20 (Q4_1) or 18 (Q4_0) bytes a group.
 
-IDLM_CPU_KERNEL=int4pack keeps PyTorch's kernel (for comparisons); a CPU without AVX2 and FMA,
-or a machine where the build fails (no C++ compiler), falls back to it with one warning.
+Which projections run on it: `loader.cpu_kernel` (Q8_0 by default; IDLM_CPU_KERNEL=group the
+4-bit formats too, IDLM_CPU_KERNEL=int4pack none, for comparisons). A CPU without AVX2, or a
+machine where the build fails (no C++ compiler), falls back to PyTorch's kernel with one warning.
 """
 
 import logging
