@@ -3,11 +3,11 @@ activations and outputs, on AVX2 + FMA CPUs: csrc/group_gemm.cpp, built with the
 PyTorch's extensions use on first use and kept under $IDLM_CACHE/kernels.
 
 PyTorch's int4 weight-only kernel takes bfloat16 activations and returns bfloat16 (its fast
-x86 form), so on a CPU without AVX-512 BF16 every projection of a float32 model paid two
-conversions, and a quantised head could not give float32 logits. This kernel reads the GGUF's
-4-bit and 8-bit codes as they are, computes in float32 throughout, and gives every row the same
-bits whatever the rows around it (the file's header says how). The 4-bit weights stay in the file's
-own blocks, one stream of 20 (Q4_1) or 18 (Q4_0) bytes a group.
+x86 form): a projection of a float32 model pays two conversions, and a quantised head cannot
+give float32 logits. This kernel reads the GGUF's codes as they are, takes and returns float32
+(Q8_0 codes meet float32 x; 4-bit ones, read as the file's own blocks of 20 (Q4_1) or 18 (Q4_0)
+bytes, meet x rounded per group of 32 to int16), and gives every row the same bits whatever the
+rows around it (the C++ file's header says how).
 
 Which projections run on it: `loader.cpu_kernel` (Q8_0 by default; IDLM_CPU_KERNEL=group the
 4-bit formats too, IDLM_CPU_KERNEL=int4pack none, for comparisons). A CPU without AVX2, or a
