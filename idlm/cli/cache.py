@@ -6,10 +6,11 @@ from idlm.models.cache import cache_root, entries, remove
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("cache", help="list or remove GGUF conversions and shapes in idlm's cache",
+    p = sub.add_parser("cache", help="list or remove GGUF conversions, shapes and the built CPU kernel in idlm's cache",
                        description="idlm's disk cache ($IDLM_CACHE, default ~/.cache/idlm): one entry per GGUF "
                                    "file content (config, tokenizer, quantised blocks, dequantised weights per "
-                                   "dtype) and the random-weight shapes of `idlm bench --shape`.")
+                                   "dtype), the random-weight shapes of `idlm bench --shape`, and the CPU group "
+                                   "GEMM built on first use (one per torch version; built again when removed).")
     actions = p.add_subparsers(dest="cache_action", metavar="ACTION", required=True)
     ls = actions.add_parser("ls", help="list the entries with their size and source",
                             description="List the cache's entries: name, size, what each holds, its GGUF file.")

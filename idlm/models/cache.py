@@ -1,6 +1,6 @@
 """idlm's own disk cache, `$IDLM_CACHE` (default ~/.cache/idlm): GGUF conversions under gguf/
-(one entry per file content) and random-weight shapes under shapes/. What `idlm cache` lists and
-removes."""
+(one entry per file content), random-weight shapes under shapes/ and the built CPU kernel under
+kernels/ (one entry per torch version). What `idlm cache` lists and removes."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-KINDS = ("gguf", "shapes")
+KINDS = ("gguf", "shapes", "kernels")
 SOURCE_FILE = "idlm_source.json"  # in a GGUF entry: the file it was made from
 
 
@@ -44,6 +44,8 @@ def describe(path: Path, kind: str) -> CacheEntry:
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
     if kind == "shapes":
         return CacheEntry(path, kind, size, "a random-weight shape (config only)", None)
+    if kind == "kernels":
+        return CacheEntry(path, kind, size, "idlm's CPU group GEMM, built (made again on next use)", None)
     holds = [sub.name for sub in sorted(path.iterdir()) if (sub / "model.safetensors").is_file()]
     if (path / "idlm-quantized").is_dir():
         holds.insert(0, "quantized blocks")
