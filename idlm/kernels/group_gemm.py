@@ -48,8 +48,8 @@ def group_gemm_module():
     """The built kernel, or None where it cannot run here (see the module's docstring)."""
     if not _module:
         module = None
-        if os.environ.get("IDLM_CPU_KERNEL", "group") == "int4pack":
-            pass
+        if os.environ.get("IDLM_CPU_KERNEL") == "int4pack":
+            pass  # (asked for PyTorch's kernel throughout)
         elif not cpu_has_avx2_fma():
             log.warning("this CPU has no AVX2: quantised projections run on PyTorch's int4 kernel")
         else:

@@ -158,10 +158,10 @@ class QuantLinear(nn.Module):
                 # copies: a view would keep the whole mapped file it came from resident (QuantEmbedding)
                 self.register_buffer("codes", weight.codes.clone())
                 self.register_buffer("scale", weight.scale.clone())
-                self.gemm, self.gemm_arg = module.group_linear_q8, None
+                self.gemm = module.group_linear_q8
             else:  # the file's blocks, one stream (a new array)
                 self.register_buffer("blocks", torch.from_numpy(to_gguf_blocks(weight)))
-                self.gemm, self.gemm_arg = module.group_linear_q4, BLOCK_BYTES[self.fmt]
+                self.gemm = module.group_linear_q4
             return
         planes = weight.int4_planes()
         self.num_planes = len(planes)
@@ -183,10 +183,10 @@ class QuantLinear(nn.Module):
         flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         if self.kernel == "group":
             flat = flat if flat.dtype == torch.float32 else flat.float()
-            if self.gemm_arg is None:
+            if self.fmt == "Q8_0":
                 out = self.gemm(flat, self.codes, self.scale)
             else:
-                out = self.gemm(flat, self.blocks, self.gemm_arg)
+                out = self.gemm(flat, self.blocks, BLOCK_BYTES[self.fmt])
             out = out if x.dtype == torch.float32 else out.to(x.dtype)
             if self.bias is not None:
                 out = out + self.bias
