@@ -13,11 +13,11 @@ from helpers import make_model  # noqa: E402
 # tiny models gain nothing from threads, and oversubscribed OpenMP barriers are very slow
 torch.set_num_threads(1)
 
-# the CPU group GEMM, built (once, ~1 minute) into the real cache before any test points
+# idlm's CPU kernels, built (once, ~1 minute) into the real cache before any test points
 # $IDLM_CACHE at a temporary folder
-from idlm.kernels.group_gemm import group_gemm_module  # noqa: E402
+from idlm.kernels.cpu_kernels import cpu_kernels  # noqa: E402
 
-group_gemm_module()
+cpu_kernels()
 
 
 @pytest.fixture(scope="session")

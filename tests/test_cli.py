@@ -63,11 +63,11 @@ def test_cache_ls_and_rm(tmp_path, monkeypatch, capsys):
     (entry / "idlm_source.json").write_text('{"gguf": "/models/Tiny.Q4_1.gguf"}')
     (tmp_path / "shapes" / "tiny").mkdir(parents=True)
     (tmp_path / "shapes" / "tiny" / "config.json").write_text("{}")
-    (tmp_path / "kernels" / "group_gemm-torch9.9").mkdir(parents=True)
-    (tmp_path / "kernels" / "group_gemm-torch9.9" / "idlm_group_gemm.so").write_bytes(b"\0" * 1000)
+    (tmp_path / "kernels" / "cpu-torch9.9").mkdir(parents=True)
+    (tmp_path / "kernels" / "cpu-torch9.9" / "idlm_cpu.so").write_bytes(b"\0" * 1000)
     assert main(["cache", "ls"]) == 0
     out = capsys.readouterr().out
-    assert "3 entries, 3 MB" in out and "kernels/group_gemm-torch9.9" in out and "CPU group GEMM" in out
+    assert "3 entries, 3 MB" in out and "kernels/cpu-torch9.9" in out and "CPU kernels" in out
     assert "gguf/Tiny.Q4_1-0123456789abcdef" in out and "float32" in out and "/models/Tiny.Q4_1.gguf" in out
     assert "shapes/tiny" in out
     assert main(["cache", "rm", "gguf/absent"]) == 1
@@ -76,4 +76,4 @@ def test_cache_ls_and_rm(tmp_path, monkeypatch, capsys):
     assert "freed 3 MB" in capsys.readouterr().out and not entry.exists()
     assert main(["cache", "rm"]) == 1
     assert main(["cache", "rm", "--all"]) == 0
-    assert not (tmp_path / "shapes" / "tiny").exists() and not (tmp_path / "kernels" / "group_gemm-torch9.9").exists()
+    assert not (tmp_path / "shapes" / "tiny").exists() and not (tmp_path / "kernels" / "cpu-torch9.9").exists()

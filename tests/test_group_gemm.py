@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from idlm.kernels import group_gemm
+from idlm.kernels import cpu_kernels, group_gemm
 from idlm.kernels.cpu_gemm import rows_invariant
 from idlm.models.loader import cpu_kernel
 from idlm.models.quant import BLOCK_BYTES, FORMATS, QuantLinear, quantize, to_gguf_blocks
@@ -93,22 +93,22 @@ def test_kernel_selection(monkeypatch, caplog):
     assert all(cpu_kernel(fmt, torch.float32) == group for fmt in FORMATS)
 
     def fresh():
-        monkeypatch.setattr(group_gemm, "_module", [])
+        monkeypatch.setattr(cpu_kernels, "_module", [])
         return group_gemm.group_gemm_module()
 
     monkeypatch.setenv("IDLM_CPU_KERNEL", "int4pack")
     assert fresh() is None and cpu_kernel("Q8_0", torch.float32) == "int4pack"
     monkeypatch.delenv("IDLM_CPU_KERNEL")
-    monkeypatch.setattr(group_gemm, "cpu_has_avx2_fma", lambda: False)
+    monkeypatch.setattr(cpu_kernels, "cpu_has_avx2_fma", lambda: False)
     with caplog.at_level(logging.WARNING):
         assert fresh() is None
     assert "no AVX2" in caplog.text
-    monkeypatch.setattr(group_gemm, "cpu_has_avx2_fma", lambda: True)
+    monkeypatch.setattr(cpu_kernels, "cpu_has_avx2_fma", lambda: True)
 
     def no_compiler():
         raise RuntimeError("Error building extension: g++ not found")
 
-    monkeypatch.setattr(group_gemm, "_build", no_compiler)
+    monkeypatch.setattr(cpu_kernels, "_build", no_compiler)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         assert fresh() is None

@@ -1,6 +1,6 @@
 """y = x W^T for groupwise quantised weights (llama.cpp's Q4_0/Q4_1/Q8_0 blocks), float32
-activations and outputs, on AVX2 + FMA CPUs: csrc/group_gemm.cpp, built with the compiler that
-PyTorch's extensions use on first use and kept under $IDLM_CACHE/kernels.
+activations and outputs, on AVX2 + FMA CPUs: csrc/group_gemm.cpp, built with idlm's other CPU
+kernels (kernels/cpu_kernels.py).
 
 PyTorch's int4 weight-only kernel takes bfloat16 activations and returns bfloat16 (its fast
 x86 form): a projection of a float32 model pays two conversions, and a quantised head cannot
@@ -11,55 +11,20 @@ rows around it (the C++ file's header says how).
 
 Which projections run on it: `loader.cpu_kernel` (Q8_0 by default; IDLM_CPU_KERNEL=group the
 4-bit formats too, IDLM_CPU_KERNEL=int4pack none, for comparisons). A CPU without AVX2, or a
-machine where the build fails (no C++ compiler), falls back to PyTorch's kernel with one warning.
+machine where the build fails (no C++ compiler), falls back to PyTorch's kernel.
 """
 
-import logging
 import os
-from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
-SOURCE = Path(__file__).parent / "csrc" / "group_gemm.cpp"
-_module: list = []  # [the built module or None], once tried
-
-
-def cpu_has_avx2_fma() -> bool:
-    """AVX2 (which every x86 CPU with it pairs with FMA and F16C) as PyTorch's dispatcher sees it."""
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-
-
-def _build():
-    from torch.utils.cpp_extension import load
-
-    from idlm.models.cache import cache_root
-
-    folder = cache_root() / "kernels" / f"group_gemm-torch{torch.__version__}"
-    folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / "idlm_group_gemm.so").exists():
-        log.warning("building idlm's CPU kernel into %s (once, about a minute)", folder)
-    # -ffp-contract=off: only the FMAs written in the source, so no compiler may fuse others
-    return load(name="idlm_group_gemm", sources=[str(SOURCE)], build_directory=str(folder),
-                extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off"], verbose=False)
+from idlm.kernels.cpu_kernels import cpu_kernels
 
 
 def group_gemm_module():
-    """The built kernel, or None where it cannot run here (see the module's docstring)."""
-    if not _module:
-        module = None
-        if os.environ.get("IDLM_CPU_KERNEL") == "int4pack":
-            pass  # (asked for PyTorch's kernel throughout)
-        elif not cpu_has_avx2_fma():
-            log.warning("this CPU has no AVX2: quantised projections run on PyTorch's int4 kernel")
-        else:
-            try:
-                module = _build()
-            except Exception as e:  # noqa: BLE001 (a missing compiler, ninja or header: fall back)
-                log.warning("could not build idlm's CPU group GEMM (%s); quantised projections run on "
-                            "PyTorch's int4 kernel, slower on CPUs without AVX-512 BF16", str(e).splitlines()[0])
-        _module.append(module)
-    return _module[0]
+    """The built kernels, or None where they cannot run here or IDLM_CPU_KERNEL=int4pack asks for
+    PyTorch's int4 kernel throughout."""
+    return None if os.environ.get("IDLM_CPU_KERNEL") == "int4pack" else cpu_kernels()
 
 
 def group_linear_q4(x: torch.Tensor, blocks: torch.Tensor, block_bytes: int) -> torch.Tensor:

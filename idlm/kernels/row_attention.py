@@ -20,6 +20,7 @@ import math
 import torch
 
 from idlm.kernels.attention import PagedBatch, PagedKVWriter
+from idlm.kernels.row_ops import row_ops
 
 
 class RowExactPagedAttention(PagedKVWriter):
@@ -55,6 +56,7 @@ class RowExactPagedAttention(PagedKVWriter):
                 seen = list(range(tree_start)) + [tree_start + j for j in range(tree_rows[b]) if bits >> j & 1]
                 self.rows.append((row, offset, torch.tensor(seen, device=device), ctx))
         self.slots = torch.tensor([b * block_size + i for b in blocks for i in range(block_size)], device=device)
+        self.packed_tables = self._packed_tables() if row_ops() is not None and device.type == "cpu" else None
         # Every layer gathers into the same buffers, and q goes into one too, so each row's views of
         # them are made once a forward: a layer is then its writes, its gathers and three calls a row
         # (the views were half of a decode step's attention ops).
@@ -65,6 +67,33 @@ class RowExactPagedAttention(PagedKVWriter):
         # (the CPU's row-exact cache is float32 already; another one is widened after each gather)
         self.widen = kv_cache.dtype != torch.float32
         self.all_k, self.all_v = [g.float() for g in self.gathered] if self.widen else self.gathered
+
+    def _packed_tables(self) -> tuple[torch.Tensor, ...]:
+        """What csrc/row_ops.cpp's rope_attend reads of the rows (see there): the write slots, the
+        gathered slots, and per row where its sequence's slots start, its prefix's length and its
+        tree keys (indices into its sequence's slots)."""
+        row_start, prefix, extra_off, extra_idx = [0] * len(self.rows), [0] * len(self.rows), [0], []
+        for row, offset, seen, _ in self.rows:  # (in row order)
+            row_start[row] = offset
+            if isinstance(seen, int):
+                prefix[row] = seen
+            else:
+                extra_idx += seen.tolist()
+            extra_off.append(len(extra_idx))
+        write_slots = self.batch.slot_mapping.long()
+        return tuple(torch.tensor(t, dtype=torch.long) if isinstance(t, list) else t.contiguous()
+                     for t in (write_slots, self.slots, row_start, prefix, extra_off, extra_idx))
+
+    def attend_packed(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      num_heads: int) -> torch.Tensor | None:
+        """A layer's rotary, cache writes and attention from its fused projection's output in one
+        call (csrc/row_ops.cpp); None where that does not apply (no built kernels, or activations
+        or a cache other than float32 rows), and the caller runs the ops one by one."""
+        if self.packed_tables is None or self.widen or qkv.dtype != torch.float32 or qkv.dim() != 2:
+            return None
+        head_dim = self.k_layers[layer].shape[-1]
+        return row_ops().rope_attend(qkv, cos, sin, self.k_layers[layer], self.v_layers[layer],
+                                     *self.packed_tables, num_heads, head_dim ** -0.5)
 
     def _row_views(self, q32: torch.Tensor) -> list[tuple]:
         # [kv_heads, dim, positions] and [kv_heads, positions, dim] views: a row's keys are a slice

@@ -1,5 +1,5 @@
 """idlm's own disk cache, `$IDLM_CACHE` (default ~/.cache/idlm): GGUF conversions under gguf/
-(one entry per file content), random-weight shapes under shapes/ and the built CPU kernel under
+(one entry per file content), random-weight shapes under shapes/ and the built CPU kernels under
 kernels/ (one entry per torch version). What `idlm cache` lists and removes."""
 
 import json
@@ -45,7 +45,7 @@ def describe(path: Path, kind: str) -> CacheEntry:
     if kind == "shapes":
         return CacheEntry(path, kind, size, "a random-weight shape (config only)", None)
     if kind == "kernels":
-        return CacheEntry(path, kind, size, "idlm's CPU group GEMM, built (made again on next use)", None)
+        return CacheEntry(path, kind, size, "idlm's CPU kernels, built (made again on next use)", None)
     holds = [sub.name for sub in sorted(path.iterdir()) if (sub / "model.safetensors").is_file()]
     if (path / "idlm-quantized").is_dir():
         holds.insert(0, "quantized blocks")

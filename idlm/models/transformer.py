@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from idlm.kernels import row_ops
 from idlm.kernels.cpu_gemm import RowTiledLinear, row_tiled_linear
 from idlm.models.config import ModelConfig
 from idlm.models.lora import GatedLoRA
@@ -28,6 +29,8 @@ def project(linear: nn.Linear, lora: GatedLoRA | None, x: torch.Tensor, gate: to
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if row_ops.applies(x):
+        return row_ops.rms_norm(x, weight, eps)
     if x.dtype == weight.dtype == torch.float32 and not x.is_cuda:
         # PyTorch's CPU rms_norm scales the normed row by the weight last: the same bits as the
         # line below, in one call where that was five (61 norms a SmolLM2 decode step)
@@ -39,6 +42,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """A sublayer's output added to the residual stream, and that sum normed for the next
     sublayer: (rms_norm(residual + x), residual + x)."""
+    if row_ops.applies(x):
+        return row_ops.add_rms_norm(x, residual, weight, eps)
     total = residual + x
     return rms_norm(total, weight, eps), total
 
@@ -73,6 +78,8 @@ def _half_rotation(dim: int, device: torch.device) -> torch.Tensor:
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    if row_ops.applies(gate_up):
+        return row_ops.silu_mul(gate_up)
     act, up = gate_up.chunk(2, dim=-1)
     return F.silu(act) * up
 
@@ -170,6 +177,11 @@ class SelfAttention(nn.Module):
                 gate: torch.Tensor | None):
         lead = x.shape[:-1]
         qkv = project(self.qkv_proj, self.qkv_lora, x, gate)
+        packed = getattr(attn, "attend_packed", None) if self.q_norm is None else None
+        out = None if packed is None else packed(self.layer, qkv, *rope, self.num_heads)
+        if out is not None:  # (the CPU's row-exact attention: rotary, cache writes and attention in one call)
+            out = project(self.o_proj, self.o_lora, out, gate)
+            return out if self.all_reduce is None else self.all_reduce(out)
         # a backend that rotates as it writes the cache does both in one kernel (not in deterministic
         # mode, whose rotary is the batch-invariant kernel's)
         fused = None if self.batch_invariant else getattr(attn, "rotate_and_attend", None)
