@@ -40,11 +40,11 @@ def test_group_linear_is_dequantise_then_matmul(fmt, n, k):
     slack = 1e-5 * want.abs().max().item()
     if fmt == "Q8_0":  # float32 x
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=slack)
-    else:  # x rounded to int16 per group of 32: at most half a step (max|x_g| / 32767) an element
-        half_step = (x.view(9, k // 32, 32).abs().amax(-1) / 32767 / 2).double().repeat_interleave(32, 1)
-        bound = half_step @ (gq.codes.double() * gq.scale.double().repeat_interleave(32, 1)).abs().t()
+    else:  # x rounded to int8 per group of 32: at most half a step (max|x_g| / 127) an element
+        half_step = (x.view(9, k // 32, 32).abs().amax(-1) / 127 / 2).double().repeat_interleave(32, 1)
+        bound = half_step @ gq.dequantize().double().abs().t()
         assert ((got.double() - want).abs() <= bound + slack).all()
-        assert bound.max() < 1e-3 * want.abs().max()
+        assert bound.max() < 0.1 * want.abs().max()
     # the offsets matter (a kernel that dropped them would fail the line above for Q4_x)
     if gq.offset is not None:
         assert (x.double() @ (gq.dequantize().double() - gq.offset.double().repeat_interleave(32, 1)).t()
@@ -77,20 +77,20 @@ def test_quant_linear_on_the_group_kernel(fmt):
     x = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(3))
     got = group(x)
     assert got.shape == (2, 3, 48) and got.dtype == torch.float32
-    torch.testing.assert_close(got, F.linear(x, gq.dequantize(), bias), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(got, int4(x), rtol=2e-2, atol=2e-2)
+    # (4-bit: x rounded per group to int8, within about 1% of the float result)
+    tolerance = 1e-4 if fmt == "Q8_0" else 2e-2
+    torch.testing.assert_close(got, F.linear(x, gq.dequantize(), bias), rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(got, int4(x), rtol=3e-2, atol=3e-2)
 
 
 def test_kernel_selection(monkeypatch, caplog):
-    """Under float32 activations the group GEMM serves Q8_0, and the 4-bit formats with
-    IDLM_CPU_KERNEL=group; bfloat16 activations keep PyTorch's int4 kernel; IDLM_CPU_KERNEL=int4pack,
-    a CPU without AVX2 or a failed build fall back to it (the last two with a warning)."""
+    """Under float32 activations the group GEMM serves every format; bfloat16 activations keep
+    PyTorch's int4 kernel; IDLM_CPU_KERNEL=int4pack, a CPU without AVX2 or a failed build fall back
+    to it (the last two with a warning)."""
     group = "group" if group_gemm.group_gemm_module() is not None else "int4pack"
     for fmt in FORMATS:
         assert cpu_kernel(fmt, torch.bfloat16) == "int4pack"
-        assert cpu_kernel(fmt, torch.float32) == (group if fmt == "Q8_0" else "int4pack")
-    monkeypatch.setenv("IDLM_CPU_KERNEL", "group")
-    assert all(cpu_kernel(fmt, torch.float32) == group for fmt in FORMATS)
+        assert cpu_kernel(fmt, torch.float32) == group
 
     def fresh():
         monkeypatch.setattr(cpu_kernels, "_module", [])

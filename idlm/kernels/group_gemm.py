@@ -6,11 +6,11 @@ PyTorch's int4 weight-only kernel takes bfloat16 activations and returns bfloat1
 x86 form): a projection of a float32 model pays two conversions, and a quantised head cannot
 give float32 logits. This kernel reads the GGUF's codes as they are, takes and returns float32
 (Q8_0 codes meet float32 x; 4-bit ones, read as the file's own blocks of 20 (Q4_1) or 18 (Q4_0)
-bytes, meet x rounded per group of 32 to int16), and gives every row the same bits whatever the
-rows around it (the C++ file's header says how).
+bytes, meet x rounded per group of 32 to int8, as llama.cpp's own CPU dot products do), and gives
+every row the same bits whatever the rows around it (the C++ file's header says how).
 
-Which projections run on it: `loader.cpu_kernel` (Q8_0 by default; IDLM_CPU_KERNEL=group the
-4-bit formats too, IDLM_CPU_KERNEL=int4pack none, for comparisons). A CPU without AVX2, or a
+Which projections run on it: `loader.cpu_kernel` (every format under float32 activations;
+IDLM_CPU_KERNEL=int4pack none, for comparisons). A CPU without AVX2, or a
 machine where the build fails (no C++ compiler), falls back to PyTorch's kernel.
 """
 
@@ -29,9 +29,9 @@ def group_gemm_module():
 
 def group_linear_q4(x: torch.Tensor, blocks: torch.Tensor, block_bytes: int) -> torch.Tensor:
     """x [M, K] float32; blocks [N, K / 32 * block_bytes] uint8, llama.cpp's Q4_1 (20-byte) or
-    Q4_0 (18-byte) blocks as the file stores them. x meets them rounded per group of 32 to int16
-    (the group's dot product exact in int32, then scaled: 100x closer to the float result than
-    PyTorch's int4 kernel on bfloat16 x). Returns [M, N] float32."""
+    Q4_0 (18-byte) blocks as the file stores them. x meets them rounded per group of 32 to int8
+    (scale max|x| / 127; the group's dot product exact in int32, then scaled), llama.cpp's Q8_1
+    activations. Returns [M, N] float32."""
     return group_gemm_module().group_linear_q4(x, blocks, block_bytes)
 
 

@@ -1,5 +1,4 @@
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -234,16 +233,16 @@ def _float(w: GroupQuant | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def cpu_kernel(fmt: str, dtype: torch.dtype) -> str:
     """QuantLinear's kernel under activations of dtype. Under float32, where idlm's group GEMM
-    builds: Q8_0 on it (on this project's AVX2 CPU 2.5x PyTorch's int4 kernel's two planes for a
-    SmolLM2 projection at one row, and float32 logits for a head), the 4-bit formats on PyTorch's
-    int4 kernel unless IDLM_CPU_KERNEL=group (the group GEMM's int16 path matches it at one row and
-    trails it at four to eight, the rows of a round or a batch: benchmarks/RESULTS.md, issue 16).
-    Under bfloat16 (AMX or AVX-512 BF16 CPUs), PyTorch's int4 kernel, whose fast form takes it."""
+    builds, every format on it (Q8_0 2.5x PyTorch's int4 kernel's two planes at one row on this
+    project's AVX2 CPU, with float32 logits for a head; the 4-bit formats, x rounded per group to
+    int8, ~1.2x PyTorch's int4 kernel on bfloat16 x at one row: benchmarks/RESULTS.md, issue 16);
+    IDLM_CPU_KERNEL=int4pack keeps PyTorch's. Under bfloat16 (AMX or AVX-512 BF16 CPUs), PyTorch's
+    int4 kernel, whose fast form takes it."""
     from idlm.kernels.group_gemm import group_gemm_module
 
     if dtype != torch.float32 or group_gemm_module() is None:
         return "int4pack"
-    return "group" if fmt == "Q8_0" or os.environ.get("IDLM_CPU_KERNEL") == "group" else "int4pack"
+    return "group"
 
 
 def _linear(w: GroupQuant | torch.Tensor, dtype: torch.dtype) -> nn.Module:

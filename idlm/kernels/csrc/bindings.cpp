@@ -3,7 +3,6 @@
 #include <torch/extension.h>
 
 at::Tensor group_linear_q4(at::Tensor x, at::Tensor blocks, int64_t block_bytes);
-at::Tensor group_linear_q4_i8(at::Tensor x, at::Tensor blocks, int64_t block_bytes);
 at::Tensor group_linear_q8(at::Tensor x, at::Tensor codes, at::Tensor scale);
 at::Tensor rms_norm_rows(at::Tensor x, at::Tensor weight, double eps);
 std::vector<at::Tensor> add_rms_norm_rows(at::Tensor x, at::Tensor residual, at::Tensor weight, double eps);
@@ -14,8 +13,7 @@ at::Tensor rope_attend(at::Tensor qkv, at::Tensor cos, at::Tensor sin, at::Tenso
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_linear_q8", &group_linear_q8, "x W^T for Q8_0 codes and float32 scales, float32 x");
-  m.def("group_linear_q4", &group_linear_q4, "x W^T for Q4_0/Q4_1 blocks, x quantised to int16 per group");
-  m.def("group_linear_q4_i8", &group_linear_q4_i8, "x W^T for Q4_0/Q4_1 blocks, x quantised to int8 per group");
+  m.def("group_linear_q4", &group_linear_q4, "x W^T for Q4_0/Q4_1 blocks, x quantised to int8 per group");
   m.def("rms_norm_rows", &rms_norm_rows, "RMS norm of each row, times the weight");
   m.def("add_rms_norm_rows", &add_rms_norm_rows, "(rms_norm(residual + x), residual + x)");
   m.def("silu_mul_rows", &silu_mul_rows, "silu(gate) * up of a fused gate_up row");

@@ -58,49 +58,13 @@ void rows_block_q8(const float* x, int64_t x_stride, int64_t groups, const int8_
   }
 }
 
-// 4-bit codes against activations quantised per group of 32 to int16 (scale max|x| / 32767,
-// finer than bfloat16 unless a group's largest element is more than 128 times the others): the
-// group's dot product is exact in int32 (pmaddwd), so only the scaling is rounded. The weights
-// are llama.cpp's blocks as the file stores them, one stream: Q4_1 [d, m (float16), 16 bytes of
-// codes], Q4_0 [d, 16 bytes] (its offset -8 d).
-template <int kRows>
-void rows_block_q4(const int16_t* xq, const float* xs, const float* xsum, int64_t in, int64_t groups,
-                   const uint8_t* blocks, int64_t block_bytes, int64_t n_begin, int64_t n_end, float* y,
-                   int64_t y_stride) {
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  const bool has_min = block_bytes == 20;
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const uint8_t* row = blocks + n * groups * block_bytes;
-    __m256 acc[kRows];
-    float acc_off[kRows];
-    for (int r = 0; r < kRows; ++r) { acc[r] = _mm256_setzero_ps(); acc_off[r] = 0.0f; }
-    for (int64_t g = 0; g < groups; ++g) {
-      const uint8_t* block = row + g * block_bytes;
-      const float d = _cvtsh_ss(*reinterpret_cast<const uint16_t*>(block));
-      const float off = has_min ? _cvtsh_ss(*reinterpret_cast<const uint16_t*>(block + 2)) : d * -8.0f;
-      __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + block_bytes - kGroup / 2));
-      __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, mask));                     // elements 0..15
-      __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask));  // 16..31
-      for (int r = 0; r < kRows; ++r) {
-        const int16_t* xg = xq + r * in + g * kGroup;
-        __m256i dot = _mm256_add_epi32(
-            _mm256_madd_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg))),
-            _mm256_madd_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + 16))));
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d * xs[r * groups + g]), acc[r]);
-        acc_off[r] = std::fma(off, xsum[r * groups + g], acc_off[r]);
-      }
-    }
-    for (int r = 0; r < kRows; ++r) y[r * y_stride + n] = lane_sum(acc[r]) + acc_off[r];
-  }
-}
-
 // 4-bit codes against activations quantised per group of 32 to int8 (llama.cpp's Q8_1 layout,
 // scale max|x| / 127): u8 x i8 products summed in pairs (pmaddubsw, 32 products an instruction,
 // no saturation: 2 * 15 * 127 < 32767), then in fours (pmaddwd with ones), exact in int32; the
 // group's sum scaled by both scales. The offset term uses the rounded x's group sum, so the result
 // is the dot product of the dequantised weights with the rounded x.
 template <int kRows>
-void rows_block_q4_i8(const int8_t* xq, const float* xs, const float* xsum, int64_t in, int64_t groups,
+void rows_block_q4(const int8_t* xq, const float* xs, const float* xsum, int64_t in, int64_t groups,
                       const uint8_t* blocks, int64_t block_bytes, int64_t n_begin, int64_t n_end, float* y,
                       int64_t y_stride) {
   const __m128i mask = _mm_set1_epi8(0x0F);
@@ -131,52 +95,6 @@ void rows_block_q4_i8(const int8_t* xq, const float* xs, const float* xsum, int6
 
 }  // namespace
 
-// x [M, K] float32; blocks [N, K / 32 * block_bytes] uint8, Q4_1 (20 bytes a block) or Q4_0 (18).
-// The activations are quantised per group of 32 to int16 first (rows_block_q4). Returns [M, N].
-at::Tensor group_linear_q4(at::Tensor x, at::Tensor blocks, int64_t block_bytes) {
-  TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2, "x must be 2-D float32");
-  TORCH_CHECK(blocks.dtype() == at::kByte && blocks.is_contiguous(), "blocks must be contiguous uint8");
-  TORCH_CHECK(block_bytes == 18 || block_bytes == 20, "Q4_0 (18-byte) or Q4_1 (20-byte) blocks only");
-  x = x.contiguous();
-  const int64_t rows = x.size(0), in = x.size(1), out = blocks.size(0), groups = in / kGroup;
-  TORCH_CHECK(in % kGroup == 0 && blocks.size(1) == groups * block_bytes, "shapes do not fit");
-  auto xq = at::empty({rows, in}, x.options().dtype(at::kShort));
-  auto xs = at::empty({rows, groups}, x.options());
-  auto xsum = at::empty({rows, groups}, x.options());
-  const float* xp = x.data_ptr<float>();
-  int16_t* qp = xq.data_ptr<int16_t>();
-  float* sp = xs.data_ptr<float>();
-  float* sump = xsum.data_ptr<float>();
-  for (int64_t m = 0; m < rows; ++m)
-    for (int64_t g = 0; g < groups; ++g) {
-      const float* xg = xp + m * in + g * kGroup;
-      float amax = 0.0f, sum = 0.0f;
-      for (int64_t i = 0; i < kGroup; ++i) { amax = std::max(amax, std::fabs(xg[i])); sum += xg[i]; }
-      const float step = amax / 32767.0f, inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
-      for (int64_t i = 0; i < kGroup; ++i) qp[m * in + g * kGroup + i] = static_cast<int16_t>(std::nearbyint(xg[i] * inv));
-      sp[m * groups + g] = step;
-      sump[m * groups + g] = sum;
-    }
-  auto y = at::empty({rows, out}, x.options());
-  const uint8_t* bp = blocks.data_ptr<uint8_t>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, out, 64, [&](int64_t begin, int64_t end) {
-    int64_t m = 0;
-    for (; m + kRowBlock <= rows; m += kRowBlock)
-      rows_block_q4<kRowBlock>(qp + m * in, sp + m * groups, sump + m * groups, in, groups, bp, block_bytes, begin,
-                               end, yp + m * out, out);
-    const int64_t left = rows - m;
-    auto tail = [&](auto block) {
-      block(qp + m * in, sp + m * groups, sump + m * groups, in, groups, bp, block_bytes, begin, end, yp + m * out,
-            out);
-    };
-    if (left == 3) tail(rows_block_q4<3>);
-    else if (left == 2) tail(rows_block_q4<2>);
-    else if (left == 1) tail(rows_block_q4<1>);
-  });
-  return y;
-}
-
 // x [M, K] float32; codes [N, K] int8; scale [N, K / 32] float32 (Q8_0). Returns [M, N] float32.
 at::Tensor group_linear_q8(at::Tensor x, at::Tensor codes, at::Tensor scale) {
   TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2, "x must be 2-D float32");
@@ -206,8 +124,9 @@ at::Tensor group_linear_q8(at::Tensor x, at::Tensor codes, at::Tensor scale) {
   return y;
 }
 
-// As group_linear_q4, with x quantised per group of 32 to int8 (rows_block_q4_i8). Returns [M, N].
-at::Tensor group_linear_q4_i8(at::Tensor x, at::Tensor blocks, int64_t block_bytes) {
+// x [M, K] float32; blocks [N, K / 32 * block_bytes] uint8, Q4_1 (20 bytes a block) or Q4_0 (18).
+// The activations are quantised per group of 32 to int8 first (rows_block_q4). Returns [M, N].
+at::Tensor group_linear_q4(at::Tensor x, at::Tensor blocks, int64_t block_bytes) {
   TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2, "x must be 2-D float32");
   TORCH_CHECK(blocks.dtype() == at::kByte && blocks.is_contiguous(), "blocks must be contiguous uint8");
   TORCH_CHECK(block_bytes == 18 || block_bytes == 20, "Q4_0 (18-byte) or Q4_1 (20-byte) blocks only");
@@ -242,16 +161,16 @@ at::Tensor group_linear_q4_i8(at::Tensor x, at::Tensor blocks, int64_t block_byt
   at::parallel_for(0, out, 64, [&](int64_t begin, int64_t end) {
     int64_t m = 0;
     for (; m + kRowBlock <= rows; m += kRowBlock)
-      rows_block_q4_i8<kRowBlock>(qp + m * in, sp + m * groups, sump + m * groups, in, groups, bp, block_bytes,
+      rows_block_q4<kRowBlock>(qp + m * in, sp + m * groups, sump + m * groups, in, groups, bp, block_bytes,
                                   begin, end, yp + m * out, out);
     const int64_t left = rows - m;
     auto tail = [&](auto block) {
       block(qp + m * in, sp + m * groups, sump + m * groups, in, groups, bp, block_bytes, begin, end, yp + m * out,
             out);
     };
-    if (left == 3) tail(rows_block_q4_i8<3>);
-    else if (left == 2) tail(rows_block_q4_i8<2>);
-    else if (left == 1) tail(rows_block_q4_i8<1>);
+    if (left == 3) tail(rows_block_q4<3>);
+    else if (left == 2) tail(rows_block_q4<2>);
+    else if (left == 1) tail(rows_block_q4<1>);
   });
   return y;
 }
