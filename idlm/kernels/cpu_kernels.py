@@ -30,10 +30,12 @@ def _build():
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "idlm_cpu.so").exists():
         log.warning("building idlm's CPU kernels into %s (once, about a minute)", folder)
-    # -ffp-contract=off: only the FMAs written in the source, so no compiler may fuse others
+    # -ffp-contract=off: only the FMAs written in the source, so no compiler may fuse others.
+    # -fopenmp: at::parallel_for is OpenMP pragmas in ATen's headers, which without it run on one
+    # thread (the kernels split columns or (row, head) tasks between threads)
     return load(name="idlm_cpu", sources=[str(s) for s in SOURCES], build_directory=str(folder),
-                extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off"],
-                extra_include_paths=[str(SOURCES[0].parent)], verbose=False)
+                extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"],
+                extra_ldflags=["-fopenmp"], extra_include_paths=[str(SOURCES[0].parent)], verbose=False)
 
 
 def cpu_kernels():

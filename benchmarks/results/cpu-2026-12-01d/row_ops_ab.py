@@ -1,9 +1,11 @@
-"""The quantised default's CPU step three ways in one process, alternating (this VM's speed drifts
-by +-30% over minutes, so separate processes cannot rank them): before this change ("ops":
-PyTorch's ops for norms, rotary, attention and silu, 4-bit projections on PyTorch's int4 kernel),
-with idlm's row ops ("row_ops"), and with row ops and every 4-bit projection on the group GEMM's
-int8-activation path ("row_ops_i8"). 64 tokens of one chat, greedy, batch 1 and batch 8 (8 copies);
-every output checked against the first variant's.
+"""The quantised default's CPU step several ways in one process, alternating (this VM's speed drifts
+by +-30% over minutes, so separate processes cannot rank them): "ops": PyTorch's ops for norms,
+rotary, attention and silu, 4-bit projections on PyTorch's int4 kernel (the Q8_0 head on the group
+GEMM); "row_ops": idlm's row ops, 4-bit projections still on PyTorch's kernel; "row_ops_i8" (the
+default since 364c033): row ops and every projection on the group GEMM (4-bit on int8 activations).
+64 tokens of one chat, greedy, batch 1 and batch 8 (8 copies); whether each variant's outputs stay
+the same across its repeats ("steady"), and equal the first variant's (row ops round differently,
+so they need not).
 
     HF_HUB_OFFLINE=1 python benchmarks/results/cpu-2026-12-01d/row_ops_ab.py ar risd
 """
@@ -21,7 +23,7 @@ llms, use_row_ops = {}, {}
 real = loader.cpu_kernel
 for name in variants:
     i8 = name.endswith("_i8")
-    loader.cpu_kernel = (lambda fmt, dtype: "group") if i8 else real
+    loader.cpu_kernel = real if i8 else (lambda fmt, dtype: real(fmt, dtype) if fmt == "Q8_0" else "int4pack")
     llms[name] = LLM(progress=False)
     use_row_ops[name] = name != "ops"
 loader.cpu_kernel = real
