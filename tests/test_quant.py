@@ -324,6 +324,42 @@ def assert_rows_invariant(llm: LLM) -> None:
     assert alone <= head_inputs(llm, prompts, risd, batched=True)
 
 
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_cpu_stack_is_the_python_forward(quant_idlm, fmt):
+    """The layers as one C++ call (models/cpu_stack.py) give the head the bits the Python layers give
+    it, in ar steps, risd rounds (the gated LoRA on) and seeded sampling."""
+    llm = quant_idlm[fmt]
+    model = llm.engine.model
+    if model.model.norm.weight.dtype != torch.float32 or cpu_kernel("Q4_1", torch.float32) != "group":
+        pytest.skip("the CPU stack runs float32 activations on idlm's kernels")
+    stack = model.cpu_stack
+    assert stack is not None
+    prompts = prompts_for(5, 12, seed=9)
+    runs = [SamplingParams(mode="ar", temperature=0, max_tokens=16, ignore_eos=True),
+            SamplingParams(mode="risd", stride=4, stride_policy="fixed", temperature=0, max_tokens=16, ignore_eos=True),
+            SamplingParams(mode="risd", temperature=0.8, seed=2, max_tokens=16, ignore_eos=True)]
+    calls, real = [], stack.stack
+
+    class Counted:
+        def forward(self, *args):
+            calls.append(1)
+            return real.forward(*args)
+
+    stack.stack = Counted()
+    try:
+        with_stack = [head_inputs(llm, prompts, params, batched=True) for params in runs]
+        outs = [[o.token_ids for o in llm.generate(prompts, params)] for params in runs]
+    finally:
+        stack.stack = real
+    assert calls
+    model.cpu_stack = None
+    try:
+        assert [head_inputs(llm, prompts, params, batched=True) for params in runs] == with_stack
+        assert [[o.token_ids for o in llm.generate(prompts, params)] for params in runs] == outs
+    finally:
+        model.cpu_stack = stack
+
+
 def test_quantised_seeded_sampling_is_batch_invariant(quant_idlm):
     llm = quant_idlm["int4"]
     prompts = prompts_for(6, 12, seed=6)

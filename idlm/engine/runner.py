@@ -34,6 +34,7 @@ from idlm.kernels.attention import (
 )
 from idlm.kernels.cpu_memory import zeros
 from idlm.kernels.row_attention import RowExactPagedAttention
+from idlm.models.cpu_stack import CpuDecoderStack
 from idlm.models.transformer import CausalLM
 
 if TYPE_CHECKING:
@@ -214,6 +215,8 @@ class ModelRunner:
         runner.max_model_len = pool.max_model_len
         if row_exact:
             runner.cpu_attention = RowExactPagedAttention
+            if device.type == "cpu" and tp is None and not config.deterministic:
+                model.cpu_stack = CpuDecoderStack.build(model)
         if runner.device.type == "cuda":
             runner.use_padded_decode(config.max_num_seqs, pool.max_model_len + MAX_LOOKAHEAD,
                                      cuda_graphs=not config.enforce_eager and runner.use_triton)

@@ -1,4 +1,5 @@
-"""idlm's CPU kernels (csrc/: the group GEMM and the per-row steps of a decode layer), AVX2 + FMA
+"""idlm's CPU kernels (csrc/: the group GEMM, the per-row steps of a decode layer and the layers in
+one call), AVX2 + FMA
 + F16C, built with the compiler that PyTorch's extensions use on first use and kept under
 $IDLM_CACHE/kernels (one build per torch version; sources changed since: built again).
 
@@ -12,7 +13,8 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "group_gemm.cpp", "row_ops.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name
+           for name in ("bindings.cpp", "group_gemm.cpp", "row_ops.cpp", "decoder_stack.cpp")]
 _module: list = []  # [the built module or None], once tried
 
 

@@ -29,8 +29,8 @@ class RowExactPagedAttention(PagedKVWriter):
         _, num_layers, _, block_size, kv_heads, head_dim = kv_cache.shape
         device = kv_cache.device
         # each layer's cache as [slots, kv heads, head dim], viewed once a forward, not per layer
-        flat = kv_cache.view(2, num_layers, -1, kv_heads, head_dim)
-        self.k_layers, self.v_layers = flat[0].unbind(0), flat[1].unbind(0)
+        self.kv_layers = kv_cache.view(2, num_layers, -1, kv_heads, head_dim)
+        self.k_layers, self.v_layers = self.kv_layers[0].unbind(0), self.kv_layers[1].unbind(0)
         starts = batch.query_start
         context_lens = batch.context_lens.tolist()
         tables = batch.block_tables.tolist()

@@ -1,6 +1,7 @@
 """The elementwise steps and the attention of a CPU inference forward in one call each
 (csrc/row_ops.cpp, built with idlm's other CPU kernels): RMS norm, the residual add with the norm
-after it, the MLP's silu(gate) * up, and a layer's rotary, cache writes and per-row attention.
+after it, the MLP's silu(gate) * up, Qwen3's q/k norms, and a layer's rotary, cache writes and
+per-row attention.
 
 Each row is computed alone in a fixed order, so a row's bits do not depend on the rows that share
 the call. Used for float32 forwards on the CPU without autograd (an engine's steps);
@@ -40,3 +41,9 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return row_ops().silu_mul_rows(gate_up)
+
+
+def qk_norm(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, num_heads: int, num_kv_heads: int,
+            eps: float) -> torch.Tensor:
+    """A fused qkv projection's rows with each q head and each k head RMS-normed (Qwen3)."""
+    return row_ops().qk_norm_rows(qkv, q_weight, k_weight, num_heads, num_kv_heads, eps)

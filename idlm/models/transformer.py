@@ -177,9 +177,14 @@ class SelfAttention(nn.Module):
                 gate: torch.Tensor | None):
         lead = x.shape[:-1]
         qkv = project(self.qkv_proj, self.qkv_lora, x, gate)
-        packed = getattr(attn, "attend_packed", None) if self.q_norm is None else None
-        out = None if packed is None else packed(self.layer, qkv, *rope, self.num_heads)
-        if out is not None:  # (the CPU's row-exact attention: rotary, cache writes and attention in one call)
+        # the CPU's row-exact attention: q/k norms, rotary, cache writes and attention in a call or two
+        packed = getattr(attn, "attend_packed", None)
+        out = None
+        if packed is not None and (self.q_norm is None or row_ops.applies(qkv)):
+            normed = qkv if self.q_norm is None else row_ops.qk_norm(
+                qkv, self.q_norm.weight, self.k_norm.weight, self.num_heads, self.num_kv_heads, self.q_norm.eps)
+            out = packed(self.layer, normed, *rope, self.num_heads)
+        if out is not None:
             out = project(self.o_proj, self.o_lora, out, gate)
             return out if self.all_reduce is None else self.all_reduce(out)
         # a backend that rotates as it writes the cache does both in one kernel (not in deterministic
@@ -310,6 +315,7 @@ class CausalLM(nn.Module):
         # An adapter may bring its own MASK row, possibly for an id past the vocabulary.
         self.mask_embedding: nn.Parameter | None = None
         self.mask_embedding_id: int | None = None
+        self.cpu_stack: Callable | None = None  # a CPU engine's layers in one call (models/cpu_stack.py)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend,
                 lora_gate: torch.Tensor | None = None) -> torch.Tensor:
@@ -320,6 +326,8 @@ class CausalLM(nn.Module):
         x = self.embed(input_ids)
         rope = self.rotary(positions)
         gate = None if lora_gate is None else lora_gate.to(x.dtype)
+        if self.cpu_stack is not None and (hidden := self.cpu_stack(x, rope, attn, gate)) is not None:
+            return hidden
         residual = None
         for layer in self.model.layers:
             x, residual = layer(x, residual, rope, attn, gate)

@@ -74,6 +74,25 @@ at::Tensor rms_norm_rows(at::Tensor input, at::Tensor weight, double eps) {
   return y;
 }
 
+// qkv [M, (H + 2 KV) D] with each q head normed by q_weight and each k head by k_weight (Qwen3's q/k
+// norms; v as it is), as rms_norm_rows computes each head.
+at::Tensor qk_norm_rows(at::Tensor qkv, at::Tensor q_weight, at::Tensor k_weight, int64_t num_heads,
+                        int64_t num_kv_heads, double eps) {
+  qkv = qkv.contiguous();
+  check_rows(qkv, "qkv");
+  const int64_t d = q_weight.numel(), width = qkv.size(1);
+  TORCH_CHECK(q_weight.dtype() == at::kFloat && k_weight.dtype() == at::kFloat && q_weight.is_contiguous() &&
+                  k_weight.is_contiguous() && k_weight.numel() == d && width == (num_heads + 2 * num_kv_heads) * d,
+              "q/k norm weights must be contiguous float32 of the head dim, qkv (heads + 2 kv heads) of them");
+  auto out = qkv.clone();
+  const float *src = qkv.data_ptr<float>(), *qw = q_weight.data_ptr<float>(), *kw = k_weight.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  for (int64_t r = 0; r < qkv.size(0); ++r)
+    for (int64_t h = 0; h < num_heads + num_kv_heads; ++h)
+      norm_row(src + r * width + h * d, h < num_heads ? qw : kw, static_cast<float>(eps), d, dst + r * width + h * d);
+  return out;
+}
+
 // (rms_norm(residual + x), residual + x)
 std::vector<at::Tensor> add_rms_norm_rows(at::Tensor input, at::Tensor residual_in, at::Tensor weight, double eps) {
   TORCH_CHECK(input.sizes() == residual_in.sizes(), "x and residual must have one shape");
