@@ -2,7 +2,8 @@
 by +-30% over minutes, so separate processes cannot rank them): "ops": PyTorch's ops for norms,
 rotary, attention and silu, 4-bit projections on PyTorch's int4 kernel (the Q8_0 head on the group
 GEMM); "row_ops": idlm's row ops, 4-bit projections still on PyTorch's kernel; "row_ops_i8" (the
-default since 364c033): row ops and every projection on the group GEMM (4-bit on int8 activations).
+default since 364c033): row ops and every projection on the group GEMM (4-bit on int8 activations);
+"stack" (the default since the decoder stack commit): the same with the layers in one C++ call.
 64 tokens of one chat, greedy, batch 1 and batch 8 (8 copies); whether each variant's outputs stay
 the same across its repeats ("steady"), and equal the first variant's (row ops round differently,
 so they need not).
@@ -18,14 +19,16 @@ from idlm import LLM, SamplingParams
 from idlm.kernels import row_ops
 from idlm.models import loader
 
-variants = os.environ.get("VARIANTS", "ops,row_ops,row_ops_i8").split(",")
+variants = os.environ.get("VARIANTS", "ops,row_ops,row_ops_i8,stack").split(",")
 llms, use_row_ops = {}, {}
 real = loader.cpu_kernel
 for name in variants:
-    i8 = name.endswith("_i8")
-    loader.cpu_kernel = real if i8 else (lambda fmt, dtype: real(fmt, dtype) if fmt == "Q8_0" else "int4pack")
+    group = name.endswith("_i8") or name == "stack"
+    loader.cpu_kernel = real if group else (lambda fmt, dtype: real(fmt, dtype) if fmt == "Q8_0" else "int4pack")
     llms[name] = LLM(progress=False)
     use_row_ops[name] = name != "ops"
+    if name != "stack":
+        llms[name].engine.model.cpu_stack = None
 loader.cpu_kernel = real
 first = next(iter(llms.values()))
 ids = first.engine.chat_prompt([{"role": "user", "content": "Explain how a bicycle stays upright."}])
