@@ -208,12 +208,17 @@ def test_row_exact_attention_does_not_depend_on_batch_mates(dtype, dim):
 # ---------------------------------------------------------------- selection
 
 
+@pytest.mark.parametrize("kernels", [True, False])
 @pytest.mark.parametrize("bf16", [True, False])
-def test_dtype_selection(monkeypatch, bf16):
+def test_dtype_selection(monkeypatch, bf16, kernels):
+    """Quantised weights run bfloat16 activations only on a bfloat16 CPU without idlm's kernels."""
+    from idlm.kernels import group_gemm
+
     monkeypatch.setattr(loader, "cpu_has_bf16", lambda: bf16)
+    monkeypatch.setattr(group_gemm, "group_gemm_module", lambda: object() if kernels else None)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert loader.auto_dtype(cpu, "gguf") == ("bfloat16" if bf16 else "float32")
-    assert loader.auto_dtype(cpu, "int4") == ("bfloat16" if bf16 else "float32")
+    assert loader.auto_dtype(cpu, "gguf") == ("bfloat16" if bf16 and not kernels else "float32")
+    assert loader.auto_dtype(cpu, "int4") == ("bfloat16" if bf16 and not kernels else "float32")
     assert loader.auto_dtype(cpu, "none") == "float32"
     assert loader.auto_dtype(cuda, "none") == "bfloat16"
 

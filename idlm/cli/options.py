@@ -45,7 +45,7 @@ MODEL = option("--model", default=None, help=MODEL_HELP)
 DEVICE = option("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
 DTYPE = option("--dtype", default="auto", choices=DTYPES,
                help="activation and KV dtype (default: bfloat16 on CUDA; on CPU float32, or bfloat16 with quantised "
-                    "weights where the CPU has AMX or AVX-512 BF16)")
+                    "weights where the CPU has AMX or AVX-512 BF16 and idlm's CPU kernels do not build)")
 QUANTIZATION = option("--quantization", default="auto", choices=QUANTIZATIONS,
                       help="CPU weights: auto (a GGUF's own quantised blocks on the CPU, else as stored), none "
                            "(dequantise to float), gguf, or int8 / int4 (round a safetensors model's projections "

@@ -90,12 +90,18 @@ def cpu_has_bf16() -> bool:
 
 
 def auto_dtype(device: torch.device, quantization: str) -> str:
-    """bfloat16 on CUDA; on the CPU bfloat16 activations for quantised weights where the CPU
-    computes in bfloat16, else float32 (float32 for float weights: a CPU bfloat16 GEMM's rows
-    depend on how many rows it has)."""
+    """bfloat16 on CUDA. On the CPU float32 (for float weights because a CPU bfloat16 GEMM's rows
+    depend on how many rows it has; for quantised ones because idlm's CPU kernels take float32:
+    on an AMX Xeon's 2 threads they ran the default 1.75x PyTorch's int4 kernel on bfloat16 at
+    batch 1, benchmarks/RESULTS.md, issue 16), except quantised weights on a CPU that computes
+    in bfloat16 where idlm's kernels do not run (not built, or IDLM_CPU_KERNEL=int4pack)."""
     if device.type == "cuda":
         return "bfloat16"
-    return "bfloat16" if quantization != "none" and cpu_has_bf16() else "float32"
+    if quantization == "none" or not cpu_has_bf16():
+        return "float32"
+    from idlm.kernels.group_gemm import group_gemm_module
+
+    return "float32" if group_gemm_module() is not None else "bfloat16"
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:

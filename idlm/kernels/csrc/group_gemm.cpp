@@ -93,6 +93,34 @@ void rows_block_q4(const int8_t* xq, const float* xs, const float* xsum, int64_t
   }
 }
 
+// x [M, K] rounded per group of 32 to int8 (llama.cpp's Q8_1 activations): codes xq [M, K], the
+// groups' steps xs = max|x_g| / 127 [M, K / 32], and the rounded groups' sums xs * sum(xq) [M, K / 32].
+void quantize_rows_i8(const at::Tensor& x, at::Tensor& xq, at::Tensor& xs, at::Tensor& xsum) {
+  const int64_t rows = x.size(0), in = x.size(1), groups = in / kGroup;
+  xq = at::empty({rows, in}, x.options().dtype(at::kChar));
+  xs = at::empty({rows, groups}, x.options());
+  xsum = at::empty({rows, groups}, x.options());
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = xq.data_ptr<int8_t>();
+  float* sp = xs.data_ptr<float>();
+  float* sump = xsum.data_ptr<float>();
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* xg = xp + m * in + g * kGroup;
+      float amax = 0.0f;
+      for (int64_t i = 0; i < kGroup; ++i) amax = std::max(amax, std::fabs(xg[i]));
+      const float step = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      int32_t sum = 0;
+      for (int64_t i = 0; i < kGroup; ++i) {
+        const int32_t q = static_cast<int32_t>(std::nearbyint(xg[i] * inv));
+        qp[m * in + g * kGroup + i] = static_cast<int8_t>(q);
+        sum += q;
+      }
+      sp[m * groups + g] = step;
+      sump[m * groups + g] = step * static_cast<float>(sum);
+    }
+}
+
 }  // namespace
 
 // x [M, K] float32; codes [N, K] int8; scale [N, K / 32] float32 (Q8_0). Returns [M, N] float32.
@@ -133,28 +161,11 @@ at::Tensor group_linear_q4(at::Tensor x, at::Tensor blocks, int64_t block_bytes)
   x = x.contiguous();
   const int64_t rows = x.size(0), in = x.size(1), out = blocks.size(0), groups = in / kGroup;
   TORCH_CHECK(in % kGroup == 0 && blocks.size(1) == groups * block_bytes, "shapes do not fit");
-  auto xq = at::empty({rows, in}, x.options().dtype(at::kChar));
-  auto xs = at::empty({rows, groups}, x.options());
-  auto xsum = at::empty({rows, groups}, x.options());
-  const float* xp = x.data_ptr<float>();
-  int8_t* qp = xq.data_ptr<int8_t>();
-  float* sp = xs.data_ptr<float>();
-  float* sump = xsum.data_ptr<float>();
-  for (int64_t m = 0; m < rows; ++m)
-    for (int64_t g = 0; g < groups; ++g) {
-      const float* xg = xp + m * in + g * kGroup;
-      float amax = 0.0f;
-      for (int64_t i = 0; i < kGroup; ++i) amax = std::max(amax, std::fabs(xg[i]));
-      const float step = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-      int32_t sum = 0;
-      for (int64_t i = 0; i < kGroup; ++i) {
-        const int32_t q = static_cast<int32_t>(std::nearbyint(xg[i] * inv));
-        qp[m * in + g * kGroup + i] = static_cast<int8_t>(q);
-        sum += q;
-      }
-      sp[m * groups + g] = step;
-      sump[m * groups + g] = step * static_cast<float>(sum);
-    }
+  at::Tensor xq, xs, xsum;
+  quantize_rows_i8(x, xq, xs, xsum);
+  const int8_t* qp = xq.data_ptr<int8_t>();
+  const float* sp = xs.data_ptr<float>();
+  const float* sump = xsum.data_ptr<float>();
   auto y = at::empty({rows, out}, x.options());
   const uint8_t* bp = blocks.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
@@ -174,3 +185,4 @@ at::Tensor group_linear_q4(at::Tensor x, at::Tensor blocks, int64_t block_bytes)
   });
   return y;
 }
+
