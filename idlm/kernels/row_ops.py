@@ -1,7 +1,7 @@
 """The elementwise steps and the attention of a CPU inference forward in one call each
 (csrc/row_ops.cpp, built with idlm's other CPU kernels): RMS norm, the residual add with the norm
-after it, the MLP's silu(gate) * up, Qwen3's q/k norms, and a layer's rotary, cache writes and
-per-row attention.
+after it, the MLP's silu(gate) * up, Qwen3's q/k norms, the gated LoRA's delta on its gated rows,
+and a layer's rotary, cache writes and per-row attention.
 
 Each row is computed alone in a fixed order, so a row's bits do not depend on the rows that share
 the call. Used for float32 forwards on the CPU without autograd (an engine's steps);
@@ -47,3 +47,12 @@ def qk_norm(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, n
             eps: float) -> torch.Tensor:
     """A fused qkv projection's rows with each q head and each k head RMS-normed (Qwen3)."""
     return row_ops().qk_norm_rows(qkv, q_weight, k_weight, num_heads, num_kv_heads, eps)
+
+
+def gated_lora_add(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                   gate: torch.Tensor) -> torch.Tensor:
+    """out + (x A^T) B^T * gate on the gated rows, the others out's own (the gated LoRA's delta)."""
+    width = x.shape[-1]
+    total = row_ops().gated_lora_add(out.reshape(-1, out.shape[-1]), x.reshape(-1, width), lora_a, lora_b,
+                                     gate.reshape(-1))
+    return total.view(out.shape)

@@ -12,7 +12,7 @@ import torch
 from idlm.kernels.cpu_kernels import cpu_kernels
 from idlm.kernels.row_attention import RowExactPagedAttention
 from idlm.kernels.row_ops import row_ops
-from idlm.models.quant import BLOCK_BYTES, QuantLinear
+from idlm.models.quant import QuantLinear
 
 
 class CpuDecoderStack:
@@ -26,7 +26,7 @@ class CpuDecoderStack:
         if os.environ.get("IDLM_CPU_STACK", "1") == "0" or row_ops() is None or cpu_kernels() is None:
             return None
         cfg = model.cfg
-        norms, block_bytes, weights, lora, qk_norms = [], [], [], [], []
+        norms, out_features, weights, lora, qk_norms = [], [], [], [], []
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             if attn.all_reduce is not None or mlp.all_reduce is not None:
@@ -39,18 +39,18 @@ class CpuDecoderStack:
                 if not isinstance(linear, QuantLinear) or linear.kernel != "group" or linear.bias is not None:
                     return None
                 if linear.fmt == "Q8_0":
-                    block_bytes.append(0)
+                    out_features.append(0)
                     weights += [linear.codes, linear.scale]
                 else:
-                    block_bytes.append(BLOCK_BYTES[linear.fmt])
-                    weights += [linear.blocks, linear.blocks]  # (the second unused)
+                    out_features.append(linear.out_features)
+                    weights += [linear.codes, linear.scales]
                 if adapter is not None and (adapter.fused_B is None or adapter.wide_weight is not None):
                     return None
                 lora += [None, None] if adapter is None else [adapter.lora_A.detach(), adapter.fused_B]
         norms.append(model.model.norm.weight)
         if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in norms + qk_norms):
             return None
-        stack = cpu_kernels().DecoderStack([n.detach() for n in norms], block_bytes, weights, lora,
+        stack = cpu_kernels().DecoderStack([n.detach() for n in norms], out_features, weights, lora,
                                            [n.detach() for n in qk_norms], cfg.rms_norm_eps, cfg.num_heads,
                                            cfg.num_kv_heads)
         return cls(stack, cfg.head_dim)

@@ -17,6 +17,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from idlm.kernels import row_ops
+
 if TYPE_CHECKING:
     from idlm.models.transformer import CausalLM
 
@@ -124,6 +126,9 @@ class GatedLoRA(nn.Module):
             from idlm.kernels.triton_lora import gated_lora_add_
 
             return gated_lora_add_(out, x, self.lora_A, self.fused_B, gate, invariant=self.batch_invariant)
+        if self.fused_B is not None and row_ops.applies(x) and out.dtype == torch.float32:
+            # (a CPU engine: the gated rows alone, one C++ call; the decoder stack calls the same)
+            return row_ops.gated_lora_add(out, x, self.lora_A, self.fused_B, gate)
         return out + self(x, gate)
 
 

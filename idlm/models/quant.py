@@ -141,7 +141,7 @@ def _inverse(d: torch.Tensor) -> torch.Tensor:
 class QuantLinear(nn.Module):
     """y = x W^T (+ b) with W groupwise quantised. Two kernels: PyTorch's int4 one (`int4pack`),
     whose activations enter as bfloat16 (its vectorised x86 form) and leave as bfloat16, and
-    idlm's group GEMM (`group`, kernels/group_gemm.py: the file's 4-bit blocks as they are, Q8_0
+    idlm's group GEMM (`group`, kernels/group_gemm.py: the file's 4-bit blocks repacked, Q8_0
     codes and scales, float32 in and out, AVX2). Both accumulate each output in float32 in an
     order that does not depend on the other rows."""
 
@@ -159,9 +159,11 @@ class QuantLinear(nn.Module):
                 self.register_buffer("codes", weight.codes.clone())
                 self.register_buffer("scale", weight.scale.clone())
                 self.gemm = module.group_linear_q8
-            else:  # the file's blocks, one stream (a new array)
-                self.register_buffer("blocks", torch.from_numpy(to_gguf_blocks(weight)))
-                self.gemm = module.group_linear_q4
+            else:  # the file's blocks, repacked eight columns at a time (kernels/csrc/group_gemm.cpp)
+                codes, scales = module.repack_q4(torch.from_numpy(to_gguf_blocks(weight)), BLOCK_BYTES[self.fmt])
+                self.register_buffer("codes", codes)
+                self.register_buffer("scales", scales)
+                self.gemm = module.group_linear_q4x8
             return
         planes = weight.int4_planes()
         self.num_planes = len(planes)
@@ -186,7 +188,7 @@ class QuantLinear(nn.Module):
             if self.fmt == "Q8_0":
                 out = self.gemm(flat, self.codes, self.scale)
             else:
-                out = self.gemm(flat, self.blocks, BLOCK_BYTES[self.fmt])
+                out = self.gemm(flat, self.codes, self.scales, self.out_features)
             out = out if x.dtype == torch.float32 else out.to(x.dtype)
             if self.bias is not None:
                 out = out + self.bias

@@ -5,11 +5,13 @@
 #include <optional>
 #include <vector>
 
-at::Tensor group_linear_q4(at::Tensor x, at::Tensor blocks, int64_t block_bytes);
+std::vector<at::Tensor> repack_q4(at::Tensor blocks, int64_t block_bytes);
+at::Tensor group_linear_q4x8(at::Tensor x, at::Tensor codes, at::Tensor scales, int64_t out_features);
 at::Tensor group_linear_q8(at::Tensor x, at::Tensor codes, at::Tensor scale);
 at::Tensor rms_norm_rows(at::Tensor x, at::Tensor weight, double eps);
 std::vector<at::Tensor> add_rms_norm_rows(at::Tensor x, at::Tensor residual, at::Tensor weight, double eps);
 at::Tensor silu_mul_rows(at::Tensor gate_up);
+at::Tensor gated_lora_add(at::Tensor out, at::Tensor x, at::Tensor a, at::Tensor b, at::Tensor gate);
 at::Tensor qk_norm_rows(at::Tensor qkv, at::Tensor q_weight, at::Tensor k_weight, int64_t num_heads,
                         int64_t num_kv_heads, double eps);
 at::Tensor rope_attend(at::Tensor qkv, at::Tensor cos, at::Tensor sin, at::Tensor k_cache, at::Tensor v_cache,
@@ -22,10 +24,10 @@ at::Tensor rope_attend(at::Tensor qkv, at::Tensor cos, at::Tensor sin, at::Tenso
 class DecoderStack {
  public:
   // norms: 2 a layer, then the final norm. Per layer, its projections qkv, o, gate_up, down in
-  // order: block_bytes (18 or 20: Q4_0/Q4_1 blocks in weights[2 i]; 0: Q8_0 codes and scales in
-  // weights[2 i], weights[2 i + 1]), and the LoRA's A and scaled B (lora[2 i], lora[2 i + 1]; None:
+  // order: out_features (4-bit: repack_q4's codes and scales in weights[2 i], weights[2 i + 1]; 0:
+  // Q8_0 codes and scales there), and the LoRA's A and scaled B (lora[2 i], lora[2 i + 1]; None:
   // no adapter on it). qk_norms: each layer's q and k norm weights, or empty.
-  DecoderStack(std::vector<at::Tensor> norms, std::vector<int64_t> block_bytes, std::vector<at::Tensor> weights,
+  DecoderStack(std::vector<at::Tensor> norms, std::vector<int64_t> out_features, std::vector<at::Tensor> weights,
                std::vector<std::optional<at::Tensor>> lora, std::vector<at::Tensor> qk_norms, double eps,
                int64_t num_heads, int64_t num_kv_heads);
   // x: the embedded rows [M, hidden]; cos, sin [M, head dim]; kv_cache [2, layers, slots, kv heads,
@@ -37,7 +39,7 @@ class DecoderStack {
  private:
   at::Tensor project(int64_t index, const at::Tensor& x, const std::optional<at::Tensor>& gate) const;
   std::vector<at::Tensor> norms_;
-  std::vector<int64_t> block_bytes_;
+  std::vector<int64_t> out_features_;
   std::vector<at::Tensor> weights_;
   std::vector<std::optional<at::Tensor>> lora_;
   std::vector<at::Tensor> qk_norms_;

@@ -4,39 +4,36 @@
 // so the same bits, without it.
 #include "cpu_kernels.h"
 
-DecoderStack::DecoderStack(std::vector<at::Tensor> norms, std::vector<int64_t> block_bytes,
+DecoderStack::DecoderStack(std::vector<at::Tensor> norms, std::vector<int64_t> out_features,
                            std::vector<at::Tensor> weights, std::vector<std::optional<at::Tensor>> lora,
                            std::vector<at::Tensor> qk_norms, double eps, int64_t num_heads, int64_t num_kv_heads)
     : norms_(std::move(norms)),
-      block_bytes_(std::move(block_bytes)),
+      out_features_(std::move(out_features)),
       weights_(std::move(weights)),
       lora_(std::move(lora)),
       qk_norms_(std::move(qk_norms)),
       eps_(eps),
       num_heads_(num_heads),
       num_kv_heads_(num_kv_heads) {
-  const size_t projections = block_bytes_.size();
+  const size_t projections = out_features_.size();
   TORCH_CHECK(projections % 4 == 0 && norms_.size() == projections / 2 + 1 && weights_.size() == 2 * projections &&
                   lora_.size() == 2 * projections && (qk_norms_.empty() || qk_norms_.size() == projections / 2),
               "a DecoderStack takes 2 norms and 4 projections a layer (and 2 q/k norms or none), and the final norm");
 }
 
 at::Tensor DecoderStack::project(int64_t index, const at::Tensor& x, const std::optional<at::Tensor>& gate) const {
-  const int64_t bytes = block_bytes_[index];
-  at::Tensor out = bytes ? group_linear_q4(x, weights_[2 * index], bytes)
-                         : group_linear_q8(x, weights_[2 * index], weights_[2 * index + 1]);
+  const int64_t out_features = out_features_[index];
+  at::Tensor out = out_features ? group_linear_q4x8(x, weights_[2 * index], weights_[2 * index + 1], out_features)
+                                : group_linear_q8(x, weights_[2 * index], weights_[2 * index + 1]);
   const auto& a = lora_[2 * index];
-  if (gate.has_value() && a.has_value()) {
-    // GatedLoRA.add_to on the CPU: out + (x A^T) B^T * gate, the same ATen calls
-    out = out + at::linear(at::linear(x, *a), *lora_[2 * index + 1]) * gate->unsqueeze(-1);
-  }
+  if (gate.has_value() && a.has_value()) out = gated_lora_add(out, x, *a, *lora_[2 * index + 1], *gate);  // (as GatedLoRA.add_to)
   return out;
 }
 
 at::Tensor DecoderStack::forward(at::Tensor x, at::Tensor cos, at::Tensor sin, at::Tensor kv_cache,
                                  std::vector<at::Tensor> tables, double scale, std::optional<at::Tensor> gate) const {
   TORCH_CHECK(tables.size() == 6, "rope_attend's six tables");
-  const int64_t layers = static_cast<int64_t>(block_bytes_.size()) / 4;
+  const int64_t layers = static_cast<int64_t>(out_features_.size()) / 4;
   TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2 && kv_cache.size(1) == layers,
               "kv_cache must be [2, layers, slots, kv heads, head dim]");
   at::Tensor residual, h;

@@ -3,11 +3,10 @@
 // kernels/cpu_kernels.py.
 //
 // Each output element (row m, column n) is computed by the same instructions in the same order
-// whatever the number of rows: for each group g in order, the group's eight-lane partial dot
-// product is scaled and added to one eight-lane accumulator, the offset times the group's sum of x
-// to a scalar one; the lanes are summed at the end in a fixed tree. Rows are taken up to four at a
-// time only to decode a group's codes once for them, so a row's bits do not depend on the rows
-// around it.
+// whatever the number of rows: for each group g in order, the group's partial dot product is scaled
+// and added to an eight-lane accumulator (Q8_0: eight lanes of one column's inputs, summed at the end
+// in a fixed tree; 4-bit: eight columns, a lane each). Rows are taken up to four at a time only to
+// decode a group's codes once for them, so a row's bits do not depend on the rows around it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -58,38 +57,54 @@ void rows_block_q8(const float* x, int64_t x_stride, int64_t groups, const int8_
   }
 }
 
-// 4-bit codes against activations quantised per group of 32 to int8 (llama.cpp's Q8_1 layout,
-// scale max|x| / 127): u8 x i8 products summed in pairs (pmaddubsw, 32 products an instruction,
-// no saturation: 2 * 15 * 127 < 32767), then in fours (pmaddwd with ones), exact in int32; the
-// group's sum scaled by both scales. The offset term uses the rounded x's group sum, so the result
-// is the dot product of the dequantised weights with the rounded x.
+// 4-bit weights repacked eight output columns at a time (repack_q4), against activations rounded
+// per group of 32 to int8 (llama.cpp's Q8_1). In a block of eight columns and a group of 32 inputs
+// the codes are eight vectors of 32 bytes, vector s holding inputs 4s..4s+3 of each column j at
+// bytes 4j..4j+3 (two vectors a 32-byte load, as low and high nibbles). With x's four bytes 4s..4s+3
+// broadcast, pmaddubsw gives each column two sums of two products; the eight vectors' sums add up
+// in int16 (at most 8 * 2 * 15 * 127 = 30480) and pmaddwd adds each column's two: the group's dot
+// product of every column in one vector's lanes, exact in int32, then scaled by the columns' d
+// times x's step; the offsets m times x's rounded group sum likewise. Lanes are columns, so nothing
+// is summed across lanes, and each (row, column) takes the same instructions whatever the rows.
+constexpr int64_t kColumns = 8;
+constexpr int64_t kPackedGroupBytes = kColumns * kGroup / 2;  // 128
+
 template <int kRows>
-void rows_block_q4(const int8_t* xq, const float* xs, const float* xsum, int64_t in, int64_t groups,
-                      const uint8_t* blocks, int64_t block_bytes, int64_t n_begin, int64_t n_end, float* y,
-                      int64_t y_stride) {
-  const __m128i mask = _mm_set1_epi8(0x0F);
+void rows_block_q4x8(const int8_t* xq, const float* xs, const float* xsum, int64_t in, int64_t groups,
+                     const uint8_t* codes, const uint16_t* scales, int64_t b_begin, int64_t b_end, float* y,
+                     int64_t y_stride, int64_t out) {
+  const __m256i mask = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
-  const bool has_min = block_bytes == 20;
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const uint8_t* row = blocks + n * groups * block_bytes;
+  for (int64_t b = b_begin; b < b_end; ++b) {
     __m256 acc[kRows];
-    float acc_off[kRows];
-    for (int r = 0; r < kRows; ++r) { acc[r] = _mm256_setzero_ps(); acc_off[r] = 0.0f; }
+    for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
-      const uint8_t* block = row + g * block_bytes;
-      const float d = _cvtsh_ss(*reinterpret_cast<const uint16_t*>(block));
-      const float off = has_min ? _cvtsh_ss(*reinterpret_cast<const uint16_t*>(block + 2)) : d * -8.0f;
-      __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + block_bytes - kGroup / 2));
-      // elements 0..15 (low nibbles) in the low lane, 16..31 (high nibbles) in the high one
-      __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask), _mm_and_si128(bytes, mask));
+      const uint8_t* packed = codes + (b * groups + g) * kPackedGroupBytes;
+      const uint16_t* dm = scales + (b * groups + g) * 2 * kColumns;
+      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dm)));
+      const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dm + kColumns)));
+      __m256i w[8];
+      for (int q = 0; q < 4; ++q) {
+        const __m256i chunk = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + 32 * q));
+        w[2 * q] = _mm256_and_si256(chunk, mask);
+        w[2 * q + 1] = _mm256_and_si256(_mm256_srli_epi16(chunk, 4), mask);
+      }
       for (int r = 0; r < kRows; ++r) {
-        __m256i xg = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * in + g * kGroup));
-        __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xg), ones);
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d * xs[r * groups + g]), acc[r]);
-        acc_off[r] = std::fma(off, xsum[r * groups + g], acc_off[r]);
+        const int8_t* xg = xq + r * in + g * kGroup;
+        __m256i sum = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(xg)));
+        for (int s = 1; s < 8; ++s)
+          sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(
+                                          w[s], _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(xg + 4 * s))));
+        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum, ones));
+        acc[r] = _mm256_fmadd_ps(dot, _mm256_mul_ps(d, _mm256_set1_ps(xs[r * groups + g])), acc[r]);
+        acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(xsum[r * groups + g]), acc[r]);
       }
     }
-    for (int r = 0; r < kRows; ++r) y[r * y_stride + n] = lane_sum(acc[r]) + acc_off[r];
+    const int64_t n = b * kColumns, left = std::min<int64_t>(kColumns, out - n);
+    for (int r = 0; r < kRows; ++r) {
+      if (left == kColumns) _mm256_storeu_ps(y + r * y_stride + n, acc[r]);
+      else idlm::store_partial(y + r * y_stride + n, acc[r], static_cast<int>(left));
+    }
   }
 }
 
@@ -152,37 +167,74 @@ at::Tensor group_linear_q8(at::Tensor x, at::Tensor codes, at::Tensor scale) {
   return y;
 }
 
-// x [M, K] float32; blocks [N, K / 32 * block_bytes] uint8, Q4_1 (20 bytes a block) or Q4_0 (18).
-// The activations are quantised per group of 32 to int8 first (rows_block_q4). Returns [M, N].
-at::Tensor group_linear_q4(at::Tensor x, at::Tensor blocks, int64_t block_bytes) {
-  TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2, "x must be 2-D float32");
-  TORCH_CHECK(blocks.dtype() == at::kByte && blocks.is_contiguous(), "blocks must be contiguous uint8");
+// llama.cpp's Q4_1 (20-byte) or Q4_0 (18-byte) blocks [N, K / 32 * block_bytes] repacked for
+// rows_block_q4x8: codes [ceil(N / 8), K / 32, 128] uint8 and scales [ceil(N / 8), K / 32, 16]
+// (float16 bits: the eight columns' d, then their m; Q4_0's m is -8 d, exact in float16). Columns
+// past N are zero.
+std::vector<at::Tensor> repack_q4(at::Tensor blocks, int64_t block_bytes) {
+  TORCH_CHECK(blocks.dtype() == at::kByte && blocks.dim() == 2 && blocks.is_contiguous(), "blocks must be 2-D uint8");
   TORCH_CHECK(block_bytes == 18 || block_bytes == 20, "Q4_0 (18-byte) or Q4_1 (20-byte) blocks only");
+  const int64_t n = blocks.size(0), groups = blocks.size(1) / block_bytes, nb = (n + kColumns - 1) / kColumns;
+  TORCH_CHECK(blocks.size(1) == groups * block_bytes, "blocks' width must be whole blocks");
+  auto codes = at::zeros({nb, groups, kPackedGroupBytes}, blocks.options());
+  auto scales = at::zeros({nb, groups, 2 * kColumns}, blocks.options().dtype(at::kShort));
+  const uint8_t* src = blocks.data_ptr<uint8_t>();
+  uint8_t* cp = codes.data_ptr<uint8_t>();
+  uint16_t* sp = reinterpret_cast<uint16_t*>(scales.data_ptr<int16_t>());
+  for (int64_t col = 0; col < n; ++col)
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint8_t* block = src + (col * groups + g) * block_bytes;
+      const uint8_t* nibbles = block + block_bytes - kGroup / 2;  // element i < 16 low, 16 + i high
+      const int64_t b = col / kColumns, j = col % kColumns;
+      uint16_t* dm = sp + (b * groups + g) * 2 * kColumns;
+      const uint16_t d = *reinterpret_cast<const uint16_t*>(block);
+      dm[j] = d;
+      dm[kColumns + j] = block_bytes == 20 ? *reinterpret_cast<const uint16_t*>(block + 2)
+                                           : _cvtss_sh(_cvtsh_ss(d) * -8.0f, _MM_FROUND_TO_NEAREST_INT);
+      uint8_t* packed = cp + (b * groups + g) * kPackedGroupBytes;
+      for (int64_t i = 0; i < kGroup; ++i) {
+        const uint8_t code = i < 16 ? (nibbles[i] & 0x0F) : (nibbles[i - 16] >> 4);
+        const int64_t s = i / 4, t = i % 4, byte = 32 * (s / 2) + 4 * j + t;
+        packed[byte] |= static_cast<uint8_t>(s % 2 ? code << 4 : code);
+      }
+    }
+  return {codes, scales};
+}
+
+// x [M, K] float32 against repack_q4's codes and scales; out_features N. Returns [M, N] float32.
+at::Tensor group_linear_q4x8(at::Tensor x, at::Tensor codes, at::Tensor scales, int64_t out_features) {
+  TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2, "x must be 2-D float32");
+  TORCH_CHECK(codes.dtype() == at::kByte && codes.is_contiguous() && codes.dim() == 3 &&
+                  codes.size(2) == kPackedGroupBytes && scales.dtype() == at::kShort && scales.is_contiguous(),
+              "codes and scales must be repack_q4's");
   x = x.contiguous();
-  const int64_t rows = x.size(0), in = x.size(1), out = blocks.size(0), groups = in / kGroup;
-  TORCH_CHECK(in % kGroup == 0 && blocks.size(1) == groups * block_bytes, "shapes do not fit");
+  const int64_t rows = x.size(0), in = x.size(1), nb = codes.size(0), groups = in / kGroup;
+  TORCH_CHECK(in % kGroup == 0 && codes.size(1) == groups && scales.size(0) == nb && scales.size(1) == groups &&
+                  out_features <= nb * kColumns && out_features > (nb - 1) * kColumns,
+              "shapes do not fit");
   at::Tensor xq, xs, xsum;
   quantize_rows_i8(x, xq, xs, xsum);
   const int8_t* qp = xq.data_ptr<int8_t>();
   const float* sp = xs.data_ptr<float>();
   const float* sump = xsum.data_ptr<float>();
-  auto y = at::empty({rows, out}, x.options());
-  const uint8_t* bp = blocks.data_ptr<uint8_t>();
+  auto y = at::empty({rows, out_features}, x.options());
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const uint16_t* dp = reinterpret_cast<const uint16_t*>(scales.data_ptr<int16_t>());
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, out, 64, [&](int64_t begin, int64_t end) {
+  // column blocks split between threads; a block's arithmetic is the same whichever thread runs it
+  at::parallel_for(0, nb, 8, [&](int64_t begin, int64_t end) {
     int64_t m = 0;
     for (; m + kRowBlock <= rows; m += kRowBlock)
-      rows_block_q4<kRowBlock>(qp + m * in, sp + m * groups, sump + m * groups, in, groups, bp, block_bytes,
-                                  begin, end, yp + m * out, out);
+      rows_block_q4x8<kRowBlock>(qp + m * in, sp + m * groups, sump + m * groups, in, groups, cp, dp, begin, end,
+                                 yp + m * out_features, out_features, out_features);
     const int64_t left = rows - m;
     auto tail = [&](auto block) {
-      block(qp + m * in, sp + m * groups, sump + m * groups, in, groups, bp, block_bytes, begin, end, yp + m * out,
-            out);
+      block(qp + m * in, sp + m * groups, sump + m * groups, in, groups, cp, dp, begin, end, yp + m * out_features,
+            out_features, out_features);
     };
-    if (left == 3) tail(rows_block_q4<3>);
-    else if (left == 2) tail(rows_block_q4<2>);
-    else if (left == 1) tail(rows_block_q4<1>);
+    if (left == 3) tail(rows_block_q4x8<3>);
+    else if (left == 2) tail(rows_block_q4x8<2>);
+    else if (left == 1) tail(rows_block_q4x8<1>);
   });
   return y;
 }
-

@@ -247,3 +247,35 @@ at::Tensor rope_attend(at::Tensor qkv, at::Tensor cos, at::Tensor sin, at::Tenso
   });
   return out;
 }
+
+// out + (x A^T) B^T * gate on the rows whose gate is not 0 (the gated LoRA's delta: A [R, K], B [N, R]
+// scaled); the other rows are out's, untouched. Each gated row alone: its R dot products with A's
+// rows, then N with B's, in a fixed order.
+at::Tensor gated_lora_add(at::Tensor out, at::Tensor x, at::Tensor a, at::Tensor b, at::Tensor gate) {
+  out = out.contiguous();
+  x = x.contiguous();
+  check_rows(out, "out");
+  check_rows(x, "x");
+  check_rows(a, "A");
+  check_rows(b, "B");
+  const int64_t rows = x.size(0), in = x.size(1), rank = a.size(0), n = b.size(0);
+  TORCH_CHECK(gate.dtype() == at::kFloat && gate.numel() == rows && a.size(1) == in && b.size(1) == rank &&
+                  out.size(0) == rows && out.size(1) == n,
+              "shapes do not fit");
+  gate = gate.contiguous();
+  auto result = out.clone();
+  const float *xp = x.data_ptr<float>(), *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>();
+  const float* gp = gate.data_ptr<float>();
+  float* rp = result.data_ptr<float>();
+  std::vector<float> low(rank);
+  for (int64_t r = 0; r < rows; ++r) {
+    if (gp[r] == 0.0f) continue;
+    for (int64_t k = 0; k < rank; ++k) low[k] = dot(ap + k * in, xp + r * in, in);
+    const float g = gp[r];
+    float* row = rp + r * n;
+    at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) row[j] += dot(bp + j * rank, low.data(), rank) * g;
+    });
+  }
+  return result;
+}
