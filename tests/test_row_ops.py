@@ -107,3 +107,19 @@ def test_rope_attend_matches_the_row_exact_ops(dim):
     in_round = run([(46, 7, [3, 4, 5, 6, 7, 8])], qkv[:7])
     batched = run([(20, 2, [11, 12, 13]), (46, 7, [3, 4, 5, 6, 7, 8])], torch.cat([qkv[10:12], qkv[:7]]))
     assert torch.equal(alone[0], in_round[0]) and torch.equal(alone[0], batched[2])
+
+
+def test_gated_lora_add_touches_gated_rows_only():
+    """The gated LoRA's delta (kernels/row_ops.py): on gated rows out + (x A^T) B^T, the others out's
+    own bits; each gated row the same bits alone."""
+    gen = torch.Generator().manual_seed(3)
+    x, out = torch.randn(5, 96, generator=gen), torch.randn(5, 300, generator=gen)
+    lora_a, lora_b = torch.randn(24, 96, generator=gen), torch.randn(300, 24, generator=gen)
+    gate = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0])
+    with torch.no_grad():
+        got = row_ops.gated_lora_add(out, x, lora_a, lora_b, gate)
+        want = out + (x @ lora_a.t()) @ lora_b.t() * gate[:, None]
+    assert torch.equal(got[gate == 0], out[gate == 0])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    for i in (1, 3, 4):
+        assert torch.equal(row_ops.gated_lora_add(out[i:i + 1], x[i:i + 1], lora_a, lora_b, gate[i:i + 1])[0], got[i])
