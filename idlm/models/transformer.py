@@ -29,7 +29,7 @@ def project(linear: nn.Linear, lora: GatedLoRA | None, x: torch.Tensor, gate: to
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if row_ops.applies(x):
+    if weight.dtype == torch.float32 and row_ops.applies(x):
         return row_ops.rms_norm(x, weight, eps)
     if x.dtype == weight.dtype == torch.float32 and not x.is_cuda:
         # PyTorch's CPU rms_norm scales the normed row by the weight last: the same bits as the
@@ -42,7 +42,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """A sublayer's output added to the residual stream, and that sum normed for the next
     sublayer: (rms_norm(residual + x), residual + x)."""
-    if row_ops.applies(x):
+    if weight.dtype == residual.dtype == torch.float32 and row_ops.applies(x):
         return row_ops.add_rms_norm(x, residual, weight, eps)
     total = residual + x
     return rms_norm(total, weight, eps), total

@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -263,6 +264,8 @@ at::Tensor gated_lora_add(at::Tensor out, at::Tensor x, at::Tensor a, at::Tensor
                   out.size(0) == rows && out.size(1) == n,
               "shapes do not fit");
   gate = gate.contiguous();
+  const float* gates = gate.data_ptr<float>();
+  if (std::all_of(gates, gates + rows, [](float g) { return g == 0.0f; })) return out;  // (no gated row: a K = 0 step)
   auto result = out.clone();
   const float *xp = x.data_ptr<float>(), *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>();
   const float* gp = gate.data_ptr<float>();
