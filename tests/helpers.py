@@ -16,6 +16,8 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from idlm.kernels.attention import PagedBatch
+
 WORDS = ("the a cat dog sat on mat and ran to park big small red blue one two three four five "
          "six seven eight nine ten is was he she it we they hello world yes no why how what "
          "water fire tree sun moon star day night good bad up down").split()
@@ -199,3 +201,24 @@ def count_launches_after_prefill(engine) -> list[int]:
     them], counted from now on."""
     return count_results(engine.runner, "launch_next", lambda pending: pending is not None
                          and engine.last_batch.is_prefill)
+
+
+def paged_batch(seqs, block: int, tree=None):
+    """A PagedBatch for seqs: (context length after the writes, new rows, block table); tree: per
+    sequence (tree rows, the bits of each) or None."""
+    starts = [0]
+    for _, rows, _ in seqs:
+        starts.append(starts[-1] + rows)
+    width = max(len(t) for _, _, t in seqs)
+    slots = [t[p // block] * block + p % block for ctx, rows, t in seqs for p in range(ctx - rows, ctx)]
+    batch = PagedBatch(slot_mapping=torch.tensor(slots), query_start=starts,
+                       context_lens=torch.tensor([c for c, _, _ in seqs]),
+                       block_tables=torch.tensor([t + [-1] * (width - len(t)) for _, _, t in seqs]).int(),
+                       max_context_len=max(c for c, _, _ in seqs), max_query_len=max(r for _, r, _ in seqs))
+    if tree is not None:
+        bits = []
+        for (_, rows, _), (tree_rows, tree_bits) in zip(seqs, tree):
+            bits += [0] * (rows - tree_rows) + tree_bits
+        batch.tree_bits = torch.tensor(bits)
+        batch.tree_rows = torch.tensor([t for t, _ in tree]).int()
+    return batch

@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import make_model, make_random_adapter, make_small_idlm, vocab_size
+from helpers import make_model, make_random_adapter, make_small_idlm, paged_batch, vocab_size
 
 from idlm import LLM, SamplingParams
 from idlm.kernels import cpu_gemm
-from idlm.kernels.attention import PagedBatch
 from idlm.kernels.cpu_gemm import RowTiledLinear
 from idlm.kernels.row_attention import RowExactPagedAttention
 from idlm.models import loader
@@ -174,17 +173,9 @@ def test_row_exact_attention_does_not_depend_on_batch_mates(dtype, dim):
 
     def run(seqs: list[tuple[int, int, list[int]]]) -> torch.Tensor:
         """seqs: (context length after the writes, new rows, block table)."""
-        starts = [0]
-        for _, rows, _ in seqs:
-            starts.append(starts[-1] + rows)
-        width = max(len(t) for _, _, t in seqs)
-        slots = [t[p // block] * block + p % block for ctx, rows, t in seqs for p in range(ctx - rows, ctx)]
-        batch = PagedBatch(slot_mapping=torch.tensor(slots), query_start=starts,
-                           context_lens=torch.tensor([c for c, _, _ in seqs]),
-                           block_tables=torch.tensor([t + [-1] * (width - len(t)) for _, _, t in seqs]).int(),
-                           max_context_len=max(c for c, _, _ in seqs), max_query_len=max(r for _, r, _ in seqs))
+        batch = paged_batch(seqs, block)
         kv = cache.clone()
-        new_k = kv[0, 0].view(-1, kv_heads, dim)[torch.tensor(slots)]
+        new_k = kv[0, 0].view(-1, kv_heads, dim)[batch.slot_mapping]
         q = torch.cat([q_rows[:rows] for _, rows, _ in seqs])
         return RowExactPagedAttention(kv, batch)(0, q, new_k, new_k.clone())
 

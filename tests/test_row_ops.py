@@ -4,9 +4,9 @@ and each row's bits independent of the rows that share the call."""
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import paged_batch
 
 from idlm.kernels import row_ops
-from idlm.kernels.attention import PagedBatch
 from idlm.kernels.row_attention import RowExactPagedAttention
 from idlm.models.transformer import apply_rotary
 
@@ -46,27 +46,6 @@ def test_row_ops_only_without_autograd():
         assert row_ops.applies(x) and not row_ops.applies(x.bfloat16())
 
 
-def paged(seqs, block, tree=None):
-    """A PagedBatch for seqs: (context length after the writes, new rows, block table); tree: per
-    sequence (tree rows, the bits of each) or None."""
-    starts = [0]
-    for _, rows, _ in seqs:
-        starts.append(starts[-1] + rows)
-    width = max(len(t) for _, _, t in seqs)
-    slots = [t[p // block] * block + p % block for ctx, rows, t in seqs for p in range(ctx - rows, ctx)]
-    batch = PagedBatch(slot_mapping=torch.tensor(slots), query_start=starts,
-                       context_lens=torch.tensor([c for c, _, _ in seqs]),
-                       block_tables=torch.tensor([t + [-1] * (width - len(t)) for _, _, t in seqs]).int(),
-                       max_context_len=max(c for c, _, _ in seqs), max_query_len=max(r for _, r, _ in seqs))
-    if tree is not None:
-        bits = []
-        for (_, rows, _), (tree_rows, tree_bits) in zip(seqs, tree):
-            bits += [0] * (rows - tree_rows) + tree_bits
-        batch.tree_bits = torch.tensor(bits)
-        batch.tree_rows = torch.tensor([t for t, _ in tree]).int()
-    return batch
-
-
 @pytest.mark.parametrize("dim", [64, 12])
 def test_rope_attend_matches_the_row_exact_ops(dim):
     """One call (rotary, cache writes, attention) against RowExactPagedAttention's PyTorch ops on
@@ -79,7 +58,7 @@ def test_rope_attend_matches_the_row_exact_ops(dim):
     width = (heads + 2 * kv_heads) * dim
 
     def run(seqs, qkv, tree=None, unwritten=()):
-        batch = paged(seqs, block, tree)
+        batch = paged_batch(seqs, block, tree)
         for row in unwritten:
             batch.slot_mapping[row] = -1
             batch.all_written = False
