@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from idlm.kernels import cpu_kernels, group_gemm
 from idlm.kernels.cpu_gemm import rows_invariant
 from idlm.models.loader import cpu_kernel
-from idlm.models.quant import BLOCK_BYTES, FORMATS, QuantLinear, quantize, to_gguf_blocks
+from idlm.models.quant import FORMATS, QuantLinear, quantize
 
 needs_kernel = pytest.mark.skipif(group_gemm.group_gemm_module() is None,
                                   reason="the group GEMM does not build or run here (no compiler or no AVX2)")
@@ -25,7 +25,7 @@ def weight(n: int, k: int, fmt: str, seed: int = 0):
 def group_linear(x, gq):
     if gq.fmt == "Q8_0":
         return group_gemm.group_linear_q8(x, gq.codes, gq.scale)
-    return group_gemm.group_linear_q4(x, torch.from_numpy(to_gguf_blocks(gq)), BLOCK_BYTES[gq.fmt])
+    return group_gemm.group_linear_q4(x, *gq.repack_columns(), gq.shape[0])
 
 
 @needs_kernel

@@ -5,9 +5,8 @@ kernels (kernels/cpu_kernels.py).
 PyTorch's int4 weight-only kernel takes bfloat16 activations and returns bfloat16 (its fast
 x86 form): a projection of a float32 model pays two conversions, and a quantised head cannot
 give float32 logits. This kernel reads the GGUF's codes as they are, takes and returns float32
-(Q8_0 codes meet float32 x; 4-bit ones, the file's blocks of 20 (Q4_1) or 18 (Q4_0) bytes repacked
-eight output columns at a time, meet x rounded per group of 32 to int8, as llama.cpp's own CPU dot
-products do), and gives
+(Q8_0 codes meet float32 x; 4-bit ones, repacked eight output columns at a time, meet x rounded
+per group of 32 to int8, as llama.cpp's own CPU dot products do), and gives
 every row the same bits whatever the rows around it (the C++ file's header says how).
 
 Which projections run on it: `loader.cpu_kernel` (every format under float32 activations;
@@ -28,13 +27,11 @@ def group_gemm_module():
     return None if os.environ.get("IDLM_CPU_KERNEL") == "int4pack" else cpu_kernels()
 
 
-def group_linear_q4(x: torch.Tensor, blocks: torch.Tensor, block_bytes: int) -> torch.Tensor:
-    """x [M, K] float32; blocks [N, K / 32 * block_bytes] uint8, llama.cpp's Q4_1 (20-byte) or
-    Q4_0 (18-byte) blocks as the file stores them, repacked here eight columns at a time (QuantLinear
-    repacks once). x meets them rounded per group of 32 to int8 (scale max|x| / 127; the group's dot
-    product exact in int32, then scaled), llama.cpp's Q8_1 activations. Returns [M, N] float32."""
-    codes, scales = group_gemm_module().repack_q4(blocks, block_bytes)
-    return group_gemm_module().group_linear_q4x8(x, codes, scales, blocks.shape[0])
+def group_linear_q4(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x [M, K] float32 against a 4-bit matrix as GroupQuant.repack_columns lays it out. x meets it
+    rounded per group of 32 to int8 (scale max|x| / 127; the group's dot product exact in int32,
+    then scaled), llama.cpp's Q8_1 activations. Returns [M, N] float32."""
+    return group_gemm_module().group_linear_q4x8(x, codes, scales, out_features)
 
 
 def group_linear_q8(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -62,11 +62,9 @@ class RowExactPagedAttention(PagedKVWriter):
         # (the views were half of a decode step's attention ops).
         self.q32: torch.Tensor | None = None  # made at the first layer, which gives q's heads
         self.views: list[tuple] | None = None
-        self.gathered = [torch.empty(len(self.slots), kv_heads, head_dim, dtype=kv_cache.dtype, device=device)
-                         for _ in range(2)]
         # (the CPU's row-exact cache is float32 already; another one is widened after each gather)
         self.widen = kv_cache.dtype != torch.float32
-        self.all_k, self.all_v = [g.float() for g in self.gathered] if self.widen else self.gathered
+        self.gathered: list[torch.Tensor] = []  # made at the first layer too (attend_packed needs none)
 
     def _packed_tables(self) -> tuple[torch.Tensor, ...]:
         """What csrc/row_ops.cpp's rope_attend reads of the rows (see there): the write slots, the
@@ -111,6 +109,9 @@ class RowExactPagedAttention(PagedKVWriter):
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_layer, v_layer = self.k_layers[layer], self.v_layers[layer]
         self.write_flat(k_layer, v_layer, k, v)
+        if not self.gathered:
+            self.gathered = [k_layer.new_empty((len(self.slots),) + k_layer.shape[1:]) for _ in range(2)]
+            self.all_k, self.all_v = [g.float() for g in self.gathered] if self.widen else self.gathered
         torch.index_select(k_layer, 0, self.slots, out=self.gathered[0])
         torch.index_select(v_layer, 0, self.slots, out=self.gathered[1])
         if self.widen:

@@ -35,8 +35,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    normed, total = row_ops().add_rms_norm_rows(x, residual, weight, eps)
-    return normed, total
+    return tuple(row_ops().add_rms_norm_rows(x, residual, weight, eps))
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

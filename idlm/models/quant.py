@@ -51,6 +51,23 @@ class GroupQuant:
         return GroupQuant(self.fmt, self.codes[index], self.scale[index],
                           None if self.offset is None else self.offset[index])
 
+    def repack_columns(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A 4-bit matrix as the group GEMM's repacked kernel reads it (kernels/csrc/group_gemm.cpp,
+        rows_block_q4x8): codes [ceil(N / 8), K / 32, 128] uint8, where for eight columns j and a
+        group, input 8q + 4h + t of column j sits at byte 32q + 4j + t, in its low nibble for h = 0
+        and its high one for h = 1; scales [ceil(N / 8), K / 32, 16] int16, the float16 bits of the
+        eight columns' scale then offset (values float16 holds exactly). Columns past N are zero."""
+        n, k = self.shape
+        pad, groups = -n % 8, k // GROUP
+        codes = F.pad(self.codes, (0, 0, 0, pad)).view(-1, 8, groups, 4, 2, 4).permute(0, 2, 3, 4, 1, 5)
+        packed = (codes[:, :, :, 0] | (codes[:, :, :, 1] << 4)).reshape(-1, groups, 128).contiguous()
+
+        def by_block(t: torch.Tensor) -> torch.Tensor:
+            return F.pad(t, (0, 0, 0, pad)).view(-1, 8, groups).transpose(1, 2)
+
+        scales = torch.cat([by_block(self.scale), by_block(self.offset)], dim=-1).half().view(torch.int16)
+        return packed, scales.contiguous()
+
     def int4_planes(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(codes 0..15, scale, offset) per plane; their dequantised sum is this matrix."""
         offset = self.offset if self.offset is not None else torch.zeros_like(self.scale)
@@ -141,7 +158,7 @@ def _inverse(d: torch.Tensor) -> torch.Tensor:
 class QuantLinear(nn.Module):
     """y = x W^T (+ b) with W groupwise quantised. Two kernels: PyTorch's int4 one (`int4pack`),
     whose activations enter as bfloat16 (its vectorised x86 form) and leave as bfloat16, and
-    idlm's group GEMM (`group`, kernels/group_gemm.py: the file's 4-bit blocks repacked, Q8_0
+    idlm's group GEMM (`group`, kernels/group_gemm.py: 4-bit codes repacked by columns, Q8_0
     codes and scales, float32 in and out, AVX2). Both accumulate each output in float32 in an
     order that does not depend on the other rows."""
 
@@ -159,8 +176,8 @@ class QuantLinear(nn.Module):
                 self.register_buffer("codes", weight.codes.clone())
                 self.register_buffer("scale", weight.scale.clone())
                 self.gemm = module.group_linear_q8
-            else:  # the file's blocks, repacked eight columns at a time (kernels/csrc/group_gemm.cpp)
-                codes, scales = module.repack_q4(torch.from_numpy(to_gguf_blocks(weight)), BLOCK_BYTES[self.fmt])
+            else:  # repacked eight columns at a time (kernels/csrc/group_gemm.cpp)
+                codes, scales = weight.repack_columns()
                 self.register_buffer("codes", codes)
                 self.register_buffer("scales", scales)
                 self.gemm = module.group_linear_q4x8

@@ -7,7 +7,6 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_linear_q8", &group_linear_q8, "x W^T for Q8_0 codes and float32 scales, float32 x");
-  m.def("repack_q4", &repack_q4, "Q4_0/Q4_1 blocks repacked eight columns at a time for group_linear_q4x8");
   m.def("group_linear_q4x8", &group_linear_q4x8, "x W^T for repacked 4-bit weights, x quantised to int8 per group");
   m.def("rms_norm_rows", &rms_norm_rows, "RMS norm of each row, times the weight");
   m.def("add_rms_norm_rows", &add_rms_norm_rows, "(rms_norm(residual + x), residual + x)");

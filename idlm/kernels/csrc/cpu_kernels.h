@@ -5,7 +5,6 @@
 #include <optional>
 #include <vector>
 
-std::vector<at::Tensor> repack_q4(at::Tensor blocks, int64_t block_bytes);
 at::Tensor group_linear_q4x8(at::Tensor x, at::Tensor codes, at::Tensor scales, int64_t out_features);
 at::Tensor group_linear_q8(at::Tensor x, at::Tensor codes, at::Tensor scale);
 at::Tensor rms_norm_rows(at::Tensor x, at::Tensor weight, double eps);
@@ -24,7 +23,8 @@ at::Tensor rope_attend(at::Tensor qkv, at::Tensor cos, at::Tensor sin, at::Tenso
 class DecoderStack {
  public:
   // norms: 2 a layer, then the final norm. Per layer, its projections qkv, o, gate_up, down in
-  // order: out_features (4-bit: repack_q4's codes and scales in weights[2 i], weights[2 i + 1]; 0:
+  // order: out_features (4-bit: GroupQuant.repack_columns' codes and scales in weights[2 i],
+  // weights[2 i + 1]; 0:
   // Q8_0 codes and scales there), and the LoRA's A and scaled B (lora[2 i], lora[2 i + 1]; None:
   // no adapter on it). qk_norms: each layer's q and k norm weights, or empty.
   DecoderStack(std::vector<at::Tensor> norms, std::vector<int64_t> out_features, std::vector<at::Tensor> weights,

@@ -57,7 +57,7 @@ void rows_block_q8(const float* x, int64_t x_stride, int64_t groups, const int8_
   }
 }
 
-// 4-bit weights repacked eight output columns at a time (repack_q4), against activations rounded
+// 4-bit weights repacked eight output columns at a time (GroupQuant.repack_columns), against activations rounded
 // per group of 32 to int8 (llama.cpp's Q8_1). In a block of eight columns and a group of 32 inputs
 // the codes are eight vectors of 32 bytes, vector s holding inputs 4s..4s+3 of each column j at
 // bytes 4j..4j+3 (two vectors a 32-byte load, as low and high nibbles). With x's four bytes 4s..4s+3
@@ -72,7 +72,7 @@ constexpr int64_t kPackedGroupBytes = kColumns * kGroup / 2;  // 128
 template <int kRows>
 void rows_block_q4x8(const int8_t* xq, const float* xs, const float* xsum, int64_t in, int64_t groups,
                      const uint8_t* codes, const uint16_t* scales, int64_t b_begin, int64_t b_end, float* y,
-                     int64_t y_stride, int64_t out) {
+                     int64_t out) {
   const __m256i mask = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t b = b_begin; b < b_end; ++b) {
@@ -102,8 +102,8 @@ void rows_block_q4x8(const int8_t* xq, const float* xs, const float* xsum, int64
     }
     const int64_t n = b * kColumns, left = std::min<int64_t>(kColumns, out - n);
     for (int r = 0; r < kRows; ++r) {
-      if (left == kColumns) _mm256_storeu_ps(y + r * y_stride + n, acc[r]);
-      else idlm::store_partial(y + r * y_stride + n, acc[r], static_cast<int>(left));
+      if (left == kColumns) _mm256_storeu_ps(y + r * out + n, acc[r]);
+      else idlm::store_partial(y + r * out + n, acc[r], static_cast<int>(left));
     }
   }
 }
@@ -167,46 +167,14 @@ at::Tensor group_linear_q8(at::Tensor x, at::Tensor codes, at::Tensor scale) {
   return y;
 }
 
-// llama.cpp's Q4_1 (20-byte) or Q4_0 (18-byte) blocks [N, K / 32 * block_bytes] repacked for
-// rows_block_q4x8: codes [ceil(N / 8), K / 32, 128] uint8 and scales [ceil(N / 8), K / 32, 16]
-// (float16 bits: the eight columns' d, then their m; Q4_0's m is -8 d, exact in float16). Columns
-// past N are zero.
-std::vector<at::Tensor> repack_q4(at::Tensor blocks, int64_t block_bytes) {
-  TORCH_CHECK(blocks.dtype() == at::kByte && blocks.dim() == 2 && blocks.is_contiguous(), "blocks must be 2-D uint8");
-  TORCH_CHECK(block_bytes == 18 || block_bytes == 20, "Q4_0 (18-byte) or Q4_1 (20-byte) blocks only");
-  const int64_t n = blocks.size(0), groups = blocks.size(1) / block_bytes, nb = (n + kColumns - 1) / kColumns;
-  TORCH_CHECK(blocks.size(1) == groups * block_bytes, "blocks' width must be whole blocks");
-  auto codes = at::zeros({nb, groups, kPackedGroupBytes}, blocks.options());
-  auto scales = at::zeros({nb, groups, 2 * kColumns}, blocks.options().dtype(at::kShort));
-  const uint8_t* src = blocks.data_ptr<uint8_t>();
-  uint8_t* cp = codes.data_ptr<uint8_t>();
-  uint16_t* sp = reinterpret_cast<uint16_t*>(scales.data_ptr<int16_t>());
-  for (int64_t col = 0; col < n; ++col)
-    for (int64_t g = 0; g < groups; ++g) {
-      const uint8_t* block = src + (col * groups + g) * block_bytes;
-      const uint8_t* nibbles = block + block_bytes - kGroup / 2;  // element i < 16 low, 16 + i high
-      const int64_t b = col / kColumns, j = col % kColumns;
-      uint16_t* dm = sp + (b * groups + g) * 2 * kColumns;
-      const uint16_t d = *reinterpret_cast<const uint16_t*>(block);
-      dm[j] = d;
-      dm[kColumns + j] = block_bytes == 20 ? *reinterpret_cast<const uint16_t*>(block + 2)
-                                           : _cvtss_sh(_cvtsh_ss(d) * -8.0f, _MM_FROUND_TO_NEAREST_INT);
-      uint8_t* packed = cp + (b * groups + g) * kPackedGroupBytes;
-      for (int64_t i = 0; i < kGroup; ++i) {
-        const uint8_t code = i < 16 ? (nibbles[i] & 0x0F) : (nibbles[i - 16] >> 4);
-        const int64_t s = i / 4, t = i % 4, byte = 32 * (s / 2) + 4 * j + t;
-        packed[byte] |= static_cast<uint8_t>(s % 2 ? code << 4 : code);
-      }
-    }
-  return {codes, scales};
-}
-
-// x [M, K] float32 against repack_q4's codes and scales; out_features N. Returns [M, N] float32.
+// x [M, K] float32 against 4-bit weights as quant.py's GroupQuant.repack_columns lays them out: codes
+// [ceil(N / 8), K / 32, 128] uint8, scales [ceil(N / 8), K / 32, 16] (float16 bits: eight columns' d,
+// then their offsets); out_features N. Returns [M, N] float32.
 at::Tensor group_linear_q4x8(at::Tensor x, at::Tensor codes, at::Tensor scales, int64_t out_features) {
   TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2, "x must be 2-D float32");
   TORCH_CHECK(codes.dtype() == at::kByte && codes.is_contiguous() && codes.dim() == 3 &&
                   codes.size(2) == kPackedGroupBytes && scales.dtype() == at::kShort && scales.is_contiguous(),
-              "codes and scales must be repack_q4's");
+              "codes and scales must be GroupQuant.repack_columns'");
   x = x.contiguous();
   const int64_t rows = x.size(0), in = x.size(1), nb = codes.size(0), groups = in / kGroup;
   TORCH_CHECK(in % kGroup == 0 && codes.size(1) == groups && scales.size(0) == nb && scales.size(1) == groups &&
@@ -226,11 +194,11 @@ at::Tensor group_linear_q4x8(at::Tensor x, at::Tensor codes, at::Tensor scales, 
     int64_t m = 0;
     for (; m + kRowBlock <= rows; m += kRowBlock)
       rows_block_q4x8<kRowBlock>(qp + m * in, sp + m * groups, sump + m * groups, in, groups, cp, dp, begin, end,
-                                 yp + m * out_features, out_features, out_features);
+                                 yp + m * out_features, out_features);
     const int64_t left = rows - m;
     auto tail = [&](auto block) {
       block(qp + m * in, sp + m * groups, sump + m * groups, in, groups, cp, dp, begin, end, yp + m * out_features,
-            out_features, out_features);
+            out_features);
     };
     if (left == 3) tail(rows_block_q4x8<3>);
     else if (left == 2) tail(rows_block_q4x8<2>);
