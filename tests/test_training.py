@@ -10,6 +10,7 @@ from helpers import counting_data, make_model, make_tokenizer
 from idlm import LLM, SamplingParams
 from idlm.kernels.attention import DenseAttention
 from idlm.models.loader import load_model
+from idlm.models.lora import read_adapter_config
 from idlm.training.config import build_config, load_train_config
 from idlm.training.data import Example, collate, load_examples, make_rows
 from idlm.training.objective import (
@@ -293,11 +294,41 @@ def test_training_continues_from_a_saved_adapter(tmp_path):
     row = load_file(first / "mask_embedding.safetensors")["mask_embedding"]
     assert torch.equal(second.model.mask_embedding.detach(), row) and second.model.mask_embedding.requires_grad
     assert any(p.requires_grad for n, p in second.model.named_parameters() if n.endswith("lora_B.0"))
-    with pytest.raises(ValueError, match="rank 4"):
+    with pytest.raises(ValueError, match="rank 4"):  # a larger rank must keep alpha / rank
         Trainer(tiny_setup(tmp_path, mode="lora", lora_rank=8, init_adapter=str(first),
+                           output_dir=str(tmp_path / "third")))
+    with pytest.raises(ValueError, match="rank 4"):
+        Trainer(tiny_setup(tmp_path, mode="lora", lora_rank=2, lora_alpha=4.0, init_adapter=str(first),
                            output_dir=str(tmp_path / "third")))
     with pytest.raises(ValueError, match="mode lora"):
         tiny_setup(tmp_path, init_adapter=str(first))
+
+
+def test_training_grows_a_saved_adapter_to_a_higher_rank(tmp_path):
+    from safetensors.torch import load_file
+
+    first = Trainer(tiny_setup(tmp_path, mode="lora", lora_rank=4, lora_alpha=8.0)).train()
+    saved = load_file(first / "adapter_model.safetensors")
+    small = Trainer(tiny_setup(tmp_path, mode="lora", lora_rank=4, lora_alpha=8.0, init_adapter=str(first),
+                               output_dir=str(tmp_path / "small")))
+    grown = Trainer(tiny_setup(tmp_path, mode="lora", lora_rank=8, lora_alpha=16.0, init_adapter=str(first),
+                               output_dir=str(tmp_path / "grown")))
+    state = {k: v.detach() for k, v in grown.model.named_parameters() if "_lora." in k}
+    for k, v in state.items():
+        if k.endswith("lora_A"):
+            assert v.shape[0] % 8 == 0 and all(v[s * 8 + 4:(s + 1) * 8].abs().sum() > 0 for s in range(len(v) // 8))
+        else:
+            assert v.shape[1] == 8 and torch.equal(v[:, 4:], torch.zeros_like(v[:, 4:]))
+    assert sum(v.numel() for v in saved.values()) * 2 == sum(v.numel() for v in state.values())
+    ids, pos = torch.tensor([[5, 6, 7, 8, 9, 10]]), torch.arange(6)[None]
+    gate = torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0, 1.0]])
+    with torch.no_grad():
+        want = small.model(ids, pos, DenseAttention(), lora_gate=gate)
+        assert not torch.equal(want, small.model(ids, pos, DenseAttention(), lora_gate=torch.zeros_like(gate)))
+        torch.testing.assert_close(grown.model(ids, pos, DenseAttention(), lora_gate=gate), want,
+                                   rtol=1e-5, atol=1e-5)
+    final = grown.train()
+    assert read_adapter_config(final).rank == 8
 
 
 def test_full_checkpoint_loads_as_idlm(tmp_path):

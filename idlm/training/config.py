@@ -68,7 +68,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     lora_rank: int = 16
     lora_alpha: float = 32.0
-    init_adapter: str | None = None  # lora mode: start from this adapter's weights (same rank and targets)
+    init_adapter: str | None = None  # lora mode: start from this adapter's weights (same targets; rank grows)
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                                "up_proj", "down_proj"])
     device: str = "auto"

@@ -24,7 +24,16 @@ from tqdm import tqdm
 from idlm.config import MAX_STRIDE
 from idlm.kernels.attention import DenseAttention, FlexAttention
 from idlm.models.loader import gguf_source, load_model, model_name, resolve_model_folder
-from idlm.models.lora import AdapterConfig, attach_lora, load_adapter, read_adapter_config, save_adapter
+from idlm.models.lora import (
+    PEFT_PREFIX,
+    AdapterConfig,
+    attach_lora,
+    load_adapter,
+    lora_modules,
+    peft_state_dict,
+    read_adapter_config,
+    save_adapter,
+)
 from idlm.models.tokenizer import load_tokenizer
 from idlm.training.config import TrainConfig
 from idlm.training.data import RowOrder, collate, load_examples, make_rows
@@ -198,16 +207,33 @@ class Trainer:
             p.requires_grad_("_lora." in name or name == "mask_embedding")
 
     def _continue_adapter(self, folder: Path) -> None:
-        """Starts from a saved adapter (its A, B and MASK row) instead of PEFT's initialisation."""
+        """Starts from a saved adapter (its A, B and MASK row) instead of PEFT's initialisation. A run of
+        a higher rank grows it: the saved ranks fill the first rows of A and columns of B, the new rows
+        of A start as PEFT's do and the new columns of B at zero, so the model starts where the saved
+        adapter ends (exactly, when alpha grows with the rank and the scaling alpha / rank stays)."""
         theirs, ours = read_adapter_config(folder), self.adapter_cfg
-        if (theirs.rank, theirs.alpha, sorted(theirs.target_modules)) != (ours.rank, ours.alpha,
-                                                                          sorted(ours.target_modules)):
+        if (theirs.rank > ours.rank or theirs.alpha / theirs.rank != ours.alpha / ours.rank
+                or sorted(theirs.target_modules) != sorted(ours.target_modules)):
             raise ValueError(f"init_adapter {folder} has rank {theirs.rank}, alpha {theirs.alpha}, targets "
                              f"{theirs.target_modules}; the config asks for rank {ours.rank}, alpha {ours.alpha}, "
-                             f"targets {ours.target_modules}")
+                             f"targets {ours.target_modules}: continue with its targets and a rank at least "
+                             f"its own, at alpha / rank = {theirs.alpha / theirs.rank:g}")
         if theirs.mask_token_id != self.mask_id:
             raise ValueError(f"init_adapter {folder} uses MASK id {theirs.mask_token_id}, this run {self.mask_id}")
         load_adapter(self.model, folder)
+        if theirs.rank == ours.rank:
+            return
+        saved = peft_state_dict(self.model, theirs)
+        attach_lora(self.model, ours)
+        torch.manual_seed(self.cfg.seed)
+        r, old = ours.rank, theirs.rank
+        with torch.no_grad():
+            for i, name, shard, lora in lora_modules(self.model):
+                key = f"{PEFT_PREFIX}model.layers.{i}.{name}"
+                rows = lora.lora_A[shard * r:(shard + 1) * r]
+                nn.init.kaiming_uniform_(rows, a=math.sqrt(5))
+                rows[:old].copy_(saved[f"{key}.lora_A.weight"])
+                lora.lora_B[shard][:, :old].copy_(saved[f"{key}.lora_B.weight"])
 
     def _stage_ends(self) -> list[int]:
         ends, total = [], 0
