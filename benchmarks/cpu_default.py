@@ -3,6 +3,7 @@ quantised weights) against llama.cpp on the same GGUF and transformers `generate
 held-out chat prompts, at batch 1 and at --batch; the time and resident memory of a second start.
 
     HF_HUB_OFFLINE=1 python benchmarks/cpu_default.py --prompts 8 --max-tokens 128 --strides 4,2 --json out.json
+    HF_HUB_OFFLINE=1 python benchmarks/cpu_default.py --prompts 6 --max-tokens 128 --batch 8 --repeats 4
     HF_HUB_OFFLINE=1 python benchmarks/cpu_default.py --model runs/smollm2-idlm/final --mode isd --strides 4,2,3,8
 
 --mode (risd for the default, isd for a converted model given by --model) runs at each stride N
@@ -15,6 +16,7 @@ batch-8 aggregate is its batch-1 rate. --fp32 adds our ar on the dequantised flo
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -72,6 +74,9 @@ def main() -> None:
     p.add_argument("--fp32", action="store_true", help="also our ar on the dequantised float32 weights")
     p.add_argument("--llama-n-batch", type=int, default=512,
                    help="llama.cpp's prompt batch (1 on AMX Xeons, where its native build crashed with more)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="time every run this many times, in alternating order; tok_s is the median, over_ar the "
+                        "median of the ratios to ar within a repeat")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     load = open("/proc/loadavg").read().split()[:3]
@@ -93,13 +98,22 @@ def main() -> None:
     runs = [(args.mode if i == 0 else f"{args.mode}_N{n}_{policy}", args.mode, n, policy)
             for i, (n, policy) in enumerate(shapes)]
     runs.append(("ar", "ar", None, None))
-    for name, mode, stride, policy in runs:
-        params = SamplingParams(mode=mode, stride=stride, temperature=0, max_tokens=args.max_tokens,
-                                stride_policy=policy, branches=args.branches)
-        results[name], outputs[name] = timed(llm, ids, params, 1)
-        if args.batch > 1:
-            results[f"{name}_batch{args.batch}"], outputs[f"{name}_batch{args.batch}"] = timed(
-                llm, ids, params, args.batch)
+    rates: dict[str, list[float]] = {}
+    for repeat in range(args.repeats):
+        # every other repeat in the reverse order: this VM's speed drifts within a run, and a mode
+        # always timed after another would carry the drift as a difference between them
+        for name, mode, stride, policy in (runs if repeat % 2 == 0 else runs[::-1]):
+            params = SamplingParams(mode=mode, stride=stride, temperature=0, max_tokens=args.max_tokens,
+                                    stride_policy=policy, branches=args.branches)
+            for key, batch in [(name, 1)] + ([(f"{name}_batch{args.batch}", args.batch)] if args.batch > 1 else []):
+                result, out = timed(llm, ids, params, batch)
+                rates.setdefault(key, []).append(result["tok_s"])
+                if repeat == 0:
+                    results[key], outputs[key] = result, out
+    for key, runs_tok_s in rates.items():
+        results[key].update(tok_s=statistics.median(runs_tok_s), tok_s_runs=runs_tok_s)
+        ar_key = "ar" if "_batch" not in key else f"ar_batch{args.batch}"
+        results[key]["over_ar"] = statistics.median(a / b for a, b in zip(runs_tok_s, rates[ar_key]))
     eos = sorted(engine.eos_ids)
     gguf = gguf_source(args.model)
     if gguf is not None and LLAMA_PYTHON.is_file():

@@ -331,6 +331,54 @@ def test_training_grows_a_saved_adapter_to_a_higher_rank(tmp_path):
     assert read_adapter_config(final).rank == 8
 
 
+def test_clean_loss_kl_holds_the_clean_stream_to_the_starting_model(tmp_path):
+    import torch.nn.functional as F
+
+    stages = [{"stride": 2, "steps": 3, "clean_weight": 1.0}, {"stride": 3, "steps": 3, "clean_weight": 1.0}]
+    trainer = Trainer(tiny_setup(tmp_path, clean_loss="kl", draft_loss="tv", stages=stages))
+    anchor = trainer.objective.anchor
+    start = {k: v.clone() for k, v in anchor.state_dict().items()}
+    assert not any(p.requires_grad for p in anchor.parameters())
+    assert not any(p is q for p in anchor.parameters() for q in trainer.trainable)
+    # the clean loss on one batch against KL(p0 || p) by hand, with the model moved off its start
+    with torch.no_grad():
+        for param in trainer.model.parameters():
+            param.add_(0.02 * torch.randn_like(param))
+    batch = collate(trainer.rows[:4], 0)
+    db = double(batch, trainer.mask_id)
+    attn = DenseAttention(dense_mask(db, 2))
+    targets = loss_targets(batch, None, 2)
+    _, clean, _ = trainer.objective(db, attn, targets.noisy_rows, targets.noisy_targets, targets.clean_rows,
+                                    targets.clean_targets, targets.teacher_rows, targets.block_pos)
+    with torch.no_grad():
+        rows = targets.clean_rows
+        model = trainer.model
+        logp0 = F.log_softmax(anchor.lm_head(anchor(db.input_ids, db.positions, attn, None).flatten(0, 1)[rows]), -1)
+        logp = F.log_softmax(model.lm_head(model(db.input_ids, db.positions, attn, None).flatten(0, 1)[rows]), -1)
+        mask = trainer.mask_id
+        if mask < logp.shape[-1]:  # the MASK token is left out of both, as the engine never samples it
+            logp0 = F.log_softmax(logp0.index_fill(-1, torch.tensor([mask]), -1e9), -1)
+            logp = F.log_softmax(logp.index_fill(-1, torch.tensor([mask]), -1e9), -1)
+        want = (logp0.exp() * (logp0 - logp)).sum()
+    assert want > 1e-3
+    torch.testing.assert_close(clean, want, rtol=1e-4, atol=1e-6)
+    # a run from the start: the first step's clean loss is ~0 (the model is its anchor; the forward with
+    # autograd may take other kernels), the anchor never moves
+    trainer = Trainer(tiny_setup(tmp_path, clean_loss="kl", draft_loss="tv", stages=stages,
+                                 output_dir=str(tmp_path / "run")))
+    start = {k: v.clone() for k, v in trainer.objective.anchor.state_dict().items()}
+    trainer.train()
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["ce_clean"] < 1e-6 < log[-1]["ce_clean"] and log[0]["clean_loss"] == "kl"
+    after = trainer.objective.anchor.state_dict()
+    assert all(torch.equal(start[k], after[k]) for k in start)
+    assert not all(torch.equal(start[k], v) for k, v in trainer.model.state_dict().items() if k in start)
+    for bad, match in [(dict(clean_loss="kl", stages=[{"stride": 2, "steps": 1, "clean_weight": "auto"}]), "number"),
+                       (dict(clean_loss="kl", mode="lora"), "mode full"), (dict(clean_loss="mse"), "ce or kl")]:
+        with pytest.raises(ValueError, match=match):
+            tiny_setup(tmp_path, **bad).validate()
+
+
 def test_full_checkpoint_loads_as_idlm(tmp_path):
     final = Trainer(tiny_setup(tmp_path)).train()
     raw = json.loads((final / "config.json").read_text())

@@ -45,6 +45,10 @@ class TrainConfig:
     # distribution p), tv (1 - sum(min(p, q)), one minus the expected acceptance); introspective only
     draft_loss: str = "ce"
     draft_kl_weight: float = 0.0  # adds this multiple of KL(p || q) to a ce or tv draft loss
+    # what trains the clean stream in full mode: ce (the data's next token), or kl: KL(p0 || p) to
+    # the distribution p0 of a frozen copy of the starting model at every clean position (the whole
+    # distribution instead of one sampled token: what CE on the base's T = 1 answers estimates)
+    clean_loss: str = "ce"
     # log the MASK rows' expected acceptance sum(min(p, q)) by draft position in log.jsonl (one
     # more LM-head product per MASK row, no backward); the kl and tv losses compute it anyway
     log_acceptance: bool = True
@@ -99,6 +103,18 @@ class TrainConfig:
             raise ValueError(f"draft_kl_weight must be a number >= 0, got {self.draft_kl_weight!r}")
         if self.objective == "sdar" and (self.draft_loss != "ce" or self.draft_kl_weight):
             raise ValueError("objective sdar trains its MASKs with ce only (draft_loss ce, draft_kl_weight 0)")
+        if self.clean_loss not in ("ce", "kl"):
+            raise ValueError(f"clean_loss must be ce or kl, got {self.clean_loss!r}")
+        if self.clean_loss == "kl":
+            if self.mode != "full" or self.objective != "introspective":
+                raise ValueError("clean_loss kl holds a converted model's clean stream to its start: mode full, "
+                                 "objective introspective")
+            if any(stage.clean_weight == "auto" for stage in self.stages):
+                raise ValueError("clean_loss kl needs a number for every stage's clean_weight (auto divides by "
+                                 "the clean loss, which starts at 0)")
+            if self.parallel == "fsdp":
+                raise ValueError("clean_loss kl keeps a whole frozen copy of the model on each process: use "
+                                 "parallel ddp")
         if self.init_adapter is not None and self.mode != "lora":
             raise ValueError("init_adapter continues a gated-LoRA adapter: use mode lora")
         if self.objective == "sdar" and self.mode != "full":

@@ -248,23 +248,26 @@ def length_weights(accept: torch.Tensor, block_pos: torch.Tensor, rows: torch.Te
 
 def summed_draft_loss(hidden: torch.Tensor, teacher: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor,
                       kind: str, kl_weight: float = 0.0, banned: int | None = None,
-                      block_pos: torch.Tensor | None = None, rows: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      block_pos: torch.Tensor | None = None, rows: torch.Tensor | None = None,
+                      teacher_head: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The MASK rows' loss summed over rows, and each row's expected acceptance sum(min(p, q)).
     hidden: the MASK rows; teacher: the clean rows at the same positions, whose softmax is p (no
     gradient flows into them). Chunked and recomputed in backward like summed_ce. `banned` (the
     MASK id, when it is inside the head's vocabulary) is left out of both p and q for kl, tv and
     length: the engine never samples it (ce keeps today's plain softmax, so a ce run trains as
     before). length needs block_pos and rows (length_weights), and a first pass for the
-    acceptances its weights are made of."""
+    acceptances its weights are made of. teacher_head: the head that makes p from teacher (default
+    lm_head; another model's, for a clean stream held to a frozen copy)."""
     teacher = teacher.detach()
+    teacher_head = lm_head if teacher_head is None else teacher_head
     weights = None
     if kind == "length":
         if block_pos is None or rows is None:
             raise ValueError("draft loss length needs each MASK row's draft position and row index")
         with torch.no_grad():
             accept = torch.cat([_chunk_draft(hidden[i:i + LOSS_CHUNK_ROWS], teacher[i:i + LOSS_CHUNK_ROWS],
-                                             targets[i:i + LOSS_CHUNK_ROWS], lm_head, "tv", 0.0, banned)[1]
+                                             targets[i:i + LOSS_CHUNK_ROWS], lm_head, "tv", 0.0, banned,
+                                             teacher_head=teacher_head)[1]
                                 for i in range(0, hidden.shape[0], LOSS_CHUNK_ROWS)] or [hidden.new_zeros(0)])
         weights = length_weights(accept.float(), block_pos, rows)
     total = hidden.new_zeros((), dtype=torch.float32)
@@ -272,7 +275,7 @@ def summed_draft_loss(hidden: torch.Tensor, teacher: torch.Tensor, lm_head: torc
     for start in range(0, hidden.shape[0], LOSS_CHUNK_ROWS):
         end = start + LOSS_CHUNK_ROWS
         loss, acc = checkpoint(_chunk_draft, hidden[start:end], teacher[start:end], targets[start:end], lm_head, kind,
-                               kl_weight, banned, None if weights is None else weights[start:end],
+                               kl_weight, banned, None if weights is None else weights[start:end], teacher_head,
                                use_reentrant=False)
         total = total + loss
         accept.append(acc)
@@ -284,10 +287,10 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _chunk_draft(h, teacher, t, lm_head, kind, kl_weight, banned, weights=None):
+def _chunk_draft(h, teacher, t, lm_head, kind, kl_weight, banned, weights=None, teacher_head=None):
     logits_q = _upcast(lm_head(h))
     with torch.no_grad():
-        logits_p = _upcast(lm_head(teacher))
+        logits_p = _upcast((lm_head if teacher_head is None else teacher_head)(teacher))
     if kind != "ce" and banned is not None and 0 <= banned < logits_q.shape[-1]:
         logits_q = logits_q.index_fill(-1, torch.tensor([banned], device=h.device), MASKED_LOGIT)
         logits_p = logits_p.index_fill(-1, torch.tensor([banned], device=h.device), MASKED_LOGIT)

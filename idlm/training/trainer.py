@@ -6,6 +6,7 @@ r*grad_accum ... of that list, and every micro-batch loss is scaled by the step'
 tokens, so the step's gradient is the same whatever the world size and accumulation.
 """
 
+import copy
 import json
 import math
 import os
@@ -57,10 +58,13 @@ class Objective(nn.Module):
     """Model + loss in one forward, so DDP sees every parameter used in its forward."""
 
     def __init__(self, model: nn.Module, lora: bool, draft_loss: str = "ce", draft_kl_weight: float = 0.0,
-                 mask_id: int | None = None):
+                 mask_id: int | None = None, anchor: nn.Module | None = None):
         super().__init__()
         self.model, self.lora = model, lora
         self.draft_loss, self.draft_kl_weight, self.mask_id = draft_loss, draft_kl_weight, mask_id
+        # clean_loss kl: a frozen copy of the starting model, whose distribution the clean stream keeps
+        # (a plain attribute, not a submodule: DDP and the optimizer never see it)
+        self.__dict__["anchor"] = anchor
 
     def forward(self, db: DoubledBatch, attn, noisy_rows, noisy_targets, clean_rows, clean_targets,
                 teacher_rows=None, block_pos=None):
@@ -78,7 +82,14 @@ class Objective(nn.Module):
             noisy, accept = summed_draft_loss(hidden[noisy_rows], hidden[teacher_rows], self.model.lm_head,
                                               noisy_targets, self.draft_loss, self.draft_kl_weight, self.mask_id,
                                               block_pos, noisy_rows)
-        clean = None if self.lora else summed_ce(hidden[clean_rows], self.model.lm_head, clean_targets)
+        clean = None
+        if not self.lora and self.anchor is None:
+            clean = summed_ce(hidden[clean_rows], self.model.lm_head, clean_targets)
+        elif not self.lora:
+            with torch.no_grad():
+                start = self.anchor(db.input_ids, db.positions, attn, None).flatten(0, 1)[clean_rows]
+            clean, _ = summed_draft_loss(hidden[clean_rows], start, self.model.lm_head, clean_targets, "kl",
+                                         banned=self.mask_id, teacher_head=self.anchor.lm_head)
         return noisy, clean, accept
 
 
@@ -116,8 +127,9 @@ class Trainer:
         else:
             self.model.requires_grad_(True)
         torch.manual_seed(cfg.seed)
+        anchor = copy.deepcopy(self.model).requires_grad_(False).eval() if cfg.clean_loss == "kl" else None
         self.objective = Objective(self.model, lora=cfg.mode == "lora", draft_loss=cfg.draft_loss,
-                                   draft_kl_weight=cfg.draft_kl_weight, mask_id=self.mask_id)
+                                   draft_kl_weight=cfg.draft_kl_weight, mask_id=self.mask_id, anchor=anchor)
         # the soft draft losses need p; the acceptance log reads it too (introspective objective)
         self.use_teacher = cfg.objective == "introspective" and (
             cfg.log_acceptance or cfg.draft_loss != "ce" or cfg.draft_kl_weight > 0)
@@ -351,9 +363,12 @@ class Trainer:
         elapsed = time.perf_counter() - start
         record = {"step": self.step, "stride": stage.stride, "loss": totals[0].item(),
                   "ce_noisy": totals[1].item() / denominator,  # the draft loss's value (draft_loss says which)
+                  # the clean stream's loss: CE, or under clean_loss kl the KL to the starting model
                   "ce_clean": None if cfg.mode == "lora" else totals[2].item() / denominator,
                   "lr": lr, "grad_norm": float(grad_norm), "tokens": int(totals[3]),
                   "response_tokens": denominator, "tokens_per_s": totals[3].item() / elapsed / self.world}
+        if cfg.clean_loss != "ce":
+            record["clean_loss"] = cfg.clean_loss
         if cfg.draft_loss != "ce" or cfg.draft_kl_weight:
             record["draft_loss"] = cfg.draft_loss + (f"+{cfg.draft_kl_weight:g}kl" if cfg.draft_kl_weight else "")
         if self.use_teacher and totals[4 + MAX_STRIDE:].sum() > 0:
