@@ -95,7 +95,10 @@ def main() -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, axes = plt.subplots(1, positions, figsize=(4.2 * positions, 4), sharey=True, squeeze=False)
+    # the legend goes under the plots: with more than two runs it would cover a panel
+    legend_rows = math.ceil(sum(1 + bool(r["train_binned"]) + len(r.get("decoding", {})) for r in runs.values()) / 3)
+    height = 4 + 0.2 * legend_rows
+    fig, axes = plt.subplots(1, positions, figsize=(4.2 * positions, height), sharey=True, squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for j, ax in enumerate(axes[0]):
         for i, (label, run) in enumerate(runs.items()):
@@ -117,9 +120,10 @@ def main() -> None:
         ax.set_title(f"draft position {j + 1}")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("acceptance")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=3, frameon=False)
     fig.suptitle(args.title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.2 * legend_rows / height + 0.02, 1, 1))
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out.with_suffix(".png"), dpi=110)

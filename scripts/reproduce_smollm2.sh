@@ -42,10 +42,15 @@
 #   v7       v6 trained on with TV over every v2-distill training shard (51,629 answers; run v2-distill
 #            and v6 first) -> runs/smollm2-risd-v7/final (configs/smollm2/risd_v7.yaml, resumable; shipped)
 #   v7-eval  as v2-eval for that adapter
+#   idlm-v3  the conversion with its clean stream held to a frozen copy of the base (configs/smollm2/idlm_v3.yaml,
+#            clean_loss kl, lr 6e-4) on the v2-distill stage's first 5 training shards -> runs/smollm2-idlm-v3/final
+#   idlm-v3-eval  greedy isd == ar, TPF and acceptance (N = 4, float32, greedy and T = 1), alpha at T = 1, and
+#            clean-stream perplexity beside the base's
 # The loss comparison (ce / kl / tv on 3,500 prompts in one call): scripts/gpu_loss_comparison.sh (with
 # VARIANTS, any other comparison: the rank sweep's command is in docs/REPRODUCTION.md);
 # the conversion with the acceptance-driven noisy stream: scripts/gpu_idlm_v2.sh.
-# (not in the default list: sdar sdar-eval sampled v2-distill v2-questions v2-risd v2-eval v5 v5-eval v6 v6-eval v7 v7-eval)
+# (not in the default list: sdar sdar-eval sampled v2-distill v2-questions v2-risd v2-eval v5 v5-eval v6 v6-eval v7 v7-eval
+# idlm-v3 idlm-v3-eval)
 # Each stage takes under ~7 minutes on an H100; a stage reads what earlier ones wrote under data/ and
 # runs/, so STAGES="eval" re-evaluates an adapter trained earlier on the same machine.
 set -euo pipefail
@@ -286,7 +291,7 @@ fi
 
 if has v5-eval; then adapter_eval v5; fi
 
-# train_on_answers NAME SHARDS: configs/smollm2/risd_NAME.yaml on the v2-distill stage's first SHARDS
+# train_on_answers NAME SHARDS: configs/smollm2/NAME.yaml on the v2-distill stage's first SHARDS
 # training shards (its held-out shard held out)
 train_on_answers() {
   log "$1: start"
@@ -298,14 +303,28 @@ train_on_answers() {
   fi
   cp data/smollm2-v2/shards/answers_00.jsonl data/smollm2-v2/heldout_onpolicy.jsonl
   echo "$shards" | xargs cat > data/smollm2-v2/onpolicy.jsonl
-  "$PY" -m idlm train "configs/smollm2/risd_$1.yaml" "${model_args[@]}" 2>&1 | tee "$OUT/train_risd_$1.log"
+  "$PY" -m idlm train "configs/smollm2/$1.yaml" "${model_args[@]}" 2>&1 | tee "$OUT/train_$1.log"
   log "$1: done in $((SECONDS - t)) s"
 }
 
-if has v6; then train_on_answers v6 "${V6_SHARDS:-5}"; fi
+if has v6; then train_on_answers risd_v6 "${V6_SHARDS:-5}"; fi
 if has v6-eval; then adapter_eval v6; fi
-if has v7; then train_on_answers v7 11; fi
+if has v7; then train_on_answers risd_v7 11; fi
 if has v7-eval; then adapter_eval v7; fi
+if has idlm-v3; then train_on_answers idlm_v3 5; fi
+if has idlm-v3-eval; then
+  log "idlm-v3-eval: start"
+  t=$SECONDS
+  run=runs/smollm2-idlm-v3/final
+  "$PY" scripts/compare_modes.py --model "$run" --mode isd --prompts "$HELDOUT" --strides 4 --temperatures 0 1 \
+    --max-tokens 256 --dtype float32 --kv-cache-tokens 65536 -o "$OUT/idlm_v3_vs_ar_fp32.json"
+  "$PY" -m idlm eval alpha "$HELDOUT" --chat --model "$run" --mode isd --stride 4 --stride-policy fixed --branches 0 \
+    --temperature 1 --seed 0 --max-tokens 256 --kv-cache-tokens 65536 -o "$OUT/idlm_v3_alpha.json"
+  "$PY" -m idlm eval perplexity "$TEXT" --model "$run" -o "$OUT/idlm_v3_perplexity.json"
+  "$PY" -m idlm eval perplexity "$TEXT" "${model_args[@]}" -o "$OUT/base_perplexity.json"
+  cp runs/smollm2-idlm-v3/log.jsonl "$OUT/idlm_v3_train_log.jsonl"
+  log "idlm-v3-eval: done in $((SECONDS - t)) s"
+fi
 
 # one line per result file
 "$PY" - "$OUT" <<'EOF' | tee "$OUT/summary.txt"
