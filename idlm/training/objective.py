@@ -266,16 +266,16 @@ def summed_draft_loss(hidden: torch.Tensor, teacher: torch.Tensor, lm_head: torc
             raise ValueError("draft loss length needs each MASK row's draft position and row index")
         with torch.no_grad():
             accept = torch.cat([_chunk_draft(hidden[i:i + LOSS_CHUNK_ROWS], teacher[i:i + LOSS_CHUNK_ROWS],
-                                             targets[i:i + LOSS_CHUNK_ROWS], lm_head, "tv", 0.0, banned,
-                                             teacher_head=teacher_head)[1]
+                                             targets[i:i + LOSS_CHUNK_ROWS], lm_head, teacher_head, "tv", 0.0,
+                                             banned)[1]
                                 for i in range(0, hidden.shape[0], LOSS_CHUNK_ROWS)] or [hidden.new_zeros(0)])
         weights = length_weights(accept.float(), block_pos, rows)
     total = hidden.new_zeros((), dtype=torch.float32)
     accept = []
     for start in range(0, hidden.shape[0], LOSS_CHUNK_ROWS):
         end = start + LOSS_CHUNK_ROWS
-        loss, acc = checkpoint(_chunk_draft, hidden[start:end], teacher[start:end], targets[start:end], lm_head, kind,
-                               kl_weight, banned, None if weights is None else weights[start:end], teacher_head,
+        loss, acc = checkpoint(_chunk_draft, hidden[start:end], teacher[start:end], targets[start:end], lm_head,
+                               teacher_head, kind, kl_weight, banned, None if weights is None else weights[start:end],
                                use_reentrant=False)
         total = total + loss
         accept.append(acc)
@@ -287,10 +287,10 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _chunk_draft(h, teacher, t, lm_head, kind, kl_weight, banned, weights=None, teacher_head=None):
+def _chunk_draft(h, teacher, t, lm_head, teacher_head, kind, kl_weight, banned, weights=None):
     logits_q = _upcast(lm_head(h))
     with torch.no_grad():
-        logits_p = _upcast((lm_head if teacher_head is None else teacher_head)(teacher))
+        logits_p = _upcast(teacher_head(teacher))
     if kind != "ce" and banned is not None and 0 <= banned < logits_q.shape[-1]:
         logits_q = logits_q.index_fill(-1, torch.tensor([banned], device=h.device), MASKED_LOGIT)
         logits_p = logits_p.index_fill(-1, torch.tensor([banned], device=h.device), MASKED_LOGIT)
