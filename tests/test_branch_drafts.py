@@ -628,24 +628,6 @@ def test_adaptive_looks_at_drafts_at_once_then_now_and_then_when_ar_wins():
     assert seqs[0].num_new == 0
 
 
-def test_a_table_of_real_steps_spares_the_first_look():
-    """Where the table's steps ran as real ones (an eager device: a CPU), rounds it measured are
-    priced without a look at once: the first look comes on the looks' schedule, after EXPLORE_EVERY
-    plans chose AR (on a 2-core CPU the look at once cost a fresh engine's 128-token answer ~6%)."""
-    seqs = seqs_with([0.1] * 3, 4, stride=4)
-    firsts = []
-    for real in (False, True):
-        cost = rigged_cost(1.0, 0.1)
-        cost.table_runs_as_steps = real
-        policy = StridePolicy("adaptive", None, cost, replan_every=1)
-        ks = []
-        for _ in range(4 * EXPLORE_EVERY):
-            policy.plan(seqs)
-            ks.append(seqs[0].num_new)
-        firsts.append(next(i for i, k in enumerate(ks) if k > 0))
-    assert firsts == [0, EXPLORE_EVERY - 1]  # the plan that makes EXPLORE_EVERY choosing AR
-
-
 def test_a_choice_of_drafts_brings_the_looks_back_to_their_first_interval():
     """Looks grow rarer while AR keeps winning; once rounds win again (the requests' drafts got
     better), the next run of AR plans looks after EXPLORE_EVERY of them again."""

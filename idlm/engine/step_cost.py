@@ -62,7 +62,7 @@ class StepCost:
     between batch sizes, linear in log batch."""
 
     def __init__(self, measure: Callable[[int, dict[int, float], float], tuple[dict[int, float], float]],
-                 max_batch: int, buckets: list[int] | None = None, table_runs_as_steps: bool = False):
+                 max_batch: int, buckets: list[int] | None = None):
         """measure(batch, table so far, rows): the batch size's table with every shape of up to
         `rows` rows measured, and the rows it now covers (inf: every shape there is). A table is
         measured only as far as the rounds asked about reach: on an H200 the whole table at 64
@@ -76,9 +76,6 @@ class StepCost:
         self.seen: dict[tuple[int, int], deque[float]] = {}  # (batch, rows) -> the last steps' seconds
         self.timed: Counter[tuple[int, int]] = Counter()  # (batch, rows) -> steps timed in all
         self.up_front = False  # measuring inside measure_up_to, where no step of real requests is in flight
-        # the table's steps ran as a real step of their shape runs (eagerly: no graph to capture, no
-        # cold clocks to wait out), so a shape it measured is priced without running it first
-        self.table_runs_as_steps = table_runs_as_steps
 
     @classmethod
     def whole_tables(cls, table: Callable[[int], dict[int, float]], max_batch: int,
@@ -133,10 +130,6 @@ class StepCost:
             return
         self.seen.setdefault((batch, rows), deque(maxlen=RECENT)).append(seconds)
         self.timed[batch, rows] += 1
-
-    def measured_rounds(self, batch: int) -> bool:
-        """The table around this batch size has steps of more than one row a request measured."""
-        return all(len(self.table.get(point, ())) > 1 for point in set(self._bracket(batch)))
 
     def _bracket(self, batch: int) -> tuple[int, int]:
         i = next((i for i, p in enumerate(self.points) if p >= batch), len(self.points) - 1)
@@ -201,8 +194,7 @@ def measure_step_cost(runner, max_batch: int) -> StepCost:
                 meet_launched_ahead(runner, seqs)
         return costs, math.inf
 
-    cost = StepCost(measure, max_batch, graphs.buckets if with_graphs else None,  # (measure reads cost.up_front)
-                    table_runs_as_steps=not with_graphs)
+    cost = StepCost(measure, max_batch, graphs.buckets if with_graphs else None)  # (measure reads cost.up_front)
     return cost
 
 

@@ -213,13 +213,8 @@ class StridePolicy:
             self.chosen[k] = self.chosen.get(k, 0) + 1
 
     def _unexplored(self, batch: int, ar: bool) -> bool:
-        """No step of the kind (AR steps, or rounds with drafts) was timed, or looked at, near batch.
-        Where the table's steps run as real ones (eager, on a CPU), rounds it measured count as timed:
-        there a look costs 2-3 AR steps a step, and a fresh engine's look at once cost a 128-token
-        answer ~6% (2026-12-01, 2-core AVX2 CPU); it waits for the looks' schedule instead."""
+        """No step of the kind (AR steps, or rounds with drafts) was timed, or looked at, near batch."""
         looked = self._looked_ar if ar else self._looked
-        if not ar and self.cost.table_runs_as_steps and self.cost.measured_rounds(batch):
-            return False
         return not any(near(b, batch) for b in looked) and not any(
             (rows == 1) == ar and near(b, batch) for b, rows in self.cost.seen)
 
